@@ -1,0 +1,178 @@
+"""``LipschitzEstimator``: owns the traced graph and all warm-start state; returns one differentiable bound."""
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .autolip import autolip_bound, own_constant
+from .graph import ConstantEnv, LipGraph, LipNode
+from .power import LinearFn, normalized, power_iterations, rayleigh_norm
+from .rules import Activation, Constant
+
+METHODS = ("autolip", "seqlip")
+
+
+def buffer_name(prefix: str, node_name: str) -> str:
+    """A valid, readable buffer name for a node (``conv1+bn1`` -> ``power_conv1_bn1``)."""
+    return f"{prefix}_{re.sub(r'[^0-9a-zA-Z_]', '_', node_name)}"
+
+
+class LipschitzEstimator(nn.Module):
+    """Upper-bound estimates of the Lipschitz constant (L2 -> L2) of ``model``, differentiable w.r.t. its
+    parameters, with warm-started power iterations kept between calls (like ``spectral_norm``'s ``u``).
+
+    ``est()`` runs ``n_iter`` warm iterations per linear operator (default 1, cheap enough for every training
+    step) and returns the AutoLip bound (paper Alg. 1) built from ``||A v||``. Power iterations converge to
+    ``sigma_1`` from below, so this is an **estimate** of the AutoLip bound, not a certificate: ``est.certified``
+    says which one you have, and :meth:`certified_bound` gives a guaranteed upper bound.
+
+    The bound is that of the model in **eval mode**: batch norm with its running statistics, dropout as the
+    identity. The model is traced with ``torch.fx`` but never modified or copied; the estimator holds it
+    without registering it, so its ``state_dict`` holds the warm state only. Computation is in ``dtype``
+    (float32 by default) with autocast disabled.
+
+    Args:
+        model: any ``nn.Module`` of one tensor input that ``torch.fx`` can trace.
+        example_input: a batch of inputs (only its first sample's shape is used).
+        method: ``"autolip"``, or ``"seqlip"`` (paper eq. 8 on every chain, AutoLip elsewhere).
+        n_iter: warm power iterations per call.
+        fuse: fuse consecutive linear ops into one operator (tighter, and cheaper).
+        dtype: computation dtype (``torch.float64`` for references).
+        seed: seed of the initial vectors (identical on every process).
+        concrete_args: passed to ``torch.fx.Tracer.trace`` to fix non-tensor arguments.
+        **seqlip_options: ``search``, ``rank``, ``exact_max_units`` for ``method="seqlip"``.
+    """
+
+    def __init__(self, model: nn.Module, example_input: Tensor, method: str = "autolip", n_iter: int = 1,
+                 fuse: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0,
+                 concrete_args: dict[str, Any] | None = None, **seqlip_options: Any) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        object.__setattr__(self, "model", model)  # not a submodule: its weights are the user's, not our state
+        self.method = method
+        self.n_iter = n_iter
+        self.dtype = dtype
+        self.graph = LipGraph(model, example_input, fuse=fuse, concrete_args=concrete_args)
+        self._last_factors: dict[str, Tensor] = {}
+        self._closed_form: set[LipNode] = set()
+        generator = torch.Generator().manual_seed(seed)
+        env = self.graph.constant_env(dtype)
+        with torch.no_grad():
+            for node in self.graph.linear_nodes():
+                if self.graph.closed_form_norm(node, env) is not None:
+                    self._closed_form.add(node)
+                else:
+                    v0 = torch.randn(node.in_shape, generator=generator, dtype=dtype)
+                    self.register_buffer(buffer_name("power", node.name), normalized(v0))
+        self.seqlip = None
+        if method == "seqlip":
+            from .seqlip import SeqLip
+
+            self.seqlip = SeqLip(self.graph, dtype=dtype, generator=generator, **seqlip_options)
+        elif seqlip_options:
+            raise TypeError(f"options {sorted(seqlip_options)} only apply to method='seqlip'")
+        device = _model_device(model)
+        if device is not None:
+            self.to(device)
+
+    # ----------------------------------------------------------------- bounds
+    def forward(self, n_iter: int | None = None) -> Tensor:
+        """The bound (scalar tensor, differentiable w.r.t. the model's parameters) after ``n_iter`` warm
+        iterations per linear operator (default ``self.n_iter``)."""
+        n_iter = self.n_iter if n_iter is None else n_iter
+        self._follow_model_device()
+        with torch.autocast(self._device.type, enabled=False):
+            env = self.graph.constant_env(self.dtype)
+            factors = {node: self._linear_factor(node, env, n_iter) for node in self.graph.linear_nodes()}
+            chains = self.seqlip(factors, env, n_iter) if self.seqlip is not None else None
+            bound = autolip_bound(self.graph, factors, chains)
+        self._remember(factors, chains)
+        if not torch.isfinite(bound):
+            bad = [name for name, f in self._last_factors.items() if not torch.isfinite(f)]
+            warnings.warn(f"non-finite Lipschitz bound ({bound.item()}): non-finite factors at {bad}; "
+                          "the weights hold NaN or inf. The warm state was kept as it was.", RuntimeWarning,
+                          stacklevel=2)
+        return bound
+
+    @torch.no_grad()
+    def converge(self, tol: float = 1e-6, max_iter: int = 2000) -> Tensor:
+        """Iterate every operator until ``||A v||`` moves by less than ``tol`` (relative) in one step, or
+        ``max_iter`` steps; then return the (differentiable) bound. Still an estimate from below: close
+        singular values converge slowly, and the stopping test cannot see that."""
+        env = self.graph.constant_env(self.dtype)
+        self._follow_model_device()
+        for node in self._iterated_nodes():
+            apply = self._apply_fn(node, env)
+            buffer = self.get_buffer(buffer_name("power", node.name))
+            v, sigma = buffer, rayleigh_norm(apply, buffer)
+            for _ in range(max_iter):
+                v = power_iterations(apply, v, 1)
+                previous, sigma = sigma, rayleigh_norm(apply, v)
+                if abs(sigma - previous) <= tol * abs(sigma):
+                    break
+            buffer.copy_(v)
+        if self.seqlip is not None:
+            self.seqlip.converge(env, tol, max_iter)
+        with torch.enable_grad():
+            return self(n_iter=0)
+
+    def layer_bounds(self) -> dict[str, float]:
+        """Each node's own factor in the last call: ``||A v||`` of each (fused) linear operator, the constant of
+        each activation or pooling, and for SeqLip the factor of each pair of a chain."""
+        return {name: float(value) for name, value in self._last_factors.items()}
+
+    @property
+    def certified(self) -> bool:
+        """Whether the last bound is a guaranteed upper bound: only when no operator needed a power
+        iteration (every norm in closed form) and any SeqLip search was exact on full SVDs."""
+        exact_norms = len(list(self._iterated_nodes())) == 0
+        return exact_norms and (self.seqlip is None or self.seqlip.certified)
+
+    # --------------------------------------------------------------- helpers
+    def _iterated_nodes(self) -> list[LipNode]:
+        return [n for n in self.graph.linear_nodes() if n not in self._closed_form]
+
+    def _apply_fn(self, node: LipNode, env: ConstantEnv) -> LinearFn:
+        return lambda v: self.graph.apply_linear(node, v, env)
+
+    def _linear_factor(self, node: LipNode, env: ConstantEnv, n_iter: int) -> Tensor:
+        if node in self._closed_form:
+            return self.graph.closed_form_norm(node, env).to(self._device)
+        apply = self._apply_fn(node, env)
+        buffer = self.get_buffer(buffer_name("power", node.name))
+        with torch.no_grad():
+            buffer.copy_(power_iterations(apply, buffer, n_iter))
+        return rayleigh_norm(apply, buffer.clone())
+
+    def _remember(self, factors: dict[LipNode, Tensor], chains) -> None:
+        last: dict[str, Tensor] = {node.name: f.detach() for node, f in factors.items()}
+        for node in self.graph.nodes[1:]:
+            if isinstance(node.rule, (Activation, Constant)):
+                last[node.name] = torch.tensor(own_constant(node))
+        if self.seqlip is not None:
+            last.update(self.seqlip.pair_factors())
+        self._last_factors = last
+
+    @property
+    def _device(self) -> torch.device:
+        return _model_device(self.model) or torch.device("cpu")
+
+    def _follow_model_device(self) -> None:
+        """Keep the warm state on the model's device (a model moved after the estimator was built)."""
+        for buffer in self.buffers():
+            if buffer.device != self._device:
+                self.to(self._device)
+            return
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return None

@@ -1,0 +1,136 @@
+"""The rule kinds: how one op of the graph acts on Lipschitz constants.
+
+AutoLip (paper Alg. 1) needs, for each node ``f(a_1..a_k)``, the sup of its partial Jacobian norms ``L_i(f)``.
+The kinds below say how those are obtained:
+
+* :class:`LinearOp`: ``f(x) = A x + b``; ``L(f) = sigma_1(A)`` by the power method (Alg. 2) or a closed form.
+  Consecutive linear ops are fused into one operator before the norm is taken.
+* :class:`Activation`: elementwise with slopes in ``[a, b]``; ``L = max(|a|, |b|)``. SeqLip uses the interval.
+* :class:`Constant`: any op with a known Lipschitz constant ``c`` (max pooling, user rules).
+* :class:`Sum`: ``f = sum_i c_i a_i`` of input-dependent tensors; ``L = sum_i |c_i| L(a_i)``.
+* :class:`Concat`: ``f = cat(a_1..a_k)``; ``L = sqrt(sum_i L(a_i)^2)`` (the parts are orthogonal blocks).
+* :class:`Refuse`: an op that is not globally Lipschitz, or needs a stated bound: capture fails with the reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol
+
+import torch
+from torch import Tensor, fx, nn
+
+
+@dataclass(eq=False)
+class NodeInfo:
+    """What a rule may look at: the fx node, its module (for ``call_module``), which arguments depend on the
+    input, the per-sample shapes (batch of one) and the traced values of non-tensor arguments."""
+
+    node: fx.Node
+    module: nn.Module | None
+    x_inputs: list[fx.Node]
+    in_shapes: list[torch.Size]
+    out_shape: torch.Size
+    static_values: Mapping[fx.Node, Any] = field(repr=False, default_factory=dict)
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        """The call argument at position ``index`` or keyword ``name``, with fx nodes of non-tensor values
+        (``x.size(0)``...) replaced by their traced value."""
+        if index < len(self.node.args):
+            value = self.node.args[index]
+        else:
+            value = self.node.kwargs.get(name, default)
+        return fx.node.map_arg(value, lambda n: self.static_values.get(n, n))
+
+    @property
+    def is_method(self) -> bool:
+        return self.node.op == "call_method"
+
+
+class Call(Protocol):
+    """Evaluates one node for a rule: input-dependent arguments from a mapping, constants from the model."""
+
+    def __call__(self, x_values: Mapping[fx.Node, Tensor]) -> Tensor:
+        """The node's op applied with its input-dependent arguments replaced by ``x_values``."""
+
+    def arg_value(self, index: int, name: str, default: Any = None) -> Any:
+        """A constant argument's current value (a model tensor keeps its autograd history)."""
+
+
+class Rule:
+    """Base class of every rule. ``describe`` is used in layer tables and errors."""
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class LinearOp(Rule):
+    """An affine op ``x -> A x + b`` in its (single) input-dependent argument.
+
+    :meth:`apply` must return ``A v`` (the bias dropped). The default evaluates the op on ``v`` and, unless
+    ``homogeneous``, subtracts its value at 0 (one extra evaluation): right for any affine op.
+    ``isometry`` marks reshapes and the like, whose norm is exactly 1; :meth:`closed_form_norm` may give the
+    exact norm without iterations (batch norm, scalar multiplication).
+    """
+
+    isometry: bool = False
+
+    def __init__(self, homogeneous: bool = False) -> None:
+        self.homogeneous = homogeneous
+
+    def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
+        (x,) = info.x_inputs
+        out = call({x: v})
+        if self.homogeneous:
+            return out
+        return out - call({x: torch.zeros_like(v)})
+
+    def closed_form_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor | None:
+        return None
+
+
+class Activation(Rule):
+    """An elementwise function whose derivative lies in ``[a, b]`` everywhere; Lipschitz constant ``max(|a|, |b|)``."""
+
+    def __init__(self, a: float, b: float) -> None:
+        if a > b:
+            raise ValueError(f"slope interval [{a}, {b}] is empty")
+        self.a, self.b = float(a), float(b)
+
+    def slopes(self, info: NodeInfo) -> tuple[float, float]:
+        return self.a, self.b
+
+    def describe(self) -> str:
+        return f"Activation[{self.a:g}, {self.b:g}]"
+
+
+class Constant(Rule):
+    """An op with a known Lipschitz constant in its input-dependent arguments (taken jointly)."""
+
+    def __init__(self, value: float) -> None:
+        if not value >= 0:
+            raise ValueError(f"a Lipschitz constant must be >= 0, got {value}")
+        self.value = float(value)
+
+    def constant(self, info: NodeInfo) -> float:
+        return self.value
+
+    def describe(self) -> str:
+        return f"Constant({self.value:g})"
+
+
+class Sum(Rule):
+    """``f = sum_i c_i a_i`` over input-dependent tensors: ``L(f) <= sum_i |c_i| L(a_i)``."""
+
+    def coefficients(self, info: NodeInfo) -> list[float]:
+        return [1.0] * len(info.x_inputs)
+
+
+class Concat(Rule):
+    """``f = cat(a_1..a_k)``: ``||f(x)-f(y)||^2 = sum_i ||a_i(x)-a_i(y)||^2``, so ``L(f) <= sqrt(sum_i L(a_i)^2)``."""
+
+
+class Refuse(Rule):
+    """An op lipreg must not bound silently; capture raises :class:`UnsupportedOpError` with ``reason``."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason

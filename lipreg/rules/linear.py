@@ -1,0 +1,94 @@
+"""Linear (affine) layers, module and functional forms. The rule returns the linear part ``A v`` (bias dropped).
+
+Batch norm is bounded as the function it computes in eval mode, ``x -> gamma (x - mu) / sqrt(var + eps) + beta``
+with the running statistics: in training mode the output depends on the whole batch and no per-sample
+Lipschitz constant exists. Dropout (in :mod:`.structural`) is likewise taken at eval, as the identity.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Call, LinearOp, NodeInfo, Refuse
+from .registry import register_rule
+
+
+class DenseLinear(LinearOp):
+    """``nn.Linear``: ``v -> W v``."""
+
+    def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
+        return F.linear(v, info.module.weight.to(v.dtype))
+
+
+class Convolution(LinearOp):
+    """``nn.Conv{1,2,3}d`` with any stride, padding (all modes), dilation and groups: the conv without bias."""
+
+    def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
+        module = info.module
+        return module._conv_forward(v, module.weight.to(v.dtype), None)
+
+
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+class TransposedConvolution(LinearOp):
+    """``nn.ConvTranspose{1,2,3}d``: the adjoint of a convolution, with the module's ``output_padding``."""
+
+    def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
+        m = info.module
+        conv_t = _CONV_TRANSPOSE[m.weight.dim() - 2]
+        return conv_t(v, m.weight.to(v.dtype), None, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
+
+
+def batch_norm_scale(module: nn.modules.batchnorm._BatchNorm, dtype: torch.dtype) -> Tensor:
+    """The per-channel gain ``gamma / sqrt(running_var + eps)`` of an eval-mode batch norm."""
+    scale = torch.rsqrt(module.running_var.to(dtype) + module.eps)
+    if module.weight is not None:
+        scale = scale * module.weight.to(dtype)
+    return scale
+
+
+class BatchNorm(LinearOp):
+    """Eval-mode ``nn.BatchNorm{1,2,3}d``: the diagonal map ``v -> diag(gamma / sqrt(var + eps)) v``, norm
+    ``max_c |gamma_c| / sqrt(var_c + eps)``."""
+
+    def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
+        scale = batch_norm_scale(info.module, v.dtype)
+        return v * scale.view(1, -1, *([1] * (v.dim() - 2)))
+
+    def closed_form_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
+        return batch_norm_scale(info.module, dtype).abs().max()
+
+
+def _batch_norm_rule(info: NodeInfo) -> LinearOp | Refuse:
+    if info.module.running_var is None:
+        return Refuse(
+            "BatchNorm with track_running_stats=False normalises with the statistics of each batch, so the output "
+            "of one sample depends on the others and there is no per-sample Lipschitz constant"
+        )
+    return BatchNorm()
+
+
+def _functional_batch_norm(info: NodeInfo) -> LinearOp | Refuse:
+    if info.arg(5, "training", False):
+        return Refuse("F.batch_norm with training=True uses batch statistics: no per-sample Lipschitz constant")
+    return LinearOp()
+
+
+register_rule(nn.Linear, DenseLinear())
+register_rule(nn.modules.conv._ConvNd, Convolution())
+register_rule(nn.modules.conv._ConvTransposeNd, TransposedConvolution())
+register_rule(nn.modules.batchnorm._BatchNorm, _batch_norm_rule)
+register_rule(F.batch_norm, _functional_batch_norm)
+
+# Affine functions of one input-dependent argument; the generic rule subtracts the value at 0 (drops the bias).
+for _target in (F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+                F.conv_transpose3d):
+    register_rule(_target, LinearOp())
+
+# Averages are linear and homogeneous.
+for _target in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                nn.AdaptiveAvgPool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+                F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.mean, "mean", torch.sum, "sum"):
+    register_rule(_target, LinearOp(homogeneous=True))

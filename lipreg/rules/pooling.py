@@ -1,0 +1,75 @@
+"""Max pooling: ``L = sqrt(max_j #{windows containing input j})``.
+
+Each output is the max of its window, so ``|y_w(x) - y_w(x')| <= max_{j in w} |x_j - x'_j|`` and
+``||y(x) - y(x')||^2 <= sum_w ||x - x'||_{inf, w}^2 <= (max_j n_j) ||x - x'||^2``; a single spike on the most
+covered input attains it. Non-overlapping windows give 1; AlexNet's 3x3 stride-2 pools give sqrt(4) = 2.
+Windows are products of per-dimension intervals, so the count is the product of per-dimension counts.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Constant, NodeInfo
+from .registry import register_rule
+
+
+def _tuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def max_cover_1d(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
+    """The most windows of a 1-D max pool (torch's output-size rule, ceil mode included) that contain one input."""
+    span = dilation * (kernel - 1) + 1
+    numerator = size + 2 * padding - span
+    n_out = (-(-numerator // stride) if ceil_mode else numerator // stride) + 1
+    if ceil_mode and (n_out - 1) * stride >= size + padding:
+        n_out -= 1  # torch drops a last window that would start in the right padding
+    counts = [0] * size
+    for w in range(n_out):
+        for j in range(kernel):
+            i = w * stride - padding + j * dilation
+            if 0 <= i < size:
+                counts[i] += 1
+    return max(counts)
+
+
+def max_cover_adaptive_1d(size: int, out: int) -> int:
+    """The most windows of a 1-D adaptive pool containing one input: windows ``[floor(i n/o), ceil((i+1) n/o))``."""
+    counts = [0] * size
+    for i in range(out):
+        for j in range(i * size // out, -(-(i + 1) * size // out)):
+            counts[j] += 1
+    return max(counts)
+
+
+def _max_pool(info: NodeInfo) -> Constant:
+    spatial = info.in_shapes[0][2:]
+    n = len(spatial)
+    if info.module is not None:
+        m = info.module
+        kernel, stride, padding, dilation, ceil = m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode
+    else:
+        kernel = info.arg(1, "kernel_size")
+        stride = info.arg(2, "stride", None) or kernel
+        padding, dilation = info.arg(3, "padding", 0), info.arg(4, "dilation", 1)
+        ceil = info.arg(5, "ceil_mode", False)
+    params = zip(spatial, _tuple(kernel, n), _tuple(stride or kernel, n), _tuple(padding, n), _tuple(dilation, n))
+    cover = math.prod(max_cover_1d(s, k, st, p, d, bool(ceil)) for s, k, st, p, d in params)
+    return Constant(math.sqrt(cover))
+
+
+def _adaptive_max_pool(info: NodeInfo) -> Constant:
+    spatial = info.in_shapes[0][2:]
+    cover = math.prod(max_cover_adaptive_1d(s, o) for s, o in zip(spatial, info.out_shape[2:]))
+    return Constant(math.sqrt(cover))
+
+
+for _target in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d):
+    register_rule(_target, _max_pool)
+for _target in (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+                F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d):
+    register_rule(_target, _adaptive_max_pool)

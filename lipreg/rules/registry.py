@@ -1,0 +1,63 @@
+"""The rule registry: op -> rule. Keys are module classes, functions, or method names (``"view"``)."""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Union
+
+from torch import fx, nn
+
+from .base import Constant, NodeInfo, Rule
+
+RuleFactory = Callable[[NodeInfo], Rule]
+RuleSpec = Union[Rule, float, RuleFactory]
+Target = Union[type, Callable[..., Any], str]
+
+_RULES: dict[Target, RuleFactory] = {}
+
+
+def register_rule(target: Target, rule: RuleSpec) -> None:
+    """Teach lipreg an op.
+
+    ``target`` is an ``nn.Module`` subclass (its instances are then kept whole when tracing, not traced
+    through), a function (``torch.tanh``, ``F.gelu``...) or a tensor method name (``"tanh"``).
+    ``rule`` is a :class:`~lipreg.rules.Rule`, a float (the op's Lipschitz constant), or a callable
+    ``NodeInfo -> Rule`` for rules that depend on the call's arguments. A later registration replaces an earlier one.
+    """
+    if isinstance(rule, Rule):
+        _RULES[target] = lambda info, _rule=rule: _rule
+    elif isinstance(rule, (int, float)):
+        _RULES[target] = lambda info, _rule=Constant(float(rule)): _rule
+    elif callable(rule):
+        _RULES[target] = rule
+    else:
+        raise TypeError(f"a rule is a lipreg.rules.Rule, a float or a callable NodeInfo -> Rule, got {type(rule)!r}")
+
+
+def rule_factory(node: fx.Node, module: nn.Module | None) -> RuleFactory | None:
+    """The registered factory for an fx node (module classes are matched along their MRO)."""
+    if node.op == "call_module":
+        assert module is not None
+        for cls in type(module).__mro__:
+            if cls in _RULES:
+                return _RULES[cls]
+        return None
+    return _RULES.get(node.target)
+
+
+def is_registered_module(module: nn.Module) -> bool:
+    """Whether a module class (or a base) has a rule: such modules are leaves of the trace."""
+    return any(cls in _RULES for cls in type(module).__mro__ if cls is not nn.Module)
+
+
+def describe_target(node: fx.Node, module: nn.Module | None) -> str:
+    """How to name the op in messages and in ``register_rule`` examples."""
+    if node.op == "call_module" and module is not None:
+        cls = type(module)
+        return f"{cls.__module__}.{cls.__qualname__}"
+    if node.op == "call_method":
+        return repr(node.target)
+    target = node.target
+    if target in vars(operator).values():
+        return f"operator.{target.__name__}"
+    module_name = getattr(target, "__module__", None) or "torch"
+    return f"{module_name}.{getattr(target, '__name__', repr(target))}"

@@ -1,0 +1,142 @@
+"""Structure and arithmetic: reshapes, dropout, identity, slicing, add/sub/neg, products and quotients by
+constants, concatenation."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Call, Concat, LinearOp, NodeInfo, Refuse, Rule, Sum
+from .registry import register_rule
+
+
+class UnitNorm(LinearOp):
+    """A linear op of norm exactly 1 applied as is: reshapes, permutations, basic slicing, ``contiguous``."""
+
+    isometry = True
+
+    def __init__(self) -> None:
+        super().__init__(homogeneous=True)
+
+
+class Identity(UnitNorm):
+    """``v -> v``: ``nn.Identity``, and dropout, which is the identity at evaluation (the function bounded)."""
+
+    def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
+        return v
+
+
+class SignedIdentity(UnitNorm):
+    """``x -> +-x + c``: an addition of a constant (``sign = 1``), ``c - x`` or ``-x`` (``sign = -1``)."""
+
+    def __init__(self, sign: int) -> None:
+        super().__init__()
+        self.sign = sign
+
+    def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
+        return v if self.sign > 0 else -v
+
+
+class Scale(LinearOp):
+    """``x * c`` or ``x / c`` with ``c`` a constant (number or broadcast tensor): the diagonal map
+    ``diag(c)`` (or ``diag(1/c)``), norm ``max |c|`` (or ``max 1/|c|``) when ``c`` does not enlarge the shape."""
+
+    def __init__(self, constant_position: int, reciprocal: bool) -> None:
+        super().__init__(homogeneous=True)
+        self.constant_position = constant_position
+        self.reciprocal = reciprocal
+
+    def closed_form_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor | None:
+        if info.in_shapes[0] != info.out_shape:
+            return None  # c broadcasts x to a larger shape: not diagonal, leave it to the power method
+        c = torch.as_tensor(call.arg_value(self.constant_position, "other"), dtype=dtype).abs()
+        return (1.0 / c).max() if self.reciprocal else c.max()
+
+
+_PRODUCT = (
+    "the product of two input-dependent tensors ({op}) is not globally Lipschitz: its partial derivatives grow "
+    "with the inputs. Bound the product on a bounded domain and register that constant if you need it"
+)
+
+
+def _x_positions(info: NodeInfo) -> list[int]:
+    return [i for i, a in enumerate(info.node.args) if a in info.x_inputs]
+
+
+class AlphaSum(Sum):
+    """``a + alpha b`` or ``a - alpha b`` (``torch.add``/``torch.sub``): coefficients ``(1, alpha)``."""
+
+    def coefficients(self, info: NodeInfo) -> list[float]:
+        return [1.0, float(info.arg(2, "alpha", 1))]
+
+
+def _add(info: NodeInfo) -> Rule:
+    if len(info.x_inputs) == 2:
+        return AlphaSum()
+    if info.arg(2, "alpha", 1) != 1:
+        return LinearOp()
+    return SignedIdentity(1)
+
+
+def _sub(info: NodeInfo) -> Rule:
+    if len(info.x_inputs) == 2:
+        return AlphaSum()
+    if info.arg(2, "alpha", 1) != 1:
+        return LinearOp()
+    return SignedIdentity(1 if _x_positions(info) == [0] else -1)
+
+
+def _mul(info: NodeInfo) -> Rule:
+    if len(info.x_inputs) == 2:
+        return Refuse(_PRODUCT.format(op=info.node.name))
+    return Scale(constant_position=1 - _x_positions(info)[0], reciprocal=False)
+
+
+def _div(info: NodeInfo) -> Rule:
+    if _x_positions(info) != [0]:
+        return Refuse(
+            f"division by an input-dependent tensor ({info.node.name}) is not globally Lipschitz (1/x is unbounded near 0)"
+        )
+    return Scale(constant_position=1, reciprocal=True)
+
+
+def _matmul(info: NodeInfo) -> Rule:
+    if len(info.x_inputs) == 2:
+        return Refuse(_PRODUCT.format(op=info.node.name) + " (attention-like x @ x^T products are refused)")
+    return LinearOp(homogeneous=True)
+
+
+def _getitem(info: NodeInfo) -> Rule:
+    """Basic indexing (ints, slices, None, ...) selects distinct entries: norm 1 unless empty. Advanced
+    indexing may repeat entries (norm up to sqrt(repeats)): left to the power method."""
+    index = info.arg(1, "idx")
+    parts = index if isinstance(index, tuple) else (index,)
+    if all(p is None or p is Ellipsis or isinstance(p, (int, slice)) for p in parts):
+        return UnitNorm()
+    return LinearOp(homogeneous=True)
+
+
+for _target in ("view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
+                "t", "movedim", "unflatten", torch.flatten, torch.reshape, torch.permute, torch.transpose,
+                torch.squeeze, torch.unsqueeze, torch.movedim, nn.Flatten, nn.Unflatten):
+    register_rule(_target, UnitNorm())
+for _target in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, "clone", "detach"):
+    register_rule(_target, Identity())
+for _target in (operator.neg, torch.neg, "neg", "__neg__"):
+    register_rule(_target, SignedIdentity(-1))
+for _target in (operator.add, operator.iadd, torch.add, "add", "__add__", "__radd__"):
+    register_rule(_target, _add)
+for _target in (operator.sub, operator.isub, torch.sub, "sub", "__sub__", "__rsub__"):
+    register_rule(_target, _sub)
+for _target in (operator.mul, operator.imul, torch.mul, "mul", "__mul__", "__rmul__"):
+    register_rule(_target, _mul)
+for _target in (operator.truediv, torch.div, "div", "__truediv__"):
+    register_rule(_target, _div)
+for _target in (operator.matmul, torch.matmul, "matmul", "__matmul__"):
+    register_rule(_target, _matmul)
+register_rule(operator.getitem, _getitem)
+for _target in (torch.cat, torch.concat, torch.stack):
+    register_rule(_target, Concat())
