@@ -19,7 +19,8 @@ iteration on :math:`J^\top J`, with :math:`Jv` computed by forward-mode AD
 The model is applied to the whole batch at once; the per-sample results are only correct if the
 samples do not interact, i.e. the model is in eval mode (no BatchNorm batch statistics).  These
 functions never change the model's mode: **pass a model in eval mode** (``model.eval()``).  A model
-with BatchNorm in training mode would also have its running statistics updated by every forward.
+with BatchNorm in training mode is rejected (``ValueError``); Dropout in training mode gives a
+``RuntimeWarning`` (the function is then random).
 
 This module is a leaf: it imports nothing from :mod:`lipreg`.
 """
@@ -34,15 +35,22 @@ from torch import Tensor, nn
 
 __all__ = ["local_jacobian_norm", "lower_bound"]
 
-def _warn_if_training(model: Callable[[Tensor], Tensor]) -> None:
+def _check_mode(model: Callable[[Tensor], Tensor]) -> None:
+    """BatchNorm in training mode: samples interact (and torch.func rejects the in-place update of the
+    running statistics) -> ValueError.  Dropout in training mode: f is random -> RuntimeWarning."""
     if not isinstance(model, nn.Module):
         return
     for m in model.modules():
-        if m.training and isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
+        if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(
+                f"lipreg.lower_bound: {type(m).__name__} is in training mode, so the samples of the batch interact "
+                "and per-sample Jacobians are meaningless. Call model.eval() first."
+            )
+    for m in model.modules():
+        if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
             warnings.warn(
-                f"lipreg.lower_bound: {type(m).__name__} is in training mode; samples of the batch interact "
-                "(or the function is random), so the local Jacobian norms are not those of the eval-mode "
-                "network. Call model.eval() first.",
+                f"lipreg.lower_bound: {type(m).__name__} is in training mode, so the network is random and the "
+                "local Jacobian norms are not those of the eval-mode network. Call model.eval() first.",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -102,6 +110,7 @@ def local_jacobian_norm(
     Args:
         model: a callable mapping a batch ``(B, *in)`` to ``(B, *out)`` (``*out`` may be empty).
             Must be in eval mode (samples must not interact); its mode is not changed here.
+            BatchNorm in training mode raises ``ValueError``; Dropout in training mode warns.
         x: the points, shape ``(B, *in)``, floating point.  Not modified; gradients are not needed.
         n_iter: number of power iterations (``0`` evaluates :math:`\|J v_0\|` only).
         v0: optional starting vectors ``(B, *in)`` (normalised per sample; every row must be
@@ -115,7 +124,7 @@ def local_jacobian_norm(
     _check_input(x)
     if n_iter < 0:
         raise ValueError(f"n_iter must be >= 0, got {n_iter}")
-    _warn_if_training(model)
+    _check_mode(model)
     x = x.detach()
     if v0 is None:
         v0 = torch.randn_like(x)
