@@ -1,0 +1,271 @@
+"""``LipschitzCallback``: log (and optionally penalise) the Lipschitz bound of a LightningModule while it trains.
+
+What it does, hook by hook:
+
+* ``on_fit_start``: finds the module to bound (the LightningModule, or ``module=`` a submodule name) and reuses the
+  estimator of a :class:`~lipreg.LipschitzPenalty` already on it (one warm state, not two). Otherwise it builds an
+  estimator from ``pl_module.example_input_array``, or from the first batch's input captured by a forward
+  pre-hook. With ``penalty_weight > 0`` it wraps ``training_step`` so that the returned loss is
+  ``loss + penalty()``: gradient accumulation, AMP scaling and DDP averaging then apply to the penalty exactly as
+  to an explicit loss term (adding gradients from a later hook, or a second ``backward``, would not).
+* every training step: ``n_iter`` warm power iterations (inside the penalty when there is one); every
+  ``log_every_n_steps`` steps the bound is written to the loggers as ``lipschitz/<method>`` (and per layer under
+  ``lipschitz/layer/<node>`` with ``per_layer=True``), at the step Lightning uses for its own metrics. Every
+  ``certify_every_n_steps`` steps it also logs ``lipschitz/<method>_certified`` (a guaranteed upper bound) and
+  ``lipschitz/gap`` = certified / estimate; a gap above ``reconverge_gap`` re-converges the warm vectors first.
+* each validation epoch: converges the estimate (``eval_n_iter``), and logs it, the certified bound, the empirical
+  lower bound (``lipschitz/lower``), their ratio ``lipschitz/upper_over_lower``, the certified robust accuracy at
+  each radius (``robust/certified_acc@<eps>``, from the certified bound) and a per-layer bar chart.
+* at fit end: the hyper-parameters with the final metrics (TensorBoard's HPARAMS tab compares a sweep).
+* ``state_dict`` / ``load_state_dict``: the warm state of an estimator the callback owns (one on the module is
+  checkpointed with the module), so ``trainer.fit(ckpt_path=...)`` resumes exactly. Under DDP the state is
+  broadcast from rank 0 once built or restored; loggers write on rank 0 only.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import Tensor, nn
+
+from .estimator import LipschitzEstimator
+from .metrics import CertifiedRobustAccuracy, EmpiricalLipschitz
+from .penalty import LipschitzPenalty
+
+
+class LipschitzCallback(Callback):
+    """Log, certify and optionally penalise the Lipschitz bound during ``trainer.fit``.
+
+    Args:
+        method: ``"autolip"`` or ``"seqlip"``.
+        module: name of the submodule to bound (``"net"``); the LightningModule itself when ``None``.
+        penalty_weight: ``> 0`` adds ``penalty_weight * h(bound)`` to the training loss.
+        penalty_kind, target: ``h`` and its target, as in :class:`~lipreg.LipschitzPenalty`.
+        n_iter: warm power iterations per training step.
+        log_every_n_steps: how often the step-level bound is logged.
+        per_layer: also log each layer's factor.
+        certify_every_n_steps: how often the certified bound and the gap are logged (0: never during steps).
+        reconverge_gap: re-converge the warm vectors when certified / estimate exceeds it.
+        eval_n_iter: the most iterations of the convergence at each validation epoch.
+        robust_eps: L2 radii of the certified robust accuracy.
+        lower_bound_batches, lower_bound_ascent_steps: validation batches (and gradient-ascent steps) used for
+            the empirical lower bound.
+        **estimator_options: passed to :class:`~lipreg.LipschitzEstimator` (``fuse``, ``search``...).
+    """
+
+    def __init__(self, method: str = "autolip", module: str | None = None, penalty_weight: float = 0.0,
+                 penalty_kind: str = "log", target: float | None = None, n_iter: int = 1,
+                 log_every_n_steps: int = 50, per_layer: bool = False, certify_every_n_steps: int = 50,
+                 reconverge_gap: float = 1.05, eval_n_iter: int = 500, robust_eps: float | Sequence[float] = (0.1,),
+                 lower_bound_batches: int = 1, lower_bound_ascent_steps: int = 10,
+                 **estimator_options: Any) -> None:
+        super().__init__()
+        self.method = method
+        self.module_name = module
+        self.penalty_weight = float(penalty_weight)
+        self.penalty_kind = penalty_kind
+        self.target = target
+        self.n_iter = n_iter
+        self.log_every_n_steps = log_every_n_steps
+        self.per_layer = per_layer
+        self.certify_every_n_steps = certify_every_n_steps
+        self.reconverge_gap = reconverge_gap
+        self.eval_n_iter = eval_n_iter
+        self.robust_eps = tuple(robust_eps) if isinstance(robust_eps, Sequence) else (float(robust_eps),)
+        self.lower_bound_batches = lower_bound_batches
+        self.lower_bound_ascent_steps = lower_bound_ascent_steps
+        self.estimator_options = estimator_options
+        self.estimator: LipschitzEstimator | None = None
+        self._penalty: LipschitzPenalty | None = None  # the penalty whose estimator we use
+        self._owns_estimator = False
+        self._pending_state: dict[str, Tensor] | None = None
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._eval_bound: Tensor | None = None
+        self._robust: CertifiedRobustAccuracy | None = None
+        self._lower: EmpiricalLipschitz | None = None
+        self._final: dict[str, float] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(method=self.method, module=self.module_name)
+
+    # ------------------------------------------------------------ building
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        target = self._target(pl_module)
+        existing = [m for m in pl_module.modules() if isinstance(m, LipschitzPenalty) and m.estimator.model is target]
+        if existing:
+            if self.penalty_weight > 0:
+                raise ValueError("the module already adds a LipschitzPenalty on this model to its loss; "
+                                 "use LipschitzCallback(penalty_weight=0.0) to log it, not to penalise twice")
+            self._attach(trainer, existing[0], owned=False)
+        elif getattr(pl_module, "example_input_array", None) is not None and target is pl_module:
+            self._build(trainer, target, pl_module.example_input_array)
+        else:
+            def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
+                self._hook.remove()
+                self._build(trainer, module, args[0])
+
+            self._hook = target.register_forward_pre_hook(capture)
+        if self.penalty_weight > 0:
+            self._wrap_training_step(pl_module)
+
+    def _target(self, pl_module: pl.LightningModule) -> nn.Module:
+        return pl_module if self.module_name is None else pl_module.get_submodule(self.module_name)
+
+    def _build(self, trainer: pl.Trainer, target: nn.Module, example_input: Tensor) -> None:
+        penalty = LipschitzPenalty(target, example_input, weight=self.penalty_weight, kind=self.penalty_kind,
+                                   target=self.target, method=self.method, n_iter=self.n_iter,
+                                   **self.estimator_options)
+        self._attach(trainer, penalty, owned=True)
+
+    def _attach(self, trainer: pl.Trainer, penalty: LipschitzPenalty, owned: bool) -> None:
+        self._penalty, self.estimator, self._owns_estimator = penalty, penalty.estimator, owned
+        if owned and self._pending_state is not None:
+            self.estimator.load_state_dict(self._pending_state)
+            self._pending_state = None
+        for buffer in self.estimator.buffers():  # one warm state on every rank (no-op on one process)
+            buffer.copy_(trainer.strategy.broadcast(buffer, src=0))
+
+    def _wrap_training_step(self, pl_module: pl.LightningModule) -> None:
+        original = pl_module.training_step
+
+        @functools.wraps(original)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            output = original(*args, **kwargs)
+            if output is None:
+                return output
+            penalty = self._penalty()
+            if isinstance(output, dict):
+                return {**output, "loss": output["loss"] + penalty}
+            return output + penalty
+
+        pl_module.training_step = training_step
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if "training_step" in vars(pl_module):
+            del pl_module.training_step
+        if self._hook is not None:
+            self._hook.remove()
+
+    # ------------------------------------------------------------- training
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.estimator is None or trainer.fit_loop._should_accumulate():
+            return
+        if self.penalty_weight > 0 or not self._owns_estimator:
+            bound = self._penalty.last_bound  # computed in this step's training_step
+        else:
+            with torch.no_grad():
+                bound = self.estimator()
+        if bound is None:
+            return
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step of Lightning's own train metrics
+        metrics: dict[str, float] = {}
+        if (step + 1) % self.log_every_n_steps == 0:
+            metrics[f"lipschitz/{self.method}"] = float(bound)
+            if self.per_layer:
+                metrics.update({f"lipschitz/layer/{k}": v for k, v in self.estimator.layer_bounds().items()})
+        if self.certify_every_n_steps and (step + 1) % self.certify_every_n_steps == 0:
+            metrics.update(self._certify(bound))
+        if metrics:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    @torch.no_grad()
+    def _certify(self, estimate: Tensor) -> dict[str, float]:
+        """The certified bound and ``gap = certified / estimate``; a large gap (the warm vector lags behind a
+        switch of the top singular direction) triggers a re-convergence before logging."""
+        certified = self.estimator.certified_bound()
+        gap = float(certified / estimate)
+        if gap > self.reconverge_gap:
+            estimate = self.estimator.converge(max_iter=self.eval_n_iter)
+            gap = float(certified / estimate)
+        return {f"lipschitz/{self.method}": float(estimate),
+                f"lipschitz/{self.method}_certified": float(certified), "lipschitz/gap": gap}
+
+    # ----------------------------------------------------------- validation
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.estimator is None or trainer.sanity_checking:
+            return
+        self.estimator.converge(max_iter=self.eval_n_iter)
+        with torch.no_grad():
+            self._eval_bound = self.estimator.certified_bound()
+        device = pl_module.device
+        self._robust = CertifiedRobustAccuracy(eps=self.robust_eps).to(device)
+        self._lower = EmpiricalLipschitz(self._target(pl_module), ascent_steps=self.lower_bound_ascent_steps).to(device)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._eval_bound is None or trainer.sanity_checking:
+            return
+        x, y = batch[0], batch[1]
+        with torch.no_grad():
+            logits = self._target(pl_module)(x)
+        self._robust.update(logits, y, self._eval_bound, certified=True)
+        if batch_idx < self.lower_bound_batches:
+            self._lower.update(x)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._eval_bound is None or trainer.sanity_checking:
+            return
+        estimate = self.estimator(n_iter=0).detach()
+        lower = self._lower.compute()
+        metrics = {f"lipschitz/{self.method}": estimate, f"lipschitz/{self.method}_certified": self._eval_bound,
+                   "lipschitz/lower": lower, "lipschitz/upper_over_lower": self._eval_bound / lower}
+        metrics.update({f"robust/{k}": v for k, v in self._robust.compute().items()})
+        for name, value in metrics.items():
+            pl_module.log(name, value, on_step=False, on_epoch=True)
+        self._final = {name: float(value) for name, value in metrics.items()}
+        self._eval_bound = None
+        self._log_bar_chart(trainer)
+
+    def _log_bar_chart(self, trainer: pl.Trainer) -> None:
+        """Each layer's factor as a bar chart (TensorBoard's IMAGES tab), log scale."""
+        tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not tensorboards or not trainer.is_global_zero:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        layers = self.estimator.layer_bounds()
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(layers)), 3.0))
+        ax.bar(range(len(layers)), list(layers.values()))
+        ax.set_xticks(range(len(layers)), list(layers), rotation=60, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("Lipschitz factor")
+        fig.tight_layout()
+        for logger in tensorboards:
+            logger.experiment.add_figure("lipschitz/layers", fig, global_step=trainer.global_step)
+        plt.close(fig)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Hyper-parameters (the module's and this callback's) with the final metrics, for the HPARAMS tab."""
+        final = {**{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}, **self._final}
+        params = {**dict(pl_module.hparams), "lipreg/method": self.method,
+                  "lipreg/penalty_weight": self.penalty_weight, "lipreg/penalty_kind": self.penalty_kind}
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(params, metrics=final)
+
+    # ---------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        if self.estimator is not None and self._owns_estimator:
+            return {"estimator": {k: v.clone() for k, v in self.estimator.state_dict().items()}}
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the warm state now if the estimator exists, else when it is built (restore happens before
+        ``on_fit_start``)."""
+        state = state_dict.get("estimator")
+        if state is None:
+            return
+        if self.estimator is not None and self._owns_estimator:
+            self.estimator.load_state_dict(state)
+        else:
+            self._pending_state = state
