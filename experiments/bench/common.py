@@ -1,0 +1,61 @@
+"""Shared pieces of the benchmarks: the digits models, a training step, and a robust timer.
+
+Every benchmark prints ratios measured in one run (the machine is noisy): each timed function runs
+interleaved with the others, several rounds, and the median is kept.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from experiments.data import DigitsDataModule
+from experiments.models import CNN, MLP, AlexNetSmall
+
+BATCH = 128
+
+
+def digits_batch(batch_size: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """One real training batch of the digits data."""
+    data = DigitsDataModule(batch_size=batch_size, seed=0)
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))
+
+
+def models() -> dict[str, nn.Module]:
+    """The three reference architectures, on the digits shape, seeded."""
+    torch.manual_seed(0)
+    return {"mlp": MLP((1, 8, 8), 10), "cnn": CNN((1, 8, 8), 10), "alexnet": AlexNetSmall((1, 8, 8), 10)}
+
+
+def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  extra_loss: Callable[[], torch.Tensor] | None = None) -> Callable[[], None]:
+    """forward + backward + Adam step on one batch (optionally plus a loss term)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def median_times(fns: dict[str, Callable[[], object]], rounds: int = 7, repeat: int = 5) -> dict[str, float]:
+    """Median seconds per call of each function, the functions interleaved round by round."""
+    for fn in fns.values():
+        fn()  # warm up
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            samples[name].append((time.perf_counter() - start) / repeat)
+    return {name: statistics.median(values) for name, values in samples.items()}
