@@ -4,7 +4,8 @@ The input has constant 1, parameters and constants 0 (they are not nodes of the 
 ``f(a_1..a_k)`` gets ``sum_i L_i(f) L(a_i)`` where ``L_i(f)`` bounds its i-th partial Jacobian:
 
 * (fused) linear operator ``A``: ``sigma_1(A) L(a)``;
-* activation with slopes in ``[a, b]``: ``max(|a|, |b|) L(a)``; an op of known constant ``c``: ``c L(a)``;
+* activation with slopes in ``[a, b]``: ``max(|a|, |b|) L(a)``; an op of known constant ``c`` (jointly in its
+  arguments): ``c L(a)``, or ``c sqrt(sum_i L(a_i)^2)`` for several;
 * ``sum_i c_i a_i``: ``sum_i |c_i| L(a_i)`` (a residual block ``x + g(x)`` gets ``1 + L(g)``, never a product);
 * concatenation: ``sqrt(sum_i L(a_i)^2)``, tighter than the generic sum since the parts are orthogonal blocks.
 """
@@ -37,20 +38,25 @@ def propagate(node: LipNode, parents: list[Tensor], factors: Mapping[LipNode, Te
         return sum(abs(c) * L for c, L in zip(coefficients, parents))
     if isinstance(node.rule, Concat):
         return torch.sqrt(sum(L * L for L in parents))
-    (parent,) = parents
     if node in factors:
+        (parent,) = parents
         return factors[node] * parent
-    return own_constant(node) * parent
+    # c-Lipschitz jointly in its arguments: ||f(a) - f(a')|| <= c sqrt(sum_i ||a_i - a_i'||^2)
+    return own_constant(node) * (parents[0] if len(parents) == 1 else torch.sqrt(sum(L * L for L in parents)))
 
 
 def autolip_bound(graph: LipGraph, factors: Mapping[LipNode, Tensor],
-                  chains: Mapping[LipNode, tuple[LipNode, Tensor]] | None = None) -> Tensor:
+                  chains: Mapping[LipNode, tuple[LipNode, Tensor]] | None = None,
+                  dtype: torch.dtype | None = None, device: torch.device | None = None) -> Tensor:
     """``L(f)`` by Alg. 1, given the norm of every linear node (``factors``).
 
     ``chains`` maps the last node of a chain to ``(its first node, bound of the whole chain)``: the chain's
     product of factors is replaced by that bound (how SeqLip plugs in: eq. 8 per chain, AutoLip elsewhere).
+    The input's constant 1 takes ``dtype`` and ``device`` (by default those of the factors): a graph with no
+    linear node (pooling and activations only) has nothing else to take them from.
     """
-    one = next(iter(factors.values())).new_ones(()) if factors else torch.ones(())
+    like = next(iter(factors.values()), torch.ones(()))
+    one = torch.ones((), dtype=dtype or like.dtype, device=device or like.device)
     constants: dict[LipNode, Tensor] = {graph.nodes[0]: one}
     for node in graph.nodes[1:]:
         if chains and node in chains:

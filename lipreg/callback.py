@@ -3,16 +3,19 @@
 What it does, hook by hook:
 
 * ``on_fit_start``: finds the module to bound (the LightningModule, or ``module=`` a submodule name) and reuses the
-  estimator of a :class:`~lipreg.LipschitzPenalty` already on it (one warm state, not two). Otherwise it builds an
+  estimator of a :class:`~lipreg.LipschitzPenalty` already on it (one warm state, not two; with ``penalty_weight > 0``
+  such a penalty is an error: it would penalise twice). Otherwise it builds an
   estimator from ``pl_module.example_input_array``, or from the first batch's input captured by a forward
   pre-hook. With ``penalty_weight > 0`` it wraps ``training_step`` so that the returned loss is
   ``loss + penalty()``: gradient accumulation, AMP scaling and DDP averaging then apply to the penalty exactly as
   to an explicit loss term (adding gradients from a later hook, or a second ``backward``, would not).
 * every training step: ``n_iter`` warm power iterations (inside the penalty when there is one); every
   ``log_every_n_steps`` steps the bound is written to the loggers as ``lipschitz/<method>`` (and per layer under
-  ``lipschitz/layer/<node>`` with ``per_layer=True``), at the step Lightning uses for its own metrics. Every
-  ``certify_every_n_steps`` steps it also logs ``lipschitz/<method>_certified`` (a guaranteed upper bound) and
-  ``lipschitz/gap`` = certified / estimate; a gap above ``reconverge_gap`` re-converges the warm vectors first.
+  ``lipschitz/layer/<node>`` with ``per_layer=True``), at the step Lightning uses for its own metrics, and for the
+  weights after that step's optimizer step (those a checkpoint then holds). Every ``certify_every_n_steps`` steps
+  it also logs ``lipschitz/<method>_certified`` (a guaranteed upper bound) and ``lipschitz/gap`` = certified /
+  estimate, on the same weights, so the estimate never exceeds the certificate; a gap above ``reconverge_gap``
+  re-converges the warm vectors first.
 * each validation epoch: converges the estimate (``eval_n_iter``), and logs it, the certified bound, the empirical
   lower bound (``lipschitz/lower``), their ratio ``lipschitz/upper_over_lower``, the certified robust accuracy at
   each radius (``robust/certified_acc@<eps>``, from the certified bound) and a per-layer bar chart.
@@ -61,7 +64,7 @@ class LipschitzCallback(Callback):
                  penalty_kind: str = "log", target: float | None = None, n_iter: int = 1,
                  log_every_n_steps: int = 50, per_layer: bool = False, certify_every_n_steps: int = 50,
                  reconverge_gap: float = 1.05, eval_n_iter: int = 500, robust_eps: float | Sequence[float] = (0.1,),
-                 lower_bound_batches: int = 1, lower_bound_ascent_steps: int = 10,
+                 lower_bound_batches: int = 1, lower_bound_ascent_steps: int = 0,
                  **estimator_options: Any) -> None:
         super().__init__()
         self.method = method
@@ -84,6 +87,7 @@ class LipschitzCallback(Callback):
         self._owns_estimator = False
         self._pending_state: dict[str, Tensor] | None = None
         self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._wrapped: tuple[pl.LightningModule, Any] | None = None  # the module whose training_step we shadow
         self._eval_bound: Tensor | None = None
         self._robust: CertifiedRobustAccuracy | None = None
         self._lower: EmpiricalLipschitz | None = None
@@ -96,17 +100,25 @@ class LipschitzCallback(Callback):
     # ------------------------------------------------------------ building
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         target = self._target(pl_module)
-        existing = [m for m in pl_module.modules() if isinstance(m, LipschitzPenalty) and m.estimator.model is target]
+        penalties = [m for m in pl_module.modules() if isinstance(m, LipschitzPenalty)]
+        if penalties and self.penalty_weight > 0:  # whatever it bounds: a second penalty is never what was meant
+            raise ValueError(f"the module already has a LipschitzPenalty (on {type(penalties[0].estimator.model).__name__}) "
+                             "that it adds to its loss; use LipschitzCallback(penalty_weight=0.0) to log its bound, "
+                             "not to penalise twice")
+        existing = [m for m in penalties if m.estimator.model is target or self.module_name is None]
+        if len(existing) > 1:
+            raise ValueError(f"the module holds {len(existing)} LipschitzPenalty modules; name the submodule to log "
+                             "with LipschitzCallback(module=...)")
         if existing:
-            if self.penalty_weight > 0:
-                raise ValueError("the module already adds a LipschitzPenalty on this model to its loss; "
-                                 "use LipschitzCallback(penalty_weight=0.0) to log it, not to penalise twice")
             self._attach(trainer, existing[0], owned=False)
+        elif self._owns_estimator and self.estimator.model is target:
+            self._attach(trainer, self._penalty, owned=True)  # a second fit with this callback: keep the warm state
         elif getattr(pl_module, "example_input_array", None) is not None and target is pl_module:
             self._build(trainer, target, pl_module.example_input_array)
         else:
             def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
                 self._hook.remove()
+                self._hook = None
                 self._build(trainer, module, args[0])
 
             self._hook = target.register_forward_pre_hook(capture)
@@ -131,6 +143,8 @@ class LipschitzCallback(Callback):
             buffer.copy_(trainer.strategy.broadcast(buffer, src=0))
 
     def _wrap_training_step(self, pl_module: pl.LightningModule) -> None:
+        """Shadow ``training_step`` with an instance attribute (Lightning, and its DDP wrapper, look it up at each
+        call): the penalty joins the returned loss, so Lightning scales, accumulates and averages it."""
         original = pl_module.training_step
 
         @functools.wraps(original)
@@ -144,32 +158,37 @@ class LipschitzCallback(Callback):
             return output + penalty
 
         pl_module.training_step = training_step
+        self._wrapped = (pl_module, training_step)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if "training_step" in vars(pl_module):
-            del pl_module.training_step
+        if self._wrapped is not None and vars(self._wrapped[0]).get("training_step") is self._wrapped[1]:
+            del self._wrapped[0].training_step
+        self._wrapped = None
         if self._hook is not None:
             self._hook.remove()
+            self._hook = None
 
     # ------------------------------------------------------------- training
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.estimator is None or trainer.fit_loop._should_accumulate():
             return
-        if self.penalty_weight > 0 or not self._owns_estimator:
-            bound = self._penalty.last_bound  # computed in this step's training_step
-        else:
-            with torch.no_grad():
-                bound = self.estimator()
-        if bound is None:
-            return
         step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step of Lightning's own train metrics
+        log_now = (step + 1) % self.log_every_n_steps == 0
+        certify_now = bool(self.certify_every_n_steps) and (step + 1) % self.certify_every_n_steps == 0
+        penalised = self.penalty_weight > 0 or not self._owns_estimator  # training_step iterated the warm state
+        if penalised and not (log_now or certify_now):
+            return
+        with torch.no_grad():
+            # After the optimizer step: the logged values are those of the weights a checkpoint at this step holds.
+            # A penalty already iterated in training_step (on the weights before the step): only re-evaluate.
+            bound = self.estimator(n_iter=0 if penalised else None)
         metrics: dict[str, float] = {}
-        if (step + 1) % self.log_every_n_steps == 0:
+        if log_now:
             metrics[f"lipschitz/{self.method}"] = float(bound)
             if self.per_layer:
                 metrics.update({f"lipschitz/layer/{k}": v for k, v in self.estimator.layer_bounds().items()})
-        if self.certify_every_n_steps and (step + 1) % self.certify_every_n_steps == 0:
+        if certify_now and torch.isfinite(bound):  # non-finite weights (warned about) have no certificate
             metrics.update(self._certify(bound))
         if metrics:
             for logger in trainer.loggers:
@@ -177,12 +196,12 @@ class LipschitzCallback(Callback):
 
     @torch.no_grad()
     def _certify(self, estimate: Tensor) -> dict[str, float]:
-        """The certified bound and ``gap = certified / estimate``; a large gap (the warm vector lags behind a
-        switch of the top singular direction) triggers a re-convergence before logging."""
+        """The certified bound and ``gap = certified / estimate``, both on the current weights; a large gap (the
+        warm vector lags behind a switch of the top singular direction) triggers a re-convergence first."""
         certified = self.estimator.certified_bound()
         gap = float(certified / estimate)
         if gap > self.reconverge_gap:
-            estimate = self.estimator.converge(max_iter=self.eval_n_iter)
+            estimate = self.estimator.converge(max_iter=self.eval_n_iter).detach()
             gap = float(certified / estimate)
         return {f"lipschitz/{self.method}": float(estimate),
                 f"lipschitz/{self.method}_certified": float(certified), "lipschitz/gap": gap}
@@ -191,12 +210,13 @@ class LipschitzCallback(Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.estimator is None or trainer.sanity_checking:
             return
-        self.estimator.converge(max_iter=self.eval_n_iter)
+        if not torch.isfinite(self.estimator.converge(max_iter=self.eval_n_iter)):
+            return  # non-finite weights (the estimator warned): nothing to certify or log this epoch
         with torch.no_grad():
             self._eval_bound = self.estimator.certified_bound()
         device = pl_module.device
         self._robust = CertifiedRobustAccuracy(eps=self.robust_eps).to(device)
-        self._lower = EmpiricalLipschitz(self._target(pl_module), ascent_steps=self.lower_bound_ascent_steps).to(device)
+        self._lower = EmpiricalLipschitz(self.estimator.model, ascent_steps=self.lower_bound_ascent_steps).to(device)
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -204,7 +224,7 @@ class LipschitzCallback(Callback):
             return
         x, y = batch[0], batch[1]
         with torch.no_grad():
-            logits = self._target(pl_module)(x)
+            logits = self.estimator.model(x)  # the logits of the very map the bound is for
         self._robust.update(logits, y, self._eval_bound, certified=True)
         if batch_idx < self.lower_bound_batches:
             self._lower.update(x)
@@ -212,51 +232,56 @@ class LipschitzCallback(Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._eval_bound is None or trainer.sanity_checking:
             return
-        estimate = self.estimator(n_iter=0).detach()
+        with torch.no_grad():
+            estimate = self.estimator(n_iter=0)
         lower = self._lower.compute()
         metrics = {f"lipschitz/{self.method}": estimate, f"lipschitz/{self.method}_certified": self._eval_bound,
                    "lipschitz/lower": lower, "lipschitz/upper_over_lower": self._eval_bound / lower}
         metrics.update({f"robust/{k}": v for k, v in self._robust.compute().items()})
-        for name, value in metrics.items():
+        for name, value in metrics.items():  # identical on every rank (synced metrics, broadcast warm state)
             pl_module.log(name, value, on_step=False, on_epoch=True)
         self._final = {name: float(value) for name, value in metrics.items()}
         self._eval_bound = None
         self._log_bar_chart(trainer)
 
     def _log_bar_chart(self, trainer: pl.Trainer) -> None:
-        """Each layer's factor as a bar chart (TensorBoard's IMAGES tab), log scale."""
+        """Each layer's factor as a bar chart (TensorBoard's IMAGES tab), log scale. A bare ``Figure`` (no pyplot):
+        nothing global, such as the user's matplotlib backend, is touched."""
         tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not tensorboards or not trainer.is_global_zero:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
         layers = self.estimator.layer_bounds()
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(layers)), 3.0))
+        fig = Figure(figsize=(max(4.0, 0.5 * len(layers)), 3.0))
+        ax = fig.add_subplot()
         ax.bar(range(len(layers)), list(layers.values()))
         ax.set_xticks(range(len(layers)), list(layers), rotation=60, ha="right", fontsize=7)
         ax.set_yscale("log")
         ax.set_ylabel("Lipschitz factor")
         fig.tight_layout()
         for logger in tensorboards:
-            logger.experiment.add_figure("lipschitz/layers", fig, global_step=trainer.global_step)
-        plt.close(fig)
+            logger.experiment.add_figure("lipschitz/layers", fig, global_step=trainer.global_step, close=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Hyper-parameters (the module's and this callback's) with the final metrics, for the HPARAMS tab."""
+        """Hyper-parameters (the module's and this callback's) with the final metrics, for the HPARAMS tab.
+
+        The logger also writes the metrics as scalars: under ``hp/<name>`` at the last step (Lightning's pattern),
+        since under their own tags they would add a second point to every curve (at step 0 without a step)."""
         final = {**{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}, **self._final}
         params = {**dict(pl_module.hparams), "lipreg/method": self.method,
                   "lipreg/penalty_weight": self.penalty_weight, "lipreg/penalty_kind": self.penalty_kind}
+        metrics = {f"hp/{name}": value for name, value in final.items()}
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.log_hyperparams(params, metrics=final)
+                logger.log_hyperparams(params, metrics=metrics, step=trainer.global_step)
 
     # ---------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         if self.estimator is not None and self._owns_estimator:
             return {"estimator": {k: v.clone() for k, v in self.estimator.state_dict().items()}}
+        if self._pending_state is not None:  # restored, not yet built (lazy build): keep it for the next checkpoint
+            return {"estimator": self._pending_state}
         return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -9,11 +9,15 @@ import torch
 from torch import Tensor, nn
 
 from .autolip import autolip_bound, own_constant
+from .certify import dense_spectral_bound
+from .errors import UnsupportedOpError
 from .graph import ConstantEnv, LipGraph, LipNode
 from .power import LinearFn, normalized, power_iterations, rayleigh_norm
 from .rules import Activation, Constant
 
 METHODS = ("autolip", "seqlip")
+DENSE_CERTIFY_LIMIT = 2**20
+"""Operators with at most this many matrix entries are certified by the exact norm of their dense matrix."""
 
 
 def buffer_name(prefix: str, node_name: str) -> str:
@@ -61,7 +65,7 @@ class LipschitzEstimator(nn.Module):
         self._last_factors: dict[str, Tensor] = {}
         self._closed_form: set[LipNode] = set()
         generator = torch.Generator().manual_seed(seed)
-        env = self.graph.constant_env(dtype)
+        env = self.graph.constant_env(dtype, self._device)
         with torch.no_grad():
             for node in self.graph.linear_nodes():
                 if self.graph.closed_form_norm(node, env) is not None:
@@ -87,7 +91,7 @@ class LipschitzEstimator(nn.Module):
         n_iter = self.n_iter if n_iter is None else n_iter
         self._follow_model_device()
         with torch.autocast(self._device.type, enabled=False):
-            env = self.graph.constant_env(self.dtype)
+            env = self.graph.constant_env(self.dtype, self._device)
             factors = {node: self._linear_factor(node, env, n_iter) for node in self.graph.linear_nodes()}
             chains = self.seqlip(factors, env, n_iter) if self.seqlip is not None else None
             bound = autolip_bound(self.graph, factors, chains)
@@ -104,7 +108,7 @@ class LipschitzEstimator(nn.Module):
         """Iterate every operator until ``||A v||`` moves by less than ``tol`` (relative) in one step, or
         ``max_iter`` steps; then return the (differentiable) bound. Still an estimate from below: close
         singular values converge slowly, and the stopping test cannot see that."""
-        env = self.graph.constant_env(self.dtype)
+        env = self.graph.constant_env(self.dtype, self._device)
         self._follow_model_device()
         for node in self._iterated_nodes():
             apply = self._apply_fn(node, env)
@@ -120,6 +124,47 @@ class LipschitzEstimator(nn.Module):
             self.seqlip.converge(env, tol, max_iter)
         with torch.enable_grad():
             return self(n_iter=0)
+
+    def certified_bound(self) -> Tensor:
+        """A guaranteed upper bound on the Lipschitz constant, differentiable, with no random state.
+
+        AutoLip with every linear operator's norm certified instead of estimated (:meth:`certified_factor`);
+        with ``method="seqlip"``, SeqLip when its search is exact on full SVDs. Greedy or low-rank SeqLip can
+        miss the max, so then the certificate is the AutoLip one, with a warning saying so.
+        """
+        with torch.autocast(self._device.type, enabled=False):
+            env = self.graph.constant_env(self.dtype, self._device)
+            factors = {node: self.certified_factor(node, env) for node in self.graph.linear_nodes()}
+            chains = None
+            if self.seqlip is not None:
+                if self.seqlip.certified:
+                    chains = self.seqlip(factors, env, 0)
+                else:
+                    warnings.warn("this SeqLip search is not exact on full SVDs, so it cannot be certified: "
+                                  "certified_bound() returns the certified AutoLip bound", stacklevel=2)
+            return autolip_bound(self.graph, factors, chains)
+
+    def certified_factor(self, node: LipNode, env: ConstantEnv) -> Tensor:
+        """A certified ``sigma_1`` of a (fused) linear node, the tightest available of: its closed form; the
+        exact norm of its dense matrix when small (``n_in n_out <= DENSE_CERTIFY_LIMIT``); a certified norm of its
+        single operator (Gram iteration, FFT for convolutions: :mod:`lipreg.certify`); the product of its ops'
+        certified norms (sub-multiplicativity)."""
+        closed = self.graph.closed_form_norm(node, env)
+        if closed is not None:
+            return closed.to(self._device)
+        if node.in_shape.numel() * node.out_shape.numel() <= DENSE_CERTIFY_LIMIT:
+            return dense_spectral_bound(self.graph.dense_matrix(node, env))
+        norms = []
+        for info, rule in zip(node.ops, node.rules):
+            norm = rule.certified_norm(info, self.graph.node_call(info.node, env), self.dtype)
+            if norm is None:
+                raise UnsupportedOpError(
+                    f"no certified norm for {rule.describe()} at node {info.node.name!r} and its operator is too "
+                    f"large to form ({node.in_shape.numel()} x {node.out_shape.numel()}): give the rule a "
+                    "certified_norm, or use the estimate est() (not a certificate)"
+                )
+            norms.append(norm)
+        return torch.stack(norms).prod()
 
     def layer_bounds(self) -> dict[str, float]:
         """Each node's own factor in the last call: ``||A v||`` of each (fused) linear operator, the constant of

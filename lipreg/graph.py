@@ -12,16 +12,19 @@ whose operator norm is taken as a whole: ``||A_2 A_1|| <= ||A_2|| ||A_1||``, and
 from __future__ import annotations
 
 import operator
+import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .errors import REGISTER_HINT, UnsupportedOpError
-from .rules import Concat, LinearOp, NodeInfo, Refuse, Rule, describe_target, is_registered_module, rule_factory
+from .rules import (Activation, Concat, LinearOp, NodeInfo, Refuse, Rule, describe_target, is_registered_module,
+                    rule_factory)
 
 
 @dataclass(eq=False)
@@ -58,16 +61,38 @@ class _Tracer(fx.Tracer):
         return is_registered_module(m) or super().is_leaf_module(m, module_qualified_name)
 
 
+def _holds_tensor(value: Any) -> bool:
+    """Whether a node's value is or contains a tensor (a tuple from ``chunk``, attention's ``(out, weights)``...)."""
+    found: list[bool] = []
+    fx.node.map_aggregate(value, lambda v: found.append(isinstance(v, Tensor)))
+    return any(found)
+
+
+def _tensor_metas(meta: Any) -> Iterator[TensorMetadata]:
+    if isinstance(meta, TensorMetadata):  # a NamedTuple itself: test it first
+        yield meta
+    elif isinstance(meta, (tuple, list)):
+        for item in meta:
+            yield from _tensor_metas(item)
+
+
+def _shape(node: fx.Node) -> torch.Size:
+    """A node's per-sample output shape; for a node returning several tensors, the first one's."""
+    return next(_tensor_metas(node.meta["tensor_meta"])).shape
+
+
 class _ValueProp(ShapeProp):
-    """ShapeProp that also keeps the value of every node that is not a tensor (sizes, shapes, flags)."""
+    """ShapeProp that also keeps the value of every node that holds no tensor (sizes, shapes, flags)."""
 
     def __init__(self, module: fx.GraphModule) -> None:
         super().__init__(module)
         self.static_values: dict[fx.Node, Any] = {}
+        self.current: fx.Node | None = None  # the node being run, to say which one failed
 
     def run_node(self, n: fx.Node) -> Any:
+        self.current = n
         result = super().run_node(n)
-        if not isinstance(result, Tensor):
+        if not _holds_tensor(result):
             self.static_values[n] = result
         return result
 
@@ -84,16 +109,38 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(file)) + os.sep for file in (torch.__file__, __file__))
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<function>\S+)(?:\n {4}(?P<code>[^\n]*))?')
+
+
 def source_line(node: fx.Node) -> str:
-    """The user's source line that created an fx node, when fx recorded it."""
-    frames = (node.stack_trace or "").strip().split("\n  File ")
-    user = [f for f in frames if "/torch/" not in f.split(",")[0]]
-    return ("File " + user[-1].strip().removeprefix("File ")) if user and user[-1] else "(source line unknown)"
+    """Where the user's code created an fx node (``File "model.py", line 12, in forward`` and the code): the
+    innermost frame of the stack fx recorded that lies outside torch (module calls, the tracer) and lipreg."""
+    frames = [f for f in _FRAME.finditer(node.stack_trace or "")
+              if not os.path.abspath(f["file"]).startswith(_LIBRARY_DIRS)]
+    if not frames:
+        return "(source line unknown)"
+    frame = frames[-1]
+    code = f", `{frame['code'].strip()}`" if frame["code"] else ""
+    return f'File "{frame["file"]}", line {frame["line"]}, in {frame["function"]}{code}'
 
 
 def display_name(node: fx.Node) -> str:
     """A module's qualified name (``features.0``) for module calls, fx's node name otherwise."""
     return str(node.target) if node.op == "call_module" else node.name
+
+
+_SHAPE_QUERIES = {"size", "dim", "ndimension", "numel", "nelement", "shape", "ndim", "dtype", "device", "is_cuda",
+                  "is_floating_point", "is_complex", "is_contiguous", "requires_grad"}
+
+
+def _reads_shape(node: fx.Node) -> bool:
+    """Whether a non-tensor node reads only the metadata of its tensor argument (``x.size(0)``, ``x.shape``)."""
+    if node.op == "call_method":
+        return node.target in _SHAPE_QUERIES
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in _SHAPE_QUERIES
+    return node.op == "call_function" and node.target is torch.numel
 
 
 def _x_args(node: fx.Node, depends: set[fx.Node]) -> list[fx.Node]:
@@ -116,14 +163,24 @@ class LipGraph:
         self.model = model
         self.graph_module = _trace(model, concrete_args)
         self.modules = dict(self.graph_module.named_modules())
+        placeholders = [n for n in self.graph_module.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise UnsupportedOpError(
+                f"lipreg bounds a model of one tensor input; this forward takes {[p.name for p in placeholders]}. "
+                "Fix the other arguments with LipschitzEstimator(..., concrete_args={'name': value})."
+            )
+        self.input_node = placeholders[0]
         sample = example_input[:1].detach()
         with eval_mode(model), torch.no_grad():
             prop = _ValueProp(self.graph_module)
             try:
                 prop.propagate(sample)
-            except Exception as err:  # the model itself fails on the example: say where
+            except Exception as err:  # the model itself fails on the example: say where and why (ShapeProp's
+                cause, node = err.__cause__ or err, prop.current  # wrapper only dumps the node's metadata)
                 raise UnsupportedOpError(
-                    f"running the traced model on one sample of shape {tuple(sample.shape)} failed: {err}"
+                    f"running the traced model (in eval mode) on one sample of shape {tuple(sample.shape)} failed at "
+                    f"node {display_name(node)!r} ({node.op} {describe_target(node, self.modules.get(node.target))}) "
+                    f"at {source_line(node)}: {type(cause).__name__}: {cause}"
                 ) from err
         self.static_values = prop.static_values
         self.input_shape = sample.shape
@@ -132,17 +189,18 @@ class LipGraph:
 
     # ---------------------------------------------------------------- capture
     def _resolve(self) -> dict[fx.Node, tuple[NodeInfo, Rule]]:
-        placeholders = [n for n in self.graph_module.graph.nodes if n.op == "placeholder"]
-        if len(placeholders) != 1:
-            raise UnsupportedOpError(
-                f"lipreg bounds a model of one tensor input; this forward takes {[p.name for p in placeholders]}. "
-                "Fix the other arguments with LipschitzEstimator(..., concrete_args={'name': value})."
-            )
-        self.input_node = placeholders[0]
         depends = {self.input_node}
         infos: dict[fx.Node, tuple[NodeInfo, Rule]] = {}
         for node in self.graph_module.graph.nodes:
-            if node.op in ("placeholder", "output") or node in self.static_values:
+            if node.op in ("placeholder", "output"):
+                continue
+            if node in self.static_values:
+                if _x_args(node, depends) and not _reads_shape(node):
+                    raise UnsupportedOpError(
+                        f"node {display_name(node)!r} ({node.op} {node.target}) at {source_line(node)} reads the values "
+                        "of an input-dependent tensor into Python: the bound would take them for constants. Keep "
+                        "them as tensors (x * s instead of x * s.item()) so that their dependence on x is seen."
+                    )
                 continue
             x_inputs = _x_args(node, depends)
             if not x_inputs:
@@ -152,8 +210,8 @@ class LipGraph:
                 node=node,
                 module=self.modules.get(node.target) if node.op == "call_module" else None,
                 x_inputs=x_inputs,
-                in_shapes=[n.meta["tensor_meta"].shape for n in x_inputs],
-                out_shape=node.meta["tensor_meta"].shape,
+                in_shapes=[_shape(n) for n in x_inputs],
+                out_shape=_shape(node),
                 static_values=self.static_values,
             )
             infos[node] = (info, self._rule_for(info))
@@ -164,7 +222,7 @@ class LipGraph:
         node, module = info.node, info.module
         target = describe_target(node, module)
         factory = rule_factory(node, module)
-        where = f"node {node.name!r} ({node.op} {target}) at {source_line(node)}"
+        where = f"node {display_name(node)!r} ({node.op} {target}) at {source_line(node)}"
         if factory is None:
             raise UnsupportedOpError(
                 f"lipreg has no Lipschitz rule for {target}, used by {where}.\n" + REGISTER_HINT.format(target=target)
@@ -172,10 +230,10 @@ class LipGraph:
         rule = factory(info)
         if isinstance(rule, Refuse):
             raise UnsupportedOpError(f"{target} cannot be bounded, used by {where}: {rule.reason}.")
-        if isinstance(rule, LinearOp) and len(info.x_inputs) != 1:
+        if isinstance(rule, (LinearOp, Activation)) and len(info.x_inputs) != 1:
             raise UnsupportedOpError(
-                f"{where} is registered as a linear op but has {len(info.x_inputs)} input-dependent arguments; "
-                "a LinearOp rule takes exactly one (register a Sum or Concat rule instead)."
+                f"{where} has {len(info.x_inputs)} input-dependent arguments, but its rule ({rule.describe()}) takes "
+                "exactly one: register a Constant (Lipschitz in all of them jointly), a Sum or a Concat rule instead."
             )
         return rule
 
@@ -205,7 +263,13 @@ class LipGraph:
             raise UnsupportedOpError("the model's output does not depend on its input")
         if len(outputs) > 1:  # several outputs are bounded jointly, as their concatenation
             nodes.append(LipNode("output", Concat(), outputs))
-        return nodes
+        # keep the output's ancestors only (then the output is last): a branch the output does not use (an unused
+        # head, a tensor whose size only is read) bounds nothing
+        live = {nodes[-1] if len(outputs) > 1 else outputs[0]}
+        for lip_node in reversed(nodes):
+            if lip_node in live:
+                live.update(lip_node.inputs)
+        return [n for n in nodes if n in live]
 
     @property
     def output(self) -> LipNode:
@@ -223,26 +287,46 @@ class LipGraph:
         if len(rest) != 1:
             return None
         info, rule = rest[0]
-        return rule.closed_form_norm(info, _NodeCall(info.node, env), env.dtype)
+        return rule.closed_form_norm(info, self.node_call(info.node, env), env.dtype)
 
-    def constant_env(self, dtype: torch.dtype) -> "ConstantEnv":
+    def node_call(self, node: fx.Node, env: "ConstantEnv") -> "NodeCall":
+        """The :class:`lipreg.rules.Call` a rule uses to evaluate ``node`` (constants from ``env``)."""
+        return NodeCall(node, env)
+
+    def constant_env(self, dtype: torch.dtype, device: torch.device) -> "ConstantEnv":
         """A fresh evaluator of constant nodes (parameters and what is computed from them), for one bound."""
-        return ConstantEnv(self, dtype)
+        return ConstantEnv(self, dtype, device)
 
     def apply_linear(self, node: LipNode, v: Tensor, env: "ConstantEnv") -> Tensor:
-        """The linear part of a (fused) linear node applied to ``v`` of shape ``(batch, *in_shape[1:])``."""
+        """The linear part of a (fused) linear node applied to ``v`` of shape ``(1, *in_shape[1:])``."""
         for info, rule in zip(node.ops, node.rules):
-            v = rule.apply(info, _NodeCall(info.node, env), v)
+            v = rule.apply(info, NodeCall(info.node, env), v)
         return v
+
+    def apply_linear_batched(self, node: LipNode, vs: Tensor, env: "ConstantEnv") -> Tensor:
+        """``apply_linear`` on a block of vectors ``(k, *in_shape[1:])`` -> ``(k, *out_shape[1:])``.
+
+        The graph was traced on one sample, so sizes read from the input (``x.view(x.size(0), -1)``) are 1:
+        ``torch.func.vmap`` maps the one-sample function over the block instead of feeding a batch of k.
+        """
+        one_sample = lambda v: self.apply_linear(node, v.unsqueeze(0), env).squeeze(0)  # noqa: E731
+        return torch.func.vmap(one_sample)(vs)
+
+    def dense_matrix(self, node: LipNode, env: "ConstantEnv") -> Tensor:
+        """The matrix ``A`` (``n_out x n_in``) of a linear node, from its action on the identity basis."""
+        n_in = node.in_shape.numel()
+        basis = torch.eye(n_in, dtype=env.dtype, device=env.device).view(n_in, *node.in_shape[1:])
+        return self.apply_linear_batched(node, basis, env).reshape(n_in, -1).T
 
 
 class ConstantEnv:
     """Values of the constant nodes for one evaluation: parameters and buffers read from the model now (so they
     carry autograd history), floating tensors cast to the estimator's dtype, non-tensors as traced."""
 
-    def __init__(self, graph: LipGraph, dtype: torch.dtype) -> None:
+    def __init__(self, graph: LipGraph, dtype: torch.dtype, device: torch.device) -> None:
         self.graph = graph
         self.dtype = dtype
+        self.device = device
         self.cache: dict[fx.Node, Any] = {}
 
     def value(self, node: fx.Node) -> Any:
@@ -270,7 +354,7 @@ class ConstantEnv:
         return result
 
 
-class _NodeCall:
+class NodeCall:
     """:class:`lipreg.rules.Call` for one node: input-dependent arguments from a mapping, constants from the env."""
 
     def __init__(self, node: fx.Node, env: ConstantEnv) -> None:
@@ -295,10 +379,23 @@ class _NodeCall:
         return fx.node.map_arg(value, self.env.value)
 
 
+class _Whole(nn.Module):
+    """A holder for a model whose own class has a rule (a bare ``nn.Conv2d``...): fx always traces through its
+    root, so the model is traced as the single leaf ``model`` of this holder and keeps its rule."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+
 def _trace(model: nn.Module, concrete_args: dict[str, Any] | None) -> fx.GraphModule:
     tracer = _Tracer()
+    root = _Whole(model) if is_registered_module(model) and not concrete_args else model
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as err:
         raise UnsupportedOpError(
             f"torch.fx could not trace {type(model).__name__}: {type(err).__name__}: {err}\n"
@@ -307,5 +404,26 @@ def _trace(model: nn.Module, concrete_args: dict[str, Any] | None) -> fx.GraphMo
             "concrete_args={'flag': True} for plain bool/int arguments, or wrap the offending submodule in a "
             "class with a registered rule (lipreg.register_rule(MyBlock, ...)) so it is kept whole."
         ) from err
+    if concrete_args:
+        _drop_guarded_placeholders(graph, set(concrete_args))
     return fx.GraphModule(tracer.root, graph)
+
+
+_GUARDS = (operator.eq, torch._assert, fx._symbolic_trace._assert_is_none)
+
+
+def _drop_guarded_placeholders(graph: fx.Graph, names: set[str]) -> None:
+    """fx keeps a placeholder ``name_1`` for each concrete argument ``name``, used only by a guard that checks, when
+    the graph is called, that the argument still has the traced value (``torch._assert(name_1 == True)``); the
+    traced code holds the value itself. Drop placeholder and guard, so the graph's one input is the tensor."""
+    for node in list(graph.nodes):
+        if node.op != "placeholder" or str(node.target).rsplit("_", 1)[0] not in names:
+            continue
+        closure, frontier = [node], [node]
+        while frontier:
+            frontier = [user for n in frontier for user in n.users]
+            closure.extend(frontier)
+        if all(n.op == "call_function" and n.target in _GUARDS for n in closure[1:]):
+            for dead in sorted(set(closure), key=list(graph.nodes).index, reverse=True):
+                graph.erase_node(dead)
 

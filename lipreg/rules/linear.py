@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..certify import conv_spectral_bound, dense_spectral_bound
 from .base import Call, LinearOp, NodeInfo, Refuse
 from .registry import register_rule
 
@@ -20,6 +21,10 @@ class DenseLinear(LinearOp):
     def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
         return F.linear(v, info.module.weight.to(v.dtype))
 
+    def certified_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
+        """``sigma_1(W)`` exactly or by Gram iteration (an upper bound at every iterate)."""
+        return dense_spectral_bound(info.module.weight.to(dtype))
+
 
 class Convolution(LinearOp):
     """``nn.Conv{1,2,3}d`` with any stride, padding (all modes), dilation and groups: the conv without bias."""
@@ -27,6 +32,12 @@ class Convolution(LinearOp):
     def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
         module = info.module
         return module._conv_forward(v, module.weight.to(v.dtype), None)
+
+    def certified_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
+        """The FFT bound of Sedghi et al. (2019) on the circular embedding of the convolution."""
+        m = info.module
+        return conv_spectral_bound(m.weight.to(dtype), info.in_shapes[0][2:], stride=m.stride, padding=m.padding,
+                                   dilation=m.dilation, groups=m.groups, padding_mode=m.padding_mode)
 
 
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -39,6 +50,13 @@ class TransposedConvolution(LinearOp):
         m = info.module
         conv_t = _CONV_TRANSPOSE[m.weight.dim() - 2]
         return conv_t(v, m.weight.to(v.dtype), None, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
+
+    def certified_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
+        """The FFT bound of the adjoint convolution (adjoints have equal norms)."""
+        m = info.module
+        return conv_spectral_bound(m.weight.to(dtype), info.in_shapes[0][2:], stride=m.stride, padding=m.padding,
+                                   dilation=m.dilation, groups=m.groups, transposed=True,
+                                   output_padding=m.output_padding)
 
 
 def batch_norm_scale(module: nn.modules.batchnorm._BatchNorm, dtype: torch.dtype) -> Tensor:
@@ -85,6 +103,12 @@ register_rule(F.batch_norm, _functional_batch_norm)
 # Affine functions of one input-dependent argument; the generic rule subtracts the value at 0 (drops the bias).
 for _target in (F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
                 F.conv_transpose3d):
+    register_rule(_target, LinearOp())
+
+# Padding (constant, reflect, replicate, circular) is affine; reflect/replicate/circular repeat entries, so the
+# norm can exceed 1 (the power method finds it, or the fused operator's when a convolution follows).
+for _target in (F.pad, nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
+                nn.modules.padding._ReplicationPadNd, nn.modules.padding._CircularPadNd):
     register_rule(_target, LinearOp())
 
 # Averages are linear and homogeneous.

@@ -68,8 +68,12 @@ def _adaptive_max_pool(info: NodeInfo) -> Constant:
     return Constant(math.sqrt(cover))
 
 
-for _target in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d):
+# return_indices=True dispatches F.max_pool*d to F.max_pool*d_with_indices (same arguments); the values are the
+# first element of the returned pair.
+for _target in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+                F.max_pool1d_with_indices, F.max_pool2d_with_indices, F.max_pool3d_with_indices):
     register_rule(_target, _max_pool)
 for _target in (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-                F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d):
+                F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.adaptive_max_pool1d_with_indices,
+                F.adaptive_max_pool2d_with_indices, F.adaptive_max_pool3d_with_indices):
     register_rule(_target, _adaptive_max_pool)
