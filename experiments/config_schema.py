@@ -1,0 +1,249 @@
+"""Structured-config schemas (dataclasses in Hydra's ConfigStore) for ``conf/``.
+
+Every option of every config group merges onto a dataclass, so the composed config is *struct* and *typed*:
+a misspelled key (``model.hiden=64``) or a wrong type (``trainer.max_epochs=five``) fails at once with Hydra's
+own message, before anything is built or trained.
+
+How the schemas are attached:
+
+* ``model/`` and ``data/``: each option has its own schema, stored in the group as ``base_<option>``
+  (``model/base_mlp``, ``data/base_digits``...), and each YAML option starts with ``defaults: [base_<option>]``
+  (the pattern of Hydra's "structured config schema" tutorial). The root config types these nodes ``Any``
+  because the options have different fields.
+* ``lipreg/`` and ``trainer/``: every option shares one schema, stored as ``base_lipreg`` / ``base_trainer``.
+* ``logger/``: the root schema types ``logger`` as :class:`LoggersConf`, one optional slot per logger, so
+  options can be combined (``'logger=[tensorboard,csv]'``).
+* the root: :class:`ExperimentConf` is stored as ``base_config``, first in ``conf/config.yaml``'s defaults.
+
+Model configs carry no data shape: ``experiments/train.py`` passes ``input_shape`` and ``num_classes`` from
+the data module at instantiate time (``instantiate(cfg.model, input_shape=..., num_classes=...)``).
+
+Call :func:`register_configs` before composing (``experiments/train.py`` does it at import time).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+__all__ = [
+    "MLPConf", "CNNConf", "AlexNetConf", "ResNetConf",
+    "DigitsConf", "FashionMNISTConf", "MNIST1DConf", "SyntheticConf",
+    "LipregConf", "TrainerConf", "TensorBoardLoggerConf", "CSVLoggerConf", "LoggersConf",
+    "ClassifierConf", "EvalConf", "ExperimentConf", "register_configs",
+]
+
+
+# --------------------------------------------------------------------------------------------- models
+@dataclass
+class MLPConf:
+    _target_: str = "experiments.models.MLP"
+    hidden: List[int] = field(default_factory=lambda: [128, 128])
+    activation: str = "relu"
+
+
+@dataclass
+class CNNConf:
+    _target_: str = "experiments.models.CNN"
+    channels: List[int] = field(default_factory=lambda: [32, 64])
+    hidden: int = 128
+
+
+@dataclass
+class AlexNetConf:
+    _target_: str = "experiments.models.AlexNetSmall"
+    channels: List[int] = field(default_factory=lambda: [32, 64, 96, 96, 64])
+    hidden: int = 256
+    dropout: float = 0.5
+    avgpool_size: int = 2
+
+
+@dataclass
+class ResNetConf:
+    _target_: str = "experiments.models.ResNetSmall"
+    width: int = 16
+    blocks: int = 2
+
+
+# ----------------------------------------------------------------------------------------------- data
+@dataclass
+class _SplitConf:
+    batch_size: int = 128
+    seed: int = 0
+    val_fraction: float = 0.15
+    num_workers: int = 0
+    limit_train: Optional[int] = None
+    limit_eval: Optional[int] = None
+
+
+@dataclass
+class DigitsConf(_SplitConf):
+    _target_: str = "experiments.data.DigitsDataModule"
+    test_fraction: float = 0.15
+
+
+@dataclass
+class FashionMNISTConf(_SplitConf):
+    _target_: str = "experiments.data.FashionMNISTDataModule"
+    data_dir: str = "/usr/share/datasets/fashion-mnist"
+    val_fraction: float = 0.1
+
+
+@dataclass
+class MNIST1DConf(_SplitConf):
+    _target_: str = "experiments.data.MNIST1DDataModule"
+    num_samples: int = 5000
+    train_split: float = 0.8
+    generation_seed: int = 42
+    shuffle_seq: bool = False
+
+
+@dataclass
+class SyntheticConf(_SplitConf):
+    _target_: str = "experiments.data.SyntheticDataModule"
+    n_samples: int = 2000
+    n_features: int = 16
+    n_classes: int = 4
+    cluster_std: float = 1.0
+    test_fraction: float = 0.15
+    center_box: List[float] = field(default_factory=lambda: [-10.0, 10.0])
+
+
+# --------------------------------------------------------------------------------------------- lipreg
+@dataclass
+class LipregConf:
+    """``lipreg.LipschitzCallback``'s arguments, plus ``enabled`` (``lipreg=off`` sets it false: no callback).
+
+    The penalty rides in the callback (``penalty_weight > 0``): the callback adds ``penalty_weight * h(bound)``
+    to the loss that ``Classifier.training_step`` returns, so ``lipreg.penalty_weight=...`` is the only knob a
+    sweep needs, and the same model class trains with or without it. ``estimator_options`` go to
+    ``lipreg.LipschitzEstimator`` (e.g. ``{search: greedy}`` for SeqLip).
+    """
+
+    _target_: str = "lipreg.callback.LipschitzCallback"  # = lipreg.LipschitzCallback
+    enabled: bool = True
+    method: str = "autolip"
+    module: Optional[str] = "net"
+    penalty_weight: float = 0.0
+    penalty_kind: str = "log"
+    target: Optional[float] = None
+    n_iter: int = 1
+    log_every_n_steps: int = 10
+    per_layer: bool = False
+    certify_every_n_steps: int = 50
+    reconverge_gap: float = 1.05
+    eval_n_iter: int = 500
+    robust_eps: List[float] = field(default_factory=lambda: [0.1])
+    lower_bound_batches: int = 1
+    lower_bound_ascent_steps: int = 0
+    estimator_options: Dict[str, Any] = field(default_factory=dict)
+
+
+# -------------------------------------------------------------------------------------------- trainer
+@dataclass
+class TrainerConf:
+    """The ``pytorch_lightning.Trainer`` arguments a config may set (add a field here to expose another)."""
+
+    _target_: str = "pytorch_lightning.Trainer"
+    accelerator: str = "cpu"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: Any = "32-true"
+    max_epochs: int = 10
+    max_steps: int = -1
+    min_epochs: Optional[int] = None
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    val_check_interval: Any = None
+    check_val_every_n_epoch: Optional[int] = 1
+    num_sanity_val_steps: Optional[int] = None
+    log_every_n_steps: Optional[int] = 10
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = None
+    deterministic: Any = None
+    benchmark: Optional[bool] = None
+    enable_progress_bar: bool = True
+    enable_model_summary: Optional[bool] = None
+    fast_dev_run: Any = False
+
+
+# -------------------------------------------------------------------------------------------- loggers
+@dataclass
+class TensorBoardLoggerConf:
+    _target_: str = "pytorch_lightning.loggers.TensorBoardLogger"
+    save_dir: str = MISSING
+    name: str = "tensorboard"
+    version: Any = ""
+    default_hp_metric: bool = False
+    log_graph: bool = False
+
+
+@dataclass
+class CSVLoggerConf:
+    _target_: str = "pytorch_lightning.loggers.CSVLogger"
+    save_dir: str = MISSING
+    name: str = "csv"
+    version: Any = ""
+
+
+@dataclass
+class LoggersConf:
+    """One slot per logger; the ``logger/`` options fill them (``'logger=[tensorboard,csv]'`` fills both)."""
+
+    tensorboard: Optional[TensorBoardLoggerConf] = None
+    csv: Optional[CSVLoggerConf] = None
+
+
+# ------------------------------------------------------------------------------------------ the root
+@dataclass
+class ClassifierConf:
+    """``experiments.models.Classifier`` (the network is passed at instantiate time)."""
+
+    _target_: str = "experiments.models.Classifier"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+@dataclass
+class EvalConf:
+    """The final evaluation of the trained network (``experiments/estimate.py``'s ``evaluate_bounds``)."""
+
+    n_iter: int = 500  # most power iterations of the converged AutoLip / SeqLip estimates
+    radii: List[float] = field(default_factory=lambda: [0.1])  # L2 radii of the certified accuracy
+    lower_bound_samples: int = 128  # test inputs the empirical lower bound starts from
+    lower_bound_ascent_steps: int = 0
+    seqlip: Optional[str] = None  # extra SeqLip search in the summary: greedy | exact | null (only if lipreg is)
+    exact_max_units: int = 20  # exact SeqLip only when every layer has at most this many units
+
+
+@dataclass
+class ExperimentConf:
+    data: Any = MISSING
+    model: Any = MISSING
+    lipreg: LipregConf = MISSING
+    trainer: TrainerConf = MISSING
+    logger: LoggersConf = field(default_factory=LoggersConf)
+    classifier: ClassifierConf = field(default_factory=ClassifierConf)
+    eval: EvalConf = field(default_factory=EvalConf)
+    seed: int = 0
+    progress_bar: bool = True
+    checkpoint: bool = True
+    objective: str = "val/certified_acc@0.1"  # metrics.json key that train.py returns (what a sweeper optimises)
+
+
+def register_configs(cs: ConfigStore | None = None) -> ConfigStore:
+    """Store every schema in the ConfigStore (idempotent)."""
+    cs = cs or ConfigStore.instance()
+    cs.store(name="base_config", node=ExperimentConf)
+    for name, node in {"mlp": MLPConf, "cnn": CNNConf, "alexnet": AlexNetConf, "resnet": ResNetConf}.items():
+        cs.store(group="model", name=f"base_{name}", node=node)
+    for name, node in {"digits": DigitsConf, "fashion_mnist": FashionMNISTConf, "mnist1d": MNIST1DConf,
+                       "synthetic": SyntheticConf}.items():
+        cs.store(group="data", name=f"base_{name}", node=node)
+    cs.store(group="lipreg", name="base_lipreg", node=LipregConf)
+    cs.store(group="trainer", name="base_trainer", node=TrainerConf)
+    return cs

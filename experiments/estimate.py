@@ -1,0 +1,302 @@
+#!/usr/bin/env python
+"""Bound a trained network from a run directory: per-layer table, AutoLip, SeqLip, lower bound, certified accuracy.
+
+    python experiments/estimate.py RUN_DIR [--split test] [--radii 0.1 0.3] [--n-iter 500] [--json out.json]
+
+``RUN_DIR`` is any directory written by ``experiments/train.py`` (a single run, or one job of a multirun):
+the network is rebuilt from the run's ``.hydra/config.yaml`` (``model`` and ``data`` groups), its weights are
+loaded from the newest ``*.ckpt`` under the run directory (or ``--ckpt``), and it is bounded in eval mode:
+
+* the per-layer table (``est.layer_bounds()`` after convergence: each fused linear operator's ``||A v||``,
+  each activation's slope bound);
+* AutoLip: the converged estimate (power method, from below) and ``est.certified_bound()`` (a guarantee);
+* SeqLip (paper eq. 8): greedy search, and exact search when every activation layer is small enough
+  (``--exact-max-units``, the exact search is exponential in a layer's width);
+* the empirical lower bound (``lipreg.lower_bound.lower_bound``: the largest local Jacobian norm over test
+  inputs, with gradient ascent on the inputs), so the true constant lies in ``[lower, certified]``;
+* the certified accuracy on the split at each radius: correct predictions whose margin exceeds
+  ``sqrt(2) * L * eps`` with ``L`` the smallest *certified* bound available.
+
+:func:`evaluate_bounds` is also what ``experiments/train.py`` runs on the final weights of every run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:  # `python experiments/estimate.py` puts experiments/ on the path, not the root
+    sys.path.insert(0, str(_ROOT))
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+__all__ = ["evaluate_bounds", "find_checkpoint", "load_run", "format_report", "main"]
+
+SEARCHES = ("greedy", "exact")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _split_tensors(datamodule: Any, split: str) -> tuple[Tensor, Tensor]:
+    dataset = getattr(datamodule, f"{split}_set", None)
+    if dataset is None:
+        datamodule.setup("test" if split == "test" else "fit")
+        dataset = getattr(datamodule, f"{split}_set")
+    x, y = dataset.tensors[:2]
+    return x, y
+
+
+@torch.no_grad()
+def _logits(net: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
+    device = next(net.parameters()).device
+    return torch.cat([net(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+
+
+_ACTIVATION_FUNCTIONS = {"relu", "tanh", "sigmoid", "gelu", "silu", "elu", "leaky_relu", "softplus", "hardtanh"}
+
+
+def _widest_activation(net: nn.Module, example: Tensor) -> int:
+    """The widest activation layer (units per example): exact SeqLip is exponential in it.
+
+    Found on the ``torch.fx`` graph (as lipreg sees the network), so functional activations
+    (``torch.relu`` in residual blocks) count too.
+    """
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    gm = torch.fx.symbolic_trace(net)
+    ShapeProp(gm).propagate(example[:1])
+    modules = dict(gm.named_modules())
+    widest = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            kind = type(modules[node.target]).__name__.lower()
+            is_activation = any(name.replace("_", "") == kind for name in _ACTIVATION_FUNCTIONS)
+        elif node.op in ("call_function", "call_method"):
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+            is_activation = name.rstrip("_") in _ACTIVATION_FUNCTIONS
+        else:
+            is_activation = False
+        meta = node.meta.get("tensor_meta")
+        if is_activation and meta is not None and hasattr(meta, "shape"):
+            widest = max(widest, int(torch.Size(meta.shape[1:]).numel()))
+    return widest
+
+
+def _certified_accuracy(logits: Tensor, y: Tensor, bound: float, radii: Sequence[float]) -> dict[str, float]:
+    from lipreg.metrics import CertifiedRobustAccuracy
+
+    metric = CertifiedRobustAccuracy(eps=tuple(float(r) for r in radii))
+    metric.update(logits, y, bound, certified=True)
+    return {k: float(v) for k, v in metric.compute().items()}
+
+
+def _try(what: str, fn, errors: dict[str, str]):
+    """Run one optional piece of the report; a failure inside lipreg is reported, not fatal."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return fn()
+    except Exception as e:  # noqa: BLE001 - a report line, not a crash
+        errors[what] = f"{type(e).__name__}: {e}"
+        return None
+
+
+# ------------------------------------------------------------------------------------------ the report
+def evaluate_bounds(
+    net: nn.Module,
+    datamodule: Any,
+    splits: Iterable[str] = ("test",),
+    radii: Sequence[float] = (0.1,),
+    n_iter: int = 500,
+    seqlip: Iterable[str] = (),
+    seqlip_options: dict[str, Any] | None = None,
+    exact_max_units: int = 20,
+    lower_bound_samples: int = 128,
+    lower_bound_ascent_steps: int = 10,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Bound ``net`` (put in eval mode) and score it on ``splits`` of ``datamodule``.
+
+    Returns a dict with ``metrics`` (flat ``name -> float``: ``lipschitz/autolip``,
+    ``lipschitz/autolip_certified``, ``lipschitz/seqlip_<search>`` [and ``..._certified`` when exact],
+    ``lipschitz/lower``, ``lipschitz/upper_over_lower``, ``<split>/acc``, ``<split>/certified_acc@<eps>``),
+    ``layers`` (``est.layer_bounds()`` of the converged AutoLip estimator), ``certified_by`` (which bound the
+    certified accuracy used) and ``errors`` (what could not be computed, and why).
+    """
+    import lipreg
+    from lipreg.lower_bound import lower_bound
+
+    net.eval()
+    splits = list(splits)
+    data = {split: _split_tensors(datamodule, split) for split in splits}
+    example = data[splits[0]][0][:1]
+    metrics: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    torch.manual_seed(seed)
+
+    # AutoLip: converged estimate (from below) and certificate
+    est = lipreg.LipschitzEstimator(net, example, method="autolip")
+    metrics["lipschitz/autolip"] = float(est.converge(max_iter=n_iter).detach())
+    layers = est.layer_bounds()
+    certified = _try("lipschitz/autolip_certified", lambda: float(est.certified_bound()), errors)
+    if certified is not None:
+        metrics["lipschitz/autolip_certified"] = certified
+    certificates = {"AutoLip": certified} if certified is not None else {}
+
+    # SeqLip
+    for search in seqlip:
+        key = f"lipschitz/seqlip_{search}"
+        if search == "exact":
+            units = _widest_activation(net, example)
+            if units > exact_max_units:
+                errors[key] = (f"skipped: exact SeqLip is exponential in a layer's width and the widest activation "
+                               f"layer has {units} units > exact_max_units={exact_max_units}")
+                continue
+        options = {**(seqlip_options or {}), "search": search}
+        if search == "exact":
+            options.setdefault("exact_max_units", exact_max_units)
+
+        def run_seqlip(options: dict[str, Any] = options) -> tuple[float, float | None]:
+            seq = lipreg.LipschitzEstimator(net, example, method="seqlip", **options)
+            value = float(seq.converge(max_iter=n_iter).detach())
+            # only an exact search on full SVDs certifies SeqLip (else certified_bound() falls back to AutoLip)
+            cert = float(seq.certified_bound().detach()) if search == "exact" else None
+            return value, cert
+
+        result = _try(key, run_seqlip, errors)
+        if result is not None:
+            metrics[key] = result[0]
+            if result[1] is not None:
+                metrics[f"{key}_certified"] = result[1]
+                certificates[f"SeqLip ({search})"] = result[1]
+
+    # empirical lower bound on the first split's inputs
+    x_lb = data[splits[0]][0][:lower_bound_samples]
+    lower = _try("lipschitz/lower", lambda: float(lower_bound(net, x_lb, ascent_steps=lower_bound_ascent_steps)),
+                 errors)
+    if lower is not None:
+        metrics["lipschitz/lower"] = lower
+        upper = min(certificates.values(), default=metrics["lipschitz/autolip"])
+        if lower > 0:
+            metrics["lipschitz/upper_over_lower"] = upper / lower
+
+    # accuracy and certified accuracy, from the tightest certificate
+    certified_by, bound = (min(certificates.items(), key=lambda kv: kv[1]) if certificates else (None, math.nan))
+    for split, (x, y) in data.items():
+        logits = _logits(net, x)
+        metrics[f"{split}/acc"] = float((logits.argmax(dim=1) == y).float().mean())
+        if certified_by is not None:
+            for name, value in _certified_accuracy(logits, y, bound, radii).items():
+                metrics[f"{split}/{name}"] = value
+    return {"metrics": metrics, "layers": layers, "certified_by": certified_by, "errors": errors}
+
+
+def format_report(report: dict[str, Any], splits: Sequence[str], radii: Sequence[float]) -> str:
+    """The per-layer table and the bounds as text."""
+    m = report["metrics"]
+    lines = ["Per-layer factors (AutoLip, converged; the bound combines them along the graph):",
+             f"  {'node':<40} {'factor':>12}"]
+    lines += [f"  {name:<40} {value:>12.5g}" for name, value in report["layers"].items()]
+    lines.append("")
+
+    def row(label: str, key: str, note: str = "") -> None:
+        if key in m:
+            lines.append(f"  {label:<28} {m[key]:>12.5g}  {note}".rstrip())
+        elif key in report["errors"]:
+            lines.append(f"  {label:<28} {'n/a':>12}  ({report['errors'][key]})")
+
+    lines.append("Lipschitz constant (L2 -> L2, logits):")
+    row("AutoLip estimate", "lipschitz/autolip", "power method, converged (approaches the bound from below)")
+    row("AutoLip certified", "lipschitz/autolip_certified", "guaranteed upper bound")
+    for search in SEARCHES:
+        row(f"SeqLip ({search})", f"lipschitz/seqlip_{search}")
+        row(f"SeqLip ({search}) certified", f"lipschitz/seqlip_{search}_certified", "guaranteed upper bound")
+    row("lower bound", "lipschitz/lower", "max local Jacobian norm (true constant >= this)")
+    row("upper / lower", "lipschitz/upper_over_lower", "tightest certificate / lower bound")
+    lines.append("")
+    for split in splits:
+        lines.append(f"{split} split:")
+        row("accuracy", f"{split}/acc")
+        for eps in radii:
+            row(f"certified acc @ eps={eps:g}", f"{split}/certified_acc@{eps:g}",
+                f"from the {report['certified_by']} certificate" if report["certified_by"] else "")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ run dirs
+def find_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint of a run: ``last.ckpt`` if there is one, else the newest ``*.ckpt`` under ``run_dir``."""
+    run_dir = Path(run_dir)
+    ckpts = sorted(run_dir.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not ckpts:
+        raise FileNotFoundError(f"no *.ckpt under {run_dir} (was the run trained with checkpoint=false?)")
+    last = [p for p in ckpts if p.name == "last.ckpt"]
+    return last[-1] if last else ckpts[-1]
+
+
+def load_run(run_dir: str | Path, ckpt: str | Path | None = None):
+    """``(cfg, datamodule, net, ckpt_path)`` of a run directory written by ``experiments/train.py``."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    run_dir = Path(run_dir)
+    config_file = run_dir / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: {run_dir} is not a run directory of experiments/train.py "
+                                "(for a multirun, pass one job's directory, e.g. MULTIRUN_DIR/0)")
+    cfg = OmegaConf.load(config_file)
+    datamodule = instantiate(cfg.data)
+    net = instantiate(cfg.model, input_shape=list(datamodule.input_shape), num_classes=datamodule.num_classes)
+    ckpt_path = Path(ckpt) if ckpt is not None else find_checkpoint(run_dir)
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    state = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    net.load_state_dict(state)
+    net.eval()
+    return cfg, datamodule, net, ckpt_path
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a run directory of experiments/train.py (holds .hydra/config.yaml)")
+    parser.add_argument("--ckpt", default=None, help="checkpoint to load (default: the newest *.ckpt in run_dir)")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"],
+                        help="split for the certified accuracy and the lower bound (default: test)")
+    parser.add_argument("--radii", type=float, nargs="+", default=None,
+                        help="L2 radii of the certified accuracy (default: the run's eval.radii)")
+    parser.add_argument("--n-iter", type=int, default=500, help="power iterations to converge (default 500)")
+    parser.add_argument("--exact-max-units", type=int, default=20,
+                        help="run exact SeqLip only if every activation layer has at most this many units")
+    parser.add_argument("--no-seqlip", action="store_true", help="skip SeqLip")
+    parser.add_argument("--lower-samples", type=int, default=128, help="inputs the lower bound starts from")
+    parser.add_argument("--ascent-steps", type=int, default=10, help="gradient-ascent steps of the lower bound")
+    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    args = parser.parse_args(argv)
+
+    cfg, datamodule, net, ckpt_path = load_run(args.run_dir, args.ckpt)
+    radii = args.radii
+    if radii is None:
+        radii = list(cfg.get("eval", {}).get("radii", [0.1])) if "eval" in cfg else [0.1]
+    print(f"run dir    {Path(args.run_dir).resolve()}")
+    print(f"checkpoint {ckpt_path}")
+    print(f"model      {type(net).__name__}  data {type(datamodule).__name__} input {tuple(datamodule.input_shape)}")
+    print()
+    report = evaluate_bounds(
+        net, datamodule, splits=[args.split], radii=radii, n_iter=args.n_iter,
+        seqlip=() if args.no_seqlip else SEARCHES, exact_max_units=args.exact_max_units,
+        lower_bound_samples=args.lower_samples, lower_bound_ascent_steps=args.ascent_steps,
+        seed=int(cfg.get("seed", 0)),
+    )
+    print(format_report(report, [args.split], radii))
+    if args.json:
+        Path(args.json).write_text(json.dumps({**report, "checkpoint": str(ckpt_path)}, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
