@@ -3,11 +3,13 @@
 The user's model is neither modified nor copied: the fx ``GraphModule`` shares the model's submodules and
 parameters, and every bound is recomputed from them, so gradients reach the model's own parameters.
 
-Shapes and non-tensor values (``x.size(0)``...) are recorded by running the graph once on one sample in eval
-mode (``torch.fx.passes.shape_prop.ShapeProp``). Every node that depends on the input is resolved to a rule
-through the registry (:mod:`lipreg.rules`); consecutive linear nodes with no nonlinearity between them
-(conv -> batch norm, conv -> avg pool -> flatten -> linear) are then *fused* into one :class:`LipNode`,
-whose operator norm is taken as a whole: ``||A_2 A_1|| <= ||A_2|| ||A_1||``, and one power method instead of two.
+The model is traced in eval mode (``if self.training:`` branches and ``training=self.training`` flags take their
+eval values; every flag is restored afterwards). Shapes and non-tensor values (``x.size(0)``...) are recorded by
+running the graph once on one sample in eval mode (``torch.fx.passes.shape_prop.ShapeProp``). Every node that
+depends on the input is resolved to a rule through the registry (:mod:`lipreg.rules`); consecutive linear nodes
+with no nonlinearity between them (conv -> batch norm, conv -> avg pool -> flatten -> linear) are then *fused* into
+one :class:`LipNode`, whose operator norm is taken as a whole: ``||A_2 A_1|| <= ||A_2|| ||A_1||``, and one power
+method instead of two.
 """
 from __future__ import annotations
 
@@ -161,7 +163,8 @@ class LipGraph:
         if not isinstance(example_input, Tensor):
             raise TypeError(f"example_input must be a tensor with a batch dimension, got {type(example_input)!r}")
         self.model = model
-        self.graph_module = _trace(model, concrete_args)
+        with eval_mode(model):  # the function bounded is the eval-mode one: `if self.training` branches too
+            self.graph_module = _trace(model, concrete_args)
         self.modules = dict(self.graph_module.named_modules())
         placeholders = [n for n in self.graph_module.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:

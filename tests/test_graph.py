@@ -240,7 +240,8 @@ def test_refused_root_module():
 @pytest.mark.parametrize("fn, pattern", [(lambda x: x / (1 + x.abs()), "division by an input-dependent"),
                                          (lambda x: torch.exp(x), "exp has an unbounded derivative"),
                                          (lambda x: x ** 2, "pow has an unbounded derivative"),
-                                         (lambda x: F.layer_norm(x, (4,)), "layer_norm divides")])
+                                         (lambda x: F.layer_norm(x, (4,)), "layer_norm divides"),
+                                         (lambda x: torch.div(x, 2, rounding_mode="floor"), "rounding_mode='floor'")])
 def test_refused_functions(fn, pattern):
     class Model(nn.Module):
         def forward(self, x):
@@ -353,7 +354,7 @@ def test_view_with_sizes_read_from_the_input():
     model = Model().to(DT)
     est = lipreg.LipschitzEstimator(model, torch.randn(7, 1, 4, 4, dtype=DT), dtype=DT)
     jac = torch.func.jacrev(model.conv)(torch.zeros(1, 1, 4, 4, dtype=DT)).reshape(8, 16)
-    reference = float(torch.linalg.matrix_norm(jac, 2)) * spectral(model.fc)
+    reference = float(torch.linalg.matrix_norm(jac.detach(), 2)) * spectral(model.fc)
     assert float(est.converge(tol=1e-12).detach()) == pytest.approx(reference, rel=1e-4)
 
 
@@ -443,3 +444,28 @@ def test_max_pooling_with_indices(kind):
     """3x3 stride 2 on 7x7, and adaptive 7 -> 3 (the same windows): a spike in the middle is in 4 windows."""
     est = lipreg.LipschitzEstimator(WithIndices(kind), torch.randn(2, 1, 7, 7), dtype=DT)
     assert float(est.converge()) == 2.0
+
+
+def test_training_branches_are_traced_in_eval_mode():
+    """``if self.training`` and ``training=self.training`` take their eval values, whatever the model's flag."""
+    torch.manual_seed(8)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 4)
+            self.register_buffer("mean", torch.randn(4))
+            self.register_buffer("var", torch.rand(4) + 0.5)
+
+        def forward(self, x):
+            h = F.batch_norm(self.l(x), self.mean, self.var, training=self.training)
+            if self.training:
+                h = h + 0.1 * torch.randn_like(h)
+            return F.dropout(h, 0.5, training=self.training)
+
+    model = Model().to(DT).train()
+    est = lipreg.LipschitzEstimator(model, torch.randn(2, 4, dtype=DT), dtype=DT)
+    assert model.training
+    gain = torch.rsqrt(model.var + 1e-5)
+    reference = torch.linalg.matrix_norm(gain[:, None] * model.l.weight.detach(), 2)
+    assert float(est.converge(tol=1e-12).detach()) == pytest.approx(float(reference), rel=1e-6)

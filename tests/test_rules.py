@@ -299,6 +299,8 @@ ACTIVATIONS = {
     "F.gelu": Fn(lambda x: F.gelu(x)),
     "F.silu": Fn(lambda x: F.silu(x)),
     "torch.clamp": Fn(lambda x: torch.clamp(x, -1.0, 2.0)),
+    "torch.abs": Fn(lambda x: torch.abs(x)),
+    "abs(x)": Fn(lambda x: abs(x)),
 }
 
 

@@ -4,6 +4,7 @@ AutoLip uses ``max(|a|, |b|)``; SeqLip uses the interval itself (paper eq. 7-8 n
 """
 from __future__ import annotations
 
+import operator
 from functools import lru_cache
 from typing import Callable
 
@@ -50,6 +51,9 @@ _unit_targets = [nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softplus,
                  "relu", "tanh", "clamp", "clip", torch.clip]
 for _target in _unit_targets:
     register_rule(_target, UNIT)
+
+for _target in (torch.abs, operator.abs, "abs", "__abs__"):
+    register_rule(_target, Activation(-1.0, 1.0))  # |x|' = sign(x)
 
 for _target in (nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid"):
     register_rule(_target, Activation(0.0, 0.25))  # sigma' = sigma (1 - sigma) <= 1/4

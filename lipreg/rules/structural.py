@@ -99,6 +99,9 @@ def _div(info: NodeInfo) -> Rule:
         return Refuse(
             f"division by an input-dependent tensor ({info.node.name}) is not globally Lipschitz (1/x is unbounded near 0)"
         )
+    if info.node.kwargs.get("rounding_mode") is not None:
+        return Refuse(f"division with rounding_mode={info.node.kwargs['rounding_mode']!r} ({info.node.name}) jumps at "
+                      "every integer: it is not continuous, so not Lipschitz")
     return Scale(constant_position=1, reciprocal=True)
 
 
