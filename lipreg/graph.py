@@ -200,9 +200,9 @@ class LipGraph:
             if node in self.static_values:
                 if _x_args(node, depends) and not _reads_shape(node):
                     raise UnsupportedOpError(
-                        f"node {display_name(node)!r} ({node.op} {node.target}) at {source_line(node)} reads the values "
-                        "of an input-dependent tensor into Python: the bound would take them for constants. Keep "
-                        "them as tensors (x * s instead of x * s.item()) so that their dependence on x is seen."
+                        f"node {display_name(node)!r} ({node.op} {node.target}) at {source_line(node)} reads the "
+                        "values of an input-dependent tensor into Python: the bound would take them for constants. "
+                        "Keep them as tensors (x * s instead of x * s.item()) so that their dependence on x is seen."
                     )
                 continue
             x_inputs = _x_args(node, depends)
