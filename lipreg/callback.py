@@ -102,9 +102,9 @@ class LipschitzCallback(Callback):
         target = self._target(pl_module)
         penalties = [m for m in pl_module.modules() if isinstance(m, LipschitzPenalty)]
         if penalties and self.penalty_weight > 0:  # whatever it bounds: a second penalty is never what was meant
-            raise ValueError(f"the module already has a LipschitzPenalty (on {type(penalties[0].estimator.model).__name__}) "
-                             "that it adds to its loss; use LipschitzCallback(penalty_weight=0.0) to log its bound, "
-                             "not to penalise twice")
+            bounded = type(penalties[0].estimator.model).__name__
+            raise ValueError(f"the module already has a LipschitzPenalty (on {bounded}) that it adds to its loss; use "
+                             "LipschitzCallback(penalty_weight=0.0) to log its bound, not to penalise twice")
         existing = [m for m in penalties if m.estimator.model is target or self.module_name is None]
         if len(existing) > 1:
             raise ValueError(f"the module holds {len(existing)} LipschitzPenalty modules; name the submodule to log "
@@ -152,6 +152,9 @@ class LipschitzCallback(Callback):
             output = original(*args, **kwargs)
             if output is None:
                 return output
+            if self._penalty is None:
+                raise RuntimeError(f"LipschitzCallback(module={self.module_name!r}): training_step did not call that "
+                                   "module, so no input was captured to build the estimator from")
             penalty = self._penalty()
             if isinstance(output, dict):
                 return {**output, "loss": output["loss"] + penalty}

@@ -48,7 +48,8 @@ class LipschitzPenalty(nn.Module):
     Put it on your LightningModule (``self.lip_penalty = LipschitzPenalty(self.net, example)``): its warm vectors
     are buffers, so they are checkpointed with the module, follow ``.to()``, and are broadcast by DDP.
     A non-finite bound (NaN weights) skips the penalty for that step with a warning: the returned zero has no
-    autograd history, so no NaN reaches a gradient, and the warm state is kept.
+    autograd history, so no NaN reaches a gradient, and the warm vectors stay finite (a non-finite operator keeps
+    its vector; the others iterate as usual).
 
     ``last_bound`` holds the (detached) bound of the last call.
     """

@@ -1,0 +1,185 @@
+"""``LipschitzPenalty`` on its own: each kind against its formula on the estimator's bound, its errors, ``last_bound``,
+its warm state as buffers of the LightningModule (checkpointed, moved by ``.to()``), AMP, and non-finite weights.
+
+The reference bound is a second ``LipschitzEstimator`` with the same seed: both start from the same vectors, so
+after the same number of calls they hold bitwise the same state and bound.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from experiments.models import MLP, Classifier
+from lipreg import LipschitzEstimator
+from lipreg.penalty import PENALTY_KINDS, LipschitzPenalty
+
+
+def small_net(seed: int = 0) -> MLP:
+    torch.manual_seed(seed)
+    return MLP((1, 8, 8), 10, hidden=(16, 16))
+
+
+def example() -> torch.Tensor:
+    return torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def formula(kind: str, bound: torch.Tensor, target: float | None) -> torch.Tensor:
+    """``h`` written out independently of ``PENALTY_KINDS``."""
+    if kind == "linear":
+        return bound
+    if kind == "log":
+        return torch.log(bound)
+    excess = torch.clamp(bound - target, min=0.0)
+    return excess if kind == "hinge" else excess * excess
+
+
+def grads(value: torch.Tensor, net: torch.nn.Module) -> list[torch.Tensor]:
+    params = list(net.parameters())
+    found = torch.autograd.grad(value, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, found)]
+
+
+def test_every_kind_is_tested() -> None:
+    assert set(PENALTY_KINDS) == {"linear", "log", "hinge", "squared_hinge"}
+
+
+@pytest.mark.parametrize(("kind", "target_scale"), [("linear", None), ("log", None), ("hinge", 0.5),
+                                                    ("hinge", 2.0), ("squared_hinge", 0.5), ("squared_hinge", 2.0)])
+def test_kind_matches_its_formula_value_and_gradient(kind: str, target_scale: float | None) -> None:
+    """``penalty() == weight * h(L)`` and its gradient ``weight * h'(L) dL/dtheta``, over three warm calls; a target
+    above the bound (scale 2) gives a zero penalty and a zero gradient."""
+    net, x = small_net(), example()
+    reference = LipschitzEstimator(net, x)
+    target = None if target_scale is None else target_scale * LipschitzEstimator(net, x)().item()
+    penalty = LipschitzPenalty(net, x, weight=0.3, kind=kind, target=target)
+    for _ in range(3):
+        value = penalty()
+        bound = reference()
+        expected = 0.3 * formula(kind, bound, target)
+        assert torch.equal(penalty.last_bound, bound.detach())
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=0.0)
+        for g, g_ref in zip(grads(value, net), grads(expected, net)):
+            torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-8)
+    if target_scale == 2.0:
+        assert float(value.detach()) == 0.0
+        assert all(float(g.abs().max()) == 0.0 for g in grads(penalty(), net))
+
+
+def test_n_iter_warm_iterations_per_call() -> None:
+    net, x = small_net(), example()
+    penalty = LipschitzPenalty(net, x, weight=1.0, kind="linear", n_iter=3)
+    reference = LipschitzEstimator(net, x)
+    assert torch.equal(penalty(), reference(n_iter=3))
+    assert torch.equal(penalty(), reference(n_iter=3))
+
+
+@pytest.mark.parametrize("kind", ["hinge", "squared_hinge"])
+@pytest.mark.parametrize("target", [None, math.inf, math.nan])
+def test_hinge_needs_a_finite_target(kind: str, target: float | None) -> None:
+    with pytest.raises(ValueError, match="needs a finite target"):
+        LipschitzPenalty(small_net(), example(), kind=kind, target=target)
+
+
+def test_unknown_kind_is_refused() -> None:
+    with pytest.raises(ValueError, match="kind must be one of"):
+        LipschitzPenalty(small_net(), example(), kind="quadratic")
+
+
+def test_last_bound() -> None:
+    net, x = small_net(), example()
+    penalty = LipschitzPenalty(net, x, weight=0.5, kind="linear")
+    assert penalty.last_bound is None
+    value = penalty()
+    assert value.requires_grad and not penalty.last_bound.requires_grad
+    assert torch.equal(penalty.last_bound, (value / 0.5).detach())
+
+
+def classifier_with_penalty(seed: int = 0) -> Classifier:
+    net = small_net(seed)
+    return Classifier(net, lip_penalty=LipschitzPenalty(net, example(), weight=1e-2))
+
+
+def test_warm_state_is_in_the_lightning_modules_state_dict_and_restores() -> None:
+    """The warm vectors are buffers of the LightningModule (the net's weights are not duplicated under the
+    penalty); loading the state_dict into a fresh module gives the same next bound bitwise."""
+    module = classifier_with_penalty()
+    buffers = dict(module.lip_penalty.named_buffers(prefix="lip_penalty"))
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    assert buffers and set(buffers) <= set(state)
+    assert not [k for k in state if k.startswith("lip_penalty") and k not in buffers]
+    for _ in range(3):
+        module.lip_penalty()
+    saved = {k: v.clone() for k, v in module.state_dict().items()}
+    assert any(not torch.equal(saved[k], state[k]) for k in buffers)  # the calls moved the warm state
+
+    restored = classifier_with_penalty(seed=5)
+    restored.load_state_dict(saved)
+    assert torch.equal(restored.lip_penalty(), module.lip_penalty())
+    for name, buffer in restored.lip_penalty.named_buffers(prefix="lip_penalty"):
+        assert torch.equal(buffer, module.state_dict()[name])
+
+
+def test_buffers_move_with_to() -> None:
+    module = classifier_with_penalty().to("meta")
+    assert all(b.device.type == "meta" for b in module.lip_penalty.buffers())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_penalty_on_cuda_matches_cpu() -> None:
+    cpu = classifier_with_penalty()
+    gpu = classifier_with_penalty().to("cuda")
+    assert all(b.device.type == "cuda" for b in gpu.lip_penalty.buffers())
+    for _ in range(3):
+        expected, value = cpu.lip_penalty(), gpu.lip_penalty()
+        assert value.device.type == "cuda"
+        torch.testing.assert_close(value.cpu(), expected, rtol=1e-4, atol=0.0)
+
+
+def test_bf16_autocast_computes_in_float32() -> None:
+    """Under autocast the bound is computed as without it (float32): the same value, bitwise."""
+    net, x = small_net(), example()
+    plain = LipschitzPenalty(net, x, weight=1.0, kind="log")
+    mixed = LipschitzPenalty(net, x, weight=1.0, kind="log")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = mixed()
+    assert value.dtype == torch.float32
+    assert torch.equal(value, plain())
+
+
+def test_non_finite_bound_skips_the_penalty() -> None:
+    """A NaN weight: a RuntimeWarning, a zero penalty with no autograd history (so the task loss's gradients stay
+    finite), a NaN ``last_bound``, and finite warm vectors (the NaN operator keeps its vector); once the weight is
+    repaired the penalty is back."""
+    net, x = small_net(), example()
+    penalty = LipschitzPenalty(net, x, weight=1.0, kind="log")
+    penalty()
+    warm = {k: v.clone() for k, v in penalty.state_dict().items()}
+    first = net.net[1].weight
+    clean = first.detach().clone()
+    with torch.no_grad():
+        first[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning) as record:
+        value = penalty()
+    messages = " | ".join(str(w.message) for w in record)
+    assert "non-finite Lipschitz bound" in messages and "penalty is skipped" in messages
+    assert float(value) == 0.0 and value.grad_fn is None and not value.requires_grad
+    assert torch.isnan(penalty.last_bound)
+    state = penalty.state_dict()
+    assert all(torch.isfinite(buffer).all() for buffer in state.values())
+    nan_layer = [name for name in state if name.endswith("_0_net_1")]  # the fused flatten + first linear
+    assert len(nan_layer) == 1 and torch.equal(state[nan_layer[0]], warm[nan_layer[0]])  # kept, not poisoned
+    # the task loss through the other layers (the NaN layer's output replaced) plus the skipped penalty
+    hidden = torch.relu(net.net[3](torch.rand(4, 16)))
+    (F.cross_entropy(net.net[5](hidden), torch.arange(4)) + value).backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+    with torch.no_grad():
+        first.copy_(clean)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = penalty()
+    assert value.requires_grad and torch.isfinite(value)
