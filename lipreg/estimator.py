@@ -94,7 +94,7 @@ class LipschitzEstimator(nn.Module):
             env = self.graph.constant_env(self.dtype, self._device)
             factors = {node: self._linear_factor(node, env, n_iter) for node in self.graph.linear_nodes()}
             chains = self.seqlip(factors, env, n_iter) if self.seqlip is not None else None
-            bound = autolip_bound(self.graph, factors, chains)
+            bound = autolip_bound(self.graph, factors, chains, dtype=self.dtype, device=self._device)
         self._remember(factors, chains)
         if not torch.isfinite(bound):
             bad = [name for name, f in self._last_factors.items() if not torch.isfinite(f)]
@@ -106,8 +106,9 @@ class LipschitzEstimator(nn.Module):
     @torch.no_grad()
     def converge(self, tol: float = 1e-6, max_iter: int = 2000) -> Tensor:
         """Iterate every operator until ``||A v||`` moves by less than ``tol`` (relative) in one step, or
-        ``max_iter`` steps; then return the (differentiable) bound. Still an estimate from below: close
-        singular values converge slowly, and the stopping test cannot see that."""
+        ``max_iter`` steps; then return the (differentiable) bound. Still an estimate from below: with close top
+        singular values ``sigma`` stalls (changes by < tol) while ``v`` is still off by ``O(sqrt(tol))``, and the
+        stopping test cannot see that; the gradient's error is first order in ``v``'s."""
         env = self.graph.constant_env(self.dtype, self._device)
         self._follow_model_device()
         for node in self._iterated_nodes():
@@ -117,7 +118,7 @@ class LipschitzEstimator(nn.Module):
             for _ in range(max_iter):
                 v = power_iterations(apply, v, 1)
                 previous, sigma = sigma, rayleigh_norm(apply, v)
-                if abs(sigma - previous) <= tol * abs(sigma):
+                if not torch.isfinite(sigma) or abs(sigma - previous) <= tol * abs(sigma):
                     break
             buffer.copy_(v)
         if self.seqlip is not None:
@@ -142,7 +143,7 @@ class LipschitzEstimator(nn.Module):
                 else:
                     warnings.warn("this SeqLip search is not exact on full SVDs, so it cannot be certified: "
                                   "certified_bound() returns the certified AutoLip bound", stacklevel=2)
-            return autolip_bound(self.graph, factors, chains)
+            return autolip_bound(self.graph, factors, chains, dtype=self.dtype, device=self._device)
 
     def certified_factor(self, node: LipNode, env: ConstantEnv) -> Tensor:
         """A certified ``sigma_1`` of a (fused) linear node, the tightest available of: its closed form; the

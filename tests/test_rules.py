@@ -264,8 +264,6 @@ def test_max_pooling_of_several_channels():
     assert converged(pool, torch.randn(2, 4, 9, 9)) == pytest.approx(2.0, rel=1e-7)
 
 
-@pytest.mark.xfail(reason="lipreg/estimator.py must pass dtype=self.dtype, device=self._device to autolip_bound",
-                   strict=False)
 def test_bound_has_the_requested_dtype_without_linear_nodes():
     """Pooling and activations only: nothing to take the dtype from but the estimator's own."""
     est = lipreg.LipschitzEstimator(nn.Sequential(nn.MaxPool1d(3, stride=2), nn.Tanh()), torch.randn(2, 1, 9),
