@@ -21,17 +21,21 @@ convex in ``sigma``, so the max over the box is attained at a vertex ``sigma_k i
 
 **Searches** (``search=``), per pair of the chain:
 
-* ``"exact"``: every vertex (``2^n``), batched (chunks of patterns, one matmul for all pair matrices, batched
-  ``eigvalsh`` of their Gram matrices). About 0.6 s per pair for ``n = 16`` on 2 CPU cores.
+* ``"exact"``: every vertex (``2^n``), by branch and bound on the batched enumeration (chunks of patterns; the
+  greedy's value first, then patterns whose Frobenius or Schatten-4 norm cannot beat it are dropped, and the rest
+  get a batched ``eigvalsh`` of their Gram matrices). See :func:`exact_search` for costs.
 * ``"greedy"``: local search from the previous pattern (all ones on the first call). Phase 1: alternating
   maximisation (top singular vectors ``x, y`` of the pair matrix -> the vertex maximising ``x^T P(sigma) y``, i.e.
   ``sigma_k = b`` where ``(B^T x)_k (C y)_k > 0``, ``a`` where it is negative), each step a strict increase.
-  Phase 2: single flips, best improvement first, tested **exactly** for all ``n`` candidates at once: a flip is a
-  rank-one update ``P + d b_k c_k^T``, i.e. a rank-two update of the Gram matrix ``P^T P = Y Lambda Y^T``, and
-  ``lambda_max`` of the update exceeds ``tau > lambda_1`` iff a 2x2 matrix (Haynsworth inertia) is positive
-  definite; the value of an improving flip is found by bisection on that test. Phases repeat until no single flip
-  improves. Costs one ``r^3`` eigendecomposition and ``O(n r^2)`` per accepted flip; a warm call after a small
-  weight change usually accepts none (two small decompositions per pair).
+  Phase 2: single flips, tested **exactly** for all ``n`` candidates at once: a flip is a rank-one update
+  ``P + d b_k c_k^T``, i.e. a rank-two update of the Gram matrix ``P^T P = Y Lambda Y^T``, and ``lambda_max`` of the
+  update exceeds ``tau > lambda_1`` iff a 2x2 matrix (Haynsworth inertia) is positive definite; the value of each
+  improving flip is found by bisection on that test. The improving flips are then applied all together, else the
+  better half, ..., else the best one alone (the first set that beats the best single flip). Phases repeat until
+  no single flip improves: the result is a local max for single flips, never below the starting pattern. Costs one
+  ``r^3`` eigendecomposition and ``O(n r^2)`` per round; a warm call after a small weight change usually has one
+  round (two small decompositions per pair). Cold, from all ones: about 0.05 s per 128-wide pair, 0.3 s per
+  384-wide one (one CPU thread).
 * ``"lowrank"``: operators are replaced by their top-``E`` singular triplets (``rank=E``, default 200, at most the
   true rank), found by warm-started subspace (block power) iteration through autograd on a block of ``E`` (+10
   oversampling) vectors, with QR and a Rayleigh-Ritz rotation, never forming the matrix: ``n_iter`` iterations per
@@ -56,13 +60,18 @@ matrix ``Xi_j`` per operator, given as a few outer products, and the returned te
 
 All search and small linear algebra is done in float64, whatever the estimator's dtype.
 
-**Warm state** (buffers, so ``state_dict`` holds it): the pattern of every pair (``pattern_*``, bool), the top left
-singular vector of every pair matrix mapped to the activation space (``pairvec_*``), the subspace of every
-low-rank operator (``subspace_*``).
+**Warm state** (buffers, so ``state_dict`` holds it): the pattern of every pair (``pattern_*``, bool: the greedy's
+start and the exact search's first incumbent on the next call), the subspace of every low-rank operator
+(``subspace_*``), and for diagnostics the top left singular vector of every pair matrix at its pattern, mapped to
+the activation space (``pairvec_*``: the direction in which the chain's Jacobian bound is attained).
+
+**Cost per call** (``est()``; every call re-runs the searches, warm): the dense matrix and float64 SVD of every
+chain operator (fixed cost), the searches, and ``r + 2`` applications of each operator with grad. Measured on the
+digits models (``experiments/bench/bench_seqlip.py``): 15-25 ms for the MLP and CNN, 0.2-0.3 s for the
+AlexNet-shaped net, a warm call about half a cold one.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -149,8 +158,15 @@ def _sigma(p: Tensor, lo: float, hi: float) -> Tensor:
     return torch.where(p, torch.tensor(hi, dtype=_F64, device=p.device), torch.tensor(lo, dtype=_F64, device=p.device))
 
 
-def exact_search(B: Tensor, C: Tensor, lo: float, hi: float, chunk: int = 1 << 13) -> Tensor:
-    """The vertex pattern (bool, ``True`` = slope ``hi``) maximising ``||B diag(sigma) C||_2`` over all ``2^n``."""
+def exact_search(B: Tensor, C: Tensor, lo: float, hi: float, start: Tensor | None = None,
+                 chunk: int = 1 << 13) -> Tensor:
+    """The vertex pattern (bool, ``True`` = slope ``hi``) maximising ``||B diag(sigma) C||_2`` over all ``2^n``.
+
+    Branch and bound over the enumeration, batched by chunks of patterns: the greedy local max from ``start``
+    (default all ones) gives a first value ``v``; a pattern is dropped when its Frobenius norm (a quadratic form in
+    ``sigma``, ``O(n^2)``), then its Schatten-4 norm (``||P^T P||_F^{1/2}``), is at most ``v`` (both bound the spectral
+    norm from above); the survivors get a batched ``eigvalsh`` of their Gram matrix and raise ``v``. Exact up to
+    a relative ``1e-12`` in the pruning."""
     n = B.shape[1]
     if n > EXACT_HARD_LIMIT:
         raise ValueError(f"exact SeqLip search over 2^{n} patterns is out of reach (limit 2^{EXACT_HARD_LIMIT}); "
@@ -158,21 +174,34 @@ def exact_search(B: Tensor, C: Tensor, lo: float, hi: float, chunk: int = 1 << 1
     device = B.device
     if hi == lo or n == 0:
         return torch.ones(n, dtype=torch.bool, device=device)
+    start = torch.ones(n, dtype=torch.bool, device=device) if start is None else start
+    best_p, best_s, _, _ = greedy_local_max(B, C, lo, hi, start)
+    best = float(best_s) ** 2  # lambda_max of the Gram matrix
     r2, r1 = B.shape[0], C.shape[1]
+    quad = (B.T @ B) * (C @ C.T)  # ||P(sigma)||_F^2 = sigma^T quad sigma
     outer = (B.T[:, :, None] * C[:, None, :]).reshape(n, r2 * r1)  # b_k c_k^T, flattened
-    base = (lo * (B @ C)).reshape(1, r2, r1)
+    base = (lo * (B @ C)).reshape(1, r2 * r1)
     bits = torch.arange(n, device=device)
-    best_value, best_index = -1.0, 0
-    for start in range(0, 1 << n, chunk):
-        index = torch.arange(start, min(start + chunk, 1 << n), device=device)
-        patterns = ((index[:, None] >> bits) & 1).to(_F64)
-        P = base + (hi - lo) * (patterns @ outer).view(-1, r2, r1)
+    keep_margin = 1 + 1e-12
+    for first in range(0, 1 << n, chunk):
+        index = torch.arange(first, min(first + chunk, 1 << n), device=device)
+        sigma = lo + (hi - lo) * ((index[:, None] >> bits) & 1).to(_F64)
+        frobenius2 = ((sigma @ quad) * sigma).sum(1)
+        index, sigma = index[frobenius2 > best * keep_margin], sigma[frobenius2 > best * keep_margin]
+        if index.numel() == 0:
+            continue
+        P = (base + (sigma - lo) @ outer).view(-1, r2, r1)
         gram = P @ P.mT if r2 <= r1 else P.mT @ P
-        top = torch.linalg.eigvalsh(gram)[:, -1]
+        schatten4 = (gram * gram).sum((1, 2))  # ||P||_S4^4 >= lambda_max^2
+        alive = schatten4 > (best * keep_margin) ** 2
+        if not bool(alive.any()):
+            continue
+        top = torch.linalg.eigvalsh(gram[alive])[:, -1]
         value, arg = top.max(0)
-        if float(value) > best_value:
-            best_value, best_index = float(value), start + int(arg)
-    return ((torch.tensor(best_index, device=device) >> bits) & 1).bool()
+        if float(value) > best:
+            best = float(value)
+            best_p = ((index[alive][arg] >> bits) & 1).bool()
+    return best_p
 
 
 def _flip_test(Lam: Tensor, alpha: Tensor, gamma: Tensor, t: Tensor, tau: Tensor) -> Tensor:
@@ -180,7 +209,8 @@ def _flip_test(Lam: Tensor, alpha: Tensor, gamma: Tensor, t: Tensor, tau: Tensor
 
     ``alpha, gamma``: (k, r) rows ``a, c`` in the eigenbasis; ``t``: (k,); ``tau``: (k,) above ``max Lambda``.
     Haynsworth: with ``N = Lambda - tau I < 0``, the number of eigenvalues above ``tau`` is ``pos(T) - 1`` for
-    ``T = [[t, -1], [-1, 0]] + Z^T (tau I - Lambda)^{-1} Z``, ``Z = [a c]``: there is one iff ``T`` is positive definite.
+    ``T = [[t, -1], [-1, 0]] + Z^T (tau I - Lambda)^{-1} Z``, ``Z = [a c]``: there is one iff ``T`` is positive
+    definite.
     """
     inv = 1.0 / (tau[:, None] - Lam[None, :])
     t11 = t + (alpha * alpha * inv).sum(1)
@@ -246,17 +276,30 @@ def _improving_flips(B: Tensor, C: Tensor, p: Tensor, lo: float, hi: float, stat
 
 def greedy_search(B: Tensor, C: Tensor, lo: float, hi: float, p0: Tensor,
                   max_rounds: int | None = None) -> Tensor:
+    """The pattern of :func:`greedy_local_max`."""
+    return greedy_local_max(B, C, lo, hi, p0, max_rounds)[0]
+
+
+def greedy_local_max(B: Tensor, C: Tensor, lo: float, hi: float, p0: Tensor,
+                     max_rounds: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A local max of ``||B diag(sigma) C||_2`` over the vertices, from the pattern ``p0`` (module docstring).
 
     The value never decreases from ``p0``'s, and at the end no single flip raises it (tested exactly). Each round
     first runs the alternating maximisation, then tries the improving single flips: all of them at once, then the
-    better half..., down to the best one alone, keeping the first set whose norm beats the best single flip."""
+    better half..., down to the best one alone, keeping the first set whose norm beats the best single flip.
+    Returns ``(pattern, s, x, y)`` with ``s = ||P||`` and ``P y = s x`` at that pattern."""
     n = B.shape[1]
     p = p0.clone()
     if hi == lo or n == 0:
-        return p
-    if B.shape[0] < C.shape[1]:  # work on P^T = C^T diag B^T so that the Gram matrix is the small side
+        return (p, *_top(pair_matrix(B, C, _sigma(p, lo, hi))))
+    transposed = B.shape[0] < C.shape[1]
+    if transposed:  # work on P^T = C^T diag B^T so that the Gram matrix is the small side
         B, C = C.T, B.T
+
+    def result() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        x, y = state.vectors()
+        s = state.lam[-1].clamp_min(0).sqrt()
+        return (p, s, y, x) if transposed else (p, s, x, y)
     max_rounds = 4 * n + 10 if max_rounds is None else max_rounds
     state = _gram_state(B, C, p, lo, hi)
     exclude = torch.zeros(n, dtype=torch.bool, device=p.device)
@@ -274,7 +317,7 @@ def greedy_search(B: Tensor, C: Tensor, lo: float, hi: float, p0: Tensor,
             exclude.zero_()
         idx, values = _improving_flips(B, C, p, lo, hi, state, exclude)
         if idx.numel() == 0:
-            return p
+            return result()
         order = idx[values.argsort(descending=True)]
         best = float(values.max())
         m = order.numel()
@@ -289,7 +332,7 @@ def greedy_search(B: Tensor, C: Tensor, lo: float, hi: float, p0: Tensor,
             m //= 2
         else:  # rounding fooled the test on the best flip: never cycle
             exclude[order[0]] = True
-    return p
+    return result()
 
 
 # --------------------------------------------------------------------------- operator factorisations
@@ -570,11 +613,11 @@ class SeqLip(nn.Module):
                 B = (right.V * right.scaled(1.0 if i + 1 == K - 1 else 0.5)).T  # R_{i+1} = Sigma~_{i+1} V_{i+1}^T
                 pattern = self.get_buffer(pp.pattern)
                 if pp.exact:
-                    p = exact_search(B, C, pp.lo, pp.hi)
+                    p = exact_search(B, C, pp.lo, pp.hi, pattern.to(B.device))
+                    s, x, y = _top(pair_matrix(B, C, _sigma(p, pp.lo, pp.hi)))
                 else:
-                    p = greedy_search(B, C, pp.lo, pp.hi, pattern.to(B.device), self.max_rounds)
+                    p, s, x, y = greedy_local_max(B, C, pp.lo, pp.hi, pattern.to(B.device), self.max_rounds)
                 sigma = _sigma(p, pp.lo, pp.hi)
-                s, x, y = _top(pair_matrix(B, C, sigma))
                 pairs.append(_Pair(B, C, sigma, s, x, y))
                 pattern.copy_(p)
                 self.get_buffer(pp.pairvec).copy_((right.V @ x).to(env.dtype))
