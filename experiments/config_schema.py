@@ -230,6 +230,7 @@ class ExperimentConf:
     classifier: ClassifierConf = field(default_factory=ClassifierConf)
     eval: EvalConf = field(default_factory=EvalConf)
     seed: int = 0
+    threads: Optional[int] = 1  # torch.set_num_threads; None: torch's default (one per core)
     progress_bar: bool = True
     checkpoint: bool = True
     objective: str = "val/certified_acc@0.1"  # metrics.json key that train.py returns (what a sweeper optimises)

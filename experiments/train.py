@@ -35,6 +35,7 @@ if str(_ROOT) not in sys.path:  # `python experiments/train.py` puts experiments
 
 import hydra  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 # noise that every small CPU run would print
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
+warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")  # Lightning 2.6 on torch >= 2.10
 
 
 # ------------------------------------------------------------------------------------------ builders
@@ -184,6 +186,8 @@ def run(cfg: DictConfig) -> float | None:
     run_dir = hydra_cfg.runtime.output_dir
     sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
     check_strategy(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg)

@@ -270,9 +270,17 @@ def _check_run_dir(run_dir: Path, overrides_contain: str | None = None) -> dict:
 
 @pytest.fixture(scope="module")
 def basic_sweep(tmp_path_factory) -> Path:
-    sweep = tmp_path_factory.mktemp("basic") / "sweep"
-    proc = _run("train.py", "-m", "lipreg.penalty_weight=0,0.01", f"hydra.sweep.dir={sweep}", *TINY)
-    assert "tensorboard --logdir" in proc.stdout
+    """A 2-job multirun with the basic launcher, run once per session and shared by the pytest-xdist workers."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # common to all xdist workers of this session
+    sweep = shared / "hydra_basic_sweep"
+    with FileLock(str(shared / "hydra_basic_sweep.lock")):
+        if not (sweep / "done").is_file():
+            shutil.rmtree(sweep, ignore_errors=True)
+            proc = _run("train.py", "-m", "lipreg.penalty_weight=0,0.01", f"hydra.sweep.dir={sweep}", *TINY)
+            (sweep / "stdout.txt").write_text(proc.stdout)
+            (sweep / "done").write_text("")
     return sweep
 
 
@@ -280,6 +288,9 @@ def basic_sweep(tmp_path_factory) -> Path:
 def test_basic_multirun(basic_sweep):
     runs = sorted(p.name for p in basic_sweep.iterdir() if p.is_dir())
     assert runs == ["0", "1"]
+    stdout = (basic_sweep / "stdout.txt").read_text()
+    assert stdout.count("lipreg run summary") == 2
+    assert f"tensorboard --logdir {basic_sweep}" in stdout  # the whole sweep
     m0 = _check_run_dir(basic_sweep / "0", "lipreg.penalty_weight=0")
     m1 = _check_run_dir(basic_sweep / "1", "lipreg.penalty_weight=0.01")
     assert m0["lipschitz/autolip"] != m1["lipschitz/autolip"]  # the penalty changed the training
