@@ -3,12 +3,15 @@
 Scaman & Virmaux, "Lipschitz regularity of deep neural networks: analysis and efficient estimation",
 NeurIPS 2018: AutoLip (Alg. 1), the power method through autograd (Alg. 2) and SeqLip (eq. 8).
 """
-from . import rules
+from . import metrics, rules
 from .errors import UnsupportedOpError
+from . import autolip as _autolip_module, seqlip as _seqlip_module  # noqa: F401  (bound before the one-shot functions shadow these names)
+from .callback import LipschitzCallback
 from .estimator import LipschitzEstimator
+from .penalty import LipschitzPenalty
 from .oneshot import autolip, seqlip
 from .power import power_method
 from .rules import register_rule
 
-__all__ = ["LipschitzEstimator", "UnsupportedOpError", "autolip", "power_method", "register_rule", "rules",
-           "seqlip"]
+__all__ = ["LipschitzCallback", "LipschitzEstimator", "LipschitzPenalty", "UnsupportedOpError", "autolip", "metrics",
+           "power_method", "register_rule", "rules", "seqlip"]

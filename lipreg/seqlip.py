@@ -509,28 +509,15 @@ class SeqLip(nn.Module):
 
     def _env(self) -> ConstantEnv:
         device = next((b.device for b in self.buffers()), torch.device("cpu"))
-        try:
-            return self.graph.constant_env(self.dtype, device)
-        except TypeError:  # older signature without a device
-            return self.graph.constant_env(self.dtype)
+        return self.graph.constant_env(self.dtype, device)
 
     # ------------------------------------------------------------------ operators
     def _apply_block(self, node: LipNode, vs: Tensor, env: ConstantEnv) -> Tensor:
-        """``A v`` for a block ``(k, *in_shape[1:])`` -> ``(k, n_out)``: the one-sample map under ``vmap`` (sizes
-        traced from the input, as in ``x.view(x.size(0), -1)``, are 1)."""
-        batched = getattr(self.graph, "apply_linear_batched", None)
-        if batched is not None:
-            out = batched(node, vs, env)
-        else:
-            one = lambda v: self.graph.apply_linear(node, v.unsqueeze(0), env).squeeze(0)  # noqa: E731
-            out = torch.func.vmap(one)(vs)
-        return out.reshape(vs.shape[0], -1)
+        """``A v`` for a block ``(k, *in_shape[1:])`` -> ``(k, n_out)``."""
+        return self.graph.apply_linear_batched(node, vs, env).reshape(vs.shape[0], -1)
 
     def _dense(self, op: _OpPlan, env: ConstantEnv) -> _Factor:
-        node = op.node
-        n_in = node.in_shape.numel()
-        basis = torch.eye(n_in, dtype=env.dtype, device=self._device(env)).view(n_in, *node.in_shape[1:])
-        A = self._apply_block(node, basis, env).T.to(_F64)  # n_out x n_in
+        A = self.graph.dense_matrix(op.node, env).to(_F64)  # n_out x n_in
         if not bool(torch.isfinite(A).all()):
             r = min(A.shape)
             nan = torch.full((), float("nan"), dtype=_F64, device=A.device)
@@ -592,13 +579,9 @@ class SeqLip(nn.Module):
         self._subspace_step(op, env, n_iter)
         return self._lowrank(op, env)
 
-    @staticmethod
-    def _device(env: ConstantEnv) -> torch.device:
-        return getattr(env, "device", None) or torch.device("cpu")
-
     # ------------------------------------------------------------------ one chain
     def _chain_bound(self, plan: _ChainPlan, env: ConstantEnv, n_iter: int) -> Tensor:
-        device = self._device(env)
+        device = env.device
         with torch.no_grad():
             facs = [self._factor(op, env, n_iter) for op in plan.ops]
             if not all(f.finite for f in facs):

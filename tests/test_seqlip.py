@@ -11,8 +11,8 @@
 """
 from __future__ import annotations
 
+import importlib
 import itertools
-import time
 
 import pytest
 import torch
@@ -351,7 +351,7 @@ def test_state_dict_round_trip_bit_for_bit():
 
 
 def _count_decompositions(monkeypatch):
-    import lipreg.seqlip as module
+    module = importlib.import_module("lipreg.seqlip")  # the module: lipreg.seqlip is the one-shot function
 
     calls = {"n": 0}
     eigh, svd = torch.linalg.eigh, torch.linalg.svd
@@ -368,27 +368,19 @@ def _count_decompositions(monkeypatch):
 
 
 def test_warm_call_after_small_change_is_cheaper(monkeypatch):
+    """Work counted, not timed (timings are the benchmark's job): a warm call re-searches from the previous
+    patterns and needs less than half the decompositions of a cold one."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 10)).eval()
     x = torch.randn(2, 32)
-
-    def timed(est):
-        start = time.perf_counter()
-        est()
-        return time.perf_counter() - start
-
-    cold_times, warm_times = [], []
     calls = _count_decompositions(monkeypatch)
-    for repeat in range(3):
-        est = lipreg.LipschitzEstimator(model, x, method="seqlip", search="greedy")
-        calls["n"] = 0
-        cold_times.append(timed(est))
-        cold_calls = calls["n"]
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(1 + 1e-4 * torch.randn_like(p))
-        calls["n"] = 0
-        warm_times.append(timed(est))
-        warm_calls = calls["n"]
-    assert warm_calls < cold_calls / 2
-    assert min(warm_times) < min(cold_times)
+    est = lipreg.LipschitzEstimator(model, x, method="seqlip", search="greedy")
+    calls["n"] = 0
+    est()
+    cold_calls = calls["n"]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 1e-4 * torch.randn_like(p))
+    calls["n"] = 0
+    est()
+    assert calls["n"] < cold_calls / 2
