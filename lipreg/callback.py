@@ -13,7 +13,8 @@ What it does, hook by hook:
   ``log_every_n_steps`` steps the bound is written to the loggers as ``lipschitz/<method>`` (and per layer under
   ``lipschitz/layer/<node>`` with ``per_layer=True``), at the step Lightning uses for its own metrics, and for the
   weights after that step's optimizer step (those a checkpoint then holds). Every ``certify_every_n_steps`` steps
-  it also logs ``lipschitz/<method>_certified`` (a guaranteed upper bound) and ``lipschitz/gap`` = certified /
+  it also logs ``lipschitz/<method>_certified`` (a guaranteed upper bound; AutoLip's, tagged so, for a SeqLip
+  search that is not exact) and ``lipschitz/gap`` = certified /
   estimate, on the same weights, so the estimate never exceeds the certificate; a gap above ``reconverge_gap``
   re-converges the warm vectors first.
 * each validation epoch: converges the estimate (``eval_n_iter``), and logs it, the certified bound, the empirical
@@ -197,17 +198,25 @@ class LipschitzCallback(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
 
+    @property
+    def _certified_method(self) -> str:
+        """Whose certificate ``certified_bound()`` gives: this method's, or AutoLip's when a SeqLip search is not
+        exact (greedy, low-rank): then it is tagged ``autolip_certified``, never passed off as a SeqLip value."""
+        seqlip = self.estimator.seqlip
+        return "autolip" if seqlip is not None and not seqlip.certified else self.method
+
     @torch.no_grad()
     def _certify(self, estimate: Tensor) -> dict[str, float]:
         """The certified bound and ``gap = certified / estimate``, both on the current weights; a large gap (the
-        warm vector lags behind a switch of the top singular direction) triggers a re-convergence first."""
+        warm vector lags behind a switch of the top singular direction) triggers a re-convergence first. Not when
+        the certificate is AutoLip's for a SeqLip estimate: that gap stays large once converged."""
         certified = self.estimator.certified_bound()
         gap = float(certified / estimate)
-        if gap > self.reconverge_gap:
+        if gap > self.reconverge_gap and self._certified_method == self.method:
             estimate = self.estimator.converge(max_iter=self.eval_n_iter).detach()
             gap = float(certified / estimate)
         return {f"lipschitz/{self.method}": float(estimate),
-                f"lipschitz/{self.method}_certified": float(certified), "lipschitz/gap": gap}
+                f"lipschitz/{self._certified_method}_certified": float(certified), "lipschitz/gap": gap}
 
     # ----------------------------------------------------------- validation
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -238,8 +247,9 @@ class LipschitzCallback(Callback):
         with torch.no_grad():
             estimate = self.estimator(n_iter=0)
         lower = self._lower.compute()
-        metrics = {f"lipschitz/{self.method}": estimate, f"lipschitz/{self.method}_certified": self._eval_bound,
-                   "lipschitz/lower": lower, "lipschitz/upper_over_lower": self._eval_bound / lower}
+        certified = self._eval_bound
+        metrics = {f"lipschitz/{self.method}": estimate, f"lipschitz/{self._certified_method}_certified": certified,
+                   "lipschitz/lower": lower, "lipschitz/upper_over_lower": certified / lower}
         metrics.update({f"robust/{k}": v for k, v in self._robust.compute().items()})
         for name, value in metrics.items():  # identical on every rank (synced metrics, broadcast warm state)
             pl_module.log(name, value, on_step=False, on_epoch=True)

@@ -5,6 +5,7 @@ is computed from the certified bound.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from experiments.data import DigitsDataModule
 from experiments.models import MLP, Classifier
@@ -178,3 +180,35 @@ def test_certified_robust_accuracy_is_fed_the_certified_bound(tmp_path: Path, mo
         logged = float(trainer.callback_metrics[f"robust/certified_acc@{radius:g}"])
         assert logged == pytest.approx(accuracy(3.0 * certified, radius), abs=1e-6)
     assert any(accuracy(3.0 * certified, r) != accuracy(certified, r) for r in eps)  # the check can tell them apart
+
+
+@pytest.mark.parametrize(("search", "certified_tag"), [("greedy", "autolip_certified"), ("exact", "seqlip_certified")])
+def test_seqlip_logs_under_its_tag_and_names_whose_certificate_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    search: str, certified_tag: str) -> None:
+    """A greedy SeqLip search cannot be certified: the certificate is AutoLip's, logged as such, and the gap
+    AutoLip-certified / SeqLip-estimate (large even when converged) must not re-converge at every certify step."""
+    converge = LipschitzEstimator.converge
+    calls: list[int] = []
+
+    def counted(self: LipschitzEstimator, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        return converge(self, *args, **kwargs)
+
+    monkeypatch.setattr(LipschitzEstimator, "converge", counted)
+    torch.manual_seed(0)
+    model = Classifier(MLP((1, 8, 8), 10, hidden=(8, 8)), lr=1e-2)
+    lip = LipschitzCallback(method="seqlip", search=search, log_every_n_steps=1, certify_every_n_steps=1,
+                            reconverge_gap=1.0001)
+    with pytest.warns(UserWarning) if search == "greedy" else contextlib.nullcontext():
+        trainer = fit(tmp_path, model, [lip], limit_val_batches=0)
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"lipschitz/seqlip", f"lipschitz/{certified_tag}", "lipschitz/gap"} <= tags
+    other = ({"lipschitz/seqlip_certified", "lipschitz/autolip_certified"} - {f"lipschitz/{certified_tag}"}).pop()
+    assert other not in tags
+    estimates = [e.value for e in events.Scalars("lipschitz/seqlip")]
+    certificates = [e.value for e in events.Scalars(f"lipschitz/{certified_tag}")]
+    assert all(e <= c for e, c in zip(estimates, certificates))
+    if search == "greedy":
+        assert not calls
