@@ -275,10 +275,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-seqlip", action="store_true", help="skip SeqLip")
     parser.add_argument("--lower-samples", type=int, default=128, help="inputs the lower bound starts from")
     parser.add_argument("--ascent-steps", type=int, default=10, help="gradient-ascent steps of the lower bound")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: the run's `threads`, 1 for these small nets; 0: torch's default)")
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
 
     cfg, datamodule, net, ckpt_path = load_run(args.run_dir, args.ckpt)
+    threads = args.threads if args.threads is not None else cfg.get("threads", 1)
+    if threads:
+        torch.set_num_threads(int(threads))
     radii = args.radii
     if radii is None:
         radii = list(cfg.get("eval", {}).get("radii", [0.1])) if "eval" in cfg else [0.1]

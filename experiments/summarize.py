@@ -105,49 +105,66 @@ def _bound_key(rows: list[dict[str, Any]], wanted: str | None) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: str | Path, bound_key: str | None = None, split: str = "test") -> None:
-    """Bound (x, log) vs accuracy (left) and certified accuracy at each radius (right), one point per run."""
+    """Bound (x, log) vs accuracy (left) and certified accuracy at each radius (right), one point per run.
+
+    Each run has one colour in both panels and is labelled with its job number; the legend maps job numbers
+    to the swept values (up to 24 runs). With several radii, the marker tells the radius.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter, ScalarFormatter
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     key = _bound_key(rows, bound_key)
     radii = sorted({k.split("@", 1)[1] for r in rows for k in r if k.startswith(f"{split}/certified_acc@")},
                    key=float)
-    fig, (ax_acc, ax_cert) = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
     pts = [r for r in rows if isinstance(r.get(key), (int, float)) and r[key] > 0]
     xs = [r[key] for r in pts]
     varying = _varying_keys(pts)
-    ax_acc.scatter(xs, [r.get(f"{split}/acc", math.nan) for r in pts], color="tab:blue", zorder=3)
+    legend = 0 < len(pts) <= 24
+    fig, (ax_acc, ax_cert) = plt.subplots(1, 2, figsize=(13.5 if legend else 11, 4.8), sharex=True)
+    colors = plt.get_cmap("tab10" if len(pts) <= 10 else "tab20")
     markers = "osD^v<>"
-    for i, eps in enumerate(radii):
-        ax_cert.scatter(xs, [r.get(f"{split}/certified_acc@{eps}", math.nan) for r in pts], marker=markers[i % 7],
-                        zorder=3, label=f"eps = {eps}")
-    for r, x in zip(pts, xs):
-        label = _label(r, varying)
-        ax_acc.annotate(label, (x, r.get(f"{split}/acc", math.nan)), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")
-        if radii:
-            ax_cert.annotate(label, (x, r.get(f"{split}/certified_acc@{radii[0]}", math.nan)), fontsize=7,
-                             xytext=(4, 3), textcoords="offset points")
+    for n, (r, x) in enumerate(zip(pts, xs)):
+        color = colors(n % colors.N)
+        y = r.get(f"{split}/acc", math.nan)
+        ax_acc.scatter([x], [y], color=color, zorder=3, label=f"{r['run']}: {_label(r, varying)}")
+        ax_acc.annotate(r["run"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for i, eps in enumerate(radii):
+            y = r.get(f"{split}/certified_acc@{eps}", math.nan)
+            ax_cert.scatter([x], [y], color=color, marker=markers[i % len(markers)], zorder=3)
+            ax_cert.annotate(r["run"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for ax, ylabel in ((ax_acc, f"{split} accuracy"), (ax_cert, f"certified {split} accuracy (L2)")):
         ax.set_xscale("log")
         if xs:
             ax.set_xlim(min(xs) / 1.25, max(xs) * 1.6)
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        narrow = bool(xs) and max(xs) / min(xs) < 20  # under ~a decade: label the minor ticks too
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if narrow else NullFormatter())
+        span = max(xs) / min(xs) if xs else 1.0
+        if span < 4:  # well under a decade: a label on every tick
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        else:
+            if span < 1000:
+                ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel(f"Lipschitz bound ({key.split('/', 1)[1]})")
         ax.set_ylabel(ylabel)
         ax.set_ylim(-0.03, 1.03)
         ax.grid(True, which="both", alpha=0.3)
-    if radii:
-        ax_cert.legend(loc="best", fontsize=8)
     ax_acc.set_title("accuracy vs Lipschitz bound")
-    ax_cert.set_title("certified accuracy vs Lipschitz bound")
+    if len(radii) == 1:
+        ax_cert.set_title(f"certified accuracy at eps = {radii[0]} vs Lipschitz bound")
+    else:
+        ax_cert.set_title("certified accuracy vs Lipschitz bound")
+        handles = [Line2D([], [], color="gray", marker=markers[i % len(markers)], linestyle="", label=f"eps = {e}")
+                   for i, e in enumerate(radii)]
+        if handles:
+            ax_cert.legend(handles=handles, loc="lower left", fontsize=8)
+    if legend:
+        fig.legend(loc="center right", fontsize=7, title="run: swept values", title_fontsize=8, frameon=False)
     fig.suptitle(f"{len(pts)} runs", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.8 if legend else 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
