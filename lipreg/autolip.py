@@ -45,6 +45,18 @@ def propagate(node: LipNode, parents: list[Tensor], factors: Mapping[LipNode, Te
     return own_constant(node) * (parents[0] if len(parents) == 1 else torch.sqrt(sum(L * L for L in parents)))
 
 
+def chain_interiors(endpoints: Mapping[LipNode, LipNode]) -> set[LipNode]:
+    """The nodes of each chain ``{last: first}`` but its last: ``first`` and everything between (a chain is a
+    path whose interior nodes have one input and one user)."""
+    inside: set[LipNode] = set()
+    for last, first in endpoints.items():
+        node = last
+        while node is not first:
+            (node,) = node.inputs
+            inside.add(node)
+    return inside
+
+
 def autolip_bound(graph: LipGraph, factors: Mapping[LipNode, Tensor],
                   chains: Mapping[LipNode, tuple[LipNode, Tensor]] | None = None,
                   dtype: torch.dtype | None = None, device: torch.device | None = None) -> Tensor:
@@ -58,7 +70,10 @@ def autolip_bound(graph: LipGraph, factors: Mapping[LipNode, Tensor],
     like = next(iter(factors.values()), torch.ones(()))
     one = torch.ones((), dtype=dtype or like.dtype, device=device or like.device)
     constants: dict[LipNode, Tensor] = {graph.nodes[0]: one}
+    inside = chain_interiors({last: first for last, (first, _) in (chains or {}).items()})
     for node in graph.nodes[1:]:
+        if node in inside:
+            continue  # its constant is never needed: the chain's bound replaces the product
         if chains and node in chains:
             first, bound = chains[node]
             (parent,) = first.inputs

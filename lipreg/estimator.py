@@ -8,12 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .autolip import autolip_bound, own_constant
+from .autolip import autolip_bound, chain_interiors, own_constant
 from .certify import dense_spectral_bound
 from .errors import UnsupportedOpError
 from .graph import ConstantEnv, LipGraph, LipNode
 from .power import LinearFn, normalized, power_iterations, rayleigh_norm
 from .rules import Activation, Constant
+from .seqlip import SeqLip
 
 METHODS = ("autolip", "seqlip")
 DENSE_CERTIFY_LIMIT = 2**20
@@ -62,24 +63,24 @@ class LipschitzEstimator(nn.Module):
         self.n_iter = n_iter
         self.dtype = dtype
         self.graph = LipGraph(model, example_input, fuse=fuse, concrete_args=concrete_args)
-        self._last_factors: dict[str, Tensor] = {}
+        self._last_factors: dict[str, Tensor | float] = {}
         self._closed_form: set[LipNode] = set()
         generator = torch.Generator().manual_seed(seed)
+        self.seqlip: SeqLip | None = None
+        self._chained: set[LipNode] = set()  # linear nodes whose norm SeqLip replaces: never iterated
+        if method == "seqlip":
+            self.seqlip = SeqLip(self.graph, dtype=dtype, generator=generator, **seqlip_options)
+            self._chained = chain_interiors(self.seqlip.endpoints) | set(self.seqlip.endpoints)
+        elif seqlip_options:
+            raise TypeError(f"options {sorted(seqlip_options)} only apply to method='seqlip'")
         env = self.graph.constant_env(dtype, self._device)
         with torch.no_grad():
-            for node in self.graph.linear_nodes():
+            for node in self._bounded_nodes():
                 if self.graph.closed_form_norm(node, env) is not None:
                     self._closed_form.add(node)
                 else:
                     v0 = torch.randn(node.in_shape, generator=generator, dtype=dtype)
                     self.register_buffer(buffer_name("power", node.name), normalized(v0))
-        self.seqlip = None
-        if method == "seqlip":
-            from .seqlip import SeqLip
-
-            self.seqlip = SeqLip(self.graph, dtype=dtype, generator=generator, **seqlip_options)
-        elif seqlip_options:
-            raise TypeError(f"options {sorted(seqlip_options)} only apply to method='seqlip'")
         device = _model_device(model)
         if device is not None:
             self.to(device)
@@ -92,7 +93,7 @@ class LipschitzEstimator(nn.Module):
         self._follow_model_device()
         with torch.autocast(self._device.type, enabled=False):
             env = self.graph.constant_env(self.dtype, self._device)
-            factors = {node: self._linear_factor(node, env, n_iter) for node in self.graph.linear_nodes()}
+            factors = {node: self._linear_factor(node, env, n_iter) for node in self._bounded_nodes()}
             chains = self.seqlip(factors, env, n_iter) if self.seqlip is not None else None
             bound = autolip_bound(self.graph, factors, chains, dtype=self.dtype, device=self._device)
         self._remember(factors, chains)
@@ -133,16 +134,15 @@ class LipschitzEstimator(nn.Module):
         with ``method="seqlip"``, SeqLip when its search is exact on full SVDs. Greedy or low-rank SeqLip can
         miss the max, so then the certificate is the AutoLip one, with a warning saying so.
         """
+        use_seqlip = self.seqlip is not None and self.seqlip.certified
+        if self.seqlip is not None and not use_seqlip:
+            warnings.warn("this SeqLip search is not exact on full SVDs, so it cannot be certified: "
+                          "certified_bound() returns the certified AutoLip bound", stacklevel=2)
+        nodes = self._bounded_nodes() if use_seqlip else self.graph.linear_nodes()
         with torch.autocast(self._device.type, enabled=False):
             env = self.graph.constant_env(self.dtype, self._device)
-            factors = {node: self.certified_factor(node, env) for node in self.graph.linear_nodes()}
-            chains = None
-            if self.seqlip is not None:
-                if self.seqlip.certified:
-                    chains = self.seqlip(factors, env, 0)
-                else:
-                    warnings.warn("this SeqLip search is not exact on full SVDs, so it cannot be certified: "
-                                  "certified_bound() returns the certified AutoLip bound", stacklevel=2)
+            factors = {node: self.certified_factor(node, env) for node in nodes}
+            chains = self.seqlip(factors, env, 0) if use_seqlip else None
             return autolip_bound(self.graph, factors, chains, dtype=self.dtype, device=self._device)
 
     def certified_factor(self, node: LipNode, env: ConstantEnv) -> Tensor:
@@ -167,10 +167,16 @@ class LipschitzEstimator(nn.Module):
             norms.append(norm)
         return torch.stack(norms).prod()
 
-    def layer_bounds(self) -> dict[str, float]:
-        """Each node's own factor in the last call: ``||A v||`` of each (fused) linear operator, the constant of
-        each activation or pooling, and for SeqLip the factor of each pair of a chain."""
-        return {name: float(value) for name, value in self._last_factors.items()}
+    def layer_bounds(self, certified: bool = False) -> dict[str, float]:
+        """Each node's own factor: ``||A v||`` of each (fused) linear operator in the last call, the constant of
+        each activation or pooling, and for SeqLip the factor of each pair of a chain. With ``certified=True``,
+        each linear operator's certified norm instead (computed now, from the current weights)."""
+        if not certified:
+            return {name: float(value) for name, value in self._last_factors.items()}
+        with torch.no_grad(), torch.autocast(self._device.type, enabled=False):
+            env = self.graph.constant_env(self.dtype, self._device)
+            bounds = {node.name: float(self.certified_factor(node, env)) for node in self.graph.linear_nodes()}
+        return {**bounds, **self._own_constants()}
 
     @property
     def certified(self) -> bool:
@@ -180,8 +186,12 @@ class LipschitzEstimator(nn.Module):
         return exact_norms and (self.seqlip is None or self.seqlip.certified)
 
     # --------------------------------------------------------------- helpers
+    def _bounded_nodes(self) -> list[LipNode]:
+        """The linear nodes whose norm enters the bound (all but those inside SeqLip chains)."""
+        return [n for n in self.graph.linear_nodes() if n not in self._chained]
+
     def _iterated_nodes(self) -> list[LipNode]:
-        return [n for n in self.graph.linear_nodes() if n not in self._closed_form]
+        return [n for n in self._bounded_nodes() if n not in self._closed_form]
 
     def _apply_fn(self, node: LipNode, env: ConstantEnv) -> LinearFn:
         return lambda v: self.graph.apply_linear(node, v, env)
@@ -195,11 +205,14 @@ class LipschitzEstimator(nn.Module):
             buffer.copy_(power_iterations(apply, buffer, n_iter))
         return rayleigh_norm(apply, buffer.clone())
 
+    def _own_constants(self) -> dict[str, float]:
+        """The constants of activations and pooling nodes (exact, no state)."""
+        return {node.name: own_constant(node) for node in self.graph.nodes[1:]
+                if isinstance(node.rule, (Activation, Constant))}
+
     def _remember(self, factors: dict[LipNode, Tensor], chains) -> None:
-        last: dict[str, Tensor] = {node.name: f.detach() for node, f in factors.items()}
-        for node in self.graph.nodes[1:]:
-            if isinstance(node.rule, (Activation, Constant)):
-                last[node.name] = torch.tensor(own_constant(node))
+        last: dict[str, Tensor | float] = {node.name: f.detach() for node, f in factors.items()}
+        last.update(self._own_constants())
         if self.seqlip is not None:
             last.update(self.seqlip.pair_factors())
         self._last_factors = last

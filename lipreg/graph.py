@@ -363,6 +363,7 @@ class NodeCall:
     def __init__(self, node: fx.Node, env: ConstantEnv) -> None:
         self.node = node
         self.env = env
+        self.device = env.device
 
     def __call__(self, x_values: Mapping[fx.Node, Tensor]) -> Tensor:
         lookup = lambda n: x_values[n] if n in x_values else self.env.value(n)  # noqa: E731

@@ -471,6 +471,11 @@ class SeqLip(nn.Module):
         return all(pair.exact for plan in self.plans for pair in plan.pairs) and \
             not any(op.lowrank for plan in self.plans for op in plan.ops)
 
+    @property
+    def endpoints(self) -> dict[LipNode, LipNode]:
+        """``{last operator: first operator}`` of every chain."""
+        return {plan.chain.ops[-1]: plan.chain.ops[0] for plan in self.plans}
+
     def pair_factors(self) -> dict[str, Tensor]:
         """``{"A_i~A_{i+1}": factor}`` of every pair of every chain, from the last call."""
         return dict(self._last_pairs)

@@ -113,9 +113,14 @@ def build(conv, mlp, seed: int) -> tuple[nn.Module, tuple[int, ...]]:
 @settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(conv=convs, mlp=st.lists(blocks, max_size=4), seed=st.integers(0, 2**16), fuse=st.booleans())
 def test_bound_is_never_below_a_local_jacobian_norm(conv, mlp, seed, fuse):
+    """The converged estimate, and the certified bound always (it never relies on convergence), are >= the
+    largest local Jacobian norm found by gradient ascent; certified >= estimate."""
     model, in_shape = build(conv, mlp, seed)
     x = 2 * torch.randn(4, *in_shape, dtype=DT)
     est = lipreg.LipschitzEstimator(model, x, dtype=DT, fuse=fuse)
     upper = float(est.converge(tol=1e-10).detach())
+    certified = float(est.certified_bound().detach())
     lower = float(lower_bound(model, x, ascent_steps=2, lr=0.5, n_iter=10))
     assert upper >= lower * (1 - 1e-6), (upper, lower)
+    assert certified >= lower, (certified, lower)
+    assert certified >= upper * (1 - 1e-9), (certified, upper)

@@ -49,6 +49,8 @@ class NodeInfo:
 class Call(Protocol):
     """Evaluates one node for a rule: input-dependent arguments from a mapping, constants from the model."""
 
+    device: torch.device  # where the model's tensors are
+
     def __call__(self, x_values: Mapping[fx.Node, Tensor]) -> Tensor:
         """The node's op applied with its input-dependent arguments replaced by ``x_values``."""
 

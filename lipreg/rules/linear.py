@@ -111,8 +111,27 @@ for _target in (F.pad, nn.modules.padding._ConstantPadNd, nn.modules.padding._Re
                 nn.modules.padding._ReplicationPadNd, nn.modules.padding._CircularPadNd):
     register_rule(_target, LinearOp())
 
-# Averages are linear and homogeneous.
+class Averaging(LinearOp):
+    """Average pooling (plain or adaptive), means and sums: linear maps with non-negative entries.
+
+    Certified by the Schur test: for ``A >= 0`` entrywise, ``||A||_2 <= sqrt(max_i (A 1)_i * max_j (A^T 1)_j)``,
+    the largest row sum times the largest column sum, both read off one application of ``A`` and ``A^T`` to
+    ones. Exact for non-overlapping pools (``1/sqrt(k)`` for k inputs per window), ``ceil(k/s)/k`` per dimension
+    for k-wide windows of stride s, whatever the padding, ``ceil_mode`` or ``count_include_pad``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(homogeneous=True)
+
+    def certified_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
+        ones = torch.ones(info.in_shapes[0], dtype=dtype, device=call.device, requires_grad=True)
+        with torch.enable_grad():
+            out = self.apply(info, call, ones)
+            (column_sums,) = torch.autograd.grad(out, ones, torch.ones_like(out))
+        return torch.sqrt(out.detach().max() * column_sums.max())
+
+
 for _target in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                 nn.AdaptiveAvgPool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
                 F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.mean, "mean", torch.sum, "sum"):
-    register_rule(_target, LinearOp(homogeneous=True))
+    register_rule(_target, Averaging())
