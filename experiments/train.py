@@ -70,6 +70,9 @@ def build_lipreg_callback(cfg: DictConfig) -> pl.Callback | None:
     """
     node: dict[str, Any] = OmegaConf.to_container(cfg.lipreg, resolve=True)  # type: ignore[assignment]
     if not node.pop("enabled"):
+        if node["penalty_weight"]:
+            raise ValueError(f"lipreg=off (enabled: false) with lipreg.penalty_weight={node['penalty_weight']}: the "
+                             "penalty would be ignored; use lipreg=penalty (or lipreg=log) to penalise")
         return None
     options = node.pop("estimator_options") or {}
     return instantiate({**node, **options})

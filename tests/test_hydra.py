@@ -119,6 +119,12 @@ def test_lipreg_options(option):
         assert callback.estimator_options == {"search": "greedy"}
 
 
+def test_penalty_with_lipreg_off_is_refused():
+    cfg = _compose(["lipreg=off", "lipreg.penalty_weight=0.1"])
+    with pytest.raises(ValueError, match="lipreg=penalty"):
+        train.build_lipreg_callback(cfg)
+
+
 def test_penalty_weight_override_reaches_the_callback():
     cfg = _compose(["lipreg.penalty_weight=1e-3", "lipreg.penalty_kind=linear"])
     callback = train.build_lipreg_callback(cfg)
