@@ -1,6 +1,7 @@
 """``LipschitzEstimator``: owns the traced graph and all warm-start state; returns one differentiable bound."""
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from typing import Any
@@ -98,7 +99,7 @@ class LipschitzEstimator(nn.Module):
             bound = autolip_bound(self.graph, factors, chains, dtype=self.dtype, device=self._device)
         self._remember(factors, chains)
         if not torch.isfinite(bound):
-            bad = [name for name, f in self._last_factors.items() if not torch.isfinite(f)]
+            bad = [name for name, f in self._last_factors.items() if not math.isfinite(float(f))]
             warnings.warn(f"non-finite Lipschitz bound ({bound.item()}): non-finite factors at {bad}; "
                           "the weights hold NaN or inf. The warm state was kept as it was.", RuntimeWarning,
                           stacklevel=2)
