@@ -12,7 +12,8 @@ Variants, timed interleaved in one run (ratios to the plain step; the machine is
 * ``naive 20 cold``: 20 power iterations from a fresh random vector per operator, every step.
 
 Run: ``python -m experiments.bench.bench_training [--threads N] [--profile]``; ``--profile`` adds a cProfile of the
-penalty's share of the step.
+penalty's share of the step. One thread by default: the penalty works on single samples and gains nothing from
+threads, while two threads on a shared two-core machine make the plain step's time (the denominator) swing 2-4x.
 """
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def spectral_normed(model: nn.Module) -> nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()))
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
