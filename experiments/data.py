@@ -26,13 +26,13 @@ import os
 import random
 import struct
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 __all__ = [
     "LoadedArrays",
@@ -86,6 +86,25 @@ def _seeded_split(
     stratify = labels if (counts.min() >= 2 and n_out >= n_cls and len(idx) - n_out >= n_cls) else None
     rest, out = train_test_split(idx, test_size=n_out, random_state=seed, shuffle=True, stratify=stratify)
     return np.sort(rest), np.sort(out)
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A shuffle drawn from ``(seed, epoch)``: Lightning calls ``set_epoch`` before each epoch, so a run resumed
+    from a checkpoint replays exactly the order of the uninterrupted run (a loader whose generator is seeded once
+    restarts from epoch 0's order whenever it is re-created)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class SplitDataModule(pl.LightningDataModule):
@@ -199,10 +218,9 @@ class SplitDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochSeededSampler(len(dataset), self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -14,8 +14,8 @@ dtype, is still >= the exact norm.
 
 References: Sedghi, Gupta & Long, "The singular values of convolutional layers" (ICLR 2019);
 Delattre, Barthelemy, Araujo & Allauzen, "Efficient bound of Lipschitz constant for
-convolutional layers by Gram iteration" (ICML 2023) and "Spectral norm of convolutional layers
-with circular and zero paddings" (2024).
+convolutional layers by Gram iteration" (ICML 2023); Delattre, Barthelemy & Allauzen, "Spectral
+norm of convolutional layers with circular and zero paddings" (2024).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _TINY = torch.finfo(torch.float64).tiny
 
 # Largest min(m, n) for which dense_spectral_bound computes sigma_1 exactly, per device type.
-# CPU (measured, float64, 2 cores, forward and forward+backward): the exact route
-# sqrt(eigvalsh(W^H W)[-1]) is never slower than 6 Gram steps -- e.g. 512x512: 14 ms vs 13 ms,
-# 1024: 74 ms vs 88 ms, 2048: 0.41 s vs 0.71 s, batched 153 x (64x64 complex): 35 ms vs 250 ms --
-# so on CPU it is always exact.  CUDA/other (not measured here): cuSOLVER's batched eigensolver
+# CPU (measured, float64, 2 cores): the exact route sqrt(eigvalsh(W^H W)[-1]) costs about as much
+# as 6 Gram steps in the forward pass (512x512: 14 vs 13 ms, 1024: 74 vs 88 ms, 2048: 0.41 vs
+# 0.71 s) and less forward+backward (512: 25 vs 44 ms, 1024: 150 vs 290 ms, 2048: 1.1 vs 2.6 s;
+# batched 153 x (64x64 complex): 69 ms vs ~1 s), so on CPU it is always exact.  CUDA/other (not measured here): cuSOLVER's batched eigensolver
 # (syevjBatched) only covers matrices up to 32x32; larger ones are solved one by one, while the
 # Gram iteration is a handful of batched matmuls, so Gram iteration wins beyond 32.
 _EXACT_MAX_DIM = {"cpu": math.inf}
@@ -143,8 +143,9 @@ def dense_spectral_bound(W: Tensor, *, n_iter: int = 10, exact_max_dim: float | 
     default 10 and typically ~1e-9 for random matrices).
 
     Threshold (``exact_max_dim=None`` picks it by device): on CPU the exact route is measured to
-    be no slower than 6 Gram steps at every size (512: 14 vs 13 ms, 1024: 74 vs 88 ms,
-    2048: 0.41 vs 0.71 s, float64), so CPU is always exact; on CUDA and other devices the limit is
+    cost about as much as 6 Gram steps forward and less forward+backward, at every size (512: 14
+    vs 13 ms forward, 25 vs 44 ms with backward; 2048: 0.41 vs 0.71 s, 1.1 vs 2.6 s; float64), so
+    CPU is always exact; on CUDA and other devices the limit is
     32 (cuSOLVER's batched eigensolver covers only matrices up to 32x32, larger ones are solved
     one at a time, whereas Gram iteration is a few batched matmuls) -- the GPU value is not
     measured here.
@@ -283,15 +284,17 @@ def _dense_bound64(op: Callable[[Tensor], Tensor], in_shape: Sequence[int], devi
     (rows of J), with create_graph so the result stays differentiable in the weights.
     """
     in_dim = math.prod(in_shape)
-    probe = torch.zeros(1, *in_shape, dtype=torch.float64, device=device, requires_grad=True)
-    out = op(probe)
-    out_dim = out.numel()
+    out_shape = op(torch.zeros(1, *in_shape, dtype=torch.float64, device=device)).shape
+    out_dim = math.prod(out_shape)
     if in_dim <= out_dim:
         basis = torch.eye(in_dim, dtype=torch.float64, device=device).view(in_dim, *in_shape)
         matrix = op(basis).reshape(in_dim, out_dim)
     else:
-        basis = torch.eye(out_dim, dtype=torch.float64, device=device).view(out_dim, *out.shape)
-        (rows,) = torch.autograd.grad(out, probe, basis, is_grads_batched=True, create_graph=True)
+        track_weights = torch.is_grad_enabled()
+        with torch.enable_grad():  # the adjoint is taken by autograd w.r.t. the input, even under no_grad
+            probe = torch.zeros(1, *in_shape, dtype=torch.float64, device=device, requires_grad=True)
+            basis = torch.eye(out_dim, dtype=torch.float64, device=device).view(out_dim, *out_shape)
+            (rows,) = torch.autograd.grad(op(probe), probe, basis, is_grads_batched=True, create_graph=track_weights)
         matrix = rows.reshape(out_dim, in_dim)
     return _sigma64(matrix, n_iter=10, exact_max_dim=None)
 
@@ -321,8 +324,12 @@ def conv_spectral_bound(
       polyphase) circular conv, possibly composed with the padding map P of a reflect /
       replicate / circular padding (||P|| = sqrt(max copies of an input entry), exact); the
       circular conv's norm is computed exactly in the Fourier domain (``_fourier_bound64``).
-      Zero padding: bound >= exact, typically within ~1% for 3x3 kernels on >= 8x8 inputs;
-      circular padding with 'same' output and stride 1 (or stride dividing the size): exact.
+      Circular padding with 'same' output and stride 1 (or a stride dividing the size): exact.
+      Zero padding: the circular symbol's max overshoots the finite (Toeplitz) operator's norm by
+      O(1/n^2); measured for random 3x3 kernels, stride 1, padding 1: 2-5% at 8x8, 0.2-2% at
+      16x16 (fewer channels and padding 0 are looser), 0.1-0.6% at 32x32; stride 2 is as tight
+      (polyphase blocks, no loss from the stride).  Reflect / replicate: up to ||P|| = 2 (2-d,
+      padding 1) looser.
     * groups: block-diagonal operator, norm = max over groups.
     * transposed conv: the adjoint of the conv with the same weight, stride, padding, dilation and
       groups, mapping the transposed conv's output shape (which includes ``output_padding``) to

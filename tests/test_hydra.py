@@ -26,7 +26,6 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from experiments import train

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
@@ -21,7 +21,6 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
 
 from experiments.data import DigitsDataModule
 from experiments.models import CNN, MLP, Classifier
@@ -245,30 +244,6 @@ def test_callback_penalty_equals_the_explicit_loss_term(options: dict[str, Any])
 
 
 # --------------------------------------------------------------------------- kill and resume
-class EpochSeededSampler(Sampler[int]):
-    """A permutation drawn from ``(seed, epoch)`` (Lightning calls ``set_epoch``): resumable, unlike a loader whose
-    generator is re-seeded when it is re-created (see ``test_digits_data_order_survives_a_resume``)."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
-class ResumableDigits(DigitsDataModule):
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size,
-                          sampler=EpochSeededSampler(len(self.train_set), self.seed))
-
-
 class BatchOrder(Callback):
     def __init__(self) -> None:
         self.labels: dict[int, list[list[int]]] = {}
@@ -299,10 +274,10 @@ def fit_for_resume(tmp_path: Path, data: DigitsDataModule, penalty_on_module: bo
 def test_kill_and_resume_is_bitwise(tmp_path: Path, penalty_on_module: bool) -> None:
     """2 epochs straight vs resuming the same run's end-of-epoch-1 checkpoint into fresh objects (another seed):
     bitwise the same weights, optimizer-driven updates, warm vectors (in the module or in the callback's state)."""
-    straight, straight_lip, straight_order = fit_for_resume(tmp_path / "a", ResumableDigits(batch_size=64),
+    straight, straight_lip, straight_order = fit_for_resume(tmp_path / "a", DigitsDataModule(batch_size=64),
                                                             penalty_on_module)
     resumed, resumed_lip, resumed_order = fit_for_resume(
-        tmp_path / "b", ResumableDigits(batch_size=64), penalty_on_module,
+        tmp_path / "b", DigitsDataModule(batch_size=64), penalty_on_module,
         ckpt_path=str(tmp_path / "a" / "ckpt" / "epoch=0.ckpt"))
     assert resumed_order.labels[1] == straight_order.labels[1] and list(resumed_order.labels) == [1]
     straight_state, resumed_state = straight.state_dict(), resumed.state_dict()
@@ -319,8 +294,6 @@ def test_kill_and_resume_is_bitwise(tmp_path: Path, penalty_on_module: bool) -> 
 
 
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")
-@pytest.mark.xfail(strict=True, reason="experiments/data.py: the train loader's generator is re-seeded whenever the "
-                                        "loader is re-created, so a resumed run replays epoch 0's order")
 def test_digits_data_order_survives_a_resume(tmp_path: Path) -> None:
     _, _, straight = fit_for_resume(tmp_path / "a", DigitsDataModule(batch_size=64), False)
     _, _, resumed = fit_for_resume(tmp_path / "b", DigitsDataModule(batch_size=64), False,

@@ -22,7 +22,7 @@ def seconds(fn) -> float:
 
 def main(rounds: int = 5) -> None:
     torch.set_num_threads(1)
-    print(f"| model | cold SeqLip call | warm SeqLip call | warm / cold | training step | warm AutoLip call |")
+    print("| model | cold SeqLip call | warm SeqLip call | warm / cold | training step | warm AutoLip call |")
     print("|---|---|---|---|---|---|")
     for name in ("MLP", "CNN", "AlexNet"):
         model, data, _ = trained(name)
