@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +14,7 @@ from .autolip import autolip_bound, chain_interiors, own_constant
 from .certify import dense_spectral_bound
 from .errors import UnsupportedOpError
 from .graph import ConstantEnv, LipGraph, LipNode
-from .power import LinearFn, normalized, power_iterations, rayleigh_norm
+from .power import LinearFn, normalized, power_iterations, rayleigh_norm, rayleigh_norms_and_step
 from .rules import Activation, Constant
 from .seqlip import SeqLip
 
@@ -66,6 +67,7 @@ class LipschitzEstimator(nn.Module):
         self.graph = LipGraph(model, example_input, fuse=fuse, concrete_args=concrete_args)
         self._last_factors: dict[str, Tensor | float] = {}
         self._closed_form: set[LipNode] = set()
+        self._buffer_names: dict[LipNode, str] = {}  # the warm vector of each iterated operator
         generator = torch.Generator().manual_seed(seed)
         self.seqlip: SeqLip | None = None
         self._chained: set[LipNode] = set()  # linear nodes whose norm SeqLip replaces: never iterated
@@ -74,14 +76,15 @@ class LipschitzEstimator(nn.Module):
             self._chained = chain_interiors(self.seqlip.endpoints) | set(self.seqlip.endpoints)
         elif seqlip_options:
             raise TypeError(f"options {sorted(seqlip_options)} only apply to method='seqlip'")
-        env = self.graph.constant_env(dtype, self._device)
+        env = self.graph.constant_env(dtype, _model_device(model) or torch.device("cpu"))
         with torch.no_grad():
             for node in self._bounded_nodes():
                 if self.graph.closed_form_norm(node, env) is not None:
                     self._closed_form.add(node)
                 else:
                     v0 = torch.randn(node.in_shape, generator=generator, dtype=dtype)
-                    self.register_buffer(buffer_name("power", node.name), normalized(v0))
+                    self._buffer_names[node] = buffer_name("power", node.name)
+                    self.register_buffer(self._buffer_names[node], normalized(v0))
         device = _model_device(model)
         if device is not None:
             self.to(device)
@@ -91,31 +94,31 @@ class LipschitzEstimator(nn.Module):
         """The bound (scalar tensor, differentiable w.r.t. the model's parameters) after ``n_iter`` warm
         iterations per linear operator (default ``self.n_iter``)."""
         n_iter = self.n_iter if n_iter is None else n_iter
-        self._follow_model_device()
-        with torch.autocast(self._device.type, enabled=False):
-            env = self.graph.constant_env(self.dtype, self._device)
-            factors = {node: self._linear_factor(node, env, n_iter) for node in self._bounded_nodes()}
+        with self._evaluation() as env:
+            factors = self._linear_factors(env, n_iter)
             chains = self.seqlip(factors, env, n_iter) if self.seqlip is not None else None
-            bound = autolip_bound(self.graph, factors, chains, dtype=self.dtype, device=self._device)
+            bound = autolip_bound(self.graph, factors, chains, dtype=self.dtype, device=env.device)
         self._remember(factors, chains)
         if not torch.isfinite(bound):
             bad = [name for name, f in self._last_factors.items() if not math.isfinite(float(f))]
             warnings.warn(f"non-finite Lipschitz bound ({bound.item()}): non-finite factors at {bad}; "
-                          "the weights hold NaN or inf. The warm state was kept as it was.", RuntimeWarning,
-                          stacklevel=2)
+                          "the weights hold NaN or inf. Those operators keep their previous warm vectors.", RuntimeWarning,
+                          stacklevel=4)  # the caller of est(), past nn.Module's __call__
         return bound
 
-    @torch.no_grad()
     def converge(self, tol: float = 1e-6, max_iter: int = 2000) -> Tensor:
         """Iterate every operator until ``||A v||`` moves by less than ``tol`` (relative) in one step, or
         ``max_iter`` steps; then return the (differentiable) bound. Still an estimate from below: with close top
         singular values ``sigma`` stalls (changes by < tol) while ``v`` is still off by ``O(sqrt(tol))``, and the
         stopping test cannot see that; the gradient's error is first order in ``v``'s."""
-        env = self.graph.constant_env(self.dtype, self._device)
-        self._follow_model_device()
+        with torch.no_grad(), self._evaluation() as env:
+            self._converge_operators(env, tol, max_iter)
+        return self(n_iter=0)
+
+    def _converge_operators(self, env: ConstantEnv, tol: float, max_iter: int) -> None:
         for node in self._iterated_nodes():
             apply = self._apply_fn(node, env)
-            buffer = self.get_buffer(buffer_name("power", node.name))
+            buffer = self.get_buffer(self._buffer_names[node])
             v, sigma = buffer, rayleigh_norm(apply, buffer)
             for _ in range(max_iter):
                 v = power_iterations(apply, v, 1)
@@ -125,8 +128,6 @@ class LipschitzEstimator(nn.Module):
             buffer.copy_(v)
         if self.seqlip is not None:
             self.seqlip.converge(env, tol, max_iter)
-        with torch.enable_grad():
-            return self(n_iter=0)
 
     def certified_bound(self) -> Tensor:
         """A guaranteed upper bound on the Lipschitz constant, differentiable, with no random state.
@@ -140,11 +141,10 @@ class LipschitzEstimator(nn.Module):
             warnings.warn("this SeqLip search is not exact on full SVDs, so it cannot be certified: "
                           "certified_bound() returns the certified AutoLip bound", stacklevel=2)
         nodes = self._bounded_nodes() if use_seqlip else self.graph.linear_nodes()
-        with torch.autocast(self._device.type, enabled=False):
-            env = self.graph.constant_env(self.dtype, self._device)
+        with self._evaluation() as env:
             factors = {node: self.certified_factor(node, env) for node in nodes}
             chains = self.seqlip(factors, env, 0) if use_seqlip else None
-            return autolip_bound(self.graph, factors, chains, dtype=self.dtype, device=self._device)
+            return autolip_bound(self.graph, factors, chains, dtype=self.dtype, device=env.device)
 
     def certified_factor(self, node: LipNode, env: ConstantEnv) -> Tensor:
         """A certified ``sigma_1`` of a (fused) linear node, the tightest available of: its closed form; the
@@ -153,7 +153,7 @@ class LipschitzEstimator(nn.Module):
         certified norms (sub-multiplicativity)."""
         closed = self.graph.closed_form_norm(node, env)
         if closed is not None:
-            return closed.to(self._device)
+            return closed.to(env.device)
         if node.in_shape.numel() * node.out_shape.numel() <= DENSE_CERTIFY_LIMIT:
             return dense_spectral_bound(self.graph.dense_matrix(node, env))
         norms = []
@@ -174,8 +174,7 @@ class LipschitzEstimator(nn.Module):
         each linear operator's certified norm instead (computed now, from the current weights)."""
         if not certified:
             return {name: float(value) for name, value in self._last_factors.items()}
-        with torch.no_grad(), torch.autocast(self._device.type, enabled=False):
-            env = self.graph.constant_env(self.dtype, self._device)
+        with torch.no_grad(), self._evaluation() as env:
             bounds = {node.name: float(self.certified_factor(node, env)) for node in self.graph.linear_nodes()}
         return {**bounds, **self._own_constants()}
 
@@ -192,19 +191,28 @@ class LipschitzEstimator(nn.Module):
         return [n for n in self.graph.linear_nodes() if n not in self._chained]
 
     def _iterated_nodes(self) -> list[LipNode]:
-        return [n for n in self._bounded_nodes() if n not in self._closed_form]
+        return [n for n in self._bounded_nodes() if n in self._buffer_names]
 
     def _apply_fn(self, node: LipNode, env: ConstantEnv) -> LinearFn:
         return lambda v: self.graph.apply_linear(node, v, env)
 
-    def _linear_factor(self, node: LipNode, env: ConstantEnv, n_iter: int) -> Tensor:
-        if node in self._closed_form:
-            return self.graph.closed_form_norm(node, env).to(self._device)
-        apply = self._apply_fn(node, env)
-        buffer = self.get_buffer(buffer_name("power", node.name))
+    def _linear_factors(self, env: ConstantEnv, n_iter: int) -> dict[LipNode, Tensor]:
+        """Every bounded operator's norm: closed forms as they are; the others after ``n_iter`` warm power
+        steps, the last one sharing its forward pass with the returned ``||A v||``."""
+        factors = {node: self.graph.closed_form_norm(node, env).to(env.device) for node in self._closed_form}
+        nodes = self._iterated_nodes()
+        applies = [self._apply_fn(node, env) for node in nodes]
+        buffers = [self.get_buffer(self._buffer_names[node]) for node in nodes]
+        if n_iter > 1:
+            with torch.no_grad():
+                for apply, buffer in zip(applies, buffers):
+                    buffer.copy_(power_iterations(apply, buffer, n_iter - 1))
+        sigmas, vs = rayleigh_norms_and_step(applies, buffers, step=n_iter > 0)
         with torch.no_grad():
-            buffer.copy_(power_iterations(apply, buffer, n_iter))
-        return rayleigh_norm(apply, buffer.clone())
+            for buffer, v in zip(buffers, vs):
+                buffer.copy_(v)
+        factors.update(zip(nodes, sigmas))
+        return factors
 
     def _own_constants(self) -> dict[str, float]:
         """The constants of activations and pooling nodes (exact, no state)."""
@@ -218,16 +226,15 @@ class LipschitzEstimator(nn.Module):
             last.update(self.seqlip.pair_factors())
         self._last_factors = last
 
-    @property
-    def _device(self) -> torch.device:
-        return _model_device(self.model) or torch.device("cpu")
-
-    def _follow_model_device(self) -> None:
-        """Keep the warm state on the model's device (a model moved after the estimator was built)."""
-        for buffer in self.buffers():
-            if buffer.device != self._device:
-                self.to(self._device)
-            return
+    @contextmanager
+    def _evaluation(self) -> Iterator[ConstantEnv]:
+        """One evaluation on the model's device (the warm state follows a model moved after the estimator was
+        built), with autocast off and a fresh evaluator of the model's constants."""
+        device = _model_device(self.model) or torch.device("cpu")
+        if any(buffer.device != device for buffer in self.buffers()):
+            self.to(device)
+        with torch.autocast(device.type, enabled=False):
+            yield self.graph.constant_env(self.dtype, device)
 
 
 def _model_device(model: nn.Module) -> torch.device | None:

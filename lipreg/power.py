@@ -12,7 +12,7 @@ gradient of the lower estimate ``||A v||`` (as ``torch.nn.utils.parametrizations
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -41,11 +41,37 @@ def power_iterations(apply: LinearFn, v: Tensor, n_iter: int) -> Tensor:
     warm state is never poisoned (chosen with ``torch.where``: no host synchronisation).
     """
     for _ in range(n_iter):
-        w = gram_step(apply, v)
-        norm = torch.linalg.vector_norm(w)
-        usable = torch.isfinite(norm) & (norm > 0)
-        v = torch.where(usable, w / torch.where(usable, norm, 1.0), v)
+        v = _normalized_or_kept(gram_step(apply, v), v)
     return v.detach()
+
+
+def _normalized_or_kept(w: Tensor, v: Tensor) -> Tensor:
+    """``w / ||w||``, or ``v`` where that is not finite (chosen with ``torch.where``: no host synchronisation)."""
+    norm = torch.linalg.vector_norm(w)
+    usable = torch.isfinite(norm) & (norm > 0)
+    return torch.where(usable, w / torch.where(usable, norm, 1.0), v)
+
+
+def rayleigh_norms_and_step(applies: Sequence[LinearFn], vs: Sequence[Tensor],
+                            step: bool = True) -> tuple[list[Tensor], list[Tensor]]:
+    """``sigma_i = ||A_i v_i||`` for several operators, differentiable w.r.t. their weights, and from the same
+    forward passes one more power step ``v_i <- A_i^T A_i v_i / ||A_i^T A_i v_i||`` for all of them in a single
+    backward call (the graph is kept for the caller's own backward). This is how a training step pays for the
+    bound: one forward per operator and one joint backward, as ``spectral_norm`` pays one ``W v`` and ``W^T u``.
+    The returned sigmas belong to the vectors given (one step behind the updated ones); under ``torch.no_grad``
+    they come back detached."""
+    grad_enabled = torch.is_grad_enabled()
+    with torch.enable_grad():
+        vs = [v.detach().clone().requires_grad_(step) for v in vs]
+        outs = [apply(v) for apply, v in zip(applies, vs)]
+        sigmas = [torch.linalg.vector_norm(out) for out in outs]
+        if step and vs:
+            ata_vs = torch.autograd.grad(outs, vs, grad_outputs=[out.detach() for out in outs],
+                                         retain_graph=grad_enabled)
+            vs = [_normalized_or_kept(w, v.detach()) for w, v in zip(ata_vs, vs)]
+    if not grad_enabled:
+        sigmas = [sigma.detach() for sigma in sigmas]
+    return sigmas, [v.detach() for v in vs]
 
 
 def rayleigh_norm(apply: LinearFn, v: Tensor) -> Tensor:
