@@ -12,6 +12,7 @@ gradient of the lower estimate ``||A v||`` (as ``torch.nn.utils.parametrizations
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -48,8 +49,8 @@ def power_iterations(apply: LinearFn, v: Tensor, n_iter: int) -> Tensor:
 def _normalized_or_kept(w: Tensor, v: Tensor) -> Tensor:
     """``w / ||w||``, or ``v`` where that is not finite (chosen with ``torch.where``: no host synchronisation)."""
     norm = torch.linalg.vector_norm(w)
-    usable = torch.isfinite(norm) & (norm > 0)
-    return torch.where(usable, w / torch.where(usable, norm, 1.0), v)
+    usable = (norm > 0) & (norm < math.inf)  # False for NaN too; cheaper than isfinite on this hot path
+    return torch.where(usable, w / norm, v)
 
 
 def rayleigh_norms_and_step(applies: Sequence[LinearFn], vs: Sequence[Tensor],
