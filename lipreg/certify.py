@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["gram_spectral_bound", "dense_spectral_bound", "conv_spectral_bound"]
+__all__ = ["conv_spectral_bound", "dense_spectral_bound", "gram_spectral_bound"]
 
 _REL_MARGIN = 1e-6
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -38,9 +38,10 @@ _TINY = torch.finfo(torch.float64).tiny
 # CPU (measured, float64, 2 cores): the exact route sqrt(eigvalsh(W^H W)[-1]) costs about as much
 # as 6 Gram steps in the forward pass (512x512: 14 vs 13 ms, 1024: 74 vs 88 ms, 2048: 0.41 vs
 # 0.71 s) and less forward+backward (512: 25 vs 44 ms, 1024: 150 vs 290 ms, 2048: 1.1 vs 2.6 s;
-# batched 153 x (64x64 complex): 69 ms vs ~1 s), so on CPU it is always exact.  CUDA/other (not measured here): cuSOLVER's batched eigensolver
-# (syevjBatched) only covers matrices up to 32x32; larger ones are solved one by one, while the
-# Gram iteration is a handful of batched matmuls, so Gram iteration wins beyond 32.
+# batched 153 x (64x64 complex): 69 ms vs ~1 s), so on CPU it is always exact.  CUDA and other
+# devices (not measured here): cuSOLVER's batched eigensolver (syevjBatched) only covers matrices
+# up to 32x32, larger ones are solved one by one, while the Gram iteration is a handful of batched
+# matmuls, so Gram iteration is used beyond 32.
 _EXACT_MAX_DIM = {"cpu": math.inf}
 _EXACT_MAX_DIM_OTHER = 32
 
@@ -197,7 +198,7 @@ def _resolve_padding(
             raise ValueError("padding='same' is not supported for strided convolutions")
         return tuple(((e - 1) // 2, e - 1 - (e - 1) // 2) for e in extents)
     if isinstance(padding, str):
-        raise ValueError(f"padding must be 'same', 'valid', an int or a tuple, got {padding!r}")
+        raise ValueError(f"padding must be 'same', 'valid', an int or a tuple, got {padding!r}")  # noqa: TRY004
     return tuple((p, p) for p in _expand(padding, len(extents), "padding"))
 
 
@@ -242,15 +243,14 @@ def _axis_plan(n: int, k: int, stride: int, dilation: int, pad: tuple[int, int],
     return _AxisPlan(_round_up(n + left + right, stride), stride, _pad_norm(n, left, right, mode))
 
 
-def _kernel_on_grid(w: Tensor, axis: int, k: int, dilation: int, plan: _AxisPlan) -> Tensor:
-    """Place the taps of ``w`` along ``axis`` at positions (dilation*a mod grid), summing taps that
-    land on the same point (only possible in the exact circular case), then split the axis into
-    (grid/phases, phases) polyphase components: index v*phases + r -> (v, r)."""
-    positions = (torch.arange(k, device=w.device) * dilation) % plan.grid
-    shape = list(w.shape)
-    shape[axis] = plan.grid
-    placed = torch.zeros(shape, dtype=w.dtype, device=w.device).index_add(axis, positions, w)
-    return placed.unflatten(axis, (plan.grid // plan.phases, plan.phases))
+def _kernel_on_grid(w: Tensor, axis: int, k: int, dilation: int, grid: int) -> Tensor:
+    """Place the k taps of ``w`` along ``axis`` at positions dilation*a mod ``grid`` (zeros
+    elsewhere), summing taps that land on the same point (only in the exact circular case).
+    Done as a product with a k x grid 0/1 placement matrix: one small matmul, differentiable."""
+    positions = (torch.arange(k, device=w.device) * dilation) % grid
+    placement = torch.zeros(k, grid, dtype=w.dtype, device=w.device)
+    placement[torch.arange(k, device=w.device), positions] = 1.0
+    return (w.movedim(axis, -1) @ placement).movedim(-1, axis)
 
 
 def _fourier_bound64(w: Tensor, groups: int, dilation: Sequence[int], plans: Sequence[_AxisPlan]) -> Tensor:
@@ -265,15 +265,18 @@ def _fourier_bound64(w: Tensor, groups: int, dilation: Sequence[int], plans: Seq
     -omega gives the conjugate block, so a real FFT along the last axis suffices.
     """
     dims = len(plans)
-    grouped = w.unflatten(0, (groups, w.shape[0] // groups))  # (g, co, ci, *k)
+    c_out, c_in = w.shape[0] // groups, w.shape[1]
+    kernel = w.unflatten(0, (groups, c_out))  # (g, co, ci, k_1, ..., k_d)
     for i, plan in enumerate(plans):
-        grouped = _kernel_on_grid(grouped, 3 + 2 * i, w.shape[2 + i], dilation[i], plan)
-    freq_dims = [3 + 2 * i for i in range(dims)]
-    spectrum = torch.fft.rfftn(grouped, dim=freq_dims)  # (g, co, ci, F1, s1, ..., Fd, sd)
-    phase_dims = [4 + 2 * i for i in range(dims)]
-    blocks = spectrum.permute(0, *freq_dims, 1, 2, *phase_dims)
-    blocks = blocks.reshape(-1, w.shape[0] // groups, w.shape[1] * math.prod(p.phases for p in plans))
-    return _sigma64(blocks, n_iter=10, exact_max_dim=None).max() * math.prod(p.pad_norm for p in plans)
+        kernel = _kernel_on_grid(kernel, 3 + i, w.shape[2 + i], dilation[i], plan.grid)
+    # grid index v*s + r -> (v, r); then phases before the (contiguous, last) frequency axes
+    split = [size for plan in plans for size in (plan.grid // plan.phases, plan.phases)]
+    kernel = kernel.reshape(groups, c_out, c_in, *split)
+    kernel = kernel.permute(0, 1, 2, *(4 + 2 * i for i in range(dims)), *(3 + 2 * i for i in range(dims)))
+    spectrum = torch.fft.rfftn(kernel, dim=list(range(3 + dims, 3 + 2 * dims)))  # (g, co, ci, s.., F..)
+    blocks = spectrum.permute(0, *range(3 + dims, 3 + 2 * dims), 1, 2, *range(3, 3 + dims))
+    blocks = blocks.reshape(-1, c_out, c_in * math.prod(plan.phases for plan in plans))
+    return _sigma64(blocks, n_iter=10, exact_max_dim=None).max() * math.prod(plan.pad_norm for plan in plans)
 
 
 def _dense_bound64(op: Callable[[Tensor], Tensor], in_shape: Sequence[int], device: torch.device) -> Tensor:
@@ -310,7 +313,7 @@ def conv_spectral_bound(
     transposed: bool = False,
     output_padding: int | Sequence[int] = 0,
     *,
-    dense_max_entries: int = 2**22,
+    dense_max_entries: int = 2**20,
 ) -> Tensor:
     """Certified upper bound on the operator norm of the linear part (no bias) of torch's
     conv{1,2,3}d / conv_transpose{1,2,3}d with these hyper-parameters, on inputs of spatial shape
@@ -335,59 +338,98 @@ def conv_spectral_bound(
       groups, mapping the transposed conv's output shape (which includes ``output_padding``) to
       its input shape; adjoints have equal norms.  When output_padding >= stride (allowed if
       dilation > stride) the transposed conv is a column-submatrix of that adjoint: still a bound.
-    * If the operator has at most ``dense_max_entries`` = rows*cols entries (default 2^22 ~ 4.2e6),
-      its dense matrix is also built and its sigma_1 computed (``dense_spectral_bound``); the
-      minimum of the certified bounds is returned.  This removes the circular embedding's slack on
-      tiny inputs.  Set ``dense_max_entries=0`` to skip it (it costs up to ~0.4 s at 2^22 on CPU).
+    * If the operator has at most ``dense_max_entries`` = rows*cols entries, its dense matrix is
+      also built (the layer applied to an identity basis, or its adjoint by autograd, whichever
+      side is smaller) and its sigma_1 computed as in ``dense_spectral_bound``; the minimum of the
+      certified bounds is returned.  This removes the circular embedding's slack on small inputs
+      (e.g. a 3x3 kernel on 4x4 .. 8x8 images).  The default 2^20 (~1e6 entries, e.g. 16 channels
+      on 8x8) keeps its cost near 0.1 s forward / 0.2 s with backward on 2 CPU cores (an eigvalsh
+      of a 1024-square Gram matrix); 2^22 costs ~4x that plus the Gram product.  Set it to 0 to
+      use the Fourier bound only.
 
     Returns:
         A 0-dim tensor in the weight's dtype; float64 inside, times (1 + 1e-6), rounded upwards.
     """
+    geometry = _conv_geometry(
+        weight, input_shape, stride, padding, dilation, groups, padding_mode, transposed, output_padding
+    )
+    w64 = weight.to(torch.float64)
+    kernel = tuple(weight.shape[2:])
+    plans = [
+        _axis_plan(n, k, s, d, p, padding_mode)
+        for n, k, s, d, p in zip(geometry.conv_in, kernel, geometry.stride, geometry.dilation, geometry.pad)
+    ]
+    bound = _fourier_bound64(w64, groups, geometry.dilation, plans)
+    c_in, c_out = weight.shape[1] * groups, weight.shape[0]  # of the non-transposed conv
+    entries = c_in * math.prod(geometry.conv_in) * c_out * math.prod(geometry.conv_out)
+    if entries <= dense_max_entries:
+        op = _layer_op(w64, geometry, padding, groups, padding_mode, transposed, output_padding)
+        in_shape = (c_out if transposed else c_in, *geometry.input_shape)
+        bound = torch.minimum(bound, _dense_bound64(op, in_shape, weight.device))
+    return _certified(bound, weight.dtype)
+
+
+@dataclass(frozen=True)
+class _ConvGeometry:
+    """Per-axis sizes of a conv layer; for a transposed layer, ``conv_in`` / ``conv_out`` are those
+    of the (non-transposed) conv it is the adjoint of: conv_in = the transposed layer's output."""
+
+    input_shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pad: tuple[tuple[int, int], ...]
+    conv_in: tuple[int, ...]
+    conv_out: tuple[int, ...]
+
+
+def _conv_geometry(
+    weight: Tensor,
+    input_shape: Sequence[int],
+    stride: int | Sequence[int],
+    padding: str | int | Sequence[int],
+    dilation: int | Sequence[int],
+    groups: int,
+    padding_mode: str,
+    transposed: bool,
+    output_padding: int | Sequence[int],
+) -> _ConvGeometry:
+    """Validate the hyper-parameters as torch does and compute the sizes (ValueError if invalid).
+
+    Transposed: output size (n-1)*s - l - r + extent + output_padding per axis; a conv with the
+    same weight, stride, padding and dilation maps that size back to n + output_padding // s rows.
+    """
     dims = weight.dim() - 2
     if dims not in (1, 2, 3):
         raise ValueError(f"weight must have 3, 4 or 5 dims, got shape {tuple(weight.shape)}")
-    input_shape = _expand(input_shape, dims, "input_shape")
-    stride_t = _expand(stride, dims, "stride")
-    dilation_t = _expand(dilation, dims, "dilation")
-    kernel = tuple(weight.shape[2:])
-    extents = tuple(d * (k - 1) + 1 for d, k in zip(dilation_t, kernel))
     if padding_mode not in _PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
     if weight.shape[0] % groups:
         raise ValueError(f"weight.shape[0]={weight.shape[0]} is not divisible by groups={groups}")
+    shape = _expand(input_shape, dims, "input_shape")
+    stride_t = _expand(stride, dims, "stride")
+    dilation_t = _expand(dilation, dims, "dilation")
+    extents = tuple(d * (k - 1) + 1 for d, k in zip(dilation_t, weight.shape[2:]))
+    pad = _resolve_padding(padding, extents, stride_t)
+    conv_in = shape
     if transposed:
         if padding_mode != "zeros" or isinstance(padding, str):
             raise ValueError("transposed convolutions support only padding_mode='zeros' and int/tuple padding")
         out_pad = _expand(output_padding, dims, "output_padding")
         if any(op >= max(s, d) for op, s, d in zip(out_pad, stride_t, dilation_t)):
             raise ValueError("output_padding must be smaller than either stride or dilation")
-    pad = _resolve_padding(padding, extents, stride_t)
-    # The (non-transposed) conv whose norm bounds the layer's: for a transposed layer, the conv on
-    # the transposed layer's output shape (its adjoint).
-    conv_in = input_shape
-    if transposed:
-        conv_in = tuple((n - 1) * s - l - r + e + op for n, s, (l, r), e, op in zip(input_shape, stride_t, pad, extents, out_pad))
+        conv_in = tuple(
+            (n - 1) * s - l - r + e + op for n, s, (l, r), e, op in zip(shape, stride_t, pad, extents, out_pad)
+        )
     if min(conv_in) < 1 or any(n + l + r < e for n, (l, r), e in zip(conv_in, pad, extents)):
-        raise ValueError(f"kernel extent {extents} does not fit input {tuple(conv_in)} padded by {pad}")
-    w64 = weight.to(torch.float64)
-    plans = [_axis_plan(*args, padding_mode) for args in zip(conv_in, kernel, stride_t, dilation_t, pad)]
-    bound = _fourier_bound64(w64, groups, dilation_t, plans)
+        raise ValueError(f"kernel extent {extents} does not fit input {conv_in} padded by {pad}")
     conv_out = tuple((n + l + r - e) // s + 1 for n, (l, r), e, s in zip(conv_in, pad, extents, stride_t))
-    channels = (weight.shape[1] * groups, weight.shape[0])  # (in, out) of the non-transposed conv
-    entries = channels[0] * math.prod(conv_in) * channels[1] * math.prod(conv_out)
-    if 0 < entries <= dense_max_entries:
-        op = _layer_op(w64, stride_t, padding, pad, dilation_t, groups, padding_mode, transposed, output_padding)
-        in_shape = (channels[1], *input_shape) if transposed else (channels[0], *input_shape)
-        bound = torch.minimum(bound, _dense_bound64(op, in_shape, weight.device))
-    return _certified(bound, weight.dtype)
+    return _ConvGeometry(shape, stride_t, dilation_t, pad, conv_in, conv_out)
 
 
 def _layer_op(
     w64: Tensor,
-    stride: tuple[int, ...],
+    geometry: _ConvGeometry,
     padding: str | int | Sequence[int],
-    pad: tuple[tuple[int, int], ...],
-    dilation: tuple[int, ...],
     groups: int,
     padding_mode: str,
     transposed: bool,
@@ -396,11 +438,12 @@ def _layer_op(
     """The layer's linear part as a function of a batched float64 input, exactly as torch's
     nn.Conv*/nn.ConvTranspose* modules compute it (non-zeros modes: F.pad, then a valid conv)."""
     dims = w64.dim() - 2
+    stride, dilation = geometry.stride, geometry.dilation
     if transposed:
         fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
         return lambda x: fn(x, w64, None, stride, padding, output_padding, groups, dilation)
     fn = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
     if padding_mode == "zeros":
         return lambda x: fn(x, w64, None, stride, padding, dilation, groups)
-    torch_pad = tuple(p for pair in reversed(pad) for p in pair)
+    torch_pad = tuple(p for pair in reversed(geometry.pad) for p in pair)
     return lambda x: fn(F.pad(x, torch_pad, mode=padding_mode), w64, None, stride, 0, dilation, groups)
