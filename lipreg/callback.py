@@ -63,7 +63,7 @@ class LipschitzCallback(Callback):
 
     def __init__(self, method: str = "autolip", module: str | None = None, penalty_weight: float = 0.0,
                  penalty_kind: str = "log", target: float | None = None, n_iter: int = 1,
-                 log_every_n_steps: int = 50, per_layer: bool = False, certify_every_n_steps: int = 50,
+                 log_every_n_steps: int = 50, per_layer: bool = False, certify_every_n_steps: int = 100,
                  reconverge_gap: float = 1.05, eval_n_iter: int = 500, robust_eps: float | Sequence[float] = (0.1,),
                  lower_bound_batches: int = 1, lower_bound_ascent_steps: int = 0,
                  **estimator_options: Any) -> None:

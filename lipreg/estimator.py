@@ -158,6 +158,8 @@ class LipschitzEstimator(nn.Module):
             return dense_spectral_bound(self.graph.dense_matrix(node, env))
         norms = []
         for info, rule in zip(node.ops, node.rules):
+            if rule.isometry:
+                continue
             norm = rule.certified_norm(info, self.graph.node_call(info.node, env), self.dtype)
             if norm is None:
                 raise UnsupportedOpError(
