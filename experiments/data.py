@@ -141,6 +141,8 @@ class SplitDataModule(pl.LightningDataModule):
         limit_eval: int | None = None,
     ) -> None:
         super().__init__()
+        if type(self).__init__ is SplitDataModule.__init__:
+            self.save_hyperparameters()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
@@ -245,23 +247,12 @@ class SplitDataModule(pl.LightningDataModule):
 class DigitsDataModule(SplitDataModule):
     """The 1797 8x8 handwritten digits shipped with scikit-learn (``load_digits``).
 
-    Inputs ``(1, 8, 8)`` float32 in [0, 1] (pixel values 0..16 divided by 16), 10 classes.
+    Inputs ``(1, 8, 8)`` float32 in [0, 1] (pixel values 0..16 divided by 16), 10 classes. Arguments as in
+    :class:`SplitDataModule`.
     """
 
-    def __init__(
-        self,
-        batch_size: int = 128,
-        seed: int = 0,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        num_workers: int = 0,
-        limit_train: int | None = None,
-        limit_eval: int | None = None,
-    ) -> None:
-        super().__init__(batch_size, seed, val_fraction, test_fraction, num_workers, limit_train, limit_eval)
-        self.save_hyperparameters()
-        self.input_shape = (1, 8, 8)
-        self.num_classes = 10
+    input_shape = (1, 8, 8)
+    num_classes = 10
 
     def load(self) -> LoadedArrays:
         from sklearn.datasets import load_digits
