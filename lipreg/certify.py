@@ -342,10 +342,10 @@ def conv_spectral_bound(
       also built (the layer applied to an identity basis, or its adjoint by autograd, whichever
       side is smaller) and its sigma_1 computed as in ``dense_spectral_bound``; the minimum of the
       certified bounds is returned.  This removes the circular embedding's slack on small inputs
-      (e.g. a 3x3 kernel on 4x4 .. 8x8 images).  The default 2^20 (~1e6 entries, e.g. 16 channels
-      on 8x8) keeps its cost near 0.1 s forward / 0.2 s with backward on 2 CPU cores (an eigvalsh
-      of a 1024-square Gram matrix); 2^22 costs ~4x that plus the Gram product.  Set it to 0 to
-      use the Fourier bound only.
+      (e.g. a 3x3 kernel on 4x4 .. 8x8 images).  At the default 2^20 (~1e6 entries, e.g. 16
+      channels on 8x8) it costs 0.1-0.25 s forward and 0.2-0.6 s with backward on CPU (a
+      1024-square Gram product and eigvalsh; measured on 2 busy cores), ~8x that at 2^22, against
+      a few ms for the Fourier bound.  Set it to 0 to use the Fourier bound only.
 
     Returns:
         A 0-dim tensor in the weight's dtype; float64 inside, times (1 + 1e-6), rounded upwards.
