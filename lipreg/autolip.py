@@ -6,11 +6,13 @@ The input has constant 1, parameters and constants 0 (they are not nodes of the 
 * (fused) linear operator ``A``: ``sigma_1(A) L(a)``;
 * activation with slopes in ``[a, b]``: ``max(|a|, |b|) L(a)``; an op of known constant ``c`` (jointly in its
   arguments): ``c L(a)``, or ``c sqrt(sum_i L(a_i)^2)`` for several;
-* ``sum_i c_i a_i``: ``sum_i |c_i| L(a_i)`` (a residual block ``x + g(x)`` gets ``1 + L(g)``, never a product);
+* ``sum_i c_i a_i``: ``sum_i |c_i| sqrt(k_i) L(a_i)``, with ``k_i`` the copies broadcasting makes of ``a_i``'s entries
+  (a residual block ``x + g(x)`` gets ``1 + L(g)``, never a product);
 * concatenation: ``sqrt(sum_i L(a_i)^2)``, tighter than the generic sum since the parts are orthogonal blocks.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
@@ -34,8 +36,11 @@ def own_constant(node: LipNode) -> float:
 def propagate(node: LipNode, parents: list[Tensor], factors: Mapping[LipNode, Tensor]) -> Tensor:
     """One step of Alg. 1: ``L(node)`` from its parents' constants."""
     if isinstance(node.rule, Sum):
-        coefficients = node.rule.coefficients(node.ops[0])
-        return sum(abs(c) * L for c, L in zip(coefficients, parents))
+        info = node.ops[0]
+        coefficients = node.rule.coefficients(info)
+        # a summand broadcast to the output's shape has each entry copied out/in times: its norm grows by the root
+        copies = [math.sqrt(info.out_shape.numel() / shape.numel()) for shape in info.in_shapes]
+        return sum(abs(c) * k * L for c, k, L in zip(coefficients, copies, parents))
     if isinstance(node.rule, Concat):
         return torch.sqrt(sum(L * L for L in parents))
     if node in factors:

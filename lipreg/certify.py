@@ -49,7 +49,7 @@ _EXACT_MAX_DIM_OTHER = 32
 # ----------------------------------------------------------------------------- numerics
 
 
-def _certified(bound64: Tensor, dtype: torch.dtype) -> Tensor:
+def certified_cast(bound64: Tensor, dtype: torch.dtype) -> Tensor:
     """``bound64 * (1 + 1e-6)`` cast to ``dtype`` rounding upwards (result >= bound64 as reals).
 
     The upward correction is a constant (detached) ulp step, so gradients pass unchanged.
@@ -132,7 +132,7 @@ def gram_spectral_bound(W: Tensor, n_iter: int = 6) -> Tensor:
         raise ValueError(f"expected a (batch of) matrix, got shape {tuple(W.shape)}")
     if n_iter < 0:
         raise ValueError(f"n_iter must be >= 0, got {n_iter}")
-    return _certified(_gram64(_as64(W), n_iter), W.dtype.to_real())
+    return certified_cast(_gram64(_as64(W), n_iter), W.dtype.to_real())
 
 
 def dense_spectral_bound(W: Tensor, *, n_iter: int = 10, exact_max_dim: float | None = None) -> Tensor:
@@ -156,7 +156,7 @@ def dense_spectral_bound(W: Tensor, *, n_iter: int = 10, exact_max_dim: float | 
     """
     if W.dim() < 2:
         raise ValueError(f"expected a (batch of) matrix, got shape {tuple(W.shape)}")
-    return _certified(_sigma64(_as64(W), n_iter, exact_max_dim), W.dtype.to_real())
+    return certified_cast(_sigma64(_as64(W), n_iter, exact_max_dim), W.dtype.to_real())
 
 
 # ----------------------------------------------------------------------------- convolution
@@ -366,7 +366,7 @@ def conv_spectral_bound(
         op = _layer_op(w64, geometry, padding, groups, padding_mode, transposed, output_padding)
         in_shape = (c_out if transposed else c_in, *geometry.input_shape)
         bound = torch.minimum(bound, _dense_bound64(op, in_shape, weight.device))
-    return _certified(bound, weight.dtype)
+    return certified_cast(bound, weight.dtype)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .autolip import autolip_bound, chain_interiors, own_constant
-from .certify import dense_spectral_bound
+from .certify import certified_cast, dense_spectral_bound
 from .errors import UnsupportedOpError
 from .graph import ConstantEnv, LipGraph, LipNode
 from .power import LinearFn, normalized, power_iterations, rayleigh_norm, rayleigh_norms_and_step
@@ -143,7 +143,10 @@ class LipschitzEstimator(nn.Module):
         nodes = self._bounded_nodes() if use_seqlip else self.graph.linear_nodes()
         with self._evaluation() as env:
             factors = {node: self.certified_factor(node, env) for node in nodes}
-            chains = self.seqlip(factors, env, 0) if use_seqlip else None
+            chains = None
+            if use_seqlip:  # exact eq. 8 on full SVDs, rounded upwards as the other certificates are
+                chains = {last: (first, certified_cast(bound.to(torch.float64), bound.dtype))
+                          for last, (first, bound) in self.seqlip(factors, env, 0).items()}
             return autolip_bound(self.graph, factors, chains, dtype=self.dtype, device=env.device)
 
     def certified_factor(self, node: LipNode, env: ConstantEnv) -> Tensor:

@@ -96,7 +96,15 @@ def _functional_batch_norm(info: NodeInfo) -> LinearOp | Refuse:
 
 register_rule(nn.Linear, DenseLinear())
 register_rule(nn.modules.conv._ConvNd, Convolution())
-register_rule(nn.modules.conv._ConvTransposeNd, TransposedConvolution())
+def _transposed_convolution(info: NodeInfo) -> LinearOp:
+    """A call with ``output_size`` implies its own output padding: then the generic affine rule (the module's
+    own call) rather than the module's ``output_padding``."""
+    if info.arg(1, "output_size") is not None:
+        return LinearOp()
+    return TransposedConvolution()
+
+
+register_rule(nn.modules.conv._ConvTransposeNd, _transposed_convolution)
 register_rule(nn.modules.batchnorm._BatchNorm, _batch_norm_rule)
 register_rule(F.batch_norm, _functional_batch_norm)
 

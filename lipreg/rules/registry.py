@@ -37,16 +37,29 @@ def rule_factory(node: fx.Node, module: nn.Module | None) -> RuleFactory | None:
     """The registered factory for an fx node (module classes are matched along their MRO)."""
     if node.op == "call_module":
         assert module is not None
-        for cls in type(module).__mro__:
-            if cls in _RULES:
-                return _RULES[cls]
-        return None
+        cls = _registered_class(module)
+        return None if cls is None else _RULES[cls]
     return _RULES.get(node.target)
 
 
+def _registered_class(module: nn.Module) -> type | None:
+    """The nearest class in the module's MRO with a rule, provided the module still computes what that class
+    computes: a user subclass that overrides ``forward`` (``10 * super().forward(x)``, weight standardisation)
+    does not inherit the rule (it is traced through instead), unless that subclass is registered itself.
+    torch's own subclasses (``nn.Conv2d`` of the registered ``_ConvNd``) keep it."""
+    owner = next(c for c in type(module).__mro__ if "forward" in vars(c))
+    for cls in type(module).__mro__:
+        if cls in _RULES and cls is not nn.Module:
+            if issubclass(cls, owner) or owner.__module__.startswith("torch."):
+                return cls
+            return None
+    return None
+
+
 def is_registered_module(module: nn.Module) -> bool:
-    """Whether a module class (or a base) has a rule: such modules are leaves of the trace."""
-    return any(cls in _RULES for cls in type(module).__mro__ if cls is not nn.Module)
+    """Whether a module's class (or a base whose computation it keeps) has a rule: such modules are leaves of the
+    trace."""
+    return _registered_class(module) is not None
 
 
 def describe_target(node: fx.Node, module: nn.Module | None) -> str:

@@ -72,20 +72,22 @@ class AlphaSum(Sum):
         return [1.0, float(info.arg(2, "alpha", 1))]
 
 
-def _add(info: NodeInfo) -> Rule:
-    if len(info.x_inputs) == 2:
-        return AlphaSum()
-    if info.arg(2, "alpha", 1) != 1:
+def _shift(info: NodeInfo, sign: int) -> Rule:
+    """``+-x + c`` is the identity up to sign, unless ``c`` broadcasts ``x`` to a larger shape (each entry
+    copied ``k`` times: norm ``sqrt(k)``) or ``alpha != 1``: then the generic affine rule."""
+    if info.arg(2, "alpha", 1) != 1 or info.in_shapes[0] != info.out_shape:
         return LinearOp()
-    return SignedIdentity(1)
+    return SignedIdentity(sign)
+
+
+def _add(info: NodeInfo) -> Rule:
+    return AlphaSum() if len(info.x_inputs) == 2 else _shift(info, 1)
 
 
 def _sub(info: NodeInfo) -> Rule:
     if len(info.x_inputs) == 2:
         return AlphaSum()
-    if info.arg(2, "alpha", 1) != 1:
-        return LinearOp()
-    return SignedIdentity(1 if _x_positions(info) == [0] else -1)
+    return _shift(info, 1 if _x_positions(info) == [0] else -1)
 
 
 def _mul(info: NodeInfo) -> Rule:
