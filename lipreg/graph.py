@@ -18,13 +18,14 @@ import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .errors import REGISTER_HINT, UnsupportedOpError
+from .rules.base import raw_argument
 from .rules import (Activation, Concat, LinearOp, NodeInfo, Refuse, Rule, describe_target, is_registered_module,
                     rule_factory)
 
@@ -345,13 +346,7 @@ class ConstantEnv:
         if node.op == "get_attr":
             result = operator.attrgetter(node.target)(self.graph.model)
         else:
-            args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.value)
-            if node.op == "call_module":
-                result = self.graph.modules[node.target](*args, **kwargs)
-            elif node.op == "call_method":
-                result = getattr(args[0], node.target)(*args[1:], **kwargs)
-            else:
-                result = node.target(*args, **kwargs)
+            result = run_node(node, self.graph.modules, self.value)
         if isinstance(result, Tensor) and result.is_floating_point():
             result = result.to(self.dtype)
         return result
@@ -367,20 +362,20 @@ class NodeCall:
 
     def __call__(self, x_values: Mapping[fx.Node, Tensor]) -> Tensor:
         lookup = lambda n: x_values[n] if n in x_values else self.env.value(n)  # noqa: E731
-        args, kwargs = fx.node.map_arg((self.node.args, self.node.kwargs), lookup)
-        node = self.node
-        if node.op == "call_module":
-            return self.env.graph.modules[node.target](*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        return node.target(*args, **kwargs)
+        return run_node(self.node, self.env.graph.modules, lookup)
 
     def arg_value(self, index: int, name: str, default: Any = None) -> Any:
-        if index < len(self.node.args):
-            value = self.node.args[index]
-        else:
-            value = self.node.kwargs.get(name, default)
-        return fx.node.map_arg(value, self.env.value)
+        return fx.node.map_arg(raw_argument(self.node, index, name, default), self.env.value)
+
+
+def run_node(node: fx.Node, modules: Mapping[str, nn.Module], value: Callable[[fx.Node], Any]) -> Any:
+    """Execute one ``call_module`` / ``call_method`` / ``call_function`` node, its argument nodes read by ``value``."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+    if node.op == "call_module":
+        return modules[node.target](*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
 
 
 class _Whole(nn.Module):

@@ -20,6 +20,11 @@ import torch
 from torch import Tensor, fx, nn
 
 
+def raw_argument(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """A call's argument at position ``index``, else keyword ``name``, else ``default`` (fx nodes left in)."""
+    return node.args[index] if index < len(node.args) else node.kwargs.get(name, default)
+
+
 @dataclass(eq=False)
 class NodeInfo:
     """What a rule may look at: the fx node, its module (for ``call_module``), which arguments depend on the
@@ -35,15 +40,8 @@ class NodeInfo:
     def arg(self, index: int, name: str, default: Any = None) -> Any:
         """The call argument at position ``index`` or keyword ``name``, with fx nodes of non-tensor values
         (``x.size(0)``...) replaced by their traced value."""
-        if index < len(self.node.args):
-            value = self.node.args[index]
-        else:
-            value = self.node.kwargs.get(name, default)
-        return fx.node.map_arg(value, lambda n: self.static_values.get(n, n))
-
-    @property
-    def is_method(self) -> bool:
-        return self.node.op == "call_method"
+        return fx.node.map_arg(raw_argument(self.node, index, name, default),
+                               lambda n: self.static_values.get(n, n))
 
 
 class Call(Protocol):
