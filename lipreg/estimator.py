@@ -66,6 +66,8 @@ class LipschitzEstimator(nn.Module):
         self.dtype = dtype
         self.graph = LipGraph(model, example_input, fuse=fuse, concrete_args=concrete_args)
         self._last_factors: dict[str, Tensor | float] = {}
+        self._constants = {node.name: own_constant(node) for node in self.graph.nodes[1:]  # fixed by the graph
+                           if isinstance(node.rule, (Activation, Constant))}
         self._closed_form: set[LipNode] = set()
         self._buffer_names: dict[LipNode, str] = {}  # the warm vector of each iterated operator
         generator = torch.Generator().manual_seed(seed)
@@ -98,7 +100,7 @@ class LipschitzEstimator(nn.Module):
             factors = self._linear_factors(env, n_iter)
             chains = self.seqlip(factors, env, n_iter) if self.seqlip is not None else None
             bound = autolip_bound(self.graph, factors, chains, dtype=self.dtype, device=env.device)
-        self._remember(factors, chains)
+        self._remember(factors)
         if not torch.isfinite(bound):
             bad = [name for name, f in self._last_factors.items() if not math.isfinite(float(f))]
             warnings.warn(f"non-finite Lipschitz bound ({bound.item()}): non-finite factors at {bad}; "
@@ -181,7 +183,7 @@ class LipschitzEstimator(nn.Module):
             return {name: float(value) for name, value in self._last_factors.items()}
         with torch.no_grad(), self._evaluation() as env:
             bounds = {node.name: float(self.certified_factor(node, env)) for node in self.graph.linear_nodes()}
-        return {**bounds, **self._own_constants()}
+        return {**bounds, **self._constants}
 
     @property
     def certified(self) -> bool:
@@ -219,14 +221,9 @@ class LipschitzEstimator(nn.Module):
         factors.update(zip(nodes, sigmas))
         return factors
 
-    def _own_constants(self) -> dict[str, float]:
-        """The constants of activations and pooling nodes (exact, no state)."""
-        return {node.name: own_constant(node) for node in self.graph.nodes[1:]
-                if isinstance(node.rule, (Activation, Constant))}
-
-    def _remember(self, factors: dict[LipNode, Tensor], chains) -> None:
+    def _remember(self, factors: dict[LipNode, Tensor]) -> None:
         last: dict[str, Tensor | float] = {node.name: f.detach() for node, f in factors.items()}
-        last.update(self._own_constants())
+        last.update(self._constants)
         if self.seqlip is not None:
             last.update(self.seqlip.pair_factors())
         self._last_factors = last
