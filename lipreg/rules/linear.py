@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..certify import conv_spectral_bound, dense_spectral_bound
+from ..certify import certified_cast, conv_spectral_bound, dense_spectral_bound
 from .base import Call, LinearOp, NodeInfo, Refuse
 from .registry import register_rule
 
@@ -120,23 +120,26 @@ for _target in (F.pad, nn.modules.padding._ConstantPadNd, nn.modules.padding._Re
     register_rule(_target, LinearOp())
 
 class Averaging(LinearOp):
-    """Average pooling (plain or adaptive), means and sums: linear maps with non-negative entries.
+    """Average pooling (plain or adaptive), means and sums: linear maps whose entries all have one sign.
 
-    Certified by the Schur test: for ``A >= 0`` entrywise, ``||A||_2 <= sqrt(max_i (A 1)_i * max_j (A^T 1)_j)``,
-    the largest row sum times the largest column sum, both read off one application of ``A`` and ``A^T`` to
-    ones. Exact for non-overlapping pools (``1/sqrt(k)`` for k inputs per window), ``ceil(k/s)/k`` per dimension
+    Certified by the Schur test: ``||A||_2 <= sqrt(max_i (|A| 1)_i * max_j (|A|^T 1)_j)``, the largest absolute
+    row sum times the largest absolute column sum. Every entry of these ops is ``1/d >= 0`` for its window's
+    divisor ``d``, except for average pools with a negative ``divisor_override``, whose entries are all ``<= 0``;
+    with one sign, ``|A| 1 = |A 1|`` and ``|A|^T 1 = |A^T 1|``, both read off one application of ``A`` and ``A^T``
+    to ones. Exact for non-overlapping pools (``1/sqrt(k)`` for k inputs per window), ``ceil(k/s)/k`` per dimension
     for k-wide windows of stride s, whatever the padding, ``ceil_mode`` or ``count_include_pad``.
+    These ops have no weights: the sums are taken in float64 and the bound rounded upwards into ``dtype``.
     """
 
     def __init__(self) -> None:
         super().__init__(homogeneous=True)
 
     def certified_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
-        ones = torch.ones(info.in_shapes[0], dtype=dtype, device=call.device, requires_grad=True)
+        ones = torch.ones(info.in_shapes[0], dtype=torch.float64, device=call.device, requires_grad=True)
         with torch.enable_grad():
             out = self.apply(info, call, ones)
             (column_sums,) = torch.autograd.grad(out, ones, torch.ones_like(out))
-        return torch.sqrt(out.detach().max() * column_sums.max())
+        return certified_cast(torch.sqrt(out.detach().abs().max() * column_sums.abs().max()), dtype)
 
 
 for _target in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,

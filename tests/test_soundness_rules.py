@@ -1,0 +1,97 @@
+"""Rules that certified below the truth (issue 9, classes 3, 4, 6 and 7), each against an independent exact
+reference: the SVD of a float64 ``jacrev`` Jacobian for linear ops, spike counts for max pooling, brute force over
+the regions of a piecewise-linear chain, finite pairs for the softplus jump."""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lipreg
+import lipreg.estimator
+
+DT = torch.float64
+
+
+class Fn(nn.Module):
+    """A model that is one functional call, its tensors held as parameters."""
+
+    def __init__(self, fn, *tensors: torch.Tensor) -> None:
+        super().__init__()
+        self.fn = fn
+        self.tensors = nn.ParameterList([nn.Parameter(t.to(DT)) for t in tensors])
+
+    def forward(self, x):
+        return self.fn(x, *self.tensors)
+
+
+def jacobian_norm(model: nn.Module, x: torch.Tensor) -> float:
+    """``||J||_2`` of the model at the sample ``x[:1]`` (float64): the exact constant of a linear model, a lower
+    bound of any model's."""
+    jac = torch.func.jacrev(lambda v: model(v))(x[:1].to(DT)).detach()
+    return float(torch.linalg.matrix_norm(jac.reshape(-1, x[:1].numel()), 2))
+
+
+def spike_gain(pool: nn.Module, sample_shape: tuple[int, ...]) -> float:
+    """``max_j ||pool(e_j) - pool(0)||`` over every input entry: the exact constant of a max pool. The spikes are
+    stacked along the first dimension, which torch pools independently whether it reads it as the batch or,
+    for an unbatched input, as the channels."""
+    n = math.prod(sample_shape)
+    spikes = torch.eye(n, dtype=DT).reshape(n, *sample_shape)
+    zero = pool(torch.zeros(1, *sample_shape, dtype=DT))
+    return float(torch.linalg.vector_norm((pool(spikes) - zero).reshape(n, -1), dim=1).max())
+
+
+def certified(model: nn.Module, x: torch.Tensor, **kwargs) -> float:
+    return float(lipreg.LipschitzEstimator(model, x, dtype=DT, **kwargs).certified_bound().detach())
+
+
+@pytest.fixture
+def no_dense_route(monkeypatch):
+    """Every linear operator certified by its rule's own ``certified_norm`` (Schur test, FFT bound), as operators
+    too large to form are, instead of the exact norm of its dense matrix."""
+    monkeypatch.setattr(lipreg.estimator, "DENSE_CERTIFY_LIMIT", 0)
+
+
+# --------------------------------------------------------------- class 3: averaging with negative weights
+AVG_POOLS = {
+    "AvgPool2d divisor -1 (issue)": (nn.AvgPool2d(3, 2, 1, divisor_override=-1), (3, 16, 16)),
+    "F.avg_pool2d divisor -2": (Fn(lambda x: F.avg_pool2d(x, 3, 2, 1, divisor_override=-2)), (2, 12, 12)),
+    "F.avg_pool3d divisor -3 ceil_mode": (Fn(lambda x: F.avg_pool3d(x, 2, 2, 0, True, True, -3)), (1, 7, 7, 7)),
+}
+
+
+@pytest.mark.parametrize("name", list(AVG_POOLS))
+def test_average_pooling_with_a_negative_divisor(name, no_dense_route):
+    """All its weights are <= 0: the Schur test must take absolute row and column sums."""
+    pool, shape = AVG_POOLS[name]
+    x = torch.randn(2, *shape, dtype=DT)
+    assert certified(pool, x) >= jacobian_norm(pool, x)
+
+
+def _random_avg_pool(rng: random.Random) -> tuple[nn.Module, tuple[int, ...]]:
+    dims = rng.choice([1, 2, 3])
+    kernel = rng.randint(1, 3)
+    padding = rng.randint(0, kernel // 2)
+    kwargs = dict(stride=rng.randint(1, 3), padding=padding, ceil_mode=rng.random() < 0.5,
+                  count_include_pad=rng.random() < 0.5)
+    if dims > 1 and rng.random() < 0.6:
+        kwargs["divisor_override"] = rng.choice([-3, -1, 1, 2, 5])
+    cls = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}[dims]
+    size = rng.randint(kernel, 7)
+    channels = (rng.randint(1, 2),) if rng.random() < 0.5 else ()  # () : an unbatched input (C, *spatial)
+    return cls(kernel, **kwargs), channels + (size,) * dims
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_schur_test_of_average_pools_is_an_upper_bound(seed, no_dense_route):
+    """Random kernels, strides, padding, ceil_mode, count_include_pad, divisor overrides of both signs, batched
+    and unbatched inputs: the Schur certificate is never below the exact norm."""
+    pool, shape = _random_avg_pool(random.Random(seed))
+    x = torch.randn(2, *shape, dtype=DT)
+    assert certified(pool, x) >= jacobian_norm(pool, x), pool
