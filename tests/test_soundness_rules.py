@@ -95,3 +95,42 @@ def test_schur_test_of_average_pools_is_an_upper_bound(seed, no_dense_route):
     pool, shape = _random_avg_pool(random.Random(seed))
     x = torch.randn(2, *shape, dtype=DT)
     assert certified(pool, x) >= jacobian_norm(pool, x), pool
+
+
+# ---------------------------------------------------------- class 7: pooling inputs without a channel dimension
+UNBATCHED_MAX_POOLS = {  # pool, the per-sample shape (torch reads (B, *spatial) as an unbatched (C, *spatial))
+    "MaxPool2d(3, 1) on (B, 8, 8) (issue)": (nn.MaxPool2d(3, 1), (8, 8)),
+    "MaxPool1d(3, 1) on (B, L)": (nn.MaxPool1d(3, 1), (8,)),
+    "MaxPool3d(2, 1) on (B, 5, 5, 5)": (nn.MaxPool3d(2, 1), (5, 5, 5)),
+    "AdaptiveMaxPool2d(3) on (B, 8, 8)": (nn.AdaptiveMaxPool2d(3), (8, 8)),
+    "AdaptiveMaxPool1d(3) on (B, L)": (nn.AdaptiveMaxPool1d(3), (8,)),
+    "F.max_pool2d on (B, 7, 7)": (Fn(lambda x: F.max_pool2d(x, 3, 1, 1)), (7, 7)),
+    "F.max_pool1d return_indices": (Fn(lambda x: F.max_pool1d(x, 3, 1, return_indices=True)[0]), (8,)),
+    "F.adaptive_max_pool2d on (B, 7, 5)": (Fn(lambda x: F.adaptive_max_pool2d(x, (3, 2))), (7, 5)),
+}
+
+
+@pytest.mark.parametrize("name", list(UNBATCHED_MAX_POOLS))
+def test_max_pooling_of_unbatched_inputs(name):
+    pool, shape = UNBATCHED_MAX_POOLS[name]
+    exact = spike_gain(pool, shape)
+    assert certified(pool, torch.randn(2, *shape, dtype=DT)) == pytest.approx(exact, rel=1e-9)
+
+
+def _random_max_pool(rng: random.Random) -> tuple[nn.Module, tuple[int, ...]]:
+    dims = rng.choice([1, 2, 3])
+    kernel, dilation = rng.randint(1, 3), rng.randint(1, 2)
+    cls = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}[dims]
+    pool = cls(kernel, stride=rng.randint(1, 3), padding=rng.randint(0, kernel // 2), dilation=dilation,
+               ceil_mode=rng.random() < 0.5)
+    channels = (rng.randint(1, 2),) if rng.random() < 0.5 else ()  # () : an unbatched input (C, *spatial)
+    return pool, channels + (rng.randint(dilation * (kernel - 1) + 1, 6),) * dims
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_max_pool_constant_is_its_spike_count(seed):
+    """Random kernels, strides, padding, dilation, ceil_mode, batched and unbatched inputs: the certified
+    constant is the brute-force spike count exactly."""
+    pool, shape = _random_max_pool(random.Random(seed))
+    exact = spike_gain(pool, shape)
+    assert certified(pool, torch.randn(2, *shape, dtype=DT)) == pytest.approx(exact, rel=1e-9), pool

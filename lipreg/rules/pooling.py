@@ -4,10 +4,15 @@ Each output is the max of its window, so ``|y_w(x) - y_w(x')| <= max_{j in w} |x
 ``||y(x) - y(x')||^2 <= sum_w ||x - x'||_{inf, w}^2 <= (max_j n_j) ||x - x'||^2``; a single spike on the most
 covered input attains it. Non-overlapping windows give 1; AlexNet's 3x3 stride-2 pools give sqrt(4) = 2.
 Windows are products of per-dimension intervals, so the count is the product of per-dimension counts.
+
+An ``n``-d pool pools the last ``n`` dimensions of its input, whatever comes before them: torch takes a
+``(C, *spatial)`` input as unbatched, so ``MaxPool2d`` on ``(B, H, W)`` pools each ``H x W`` plane. The pooled
+dimensions are therefore read from the end of the shape, with ``n`` fixed by the op, never as ``shape[2:]``.
 """
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Sequence
 
 import torch.nn.functional as F
@@ -46,9 +51,9 @@ def max_cover_adaptive_1d(size: int, out: int) -> int:
     return max(counts)
 
 
-def _max_pool(info: NodeInfo) -> Constant:
-    spatial = info.in_shapes[0][2:]
-    n = len(spatial)
+def _max_pool(info: NodeInfo, n: int) -> Constant:
+    """An ``n``-d max pool (module or functional form) on the last ``n`` dimensions of its input."""
+    spatial = info.in_shapes[0][-n:]
     if info.module is not None:
         m = info.module
         kernel, stride, padding, dilation, ceil = m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode
@@ -62,18 +67,24 @@ def _max_pool(info: NodeInfo) -> Constant:
     return Constant(math.sqrt(cover))
 
 
-def _adaptive_max_pool(info: NodeInfo) -> Constant:
-    spatial = info.in_shapes[0][2:]
-    cover = math.prod(max_cover_adaptive_1d(s, o) for s, o in zip(spatial, info.out_shape[2:]))
+def _adaptive_max_pool(info: NodeInfo, n: int) -> Constant:
+    """An ``n``-d adaptive max pool: its windows are fixed by the last ``n`` input and output sizes."""
+    pairs = zip(info.in_shapes[0][-n:], info.out_shape[-n:])
+    cover = math.prod(max_cover_adaptive_1d(s, o) for s, o in pairs)
     return Constant(math.sqrt(cover))
 
 
 # return_indices=True dispatches F.max_pool*d to F.max_pool*d_with_indices (same arguments); the values are the
 # first element of the returned pair.
-for _target in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
-                F.max_pool1d_with_indices, F.max_pool2d_with_indices, F.max_pool3d_with_indices):
-    register_rule(_target, _max_pool)
-for _target in (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-                F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.adaptive_max_pool1d_with_indices,
-                F.adaptive_max_pool2d_with_indices, F.adaptive_max_pool3d_with_indices):
-    register_rule(_target, _adaptive_max_pool)
+_MAX_POOLS = {1: (nn.MaxPool1d, F.max_pool1d, F.max_pool1d_with_indices),
+              2: (nn.MaxPool2d, F.max_pool2d, F.max_pool2d_with_indices),
+              3: (nn.MaxPool3d, F.max_pool3d, F.max_pool3d_with_indices)}
+_ADAPTIVE_MAX_POOLS = {1: (nn.AdaptiveMaxPool1d, F.adaptive_max_pool1d, F.adaptive_max_pool1d_with_indices),
+                       2: (nn.AdaptiveMaxPool2d, F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices),
+                       3: (nn.AdaptiveMaxPool3d, F.adaptive_max_pool3d, F.adaptive_max_pool3d_with_indices)}
+for _n, _targets in _MAX_POOLS.items():
+    for _target in _targets:
+        register_rule(_target, partial(_max_pool, n=_n))
+for _n, _targets in _ADAPTIVE_MAX_POOLS.items():
+    for _target in _targets:
+        register_rule(_target, partial(_adaptive_max_pool, n=_n))
