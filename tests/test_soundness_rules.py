@@ -134,3 +134,23 @@ def test_max_pool_constant_is_its_spike_count(seed):
     pool, shape = _random_max_pool(random.Random(seed))
     exact = spike_gain(pool, shape)
     assert certified(pool, torch.randn(2, *shape, dtype=DT)) == pytest.approx(exact, rel=1e-9), pool
+
+
+UNBATCHED_LINEAR = {  # the same pattern in the certified norms of the linear ops (which used to crash)
+    "AvgPool2d(3, 1) on (B, 9, 9)": (nn.AvgPool2d(3, 1), (9, 9)),
+    "AvgPool1d(3, 2, 1) on (B, L)": (nn.AvgPool1d(3, 2, 1), (9,)),
+    "AdaptiveAvgPool2d(3) on (B, 8, 7)": (nn.AdaptiveAvgPool2d(3), (8, 7)),
+    "AdaptiveAvgPool1d(4) on (B, L)": (nn.AdaptiveAvgPool1d(4), (9,)),
+    "Conv2d(1, 2, 3) on (B, 9, 9)": (nn.Conv2d(1, 2, 3), (9, 9)),
+    "Conv1d(1, 2, 3, stride=2) on (B, L)": (nn.Conv1d(1, 2, 3, stride=2), (11,)),
+    "ConvTranspose2d(1, 2, 3) on (B, 6, 6)": (nn.ConvTranspose2d(1, 2, 3), (6, 6)),
+}
+
+
+@pytest.mark.parametrize("name", list(UNBATCHED_LINEAR))
+def test_linear_ops_on_unbatched_inputs(name, no_dense_route):
+    torch.manual_seed(0)
+    op, shape = UNBATCHED_LINEAR[name]
+    op = op.to(DT)
+    x = torch.randn(2, *shape, dtype=DT)
+    assert certified(op, x) >= jacobian_norm(op, x)

@@ -26,6 +26,11 @@ class DenseLinear(LinearOp):
         return dense_spectral_bound(info.module.weight.to(dtype))
 
 
+def _spatial(info: NodeInfo) -> torch.Size:
+    """The sizes an n-d convolution runs over: the input's last n (torch takes ``(C, *spatial)`` as unbatched)."""
+    return info.in_shapes[0][2 - info.module.weight.dim():]
+
+
 class Convolution(LinearOp):
     """``nn.Conv{1,2,3}d`` with any stride, padding (all modes), dilation and groups: the conv without bias."""
 
@@ -36,7 +41,7 @@ class Convolution(LinearOp):
     def certified_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
         """The FFT bound of Sedghi et al. (2019) on the circular embedding of the convolution."""
         m = info.module
-        return conv_spectral_bound(m.weight.to(dtype), info.in_shapes[0][2:], stride=m.stride, padding=m.padding,
+        return conv_spectral_bound(m.weight.to(dtype), _spatial(info), stride=m.stride, padding=m.padding,
                                    dilation=m.dilation, groups=m.groups, padding_mode=m.padding_mode)
 
 
@@ -54,7 +59,7 @@ class TransposedConvolution(LinearOp):
     def certified_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
         """The FFT bound of the adjoint convolution (adjoints have equal norms)."""
         m = info.module
-        return conv_spectral_bound(m.weight.to(dtype), info.in_shapes[0][2:], stride=m.stride, padding=m.padding,
+        return conv_spectral_bound(m.weight.to(dtype), _spatial(info), stride=m.stride, padding=m.padding,
                                    dilation=m.dilation, groups=m.groups, transposed=True,
                                    output_padding=m.output_padding)
 
