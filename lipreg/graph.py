@@ -25,7 +25,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .errors import REGISTER_HINT, UnsupportedOpError
-from .rules.base import raw_argument
+from .rules.base import broadcast_guard, raw_argument
 from .rules import (Activation, Concat, LinearOp, NodeInfo, Refuse, Rule, describe_target, is_registered_module,
                     rule_factory)
 
@@ -239,7 +239,7 @@ class LipGraph:
                 f"{where} has {len(info.x_inputs)} input-dependent arguments, but its rule ({rule.describe()}) takes "
                 "exactly one: register a Constant (Lipschitz in all of them jointly), a Sum or a Concat rule instead."
             )
-        return rule
+        return broadcast_guard(info, rule)  # an elementwise rule on a broadcasting op: sqrt(copies) times its slope
 
     def _build(self, fuse: bool) -> list[LipNode]:
         """The reduced DAG; a linear node joins its producer's segment when that producer is linear and feeds

@@ -97,6 +97,59 @@ def test_schur_test_of_average_pools_is_an_upper_bound(seed, no_dense_route):
     assert certified(pool, x) >= jacobian_norm(pool, x), pool
 
 
+# ------------------------------------------------------------ class 4: elementwise ops that broadcast their input
+# broadcasts an x of shape (B, 1, 3) to (B, 4, 3): 4 copies of x
+THRESHOLDS = torch.randn(1, 4, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
+BROADCASTING = {  # op, and a value of x where every copy of x is on the slope-1 side of its threshold(s)
+    "torch.clamp(x, min=t) (issue)": (lambda x, t: torch.clamp(x, min=t), 10.0),
+    "torch.clamp(x, max=t)": (lambda x, t: torch.clamp(x, max=t), -10.0),
+    "x.clip(t - 10, t + 10)": (lambda x, t: x.clip(t - 10, t + 10), 0.0),
+    "torch.clamp(t, min=x)": (lambda x, t: torch.clamp(t, min=x), 10.0),
+}
+
+
+@pytest.mark.parametrize("name", list(BROADCASTING))
+def test_elementwise_op_that_broadcasts_its_input(name):
+    """Each entry of x is copied 4 times, so the constant is sqrt(4) = 2, attained where every copy is on the
+    slope-1 side: that local Jacobian norm is the exact reference."""
+    fn, side = BROADCASTING[name]
+    model = Fn(fn, THRESHOLDS)
+    exact = jacobian_norm(model, torch.full((1, 1, 3), side, dtype=DT))
+    assert exact == pytest.approx(2.0, rel=1e-12)
+    bound = certified(model, torch.randn(2, 1, 3, dtype=DT))
+    assert exact <= bound <= exact * (1 + 1e-6)
+
+
+class ClampChain(nn.Module):
+    """Linear(3, 3) -> clamp(., min=t) with t of shape (1, 4, 3) -> flatten -> Linear(12, 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(12, 2)
+        self.t = nn.Parameter(THRESHOLDS.clone().float())
+
+    def forward(self, x):
+        return self.b(torch.clamp(self.a(x), min=self.t).flatten(1))
+
+
+def test_seqlip_chain_through_a_broadcasting_activation():
+    """SeqLip used to crash (size mismatch) on this chain. Exact reference: clamp is piecewise linear and
+    ``a`` is invertible, so every region is reached; for each coordinate of ``a(x)``, one point below, between
+    and above its 4 thresholds (5^3 points) sees every region, and the max of the local Jacobian norms there
+    is the constant."""
+    torch.manual_seed(0)
+    model = ClampChain().to(DT)
+    levels = torch.sort(THRESHOLDS[0], dim=0).values  # (4, 3): the sorted thresholds of each coordinate
+    between = torch.cat([levels[:1] - 1, (levels[1:] + levels[:-1]) / 2, levels[-1:] + 1])  # (5, 3)
+    w, b = model.a.weight.detach(), model.a.bias.detach()
+    exact = max(jacobian_norm(model, torch.linalg.solve(w, torch.stack([between[i, k] for k, i in enumerate(p)])
+                                                        - b)[None, None])
+                for p in itertools.product(range(5), repeat=3))
+    x = torch.randn(2, 1, 3, dtype=DT)
+    for method in ({}, {"method": "seqlip", "search": "exact"}):
+        assert certified(model, x, **method) >= exact
+
+
 # ---------------------------------------------------------- class 7: pooling inputs without a channel dimension
 UNBATCHED_MAX_POOLS = {  # pool, the per-sample shape (torch reads (B, *spatial) as an unbatched (C, *spatial))
     "MaxPool2d(3, 1) on (B, 8, 8) (issue)": (nn.MaxPool2d(3, 1), (8, 8)),

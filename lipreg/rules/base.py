@@ -6,6 +6,7 @@ The kinds below say how those are obtained:
 * :class:`LinearOp`: ``f(x) = A x + b``; ``L(f) = sigma_1(A)`` by the power method (Alg. 2) or a closed form.
   Consecutive linear ops are fused into one operator before the norm is taken.
 * :class:`Activation`: elementwise with slopes in ``[a, b]``; ``L = max(|a|, |b|)``. SeqLip uses the interval.
+  On an op that broadcasts its input to a larger output it becomes a :class:`Constant` (:func:`broadcast_guard`).
 * :class:`Constant`: any op with a known Lipschitz constant ``c`` (max pooling, user rules).
 * :class:`Sum`: ``f = sum_i c_i a_i`` of input-dependent tensors; ``L = sum_i |c_i| L(a_i)``.
 * :class:`Concat`: ``f = cat(a_1..a_k)``; ``L = sqrt(sum_i L(a_i)^2)`` (the parts are orthogonal blocks).
@@ -13,6 +14,7 @@ The kinds below say how those are obtained:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
@@ -120,6 +122,19 @@ class Constant(Rule):
 
     def describe(self) -> str:
         return f"Constant({self.value:g})"
+
+
+def broadcast_guard(info: NodeInfo, rule: Rule) -> Rule:
+    """An :class:`Activation` rule on an op whose output is larger than its input (``torch.clamp(x, min=t)``
+    with ``t`` broadcasting ``x``) becomes a :class:`Constant`: each entry of ``x`` is copied ``k = n_out / n_in``
+    times before the elementwise function, so the Jacobian is ``D E`` with ``D`` diagonal (slopes in ``[a, b]``)
+    and ``E`` the copy matrix, ``E^T E = k I``: ``||D E|| <= sqrt(k) max(|a|, |b|)``, attained when every slope
+    can be the extreme one at once (``clamp``). Any other rule is returned as it is."""
+    if not isinstance(rule, Activation) or info.in_shapes[0] == info.out_shape:
+        return rule
+    a, b = rule.slopes(info)
+    copies = info.out_shape.numel() / info.in_shapes[0].numel()
+    return Constant(math.sqrt(copies) * max(abs(a), abs(b)))
 
 
 class Sum(Rule):
