@@ -25,7 +25,7 @@ ACTIVATIONS = {
     "elu2": lambda: nn.ELU(2.0),
     "gelu": nn.GELU,
     "silu": nn.SiLU,
-    "softplus": nn.Softplus,
+    "softplus": lambda: nn.Softplus(threshold=40.0),  # in float64 the default threshold 20 jumps: refused
     "hardtanh": nn.Hardtanh,
 }
 

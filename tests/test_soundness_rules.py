@@ -150,6 +150,60 @@ def test_seqlip_chain_through_a_broadcasting_activation():
         assert certified(model, x, **method) >= exact
 
 
+# ---------------------------------------------------------------------- class 6: the jump of softplus's threshold
+def past_the_switch(beta: float, threshold: float, dtype: torch.dtype, n: int) -> torch.Tensor:
+    """The switch point ``threshold / beta`` in ``dtype`` and the ``n`` floats after it, toward the linear side."""
+    points = [torch.tensor(threshold / beta, dtype=dtype)]
+    toward = torch.tensor(math.copysign(math.inf, beta), dtype=dtype)
+    for _ in range(n):
+        points.append(torch.nextafter(points[-1], toward))
+    return torch.stack(points)
+
+
+def straddling_ratio(fn, beta: float, threshold: float, dtype: torch.dtype) -> float:
+    """``|f(x') - f(x)| / |x' - x|`` for neighbouring floats of ``dtype`` at the switch, computed in ``dtype``: a
+    finite pair that sees a jump of the op as it is evaluated."""
+    x = past_the_switch(beta, threshold, dtype, 1)
+    y = fn(x)
+    return float(((y[1] - y[0]) / (x[1] - x[0])).abs())
+
+
+SOFTPLUS_REFUSED = {  # (beta, threshold, dtype, the jump's size as the message prints it)
+    "threshold=0 (issue)": (1.0, 0.0, torch.float32, "0.693"),
+    "beta=2, threshold=5": (2.0, 5.0, torch.float32, "0.00336"),
+    "default threshold in float64": (1.0, 20.0, torch.float64, "2.06e-09"),
+    "beta=-1, threshold=10": (-1.0, 10.0, torch.float32, "4.54e-05"),
+}
+
+
+@pytest.mark.parametrize("name", list(SOFTPLUS_REFUSED))
+@pytest.mark.parametrize("form", ["module", "functional"])
+def test_softplus_whose_jump_survives_rounding_is_refused(name, form):
+    beta, threshold, dtype, jump = SOFTPLUS_REFUSED[name]
+    fn = nn.Softplus(beta, threshold) if form == "module" else Fn(lambda x: F.softplus(x, beta, threshold))
+    assert straddling_ratio(fn, beta, threshold, dtype) > 10  # as evaluated, the op is not 1-Lipschitz
+    with pytest.raises(lipreg.UnsupportedOpError, match=rf"jumps by .*= {jump}.*discontinuous") as error:
+        lipreg.LipschitzEstimator(fn, torch.randn(2, 3, dtype=dtype))
+    assert "Use threshold >=" in str(error.value)
+
+
+@pytest.mark.parametrize("beta, threshold, dtype", [(1.0, 20.0, torch.float32), (3.0, 20.0, torch.float32),
+                                                    (1.0, 20.0, torch.bfloat16), (1.0, 35.0, torch.float64),
+                                                    (-2.0, 16.0, torch.float32)])
+def test_softplus_whose_jump_rounds_away_is_the_smooth_softplus(beta, threshold, dtype):
+    """Accepted thresholds: wherever torch takes the linear branch (a dense sample of the floats of ``dtype``
+    past the switch), it returns exactly the correctly rounded smooth ``log(1 + e^(beta x)) / beta``, so the op
+    evaluated is the smooth one, with slopes in ``[0, 1]``."""
+    past = past_the_switch(beta, threshold, dtype, 200)
+    x = torch.cat([past, past[0] * torch.linspace(1.0, 3.0, 1000, dtype=torch.float64).to(dtype)])
+    x = x[x * beta > threshold]  # torch's test for its linear branch
+    x64 = x.to(torch.float64)
+    smooth = (x64 + torch.log1p(torch.exp(-beta * x64)) / beta).to(dtype)  # the same as s(x), without overflow
+    assert len(x) > 1000 and torch.equal(F.softplus(x, beta, threshold), smooth)
+    model = nn.Softplus(beta, threshold)
+    assert float(lipreg.LipschitzEstimator(model, torch.randn(2, 3, dtype=dtype), dtype=DT).certified_bound()) == 1.0
+
+
 # ---------------------------------------------------------- class 7: pooling inputs without a channel dimension
 UNBATCHED_MAX_POOLS = {  # pool, the per-sample shape (torch reads (B, *spatial) as an unbatched (C, *spatial))
     "MaxPool2d(3, 1) on (B, 8, 8) (issue)": (nn.MaxPool2d(3, 1), (8, 8)),

@@ -1,9 +1,12 @@
 """Elementwise activations with their exact slope intervals ``[a, b]`` (``inf/sup`` of the derivative).
 
-AutoLip uses ``max(|a|, |b|)``; SeqLip uses the interval itself (paper eq. 7-8 need ``a >= 0``).
+AutoLip uses ``max(|a|, |b|)``; SeqLip uses the interval itself (paper eq. 7-8 need ``a >= 0``). Softplus is
+accepted only with a threshold whose jump rounds away in the dtype it runs in (:func:`_softplus`).
 """
 from __future__ import annotations
 
+import itertools
+import math
 import operator
 from functools import lru_cache
 from typing import Callable
@@ -12,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Activation
+from .base import Activation, NodeInfo, Refuse
 from .registry import register_rule
 
 
@@ -32,6 +35,9 @@ def numeric_slope_range(name: str, approximate: str = "none") -> tuple[float, fl
     return float(slope.min()) - 1e-7, float(slope.max()) + 1e-7
 
 
+UNIT = Activation(0.0, 1.0)  # ReLU, ReLU6, tanh, hardtanh, softplus, clamp: derivative in [0, 1]
+
+
 def _leaky_relu(negative_slope: float) -> Activation:
     return Activation(min(negative_slope, 1.0), max(negative_slope, 1.0))
 
@@ -45,12 +51,57 @@ def _gelu(approximate: str) -> Activation:
     return Activation(*numeric_slope_range("gelu", approximate))
 
 
-UNIT = Activation(0.0, 1.0)  # ReLU, ReLU6, tanh, hardtanh, softplus, clamp: derivative in [0, 1]
-_unit_targets = [nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softplus,
-                 F.relu, F.relu6, F.hardtanh, F.softplus, torch.relu, torch.tanh, F.tanh, torch.clamp,
+def softplus_jump(beta: float, threshold: float) -> float:
+    """The jump ``log(1 + e^-t) / |beta|`` of torch's softplus at ``x0 = t / beta``, where it switches to ``x``."""
+    return math.inf if beta == 0 else math.log1p(math.exp(-threshold)) / abs(beta)
+
+
+def _rounds_away(jump: float, switch: float, dtype: torch.dtype) -> bool:
+    """Whether a jump at ``switch`` is under an eighth of ``eps |switch|``, so under half an ulp of any output
+    past the switch (``ulp(x) > eps |x| / 2``): a factor 2 of margin for the rounding of ``beta x`` and of the
+    smooth branch."""
+    return jump <= abs(switch) * torch.finfo(dtype).eps / 8
+
+
+def _softplus(info: NodeInfo, beta: float, threshold: float) -> Activation | Refuse:
+    """Softplus ``s(x) = log(1 + e^(beta x)) / beta``, slopes ``sigmoid(beta x)`` in ``[0, 1]``, for a threshold
+    whose jump rounds away; refused otherwise.
+
+    torch returns ``x`` instead of ``s(x)`` where ``beta x > t``. At ``x0 = t / beta`` the two branches differ by
+    ``J = log(1 + e^-t) / |beta| > 0``: as a function of real numbers the op is discontinuous for every finite
+    ``t``, so it has no Lipschitz constant, and no jump is small enough to ignore in a certificate. What can be
+    certified is the function the floating-point op computes. Past the switch ``s(x) = x + r(x)`` with
+    ``0 < r(x) <= J`` and ``|x| > |x0|``; when ``J`` is under half an ulp there in the dtype the op runs in
+    (:func:`_rounds_away`), the correctly rounded ``s(x)`` is ``x`` itself, so the thresholded op computes exactly
+    what the smooth softplus rounds to, and it is certified as ``s`` (every certificate here bounds the real
+    function that floating point rounds). A larger jump is a discontinuity of the computed function itself:
+    refused, with its size and the smallest threshold that rounds it away.
+
+    The default ``t = 20`` (``beta = 1``) jumps by ``e^-20 = 2.1e-9``: under the rounding of float32 (which needs
+    ``t >= 16``), float16 (8) and bfloat16 (6), so certified there; over that of float64 (which needs ``t >= 35``),
+    where a pair of inputs straddling ``x = 20`` a ``1e-12`` apart differs by ``2e-9``: refused in float64.
+    """
+    dtype = info.node.meta["tensor_meta"].dtype
+    jump = softplus_jump(beta, threshold)
+    if beta != 0 and _rounds_away(jump, threshold / beta, dtype):
+        return UNIT
+    smallest = next(t for t in itertools.count(1) if _rounds_away(softplus_jump(1.0, t), t, dtype))
+    return Refuse(
+        f"softplus(beta={beta:g}, threshold={threshold:g}) returns x where beta x > threshold: at x = threshold / "
+        f"beta it jumps by log(1 + e^-threshold) / |beta| = {jump:.3g}, more than {dtype} rounding hides there, so "
+        f"it is discontinuous, not Lipschitz. Use threshold >= {smallest} and beta != 0 (in {dtype} the jump then "
+        "rounds away and the op is the smooth softplus, slopes in [0, 1])"
+    )
+
+
+_unit_targets = [nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh,
+                 F.relu, F.relu6, F.hardtanh, torch.relu, torch.tanh, F.tanh, torch.clamp,
                  "relu", "tanh", "clamp", "clip", torch.clip]
 for _target in _unit_targets:
     register_rule(_target, UNIT)
+register_rule(nn.Softplus, lambda info: _softplus(info, float(info.module.beta), float(info.module.threshold)))
+register_rule(F.softplus, lambda info: _softplus(info, float(info.arg(1, "beta", 1.0)),
+                                                 float(info.arg(2, "threshold", 20.0))))
 
 for _target in (torch.abs, operator.abs, "abs", "__abs__"):
     register_rule(_target, Activation(-1.0, 1.0))  # |x|' = sign(x)
