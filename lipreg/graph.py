@@ -231,7 +231,7 @@ class LipGraph:
             raise UnsupportedOpError(
                 f"lipreg has no Lipschitz rule for {target}, used by {where}.\n" + REGISTER_HINT.format(target=target)
             )
-        rule = factory(info)
+        rule = broadcast_guard(info, factory(info))  # an elementwise rule on an op that broadcasts its input
         if isinstance(rule, Refuse):
             raise UnsupportedOpError(f"{target} cannot be bounded, used by {where}: {rule.reason}.")
         if isinstance(rule, (LinearOp, Activation)) and len(info.x_inputs) != 1:
@@ -239,7 +239,7 @@ class LipGraph:
                 f"{where} has {len(info.x_inputs)} input-dependent arguments, but its rule ({rule.describe()}) takes "
                 "exactly one: register a Constant (Lipschitz in all of them jointly), a Sum or a Concat rule instead."
             )
-        return broadcast_guard(info, rule)  # an elementwise rule on a broadcasting op: sqrt(copies) times its slope
+        return rule
 
     def _build(self, fuse: bool) -> list[LipNode]:
         """The reduced DAG; a linear node joins its producer's segment when that producer is linear and feeds

@@ -261,3 +261,29 @@ def test_linear_ops_on_unbatched_inputs(name, no_dense_route):
     op = op.to(DT)
     x = torch.randn(2, *shape, dtype=DT)
     assert certified(op, x) >= jacobian_norm(op, x)
+
+
+class UserClamp(nn.Module):
+    """A user op registered as elementwise, that broadcasts its input 4 times (as torch.clamp(x, min=t) does)."""
+
+    def forward(self, x):
+        return torch.clamp(x, min=THRESHOLDS.to(x.dtype))
+
+
+class UserRowSum(nn.Module):
+    """A user op wrongly registered as elementwise: it sums rows."""
+
+    def forward(self, x):
+        return x.sum(-1)
+
+
+lipreg.register_rule(UserClamp, lipreg.rules.Activation(0.0, 1.0))
+lipreg.register_rule(UserRowSum, lipreg.rules.Activation(0.0, 1.0))
+
+
+def test_user_registered_elementwise_rules_get_the_shape_guard():
+    exact = jacobian_norm(UserClamp(), torch.full((1, 1, 3), 10.0, dtype=DT))
+    assert exact == pytest.approx(2.0, rel=1e-12)
+    assert certified(UserClamp(), torch.randn(2, 1, 3, dtype=DT)) >= exact
+    with pytest.raises(lipreg.UnsupportedOpError, match="elementwise, but it maps 3 entries to 1"):
+        lipreg.LipschitzEstimator(UserRowSum(), torch.randn(2, 3, dtype=DT))

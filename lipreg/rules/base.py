@@ -124,19 +124,6 @@ class Constant(Rule):
         return f"Constant({self.value:g})"
 
 
-def broadcast_guard(info: NodeInfo, rule: Rule) -> Rule:
-    """An :class:`Activation` rule on an op whose output is larger than its input (``torch.clamp(x, min=t)``
-    with ``t`` broadcasting ``x``) becomes a :class:`Constant`: each entry of ``x`` is copied ``k = n_out / n_in``
-    times before the elementwise function, so the Jacobian is ``D E`` with ``D`` diagonal (slopes in ``[a, b]``)
-    and ``E`` the copy matrix, ``E^T E = k I``: ``||D E|| <= sqrt(k) max(|a|, |b|)``, attained when every slope
-    can be the extreme one at once (``clamp``). Any other rule is returned as it is."""
-    if not isinstance(rule, Activation) or info.in_shapes[0] == info.out_shape:
-        return rule
-    a, b = rule.slopes(info)
-    copies = info.out_shape.numel() / info.in_shapes[0].numel()
-    return Constant(math.sqrt(copies) * max(abs(a), abs(b)))
-
-
 class Sum(Rule):
     """``f = sum_i c_i a_i`` over input-dependent tensors: ``L(f) <= sum_i |c_i| L(a_i)``."""
 
@@ -153,3 +140,20 @@ class Refuse(Rule):
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
+
+
+def broadcast_guard(info: NodeInfo, rule: Rule) -> Rule:
+    """An :class:`Activation` rule on a one-input op whose output is larger than its input
+    (``torch.clamp(x, min=t)`` with ``t`` broadcasting ``x``) becomes a :class:`Constant`: each entry of ``x`` is
+    copied ``k = n_out / n_in`` times before the elementwise function, so the Jacobian is ``D E`` with ``D``
+    diagonal (slopes in ``[a, b]``) and ``E`` the copy matrix, ``E^T E = k I``: ``||D E|| <= sqrt(k) max(|a|, |b|)``,
+    attained when every slope can be the extreme one at once (``clamp``). An output smaller than the input means
+    the op is not elementwise at all: refused. Any other rule is returned as it is."""
+    if not isinstance(rule, Activation) or len(info.x_inputs) != 1 or info.in_shapes[0] == info.out_shape:
+        return rule
+    n_in, n_out = info.in_shapes[0].numel(), info.out_shape.numel()
+    if n_out < n_in:
+        return Refuse(f"its rule {rule.describe()} is elementwise, but it maps {n_in} entries to {n_out}: register "
+                      "a rule for what the op computes")
+    a, b = rule.slopes(info)
+    return Constant(math.sqrt(n_out / n_in) * max(abs(a), abs(b)))
