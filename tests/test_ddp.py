@@ -21,7 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from experiments.data import DigitsDataModule
 from experiments.models import MLP, Classifier
-from lipreg.callback import LipschitzCallback
+from lipreg.lightning import LipschitzCallback
 
 pytestmark = pytest.mark.slow
 EPS = 0.05
