@@ -6,7 +6,7 @@ misspelled option fails where it is written, not later inside ``trainer.fit``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args
 
 Method = Literal["autolip", "seqlip"]
@@ -38,3 +38,14 @@ def validate_penalty(kind: str, target: float | None) -> None:
     if kind.endswith("hinge") and (target is None or not math.isfinite(target)):
         raise ValueError(f"kind={kind!r} needs a finite target: the penalty is relu(bound - target); pass "
                          "target=... (the largest bound that is not penalised)")
+
+
+def robust_radii(robust_eps: float | Sequence[float] | None) -> tuple[float, ...]:
+    """The radii of the certified robust accuracy; none (off) for ``None`` or an empty sequence."""
+    if robust_eps is None:
+        return ()
+    radii = tuple(float(e) for e in robust_eps) if isinstance(robust_eps, Sequence) else (float(robust_eps),)
+    if any(not e > 0 for e in radii):
+        raise ValueError(f"robust_eps must hold positive radii (or be None to turn the robust metrics off), "
+                         f"got {robust_eps!r}")
+    return radii

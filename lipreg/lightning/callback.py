@@ -43,12 +43,13 @@ from torch import Tensor, nn
 from ..errors import UnsupportedOpError
 from ..estimator import LipschitzEstimator
 from ..metrics import CertifiedRobustAccuracy, EmpiricalLipschitz
-from ..options import Method, OnUnsupported, PenaltyKind, check_choice, validate_method, validate_penalty
+from ..options import (Method, OnUnsupported, PenaltyKind, check_choice, robust_radii, validate_method,
+                       validate_penalty)
 from ..penalty import LipschitzPenalty
 from ..rules import Activation, Constant
 from .batches import default_batch_input, default_batch_target
 from .compat import callback_bases
-from .tensorboard import flatten_params, layer_chart, summary_writer, write_hparams
+from .tensorboard import flatten_params, layer_chart, log_hparams_once, summary_writer
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
@@ -115,7 +116,7 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
         self.certify_every_n_steps = certify_every_n_steps
         self.reconverge_gap = reconverge_gap
         self.eval_n_iter = eval_n_iter
-        self.robust_eps = _radii(robust_eps)
+        self.robust_eps = robust_radii(robust_eps)
         self.lower_bound_batches = lower_bound_batches
         self.lower_bound_ascent_steps = lower_bound_ascent_steps
         self.example_input = example_input
@@ -146,26 +147,15 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
 
     # ------------------------------------------------------------ hparams
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Lightning's own hparams logging is turned off (it would write a second HPARAMS session, which
-        TensorBoard ignores, declaring ``hp_metric`` as the only metric); ours is written instead, once per run."""
+        """Lightning's own hparams logging is turned off for the run (its session declares ``hp_metric`` as the
+        only metric column, and TensorBoard keeps a run's first session); ours is written instead, once per run."""
         self._autolog_hparams = trainer.enable_autolog_hparams
         trainer.enable_autolog_hparams = False
         if not trainer.is_global_zero:
             return
         params = flatten_params({**pl_module.hparams, **(trainer.datamodule.hparams if trainer.datamodule else {}),
                                  **self._own_hparams(), **self.hparams})
-        for logger in trainer.loggers:
-            writer = summary_writer(logger)
-            key = str(logger.log_dir if writer is not None else id(logger))
-            if key in self._hparams_written:
-                continue
-            self._hparams_written.add(key)
-            if writer is None:
-                logger.log_hyperparams(params)
-            else:
-                write_hparams(writer, params)
-                if isinstance(getattr(logger, "hparams", None), dict):  # TensorBoardLogger's hparams.yaml
-                    logger.hparams.update(params)
+        log_hparams_once(trainer.loggers, params, self._hparams_written)
 
     def _own_hparams(self) -> dict[str, Any]:
         return {"lipreg/method": self.method, "lipreg/penalty_weight": self.penalty_weight,
@@ -429,13 +419,3 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
         else:
             self._pending_state = state
 
-
-def _radii(robust_eps: float | Sequence[float] | None) -> tuple[float, ...]:
-    """The radii of the certified robust accuracy; none (off) for ``None`` or an empty sequence."""
-    if robust_eps is None:
-        return ()
-    radii = tuple(float(e) for e in robust_eps) if isinstance(robust_eps, Sequence) else (float(robust_eps),)
-    if any(not e > 0 for e in radii):
-        raise ValueError(f"robust_eps must hold positive radii (or be None to turn the robust metrics off), "
-                         f"got {robust_eps!r}")
-    return radii

@@ -10,7 +10,7 @@ hyper-parameters are written once, with no experiment summary and no metric copi
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 HParamValue = bool | int | float | str
@@ -45,6 +45,23 @@ def write_hparams(writer: Any, params: Mapping[str, HParamValue]) -> None:
     writer.file_writer.add_summary(session_start)
     writer.file_writer.add_summary(session_end)
     writer.flush()
+
+
+def log_hparams_once(loggers: Sequence[Any], params: Mapping[str, HParamValue], written: set[str]) -> None:
+    """``params`` to every logger whose run (log dir) is not in ``written`` yet: an HPARAMS session for the
+    TensorBoard ones (and their ``hparams.yaml``), ``log_hyperparams`` for the others; then marks them written."""
+    for logger in loggers:
+        key = str(getattr(logger, "log_dir", None) or id(logger))
+        if key in written:
+            continue
+        written.add(key)
+        writer = summary_writer(logger)
+        if writer is None:
+            logger.log_hyperparams(dict(params))
+            continue
+        write_hparams(writer, params)
+        if isinstance(getattr(logger, "hparams", None), dict):  # TensorBoardLogger's hparams.yaml
+            logger.hparams.update(params)
 
 
 def layer_chart(layers: Mapping[str, float]) -> Any | None:
