@@ -122,7 +122,7 @@ class LipregConf:
     ``lipreg.LipschitzEstimator`` (e.g. ``{search: greedy}`` for SeqLip).
     """
 
-    _target_: str = "lipreg.callback.LipschitzCallback"  # = lipreg.LipschitzCallback
+    _target_: str = "lipreg.lightning.LipschitzCallback"  # = lipreg.LipschitzCallback
     enabled: bool = True
     method: str = "autolip"
     module: Optional[str] = "net"

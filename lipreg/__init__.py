@@ -2,16 +2,48 @@
 
 Scaman & Virmaux, "Lipschitz regularity of deep neural networks: analysis and efficient estimation",
 NeurIPS 2018: AutoLip (Alg. 1), the power method through autograd (Alg. 2) and SeqLip (eq. 8).
+
+The math layer is imported here and needs torch only; the Lightning callback (:mod:`lipreg.lightning`) and the
+torchmetrics metrics (:mod:`lipreg.metrics`) load on first use (PEP 562), so ``import lipreg`` costs little more
+than ``import torch``.
 """
-from . import metrics, rules
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from . import rules
 from .errors import UnsupportedOpError
 from . import autolip as _autolip_module, seqlip as _seqlip_module  # noqa: F401  (bound before the one-shot functions shadow these names)
-from .callback import LipschitzCallback
 from .estimator import LipschitzEstimator
 from .penalty import LipschitzPenalty
 from .oneshot import autolip, seqlip
 from .power import power_method
 from .rules import register_rule
 
+try:
+    __version__ = version("lipreg")
+except PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0+unknown"
+
+_LAZY = {"LipschitzCallback": ("lipreg.lightning", "LipschitzCallback"), "metrics": ("lipreg.metrics", None),
+         "lightning": ("lipreg.lightning", None)}
+"""Names loaded on first access: ``name -> (module, attribute or None for the module itself)``."""
+
 __all__ = ["LipschitzCallback", "LipschitzEstimator", "LipschitzPenalty", "UnsupportedOpError", "autolip", "metrics",
            "power_method", "register_rule", "rules", "seqlip"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lipreg' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -15,6 +15,7 @@ from .certify import certified_cast, dense_spectral_bound
 from .errors import UnsupportedOpError
 from .graph import ConstantEnv, LipGraph, LipNode
 from .power import LinearFn, normalized, power_iterations, rayleigh_norm, rayleigh_norms_and_step
+from .progress import progress as _progress
 from .rules import Activation, Constant
 from .seqlip import SeqLip
 
@@ -108,17 +109,18 @@ class LipschitzEstimator(nn.Module):
                           stacklevel=4)  # the caller of est(), past nn.Module's __call__
         return bound
 
-    def converge(self, tol: float = 1e-6, max_iter: int = 2000) -> Tensor:
+    def converge(self, tol: float = 1e-6, max_iter: int = 2000, progress: bool = False) -> Tensor:
         """Iterate every operator until ``||A v||`` moves by less than ``tol`` (relative) in one step, or
         ``max_iter`` steps; then return the (differentiable) bound. Still an estimate from below: with close top
         singular values ``sigma`` stalls (changes by < tol) while ``v`` is still off by ``O(sqrt(tol))``, and the
-        stopping test cannot see that; the gradient's error is first order in ``v``'s."""
+        stopping test cannot see that; the gradient's error is first order in ``v``'s. ``progress=True`` shows a
+        bar over the operators."""
         with torch.no_grad(), self._evaluation() as env:
-            self._converge_operators(env, tol, max_iter)
+            self._converge_operators(env, tol, max_iter, progress)
         return self(n_iter=0)
 
-    def _converge_operators(self, env: ConstantEnv, tol: float, max_iter: int) -> None:
-        for node in self._iterated_nodes():
+    def _converge_operators(self, env: ConstantEnv, tol: float, max_iter: int, show: bool = False) -> None:
+        for node in _progress(self._iterated_nodes(), show, "converge"):
             apply = self._apply_fn(node, env)
             buffer = self.get_buffer(self._buffer_names[node])
             v, sigma = buffer, rayleigh_norm(apply, buffer)
@@ -131,12 +133,13 @@ class LipschitzEstimator(nn.Module):
         if self.seqlip is not None:
             self.seqlip.converge(env, tol, max_iter)
 
-    def certified_bound(self) -> Tensor:
+    def certified_bound(self, progress: bool = False) -> Tensor:
         """A guaranteed upper bound on the Lipschitz constant, differentiable, with no random state.
 
         AutoLip with every linear operator's norm certified instead of estimated (:meth:`certified_factor`);
         with ``method="seqlip"``, SeqLip when its search is exact on full SVDs. Greedy or low-rank SeqLip can
-        miss the max, so then the certificate is the AutoLip one, with a warning saying so.
+        miss the max, so then the certificate is the AutoLip one, with a warning saying so. ``progress=True``
+        shows a bar over the operators.
         """
         use_seqlip = self.seqlip is not None and self.seqlip.certified
         if self.seqlip is not None and not use_seqlip:
@@ -144,7 +147,7 @@ class LipschitzEstimator(nn.Module):
                           "certified_bound() returns the certified AutoLip bound", stacklevel=2)
         nodes = self._bounded_nodes() if use_seqlip else self.graph.linear_nodes()
         with self._evaluation() as env:
-            factors = {node: self.certified_factor(node, env) for node in nodes}
+            factors = {node: self.certified_factor(node, env) for node in _progress(nodes, progress, "certify")}
             chains = None
             if use_seqlip:  # exact eq. 8 on full SVDs, rounded upwards as the other certificates are
                 chains = {last: (first, certified_cast(bound.to(torch.float64), bound.dtype))
@@ -191,6 +194,17 @@ class LipschitzEstimator(nn.Module):
         iteration (every norm in closed form) and any SeqLip search was exact on full SVDs."""
         exact_norms = len(list(self._iterated_nodes())) == 0
         return exact_norms and (self.seqlip is None or self.seqlip.certified)
+
+    def extra_repr(self) -> str:
+        """The method, the model, each bounded operator (its norm by power iteration or closed form) and the size
+        of the warm state (every buffer: power vectors, SeqLip patterns and subspaces)."""
+        operators = [node.name for node in self.graph.linear_nodes()]
+        chains = f", seqlip_chains={len(self.seqlip.chains)}" if self.seqlip is not None else ""
+        numel = sum(buffer.numel() for buffer in self.buffers())
+        size = sum(buffer.numel() * buffer.element_size() for buffer in self.buffers())
+        return (f"method={self.method!r}, model={type(self.model).__name__}, operators={operators} "
+                f"(power iteration: {len(self._buffer_names)}, closed form: {len(self._closed_form)}){chains}, "
+                f"warm_state={numel} values ({size / 1024:.1f} KiB), dtype={self.dtype}")
 
     # --------------------------------------------------------------- helpers
     def _bounded_nodes(self) -> list[LipNode]:

@@ -7,7 +7,6 @@ warm vectors) apply to it exactly as to the task loss. Adding its gradient from 
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Callable
 
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .estimator import LipschitzEstimator
+from .options import Method, PenaltyKind, validate_method, validate_penalty
 
 
 def _linear(bound: Tensor, target: float | None) -> Tensor:
@@ -54,14 +54,12 @@ class LipschitzPenalty(nn.Module):
     ``last_bound`` holds the (detached) bound of the last call.
     """
 
-    def __init__(self, model: nn.Module, example_input: Tensor, weight: float = 1e-3, kind: str = "log",
-                 target: float | None = None, method: str = "autolip", n_iter: int = 1,
+    def __init__(self, model: nn.Module, example_input: Tensor, weight: float = 1e-3, kind: PenaltyKind = "log",
+                 target: float | None = None, method: Method = "autolip", n_iter: int = 1,
                  **estimator_options: Any) -> None:
         super().__init__()
-        if kind not in PENALTY_KINDS:
-            raise ValueError(f"kind must be one of {sorted(PENALTY_KINDS)}, got {kind!r}")
-        if kind.endswith("hinge") and (target is None or not math.isfinite(target)):
-            raise ValueError(f"kind={kind!r} needs a finite target: the penalty is relu(bound - target)")
+        validate_penalty(kind, target)
+        validate_method(method, estimator_options)
         self.weight = float(weight)
         self.kind = kind
         self.target = target

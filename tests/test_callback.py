@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from experiments.data import DigitsDataModule
 from experiments.models import MLP, Classifier
 from lipreg import LipschitzEstimator
-from lipreg.callback import LipschitzCallback
+from lipreg.lightning import LipschitzCallback
 from lipreg.metrics import CertifiedRobustAccuracy
 from lipreg.penalty import LipschitzPenalty
 

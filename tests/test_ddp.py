@@ -21,7 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from experiments.data import DigitsDataModule
 from experiments.models import MLP, Classifier
-from lipreg.callback import LipschitzCallback
+from lipreg.lightning import LipschitzCallback
 
 pytestmark = pytest.mark.slow
 EPS = 0.05
@@ -60,7 +60,8 @@ class PerRank(Callback):
                     "params": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
                     "warm": {k: v.clone() for k, v in estimator.state_dict().items()},
                     "seed": self.lip.estimator_options["seed"], "bound": bound, "certified": certified,
-                    "final": dict(self.lip._final), "local": self.local, "batches": self.batches},
+                    "final": {k: float(v) for k, v in trainer.callback_metrics.items()
+                              if k.startswith(("lipschitz/", "robust/")) and k != "lipschitz/task_loss"}, "local": self.local, "batches": self.batches},
                    self.out / f"rank{trainer.global_rank}.pt")
 
 
