@@ -219,7 +219,7 @@ def final_evaluation(cfg: DictConfig, module: pl.LightningModule, datamodule: pl
         module.net, datamodule, splits=("val", "test"), radii=list(cfg.eval.radii), n_iter=cfg.eval.n_iter,
         seqlip=searches, seqlip_options=options, exact_max_units=cfg.eval.exact_max_units,
         lower_bound_samples=cfg.eval.lower_bound_samples,
-        lower_bound_ascent_steps=cfg.eval.lower_bound_ascent_steps, seed=cfg.seed,
+        lower_bound_ascent_steps=cfg.eval.lower_bound_ascent_steps, seed=cfg.seed, progress=cfg.progress_bar,
     )
 
 
