@@ -23,7 +23,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["check_plugins", "check_added_keys", "run_hparams", "run_name", "route_logging", "silence_noise"]
+__all__ = ["check_plugins", "check_added_keys", "run_hparams", "run_name", "short_value", "route_logging",
+           "silence_noise"]
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -142,22 +143,26 @@ def run_hparams(cfg: DictConfig, choices: Mapping[str, Any], task_overrides: Seq
     return params
 
 
-def _short(value: str) -> str:
+def short_value(value: str) -> str:
+    """``0.0012345678`` -> ``0.001235``: a float value cut to 4 significant digits; other values unchanged."""
     try:
         number = float(value)
     except ValueError:
-        return value.replace("/", "_")
+        return value
     return value if number.is_integer() and "e" not in value.lower() else f"{number:.4g}"
 
 
 def run_name(task_overrides: Sequence[str], max_chars: int = 120) -> str:
-    """``penalty_weight=0.01,model=cnn``: the job's overrides, keys cut to their last part, floats to 4 digits."""
+    """``penalty_weight=0.01,model=cnn``: the job's overrides, keys cut to their last part, floats to 4 digits.
+
+    The TensorBoard run of the job (``tensorboard --logdir SWEEP_DIR`` lists ``0/penalty_weight=0.01,...``).
+    """
     parts = []
     for override in _parse(task_overrides):
         if not override.is_delete():
             parts.append(f"{override.key_or_group.rsplit('.', 1)[-1].rsplit('/', 1)[-1]}="
-                         f"{_short(override.get_value_element_as_str())}")
-    name = ",".join(parts) or "tensorboard"
+                         f"{short_value(override.get_value_element_as_str())}")
+    name = ",".join(parts).replace("/", "_") or "tensorboard"  # one directory, whatever the values
     return name if len(name) <= max_chars else name[: max_chars - 3] + "..."
 
 
