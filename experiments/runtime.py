@@ -76,6 +76,8 @@ def check_plugins(argv: Sequence[str]) -> None:
     except Exception:  # noqa: BLE001 - a malformed override: Hydra reports it itself
         return
     for override in overrides:
+        if override.is_sweep_override() or override.is_delete():
+            continue
         group, option = override.key_or_group, override.get_value_element_as_str()
         pairs = _experiment_choices(option) if group == "experiment" else [(group, option)]
         for pair in pairs:
