@@ -148,9 +148,12 @@ def evaluate_bounds(
     bar = tqdm(total=4 + len(seqlip), disable=not progress, file=sys.stderr, leave=False,
                bar_format="{desc:<34} {bar:20} {n_fmt}/{total_fmt} [{elapsed}]")
 
+    started: list[str] = []
+
     def step(desc: str) -> None:  # the previous step is done; name this one
-        if bar.desc:
+        if started:
             bar.update()
+        started.append(desc)
         bar.set_description_str(desc)
 
     data = {split: _split_tensors(datamodule, split) for split in splits}

@@ -157,15 +157,20 @@ def short_value(value: str) -> str:
 def run_name(task_overrides: Sequence[str], max_chars: int = 120) -> str:
     """``penalty_weight=0.01,model=cnn``: the job's overrides, keys cut to their last part, floats to 4 digits.
 
-    The TensorBoard run of the job (``tensorboard --logdir SWEEP_DIR`` lists ``0/penalty_weight=0.01,...``).
+    The TensorBoard run of the job (``tensorboard --logdir SWEEP_DIR`` lists ``0/penalty_weight=0.01,...``);
+    the overrides that do not fit in ``max_chars`` are left out.
     """
     parts = []
     for override in _parse(task_overrides):
         if not override.is_delete():
             parts.append(f"{override.key_or_group.rsplit('.', 1)[-1].rsplit('/', 1)[-1]}="
                          f"{short_value(override.get_value_element_as_str())}")
-    name = ",".join(parts).replace("/", "_") or "tensorboard"  # one directory, whatever the values
-    return name if len(name) <= max_chars else name[: max_chars - 3] + "..."
+    name = ""
+    for part in parts:  # whole overrides only, as many as fit in max_chars
+        if len(name) + len(part) + 1 > max_chars and name:
+            break
+        name = f"{name},{part}" if name else part
+    return name.replace("/", "_")[:max_chars] or "tensorboard"  # one directory, whatever the values
 
 
 class _DropNoise(logging.Filter):
