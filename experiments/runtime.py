@@ -43,7 +43,6 @@ EXTRA = "sweep"  # pyproject.toml's extra that installs the three plugins
 
 # log records (substrings) and warnings (regexes) every small run would print, and no user acts on
 _NOISY_RECORDS = ("💡 Tip:",)
-_NOISY_LOGGERS = ("alembic",)  # Optuna's RDB storage: "Context impl SQLiteImpl." ...
 _NOISY_WARNINGS = (".*does not have many workers.*", ".*is smaller than the logging interval.*",
                    ".*isinstance.treespec, LeafSpec.*")  # Lightning 2.6 on torch >= 2.10
 _LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
@@ -188,15 +187,14 @@ def route_logging() -> None:
     """Let Lightning's messages through the root logger's handlers (Hydra's console and ``train.log``).
 
     Lightning gives its loggers a handler of their own and stops propagation when it is imported before any
-    logging is configured, which is why ``train.log`` stayed empty; the known noise is dropped on the way.
+    logging is configured, which is why ``train.log`` stayed empty; the known noise is dropped on the way
+    (Optuna's alembic lines are silenced in ``conf/config.yaml``'s ``hydra.hydra_logging``).
     """
     for name in _LIGHTNING_LOGGERS:
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.propagate = True
-    for name in _NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, _DropNoise) for f in handler.filters):
             handler.addFilter(_DropNoise())
