@@ -41,7 +41,6 @@ if str(_ROOT) not in sys.path:  # `python experiments/train.py` puts experiments
     sys.path.insert(0, str(_ROOT))
 
 import hydra  # noqa: E402
-import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
@@ -308,6 +307,8 @@ def run(cfg: DictConfig) -> float | None:
     runtime.check_added_keys(cfg, task, hydra_cfg.runtime.choices.keys())
     check_strategy(cfg)
     check_resume(cfg)
+    import torch  # here, not at the top: config-only commands (--cfg job, --help) do not pay for it
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     namespace = lightning_namespace(cfg)
