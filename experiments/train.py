@@ -304,9 +304,12 @@ def run(cfg: DictConfig) -> float | None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     sweep_dir = hydra_cfg.sweep.dir if multirun else None
     task = list(hydra_cfg.overrides.task)
-    runtime.check_added_keys(cfg, task, hydra_cfg.runtime.choices.keys())
-    check_strategy(cfg)
-    check_resume(cfg)
+    try:  # a wrong command line: one line, no stack
+        runtime.check_added_keys(cfg, task, hydra_cfg.runtime.choices.keys())
+        check_strategy(cfg)
+        check_resume(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"train.py: error: {e}") from None
     import torch  # here, not at the top: config-only commands (--cfg job, --help) do not pay for it
 
     if cfg.threads:

@@ -288,3 +288,17 @@ def test_plot_ticks_and_legend_read_well(tmp_path, monkeypatch):
     assert not ax.texts and not fig.axes[1].texts  # no job numbers drawn next to (overlapping) points
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend == ["0: penalty_weight=0.1235", "1: penalty_weight=0.01235", "2: penalty_weight=0.001235"]
+
+
+def test_train_py_refuses_an_added_key_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "experiments" / "train.py"), "+ckpt_pth=x.ckpt",
+                           f"hydra.run.dir={tmp_path}"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("train.py: error: `+ckpt_pth=x.ckpt` adds the key 'ckpt_pth', which no part of the "
+                                   "experiment reads (the schemas in experiments/config_schema.py list the keys); "
+                                   "did you mean `ckpt_path=...` (no +)?")
