@@ -120,7 +120,8 @@ def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.Ligh
 
     net = instantiate(cfg.model, input_shape=list(datamodule.input_shape), num_classes=datamodule.num_classes)
     cls = rebase(get_class(cfg.classifier._target_), lightning_namespace(cfg))
-    return cls(net=net, **{k: v for k, v in cfg.classifier.items() if k != "_target_"})
+    options: dict[str, Any] = OmegaConf.to_container(cfg.classifier, resolve=True)  # type: ignore[assignment]
+    return cls(net=net, **{k: v for k, v in options.items() if k != "_target_"})
 
 
 def accepts_hparams(callback_class: type) -> bool:
