@@ -18,22 +18,64 @@ How the schemas are attached:
 Model configs carry no data shape: ``experiments/train.py`` passes ``input_shape`` and ``num_classes`` from
 the data module at instantiate time (``instantiate(cfg.model, input_shape=..., num_classes=...)``).
 
+Closed choices are ``enum.StrEnum`` fields (OmegaConf's structured configs take enums, not ``Literal``):
+``lipreg.method=seqlipp`` fails at composition with the valid values listed, not inside ``trainer.fit``. A
+member equals, prints and serialises as its value (``Method.autolip == "autolip"``).
+
 Call :func:`register_configs` before composing (``experiments/train.py`` does it at import time).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 __all__ = [
+    "Method", "PenaltyKind", "Search", "Accelerator",
     "MLPConf", "CNNConf", "AlexNetConf", "ResNetConf",
     "DigitsConf", "FashionMNISTConf", "MNIST1DConf", "SyntheticConf",
     "LipregConf", "TrainerConf", "TensorBoardLoggerConf", "CSVLoggerConf", "LoggersConf",
     "ClassifierConf", "EvalConf", "ExperimentConf", "register_configs",
 ]
+
+
+# -------------------------------------------------------------------------------------------- choices
+class Method(StrEnum):
+    """``lipreg.method``: AutoLip (paper Alg. 2) or SeqLip (eq. 8)."""
+
+    autolip = "autolip"
+    seqlip = "seqlip"
+
+
+class PenaltyKind(StrEnum):
+    """``lipreg.penalty_kind``: ``h`` in ``penalty_weight * h(bound)`` (the hinges need ``target``)."""
+
+    linear = "linear"
+    log = "log"
+    hinge = "hinge"
+    squared_hinge = "squared_hinge"
+
+
+class Search(StrEnum):
+    """SeqLip's search over activation patterns (``eval.seqlip``)."""
+
+    greedy = "greedy"
+    exact = "exact"
+    lowrank = "lowrank"
+
+
+class Accelerator(StrEnum):
+    """``trainer.accelerator``: Lightning's accelerator names."""
+
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+    cuda = "cuda"
+    mps = "mps"
+    tpu = "tpu"
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -122,12 +164,12 @@ class LipregConf:
     ``lipreg.LipschitzEstimator`` (e.g. ``{search: greedy}`` for SeqLip).
     """
 
-    _target_: str = "lipreg.lightning.LipschitzCallback"  # = lipreg.LipschitzCallback
+    _target_: str = "lipreg.LipschitzCallback"
     enabled: bool = True
-    method: str = "autolip"
+    method: Method = Method.autolip
     module: Optional[str] = "net"
     penalty_weight: float = 0.0
-    penalty_kind: str = "log"
+    penalty_kind: PenaltyKind = PenaltyKind.log
     target: Optional[float] = None
     n_iter: int = 1
     log_every_n_steps: int = 10
@@ -144,10 +186,14 @@ class LipregConf:
 # -------------------------------------------------------------------------------------------- trainer
 @dataclass
 class TrainerConf:
-    """The ``pytorch_lightning.Trainer`` arguments a config may set (add a field here to expose another)."""
+    """The ``Trainer`` arguments a config may set (add a field here to expose another).
+
+    ``_target_`` may be ``lightning.pytorch.Trainer``: ``experiments/train.py`` then builds every Lightning
+    object of the run (checkpoint callback, loggers, the LightningModule's base) in that namespace.
+    """
 
     _target_: str = "pytorch_lightning.Trainer"
-    accelerator: str = "cpu"
+    accelerator: Accelerator = Accelerator.cpu
     devices: Any = 1
     strategy: str = "auto"
     num_nodes: int = 1
@@ -216,7 +262,7 @@ class EvalConf:
     radii: List[float] = field(default_factory=lambda: [0.1])  # L2 radii of the certified accuracy
     lower_bound_samples: int = 128  # test inputs the empirical lower bound starts from
     lower_bound_ascent_steps: int = 0
-    seqlip: Optional[str] = None  # extra SeqLip search in the summary: greedy | exact | null (only if lipreg is)
+    seqlip: Optional[Search] = None  # extra SeqLip search in the summary: greedy | exact | null (only if lipreg is)
     exact_max_units: int = 20  # exact SeqLip only when every layer has at most this many units
 
 
@@ -233,6 +279,7 @@ class ExperimentConf:
     threads: Optional[int] = 1  # torch.set_num_threads; None: torch's default (one per core)
     progress_bar: bool = True
     checkpoint: bool = True
+    ckpt_path: Optional[str] = None  # resume training from this checkpoint (Trainer.fit(ckpt_path=...))
     objective: str = "val/certified_acc@0.1"  # metrics.json key that train.py returns (what a sweeper optimises)
 
 

@@ -25,6 +25,7 @@ import gzip
 import os
 import random
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -287,6 +288,22 @@ def _open_maybe_gz(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
+def _read(path: str, n: int = -1, head: bool = False) -> bytes:
+    """The first ``n`` bytes (all with ``-1``) of a plain or gzipped file; a damaged ``.gz`` names the file.
+
+    ``head`` reads the IDX header: its 4th byte tells how many 4-byte dimensions follow.
+    """
+    try:
+        with _open_maybe_gz(path) as f:
+            raw = f.read(n)
+            if head and len(raw) == 4:
+                raw += f.read(4 * raw[3])
+            return raw
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{path}: truncated or corrupt gzip file ({type(e).__name__}: {e}); download it again, "
+                         "or reinstall dataset-fashion-mnist") from None
+
+
 def _parse_idx_header(head: bytes, path: str) -> tuple[np.dtype, tuple[int, ...]]:
     if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number {head[:4]!r})")
@@ -299,16 +316,12 @@ def _parse_idx_header(head: bytes, path: str) -> tuple[np.dtype, tuple[int, ...]
 
 def read_idx_header(path: str) -> tuple[np.dtype, tuple[int, ...]]:
     """Return ``(dtype, shape)`` from the header of an IDX file (``.gz`` or plain) without reading the data."""
-    with _open_maybe_gz(path) as f:
-        head = f.read(4)
-        head += f.read(4 * head[3]) if len(head) == 4 else b""
-    return _parse_idx_header(head, path)
+    return _parse_idx_header(_read(path, 4, head=True), path)
 
 
 def read_idx(path: str) -> np.ndarray:
     """Read a whole IDX file (the MNIST / Fashion-MNIST format), gzip-compressed or not."""
-    with _open_maybe_gz(path) as f:
-        raw = f.read()
+    raw = _read(path)
     dtype, shape = _parse_idx_header(raw[: 4 + 4 * raw[3]] if len(raw) >= 4 else raw, path)
     offset = 4 + 4 * len(shape)
     count = int(np.prod(shape)) if shape else 1

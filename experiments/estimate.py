@@ -18,12 +18,19 @@ loaded from the newest ``*.ckpt`` under the run directory (or ``--ckpt``), and i
   ``sqrt(2) * L * eps`` with ``L`` the smallest *certified* bound available.
 
 :func:`evaluate_bounds` is also what ``experiments/train.py`` runs on the final weights of every run.
+
+Checkpoints are loaded with ``torch.load(weights_only=True)``: a checkpoint is a pickle, and this loads only
+tensors and plain containers, never code. A checkpoint that needs more is refused (Lightning's own
+``Trainer.fit(ckpt_path=...)`` is given ``weights_only=True`` too by ``experiments/train.py``). Errors (no
+run directory, another model's checkpoint, an op lipreg cannot bound) are one ``error:`` line; ``--traceback``
+shows the whole stack.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import pickle
 import sys
 import warnings
 from pathlib import Path
@@ -36,7 +43,8 @@ if str(_ROOT) not in sys.path:  # `python experiments/estimate.py` puts experime
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-__all__ = ["evaluate_bounds", "find_checkpoint", "load_run", "format_report", "main"]
+__all__ = ["evaluate_bounds", "find_checkpoint", "load_checkpoint", "load_weights", "load_run", "format_report",
+           "main"]
 
 SEARCHES = ("greedy", "exact")
 
@@ -119,6 +127,7 @@ def evaluate_bounds(
     lower_bound_samples: int = 128,
     lower_bound_ascent_steps: int = 10,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Bound ``net`` (put in eval mode) and score it on ``splits`` of ``datamodule``.
 
@@ -126,13 +135,27 @@ def evaluate_bounds(
     ``lipschitz/autolip_certified``, ``lipschitz/seqlip_<search>`` [and ``..._certified`` when exact],
     ``lipschitz/lower``, ``lipschitz/upper_over_lower``, ``<split>/acc``, ``<split>/certified_acc@<eps>``),
     ``layers`` (``est.layer_bounds()`` of the converged AutoLip estimator), ``certified_by`` (which bound the
-    certified accuracy used) and ``errors`` (what could not be computed, and why).
+    certified accuracy used) and ``errors`` (what could not be computed, and why). ``progress`` shows a bar
+    (on stderr) that names the step running.
     """
+    from tqdm.auto import tqdm
+
     import lipreg
     from lipreg.lower_bound import lower_bound
 
     net.eval()
-    splits = list(splits)
+    splits, seqlip = list(splits), list(seqlip)
+    bar = tqdm(total=4 + len(seqlip), disable=not progress, file=sys.stderr, leave=False,
+               bar_format="{desc:<34} {bar:20} {n_fmt}/{total_fmt} [{elapsed}]")
+
+    started: list[str] = []
+
+    def step(desc: str) -> None:  # the previous step is done; name this one
+        if started:
+            bar.update()
+        started.append(desc)
+        bar.set_description_str(desc)
+
     data = {split: _split_tensors(datamodule, split) for split in splits}
     example = data[splits[0]][0][:1]
     metrics: dict[str, float] = {}
@@ -140,9 +163,11 @@ def evaluate_bounds(
     torch.manual_seed(seed)
 
     # AutoLip: converged estimate (from below) and certificate
+    step("AutoLip: power method")
     est = lipreg.LipschitzEstimator(net, example, method="autolip")
     metrics["lipschitz/autolip"] = float(est.converge(max_iter=n_iter).detach())
     layers = est.layer_bounds()
+    step("AutoLip: certified bound")
     certified = _try("lipschitz/autolip_certified", lambda: float(est.certified_bound()), errors)
     if certified is not None:
         metrics["lipschitz/autolip_certified"] = certified
@@ -150,6 +175,7 @@ def evaluate_bounds(
 
     # SeqLip
     for search in seqlip:
+        step(f"SeqLip ({search})")
         key = f"lipschitz/seqlip_{search}"
         if search == "exact":
             units = _widest_activation(net, example)
@@ -176,6 +202,7 @@ def evaluate_bounds(
                 certificates[f"SeqLip ({search})"] = result[1]
 
     # empirical lower bound on the first split's inputs
+    step("lower bound")
     x_lb = data[splits[0]][0][:lower_bound_samples]
     lower = _try("lipschitz/lower", lambda: float(lower_bound(net, x_lb, ascent_steps=lower_bound_ascent_steps)),
                  errors)
@@ -186,6 +213,7 @@ def evaluate_bounds(
             metrics["lipschitz/upper_over_lower"] = upper / lower
 
     # accuracy and certified accuracy, from the tightest certificate
+    step("certified accuracy")
     certified_by, bound = (min(certificates.items(), key=lambda kv: kv[1]) if certificates else (None, math.nan))
     for split, (x, y) in data.items():
         logits = _logits(net, x)
@@ -193,6 +221,8 @@ def evaluate_bounds(
         if certified_by is not None:
             for name, value in _certified_accuracy(logits, y, bound, radii).items():
                 metrics[f"{split}/{name}"] = value
+    bar.update()
+    bar.close()
     return {"metrics": metrics, "layers": layers, "certified_by": certified_by, "errors": errors}
 
 
@@ -253,11 +283,46 @@ def load_run(run_dir: str | Path, ckpt: str | Path | None = None):
     datamodule = instantiate(cfg.data)
     net = instantiate(cfg.model, input_shape=list(datamodule.input_shape), num_classes=datamodule.num_classes)
     ckpt_path = Path(ckpt) if ckpt is not None else find_checkpoint(run_dir)
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    state = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-    net.load_state_dict(state)
+    load_weights(net, load_checkpoint(ckpt_path), ckpt_path, f"{cfg.model._target_} of {config_file}")
     net.eval()
     return cfg, datamodule, net, ckpt_path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint, loaded with ``weights_only=True`` (tensors and plain containers, never code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+        reason = f" ({found[0].split(' was not')[0]})" if found else ""
+        raise ValueError(f"{path} holds more than tensors and plain containers, so torch.load(weights_only=True) "
+                         f"refuses it{reason}; a checkpoint is a pickle: load it otherwise only if you trust its "
+                         "source") from None
+    except (EOFError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"{path} is not a Lightning checkpoint of experiments/train.py (no 'state_dict')")
+    return checkpoint
+
+
+def load_weights(net: nn.Module, checkpoint: dict[str, Any], path: str | Path, model: str) -> None:
+    """Load the ``net.*`` weights of a ``Classifier`` checkpoint into ``net``, or explain in one line why not."""
+    state = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    resized = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or resized:
+        first = (f"e.g. {resized[0]} is {tuple(state[resized[0]].shape)} in the checkpoint and "
+                 f"{tuple(expected[resized[0]].shape)} in the model" if resized else
+                 f"e.g. {(missing or unexpected)[0]} is {'missing' if missing else 'unexpected'}")
+        raise ValueError(f"{path} is the checkpoint of another model: it does not fit the {model} "
+                         f"({len(missing)} missing, {len(unexpected)} unexpected, {len(resized)} resized tensors; "
+                         f"{first}); pass the run directory this checkpoint was written in")
+    net.load_state_dict(state)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -278,8 +343,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: the run's `threads`, 1 for these small nets; 0: torch's default)")
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
+    parser.add_argument("--traceback", action="store_true", help="on an error, show the whole stack")
     args = parser.parse_args(argv)
+    try:
+        return estimate(args)
+    except (OSError, ValueError, TypeError, KeyError) as e:  # lipreg.UnsupportedOpError is a TypeError
+        if args.traceback:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        parser.exit(2, f"{parser.prog}: error: {message}\n(--traceback shows the whole stack)\n")
 
+
+def estimate(args: argparse.Namespace) -> dict[str, Any]:
+    """The command: load the run, bound it, print the report (and write ``--json``)."""
     cfg, datamodule, net, ckpt_path = load_run(args.run_dir, args.ckpt)
     threads = args.threads if args.threads is not None else cfg.get("threads", 1)
     if threads:
@@ -295,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         net, datamodule, splits=[args.split], radii=radii, n_iter=args.n_iter,
         seqlip=() if args.no_seqlip else SEARCHES, exact_max_units=args.exact_max_units,
         lower_bound_samples=args.lower_samples, lower_bound_ascent_steps=args.ascent_steps,
-        seed=int(cfg.get("seed", 0)),
+        seed=int(cfg.get("seed", 0)), progress=not args.no_progress,
     )
     print(format_report(report, [args.split], radii))
     if args.json:

@@ -248,8 +248,8 @@ class ResNetSmall(nn.Module):
         return self.head(self.layers(self.stem(x)))
 
 
-class Classifier(pl.LightningModule):
-    """Cross-entropy classification of ``net`` with Adam.
+class ClassifierSteps:
+    """Cross-entropy classification of ``net`` with Adam: the steps of :class:`Classifier`, on no Lightning base.
 
     Args:
         net: the network; its ``input_shape``/``num_classes`` attributes are
@@ -332,3 +332,8 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+class Classifier(ClassifierSteps, pl.LightningModule):
+    """:class:`ClassifierSteps` as a ``pytorch_lightning.LightningModule`` (``experiments/train.py`` puts the same
+    steps on ``lightning.pytorch.LightningModule`` when the trainer is ``lightning.pytorch.Trainer``)."""

@@ -7,8 +7,8 @@ Every run directory under ``MULTIRUN_DIR`` that holds a ``metrics.json`` (writte
 is one row: its overrides (from ``.hydra/overrides.yaml``, one column per overridden key and the whole list in
 ``overrides``), then its final metrics (accuracy, AutoLip estimate and certificate, SeqLip, lower bound,
 certified accuracy at each radius, wall time). The plot has one point per run: the Lipschitz bound (x, log
-scale) against the test accuracy (left) and the certified test accuracy (right), each point labelled with
-its overrides.
+scale) against the test accuracy (left) and the certified test accuracy (right), the legend naming each run's
+swept values. A job directory without ``metrics.json`` (a failed job) is reported, and makes the exit status 1.
 """
 from __future__ import annotations
 
@@ -22,7 +22,13 @@ from typing import Any, Sequence
 
 import yaml
 
-__all__ = ["collect", "write_csv", "plot", "main"]
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:  # `python experiments/summarize.py` puts experiments/ on the path, not the root
+    sys.path.insert(0, str(_ROOT))
+
+from experiments.runtime import short_value  # noqa: E402
+
+__all__ = ["collect", "failed_jobs", "write_csv", "plot", "main"]
 
 FIRST = ["test/acc", "val/acc", "lipschitz/autolip", "lipschitz/autolip_certified", "lipschitz/seqlip_greedy",
          "lipschitz/seqlip_exact", "lipschitz/lower", "lipschitz/upper_over_lower"]
@@ -93,8 +99,8 @@ def _varying_keys(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _label(row: dict[str, Any], keys: list[str]) -> str:
-    """``penalty_weight=0.01 model=mlp``: the swept values of a run (last component of each key)."""
-    return " ".join(f"{k.rsplit('.', 1)[-1]}={row.get(k, '')}" for k in keys) or row["run"]
+    """``penalty_weight=0.01 model=mlp``: the swept values of a run (last component of each key, 4 digits)."""
+    return " ".join(f"{k.rsplit('.', 1)[-1]}={short_value(str(row.get(k, '')))}" for k in keys) or row["run"]
 
 
 def _bound_key(rows: list[dict[str, Any]], wanted: str | None) -> str:
@@ -104,18 +110,32 @@ def _bound_key(rows: list[dict[str, Any]], wanted: str | None) -> str:
     raise KeyError("no Lipschitz bound in the runs' metrics.json")
 
 
+def _log_ticks(ax, lo: float, hi: float) -> None:
+    """Labelled ticks across ``[lo, hi]`` on a log axis: 1-2-5 per decade over a wide span, else about six
+    evenly spaced round values (a log axis under a decade would show one or two labels)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullLocator
+
+    if hi / lo >= 10:
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if hi / lo < 1000 else (1.0,)))
+    else:
+        ticks = [t for t in MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi) if lo <= t <= hi]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+
+
 def plot(rows: list[dict[str, Any]], path: str | Path, bound_key: str | None = None, split: str = "test") -> None:
     """Bound (x, log) vs accuracy (left) and certified accuracy at each radius (right), one point per run.
 
-    Each run has one colour in both panels and is labelled with its job number; the legend maps job numbers
-    to the swept values (up to 24 runs). With several radii, the marker tells the radius.
+    Each run has one colour and one marker shape in both panels, and the legend maps them to the job number and
+    its swept values (up to 24 runs; more runs are plotted unlabelled: summary.csv names them). No text is
+    drawn next to the points, so close points never merge their labels. With several radii, the right panel
+    joins a run's points by a line, from the smallest radius (highest accuracy) to the largest.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     key = _bound_key(rows, bound_key)
     radii = sorted({k.split("@", 1)[1] for r in rows for k in r if k.startswith(f"{split}/certified_acc@")},
@@ -125,42 +145,25 @@ def plot(rows: list[dict[str, Any]], path: str | Path, bound_key: str | None = N
     varying = _varying_keys(pts)
     legend = 0 < len(pts) <= 24
     fig, (ax_acc, ax_cert) = plt.subplots(1, 2, figsize=(13.5 if legend else 11, 4.8), sharex=True)
-    colors = plt.get_cmap("tab10" if len(pts) <= 10 else "tab20")
-    markers = "osD^v<>"
+    colors, markers = plt.get_cmap("tab10"), "osD^v<>P"
     for n, (r, x) in enumerate(zip(pts, xs)):
-        color = colors(n % colors.N)
-        y = r.get(f"{split}/acc", math.nan)
-        ax_acc.scatter([x], [y], color=color, zorder=3, label=f"{r['run']}: {_label(r, varying)}")
-        ax_acc.annotate(r["run"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        for i, eps in enumerate(radii):
-            y = r.get(f"{split}/certified_acc@{eps}", math.nan)
-            ax_cert.scatter([x], [y], color=color, marker=markers[i % len(markers)], zorder=3)
-            ax_cert.annotate(r["run"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        style = {"color": colors(n % 10), "marker": markers[(n // 10) % len(markers)], "zorder": 3}
+        ax_acc.scatter([x], [r.get(f"{split}/acc", math.nan)], label=f"{r['run']}: {_label(r, varying)}", **style)
+        ys = [r.get(f"{split}/certified_acc@{eps}", math.nan) for eps in radii]
+        ax_cert.plot([x] * len(ys), ys, linestyle="-" if len(ys) > 1 else "", linewidth=0.8, **style)
     for ax, ylabel in ((ax_acc, f"{split} accuracy"), (ax_cert, f"certified {split} accuracy (L2)")):
         ax.set_xscale("log")
         if xs:
-            ax.set_xlim(min(xs) / 1.25, max(xs) * 1.6)
-        span = max(xs) / min(xs) if xs else 1.0
-        if span < 4:  # well under a decade: a label on every tick
-            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        else:
-            if span < 1000:
-                ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            lo, hi = min(xs) / 1.15, max(xs) * 1.15
+            ax.set_xlim(lo, hi)
+            _log_ticks(ax, lo, hi)
         ax.set_xlabel(f"Lipschitz bound ({key.split('/', 1)[1]})")
         ax.set_ylabel(ylabel)
         ax.set_ylim(-0.03, 1.03)
-        ax.grid(True, which="both", alpha=0.3)
+        ax.grid(True, which="major", alpha=0.3)
     ax_acc.set_title("accuracy vs Lipschitz bound")
-    if len(radii) == 1:
-        ax_cert.set_title(f"certified accuracy at eps = {radii[0]} vs Lipschitz bound")
-    else:
-        ax_cert.set_title("certified accuracy vs Lipschitz bound")
-        handles = [Line2D([], [], color="gray", marker=markers[i % len(markers)], linestyle="", label=f"eps = {e}")
-                   for i, e in enumerate(radii)]
-        if handles:
-            ax_cert.legend(handles=handles, loc="lower left", fontsize=8)
+    eps_text = radii[0] if len(radii) == 1 else f"{radii[0]} (top) to {radii[-1]} (bottom)" if radii else "?"
+    ax_cert.set_title(f"certified accuracy at eps = {eps_text}", fontsize=10)
     if legend:
         fig.legend(loc="center right", fontsize=7, title="run: swept values", title_fontsize=8, frameon=False)
     fig.suptitle(f"{len(pts)} runs", fontsize=9)
@@ -169,13 +172,39 @@ def plot(rows: list[dict[str, Any]], path: str | Path, bound_key: str | None = N
     plt.close(fig)
 
 
-def _print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
-    shown = [c for c in columns if c != "overrides"][:12]
-    cells = [[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in shown] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(shown)]
-    print("  ".join(c.ljust(w) for c, w in zip(shown, widths)))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+def _table(rows: list[dict[str, Any]], bound_key: str, split: str) -> list[str]:
+    """The console table: the run, its swept values, then one column per key metric (each metric once)."""
+    varying = _varying_keys(rows)
+    radii = sorted({k.split("@", 1)[1] for r in rows for k in r if k.startswith(f"{split}/certified_acc@")},
+                   key=float)
+    columns = [("run", "run")] + [(k, k.rsplit(".", 1)[-1]) for k in varying] + [
+        (f"{split}/acc", "acc"), (bound_key, "L certified" if "certified" in bound_key else "L estimate"),
+        ("lipschitz/lower", "L lower")] + [(f"{split}/certified_acc@{e}", f"cert acc@{e}") for e in radii]
+    columns = [(k, h) for k, h in columns if any(k in r for r in rows)]
+    cells = [[f"{r[k]:.4g}" if isinstance(r.get(k), float) else short_value(str(r.get(k, ""))) for k, _ in columns]
+             for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h) in enumerate(columns)]
+    return ["  ".join(h.ljust(w) for (_, h), w in zip(columns, widths))] + [
+        "  ".join(v.ljust(w) for v, w in zip(c, widths)) for c in cells]
+
+
+def failed_jobs(multirun_dir: str | Path) -> list[dict[str, str]]:
+    """The job directories (they hold ``.hydra/``) without a ``metrics.json``: jobs that failed (or still run),
+    with their overrides and the last error line of their ``train.log`` when it has one."""
+    root = Path(multirun_dir)
+    failed = []
+    for hydra_dir in sorted(root.rglob(".hydra"), key=lambda p: _job_sort_key(p.parent.relative_to(root))):
+        run_dir = hydra_dir.parent
+        if (run_dir / "metrics.json").is_file():
+            continue
+        overrides_file = hydra_dir / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        log_file = run_dir / "train.log"
+        errors = [line for line in (log_file.read_text(errors="replace").splitlines() if log_file.is_file() else [])
+                  if "[ERROR]" in line or "Error" in line]
+        failed.append({"run": str(run_dir.relative_to(root)) or ".", "overrides": " ".join(map(str, overrides or [])),
+                       "reason": errors[-1].strip() if errors else f"no metrics.json (see {log_file.name})"})
+    return failed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,16 +216,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", default="test", choices=["test", "val"], help="split of the plotted accuracies")
     args = parser.parse_args(argv)
     rows = collect(args.multirun_dir)
+    failed = failed_jobs(args.multirun_dir)
+    for job in failed:
+        print(f"job {job['run']} failed ({job['overrides'] or 'no overrides'}): {job['reason']}", file=sys.stderr)
     if not rows:
         print(f"no metrics.json under {args.multirun_dir}", file=sys.stderr)
         return 1
     out = Path(args.out or args.multirun_dir)
     out.mkdir(parents=True, exist_ok=True)
-    columns = write_csv(rows, out / "summary.csv")
+    write_csv(rows, out / "summary.csv")
     plot(rows, out / "summary.png", args.bound, args.split)
-    _print_table(rows, columns)
-    print(f"\n{len(rows)} runs -> {out / 'summary.csv'}, {out / 'summary.png'}")
-    return 0
+    print("\n".join(_table(rows, _bound_key(rows, args.bound), args.split)))
+    print(f"\n{len(rows)} runs" + (f", {len(failed)} failed (not in the summary)" if failed else "")
+          + f" -> {out / 'summary.csv'}, {out / 'summary.png'}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -14,42 +14,99 @@ Everything is configured in ``conf/`` (schemas: ``experiments/config_schema.py``
 and the ``Trainer`` (``trainer/``).
 
 Each run directory gets ``.hydra/`` (the composed config and the overrides), ``tensorboard/`` (event files),
-``checkpoints/final.ckpt``, ``train.log`` and ``metrics.json`` (the final evaluation: accuracy, AutoLip
-estimate and certificate, SeqLip when configured, lower bound, certified accuracy). The return value,
-``metrics[cfg.objective]``, is what a sweeper (Optuna) optimises.
+``checkpoints/final.ckpt``, ``train.log`` (Lightning's messages and the run summary) and ``metrics.json``
+(the final evaluation: accuracy, AutoLip estimate and certificate, SeqLip when configured, lower bound,
+certified accuracy). The return value, ``metrics[cfg.objective]``, is what a sweeper (Optuna) optimises.
+
+``ckpt_path=PATH`` resumes a run from a checkpoint (loaded with ``weights_only=True``). The Lightning classes
+(checkpoint callback, loggers, seeding) come from the namespace of ``trainer._target_``: ``pytorch_lightning``
+(the default) or ``lightning.pytorch``. In a multirun each job's TensorBoard run is named after its overrides,
+and its config-group choices and overrides are logged as hyper-parameters (the HPARAMS tab compares them).
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import logging
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:  # `python experiments/train.py` puts experiments/ on the path, not the root
     sys.path.insert(0, str(_ROOT))
 
 import hydra  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from experiments import runtime  # noqa: E402
 from experiments.config_schema import register_configs  # noqa: E402
 
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
 register_configs()
+runtime.silence_noise()
 log = logging.getLogger(__name__)
 
-# noise that every small CPU run would print
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
-warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
-warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")  # Lightning 2.6 on torch >= 2.10
+
+# ------------------------------------------------------------------------------------------ namespaces
+_NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
+
+
+def lightning_namespace(cfg: DictConfig) -> ModuleType:
+    """``pytorch_lightning`` or ``lightning.pytorch``: the package of the configured ``trainer._target_``.
+
+    Lightning refuses objects of the other namespace (two ``ModelCheckpoint`` classes count as two stateful
+    callbacks), so every Lightning object of a run is built from this one.
+    """
+    target = str(cfg.trainer._target_)
+    return importlib.import_module(next((ns for ns in _NAMESPACES if target.startswith(f"{ns}.")), _NAMESPACES[0]))
+
+
+def in_namespace(target: str, namespace: ModuleType) -> str:
+    """``target`` (a ``_target_`` path) moved into ``namespace`` when it names a class of the other one."""
+    for ns in _NAMESPACES:
+        if target.startswith(f"{ns}."):
+            return f"{namespace.__name__}.{target[len(ns) + 1:]}"
+    return target
+
+
+def rebase(cls: type, namespace: ModuleType) -> type:
+    """``cls`` with its direct ``LightningModule`` base of the other namespace replaced by ``namespace``'s.
+
+    The steps live in the other bases (``experiments.models.Classifier`` = ``ClassifierSteps`` + the base), so
+    they run unchanged. The class is made here, not imported, so ``ddp_spawn`` cannot pickle it (``ddp_fork``
+    and a single process can).
+    """
+    base = namespace.LightningModule
+    if issubclass(cls, base):
+        return cls
+    foreign = [importlib.import_module(ns).LightningModule for ns in _NAMESPACES if ns != namespace.__name__]
+    if not any(b in foreign for b in cls.__bases__):
+        raise TypeError(f"{cls.__qualname__} is not a {namespace.__name__}.LightningModule and does not derive from "
+                        "the other namespace's LightningModule directly; derive it from the trainer's namespace, or "
+                        "use the Trainer of its own namespace (trainer._target_)")
+    bases = tuple(base if b in foreign else b for b in cls.__bases__)
+    return type(cls.__name__, bases, {"__module__": cls.__module__, "__doc__": cls.__doc__})
+
+
+def fit_data(datamodule: Any, namespace: ModuleType, stage: str) -> dict[str, Any]:
+    """The data arguments of ``trainer.fit`` / ``trainer.test``: the data module itself in its own namespace,
+    else its loaders (a Trainer refuses the other namespace's ``LightningDataModule``)."""
+    if isinstance(datamodule, namespace.LightningDataModule):
+        return {"datamodule": datamodule}
+    datamodule.setup(stage)
+    if stage == "fit":
+        return {"train_dataloaders": datamodule.train_dataloader(), "val_dataloaders": datamodule.val_dataloader()}
+    return {"dataloaders": datamodule.test_dataloader()}
 
 
 # ------------------------------------------------------------------------------------------ builders
@@ -59,29 +116,60 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 
 def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.LightningModule:
     """The network from ``cfg.model`` (shape from the data module), wrapped in ``cfg.classifier``."""
+    from hydra.utils import get_class
+
     net = instantiate(cfg.model, input_shape=list(datamodule.input_shape), num_classes=datamodule.num_classes)
-    return instantiate(cfg.classifier, net=net)
+    cls = rebase(get_class(cfg.classifier._target_), lightning_namespace(cfg))
+    options: dict[str, Any] = OmegaConf.to_container(cfg.classifier, resolve=True)  # type: ignore[assignment]
+    return cls(net=net, **{k: v for k, v in options.items() if k != "_target_"})
 
 
-def build_lipreg_callback(cfg: DictConfig) -> pl.Callback | None:
+def accepts_hparams(callback_class: type) -> bool:
+    """Whether ``LipschitzCallback`` takes ``hparams=`` (extra hyper-parameters for its HPARAMS write)."""
+    return "hparams" in inspect.signature(callback_class).parameters
+
+
+def build_lipreg_callback(cfg: DictConfig, hparams: dict[str, Any] | None = None) -> pl.Callback | None:
     """``lipreg.LipschitzCallback`` from ``cfg.lipreg``, or ``None`` for ``lipreg=off`` (``enabled: false``).
 
-    ``estimator_options`` are spread into the callback's ``**estimator_options`` (they go to the estimator).
+    ``estimator_options`` are spread into the callback's ``**estimator_options`` (they go to the estimator);
+    ``hparams`` (the job's choices and overrides) join the callback's hyper-parameters.
     """
-    node: dict[str, Any] = OmegaConf.to_container(cfg.lipreg, resolve=True)  # type: ignore[assignment]
+    node: dict[str, Any] = OmegaConf.to_container(cfg.lipreg, resolve=True,  # type: ignore[assignment]
+                                                  enum_to_str=True)
     if not node.pop("enabled"):
         if node["penalty_weight"]:
             raise ValueError(f"lipreg=off (enabled: false) with lipreg.penalty_weight={node['penalty_weight']}: the "
                              "penalty would be ignored; use lipreg=penalty (or lipreg=log) to penalise")
         return None
     options = node.pop("estimator_options") or {}
+    if hparams:
+        from hydra.utils import get_class
+
+        if accepts_hparams(get_class(node["_target_"])):
+            node["hparams"] = hparams
+        else:
+            log.debug("%s takes no hparams=: the job's choices are not logged as hyper-parameters", node["_target_"])
     return instantiate({**node, **options})
 
 
-def build_loggers(cfg: DictConfig, save_dir: str | None = None) -> list:
-    """Every logger filled in ``cfg.logger`` (``save_dir`` overrides their ``save_dir``, e.g. in tests)."""
-    extra = {} if save_dir is None else {"save_dir": save_dir}
-    return [instantiate(node, **extra) for node in cfg.logger.values() if node is not None]
+def build_loggers(cfg: DictConfig, save_dir: str | None = None, name: str | None = None) -> list:
+    """Every logger filled in ``cfg.logger``, in the trainer's Lightning namespace.
+
+    ``save_dir`` overrides their ``save_dir`` (e.g. in tests); ``name`` the TensorBoard run name.
+    """
+    namespace = lightning_namespace(cfg)
+    loggers = []
+    for slot, node in cfg.logger.items():
+        if node is None:
+            continue
+        extra: dict[str, Any] = {"_target_": in_namespace(str(node._target_), namespace)}
+        if save_dir is not None:
+            extra["save_dir"] = save_dir
+        if name is not None and slot == "tensorboard":
+            extra["name"] = name
+        loggers.append(instantiate(node, **extra))
+    return loggers
 
 
 def check_strategy(cfg: DictConfig) -> None:
@@ -107,7 +195,7 @@ def check_strategy(cfg: DictConfig) -> None:
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, run_dir: str) -> pl.Trainer:
     callbacks = list(callbacks)
     if cfg.checkpoint:
-        from pytorch_lightning.callbacks import ModelCheckpoint
+        ModelCheckpoint = lightning_namespace(cfg).callbacks.ModelCheckpoint  # noqa: N806
 
         callbacks.append(ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"), filename="final",
                                          save_top_k=1, enable_version_counter=False))
@@ -131,7 +219,7 @@ def final_evaluation(cfg: DictConfig, module: pl.LightningModule, datamodule: pl
         module.net, datamodule, splits=("val", "test"), radii=list(cfg.eval.radii), n_iter=cfg.eval.n_iter,
         seqlip=searches, seqlip_options=options, exact_max_units=cfg.eval.exact_max_units,
         lower_bound_samples=cfg.eval.lower_bound_samples,
-        lower_bound_ascent_steps=cfg.eval.lower_bound_ascent_steps, seed=cfg.seed,
+        lower_bound_ascent_steps=cfg.eval.lower_bound_ascent_steps, seed=cfg.seed, progress=cfg.progress_bar,
     )
 
 
@@ -182,26 +270,64 @@ def format_summary(metrics: dict[str, float], report: dict, cfg: DictConfig, run
 
 
 # ------------------------------------------------------------------------------------------ the run
+def check_resume(cfg: DictConfig) -> None:
+    """``ckpt_path`` must name a file (or one of Lightning's ``last`` / ``best`` / ``hpc``) before anything runs."""
+    path = cfg.ckpt_path
+    if path is not None and path not in ("last", "best", "hpc") and not Path(path).is_file():
+        raise FileNotFoundError(f"ckpt_path={path}: no such checkpoint (resume from a run's "
+                                "<run dir>/checkpoints/final.ckpt)")
+
+
+def fit_kwargs(trainer: pl.Trainer, ckpt_path: str | None) -> dict[str, Any]:
+    """``ckpt_path`` and, where the Trainer takes it, ``weights_only=True`` (a checkpoint is a pickle)."""
+    kwargs: dict[str, Any] = {"ckpt_path": ckpt_path}
+    if ckpt_path is not None and "weights_only" in inspect.signature(trainer.fit).parameters:
+        kwargs["weights_only"] = True
+    return kwargs
+
+
+def log_without_callback(loggers: list, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+    """``lipreg=off``: no callback writes the HPARAMS, so the job's choices go with the final metrics here."""
+    for logger in loggers:
+        if "metrics" in inspect.signature(logger.log_hyperparams).parameters:
+            logger.log_hyperparams(hparams, metrics={f"hp/{k}": v for k, v in metrics.items()})
+        else:
+            logger.log_hyperparams(hparams)
+        logger.save()
+
+
 def run(cfg: DictConfig) -> float | None:
     """One training run; returns ``metrics[cfg.objective]`` (``None`` on non-zero ranks of a plain ddp run)."""
     started = time.perf_counter()
+    runtime.route_logging()
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
-    sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
-    check_strategy(cfg)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    sweep_dir = hydra_cfg.sweep.dir if multirun else None
+    task = list(hydra_cfg.overrides.task)
+    try:  # a wrong command line: one line, no stack
+        runtime.check_added_keys(cfg, task, hydra_cfg.runtime.choices.keys())
+        check_strategy(cfg)
+        check_resume(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"train.py: error: {e}") from None
+    import torch  # here, not at the top: config-only commands (--cfg job, --help) do not pay for it
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    pl.seed_everything(cfg.seed, workers=True)
+    namespace = lightning_namespace(cfg)
+    namespace.seed_everything(cfg.seed, workers=True)
 
+    hparams = runtime.run_hparams(cfg, hydra_cfg.runtime.choices, task)
     datamodule = build_datamodule(cfg)
     module = build_module(cfg, datamodule)
-    lip_callback = build_lipreg_callback(cfg)
-    loggers = build_loggers(cfg)
+    lip_callback = build_lipreg_callback(cfg, hparams)
+    loggers = build_loggers(cfg, name=runtime.run_name(task) if multirun else None)
     trainer = build_trainer(cfg, [lip_callback] if lip_callback is not None else [], loggers, run_dir)
 
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, **fit_data(datamodule, namespace, "fit"), **fit_kwargs(trainer, cfg.ckpt_path))
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    trainer.test(module, datamodule=datamodule, verbose=False)
+    trainer.test(module, **fit_data(datamodule, namespace, "test"), verbose=False)
     logged.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     if not trainer.is_global_zero:  # plain ddp (single run): rank 0 evaluates and writes
         return None
@@ -209,11 +335,10 @@ def run(cfg: DictConfig) -> float | None:
     module.cpu()
     report = final_evaluation(cfg, module, datamodule)
     metrics = {**logged, **report["metrics"]}
-    final = {f"final/{k}": v for k, v in report["metrics"].items()}
-    for logger in loggers:  # the final evaluation next to the training curves (TensorBoard: final/*)
-        logger.log_metrics(final, step=trainer.global_step)
-        logger.save()
-    tensorboard_dir = next((lg.log_dir for lg in loggers if isinstance(lg, pl.loggers.TensorBoardLogger)), None)
+    if lip_callback is None:
+        log_without_callback(loggers, hparams, metrics)
+    tensorboard_dir = next((lg.log_dir for lg in loggers if isinstance(lg, namespace.loggers.TensorBoardLogger)),
+                           None)
     ckpt = os.path.join(run_dir, "checkpoints", "final.ckpt") if cfg.checkpoint else None
     if cfg.objective not in metrics:
         raise KeyError(f"objective {cfg.objective!r} is not among the final metrics {sorted(metrics)}; set "
@@ -228,13 +353,14 @@ def run(cfg: DictConfig) -> float | None:
         "run_dir": str(Path(run_dir).resolve()),
         "tensorboard_dir": tensorboard_dir,
         "checkpoint": ckpt,
+        "resumed_from": cfg.ckpt_path,
+        "global_step": trainer.global_step,
         "wall_time_s": time.perf_counter() - started,
     }
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(record, f, indent=2)
         f.write("\n")
-    summary = format_summary(metrics, report, cfg, run_dir, tensorboard_dir, sweep_dir)
-    print(summary, flush=True)
+    log.info(format_summary(metrics, report, cfg, run_dir, tensorboard_dir, sweep_dir))
     return float(metrics[cfg.objective])
 
 
@@ -244,4 +370,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    runtime.check_plugins(sys.argv[1:])
     main()

@@ -4,8 +4,10 @@
 * a misspelled key, on the command line or in a YAML file, fails with Hydra's error at composition;
 * plain ``ddp`` under a multirun is refused;
 * (slow) multiruns with the basic launcher, joblib and the Optuna sweeper run ``experiments/train.py`` as a
-  subprocess and leave run dirs, TensorBoard event files with ``lipschitz/*`` tags, ``metrics.json`` files;
-  ``experiments/summarize.py`` turns them into a CSV and a PNG; ``experiments/estimate.py`` bounds a run.
+  subprocess and leave run dirs, TensorBoard event files with ``lipschitz/*`` tags (one TensorBoard run per
+  job, named after its overrides), ``metrics.json`` files and a ``train.log`` with the summary;
+  ``experiments/summarize.py`` turns them into a CSV and a PNG; ``experiments/estimate.py`` bounds a run;
+  ``ckpt_path=`` resumes a run; ``trainer._target_=lightning.pytorch.Trainer`` trains and logs the HPARAMS.
 """
 from __future__ import annotations
 
@@ -247,11 +249,30 @@ def _scalar_tags(run_dir: Path) -> set[str]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags: set[str] = set()
-    for path in glob.glob(str(run_dir / "tensorboard" / "**" / "events.out.tfevents.*"), recursive=True):
+    for path in glob.glob(str(run_dir / "**" / "events.out.tfevents.*"), recursive=True):
         acc = EventAccumulator(path)
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
     return tags
+
+
+def _hparam_names(run_dir: Path) -> set[str]:
+    """The hyper-parameter names of the HPARAMS session(s) in a run's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    names: set[str] = set()
+    for path in glob.glob(str(run_dir / "**" / "events.out.tfevents.*"), recursive=True):
+        acc = EventAccumulator(path)
+        acc.Reload()
+        try:
+            contents = acc.PluginTagToContent("hparams").values()
+        except KeyError:  # no HPARAMS in this file
+            continue
+        for content in contents:
+            data = plugin_data_pb2.HParamsPluginData.FromString(content)
+            names |= set(data.session_start_info.hparams)
+    return names
 
 
 def _check_run_dir(run_dir: Path, overrides_contain: str | None = None) -> dict:
@@ -268,8 +289,12 @@ def _check_run_dir(run_dir: Path, overrides_contain: str | None = None) -> dict:
     assert metrics["objective_value"] == metrics[metrics["objective"]]
     tags = _scalar_tags(run_dir)
     assert {"lipschitz/autolip", "lipschitz/autolip_certified", "lipschitz/lower"} <= tags, tags
-    assert "robust/certified_acc@0.1" in tags and "final/lipschitz/autolip" in tags
+    assert "robust/certified_acc@0.1" in tags
+    assert not any(t.startswith("final/") for t in tags)  # the final evaluation is in metrics.json, not SCALARS
     assert (run_dir / "checkpoints" / "final.ckpt").is_file()
+    train_log = (run_dir / "train.log").read_text()
+    assert "lipreg run summary" in train_log and "GPU available" in train_log  # ours and Lightning's
+    assert "Tip:" not in train_log
     return metrics
 
 
@@ -299,6 +324,10 @@ def test_basic_multirun(basic_sweep):
     m0 = _check_run_dir(basic_sweep / "0", "lipreg.penalty_weight=0")
     m1 = _check_run_dir(basic_sweep / "1", "lipreg.penalty_weight=0.01")
     assert m0["lipschitz/autolip"] != m1["lipschitz/autolip"]  # the penalty changed the training
+    for job, weight in (("0", "0"), ("1", "0.01")):  # TensorBoard lists the job as 0/penalty_weight=0,hidden=...
+        (tb_run,) = [p for p in (basic_sweep / job).iterdir() if p.name.startswith(f"penalty_weight={weight},")]
+        assert list(tb_run.glob("events.out.tfevents.*")), tb_run
+        assert "hidden=[16]" in tb_run.name
 
 
 @pytest.mark.slow
@@ -336,6 +365,29 @@ def test_estimate_on_a_run_dir(basic_sweep, tmp_path):
         assert key in m or not report["errors"][key].startswith("skipped"), report["errors"]
         if key in m:
             assert m[key] <= m["lipschitz/autolip"] * (1 + 1e-3)  # SeqLip is never looser than AutoLip
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint(basic_sweep, tmp_path):
+    ckpt = basic_sweep / "0" / "checkpoints" / "final.ckpt"
+    first = json.loads((basic_sweep / "0" / "metrics.json").read_text())
+    tiny = [o for o in TINY if not o.startswith("trainer.max_epochs=")]
+    _run("train.py", f"ckpt_path={ckpt}", "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}", *tiny)
+    resumed = json.loads((tmp_path / "metrics.json").read_text())
+    assert resumed["resumed_from"] == str(ckpt)
+    assert first["global_step"] == 2 and resumed["global_step"] == 4  # one more epoch of 2 batches, not two
+    assert torch.load(tmp_path / "checkpoints" / "final.ckpt", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_lightning_pytorch_namespace_run(tmp_path):
+    pytest.importorskip("lightning.pytorch")
+    _run("train.py", "trainer._target_=lightning.pytorch.Trainer", "lipreg=off", f"hydra.run.dir={tmp_path}", *TINY)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["lipschitz/autolip_certified"] > 0
+    assert (tmp_path / "checkpoints" / "final.ckpt").is_file()
+    # lipreg=off: train.py writes the HPARAMS itself, with the config-group choices and the overrides
+    assert {"model", "data", "lipreg", "trainer", "trainer._target_", "eval.n_iter"} <= _hparam_names(tmp_path)
 
 
 @pytest.mark.slow
