@@ -47,7 +47,10 @@ _REPARAMETRISING = {
 
 
 def _hook_name(hook: Any) -> str:
-    return getattr(hook, "__qualname__", None) or type(hook).__qualname__
+    """A hook's name and where it is defined (``scale at model.py:12``)."""
+    name = getattr(hook, "__qualname__", None) or type(hook).__qualname__
+    code = getattr(hook, "__code__", None)
+    return f"{name} at {code.co_filename}:{code.co_firstlineno}" if code is not None else name
 
 
 def used_modules(model: nn.Module, graph_module: fx.GraphModule) -> Iterator[tuple[str, nn.Module]]:
@@ -100,7 +103,8 @@ def check_hooks(model: nn.Module, graph_module: fx.GraphModule) -> None:
 
 # --------------------------------------------------------------------------------------------------- in-place
 # `x += y` and friends: operator.iadd -> operator.add, and the tensor methods behind them (__iadd__ -> __add__)
-_OPERATORS = ("add", "and", "floordiv", "lshift", "mod", "mul", "matmul", "or", "pow", "rshift", "sub", "truediv", "xor")
+_OPERATORS = ("add", "and", "floordiv", "lshift", "mod", "mul", "matmul", "or", "pow", "rshift", "sub", "truediv",
+              "xor")
 _INPLACE_OPERATORS = {getattr(operator, f"__i{name}__"): getattr(operator, f"__{name}__") for name in _OPERATORS}
 _INPLACE_DUNDERS = {f"__i{name}__": f"__{name}__" for name in _OPERATORS}
 _NOT_WRITES = {"requires_grad_", "retain_grad", "share_memory_"}  # methods ending in _ that leave the data alone
@@ -169,8 +173,9 @@ def resolve_in_place(graph_module: fx.GraphModule, values: Mapping[fx.Node, froz
 
     An op that writes node ``h``'s tensor in place and returns it (``h.relu_()``, ``act(h)`` with ``inplace=True``)
     leaves, for fx, every later op reading ``h`` with the value from before. Those reads are rerouted to the
-    writer's output, which is the value they see, and the writer becomes its out-of-place op. A later read through another alias of the storage, computed
-    before the write (a view ``g = h.view(...)``, the tensor ``h`` is a view of), cannot be rerouted: refused.
+    writer's output, which is the value they see, and the writer becomes its out-of-place op. A later read through
+    another alias of the storage, computed before the write (a view ``g = h.view(...)``, the tensor ``h`` is a view
+    of), cannot be rerouted: refused.
     ``values`` holds the storages of every node that returned a tensor; a reader that returns none
     (``h.size(0)``) reads no values (a reader that turns them into numbers is refused when rules are resolved).
     """
@@ -183,19 +188,23 @@ def resolve_in_place(graph_module: fx.GraphModule, values: Mapping[fx.Node, froz
         if not shared:
             continue
         later = nodes[order[node] + 1:]
-        if values.get(node) == shared:  # the op returns the tensor it wrote
+        returns_written = values.get(node) == shared  # in-place ops return the tensor they wrote
+        if returns_written:
             for reader in later:
                 reader.replace_input_with(written, node)
-            _functionalise(node)
         for reader in later:
-            stale = [a for a in reader.all_input_nodes if order[a] < order[node] and values.get(a, frozenset()) & shared]
+            stale = [a for a in reader.all_input_nodes
+                     if order[a] < order[node] and values.get(a, frozenset()) & shared]
             if stale and (reader.op == "output" or reader in values):
                 raise UnsupportedOpError(
-                    f"{where(node)} writes in place into the tensor of node {stale[0].name!r}, which {where(reader)} "
-                    "reads afterwards through another name: fx records the dataflow, not the write, so the bound "
-                    "would take that read for the value from before the write. Write the op out of place: "
-                    "inplace=False, y = f(h) instead of h.f_(), h = h + x instead of h += x."
+                    f"{where(node)} writes in place into a tensor that {where(reader)} reads afterwards through "
+                    f"another name, the output of {where(stale[0])} (a view of the tensor written, or the tensor it "
+                    "is a view of): fx records the dataflow, not the write, so the bound would take that read for "
+                    "the value from before the write. Write the op out of place: inplace=False, y = f(h) instead of "
+                    "h.f_(), h = h + x instead of h += x."
                 )
+        if returns_written:
+            _functionalise(node)
     graph_module.recompile()
 
 

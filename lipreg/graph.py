@@ -202,7 +202,7 @@ class LipGraph:
 
     # ---------------------------------------------------------------- capture
     def _where(self, node: fx.Node) -> str:
-        target = node.target if node.op == "output" else describe_target(node, self.modules.get(node.target))
+        target = describe_target(node, self.modules.get(node.target)) if node.op.startswith("call") else node.target
         return f"node {display_name(node)!r} ({node.op} {target}) at {source_line(node)}"
 
     def _check_effects(self, aliases: Mapping[fx.Node, frozenset[int]]) -> None:

@@ -286,11 +286,18 @@ def test_qat_linear_and_fake_quantize_are_refused():
 
 
 # ---------------------------------------------------------------------------------- class 10: always-on dropout
+class MCDropout(nn.Dropout):
+    """Monte-Carlo dropout: active at evaluation too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.p, training=True)
+
+
 class FunctionalDropout(nn.Module):
     def __init__(self, call) -> None:
         super().__init__()
         self.lin = identity_linear(8)
-        self.drop = nn.Dropout(0.5)
+        self.drop, self.mc_drop = nn.Dropout(0.5), MCDropout(0.5)
         self.call = call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -299,8 +306,8 @@ class FunctionalDropout(nn.Module):
 
 @pytest.mark.parametrize("call", [lambda m, h: F.dropout(h, 0.5, training=True), lambda m, h: F.dropout(h, 0.5),
                                   lambda m, h: F.dropout1d(h.unsqueeze(-1), 0.5).flatten(1),
-                                  lambda m, h: torch.dropout(h, 0.5, True)],
-                         ids=["training=True", "default", "dropout1d", "torch.dropout"])
+                                  lambda m, h: torch.dropout(h, 0.5, True), lambda m, h: m.mc_drop(h)],
+                         ids=["training=True", "default", "dropout1d", "torch.dropout", "MC-dropout module"])
 def test_active_dropout_is_refused(call):
     model = FunctionalDropout(call).to(DT)
     x = torch.ones(2, 8, dtype=DT)
