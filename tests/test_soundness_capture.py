@@ -229,10 +229,10 @@ def test_subclass_overriding_a_helper_method_loses_the_parent_rule():
     torch.manual_seed(0)
     conv = TenfoldConv(1, 1, 3, padding=1, bias=False).to(DT)
     assert not is_registered_module(conv)
-    x = torch.randn(1, 1, 40, 40, dtype=DT)  # 1600 x 1600: too large for the dense certificate
+    x = torch.randn(1, 1, 33, 33, dtype=DT)  # 1089 x 1089 > 2**20 entries: too large for the dense certificate
     exact = jacobian_norm(conv, x)
     est = lipreg.LipschitzEstimator(conv, x, dtype=DT)
-    assert float(est.converge(tol=1e-10).detach()) == pytest.approx(exact, rel=1e-4)
+    assert float(est.converge(tol=1e-9).detach()) == pytest.approx(exact, rel=1e-3)
     try:
         assert float(est.certified_bound().detach()) >= exact
     except lipreg.UnsupportedOpError as err:  # refusing is right; certifying the parent's 1/10 is not
