@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from .capture import check_hooks, check_traced_function, resolve_in_place, storages
 from .errors import REGISTER_HINT, UnsupportedOpError
 from .rules.base import broadcast_guard, raw_argument
 from .rules import (Activation, Concat, LinearOp, NodeInfo, Refuse, Rule, describe_target, is_registered_module,
@@ -85,18 +86,24 @@ def _shape(node: fx.Node) -> torch.Size:
 
 
 class _ValueProp(ShapeProp):
-    """ShapeProp that also keeps the value of every node that holds no tensor (sizes, shapes, flags)."""
+    """ShapeProp that also keeps the value of every node that holds no tensor (sizes, shapes, flags), and the
+    storages of every node that does (nodes sharing one alias each other)."""
 
     def __init__(self, module: fx.GraphModule) -> None:
         super().__init__(module)
         self.static_values: dict[fx.Node, Any] = {}
+        self.storages: dict[fx.Node, frozenset[int]] = {}  # of every node returning tensors, to find aliases
         self.current: fx.Node | None = None  # the node being run, to say which one failed
+        self._alive: list[Any] = []  # every value, so that no storage address is reused during the run
 
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
         result = super().run_node(n)
         if not _holds_tensor(result):
             self.static_values[n] = result
+        else:
+            self.storages[n] = storages(result)
+            self._alive.append(result)
         return result
 
 
@@ -174,7 +181,7 @@ class LipGraph:
                 "Fix the other arguments with LipschitzEstimator(..., concrete_args={'name': value})."
             )
         self.input_node = placeholders[0]
-        sample = example_input[:1].detach()
+        sample = example_input[:1].detach().clone()  # an in-place op must not write into the user's
         with eval_mode(model), torch.no_grad():
             prop = _ValueProp(self.graph_module)
             try:
@@ -188,10 +195,27 @@ class LipGraph:
                 ) from err
         self.static_values = prop.static_values
         self.input_shape = sample.shape
+        self._check_effects(prop.storages)
         self.infos = self._resolve()
+        self._check_function(sample, concrete_args)
         self.nodes = self._build(fuse)
 
     # ---------------------------------------------------------------- capture
+    def _where(self, node: fx.Node) -> str:
+        target = describe_target(node, self.modules.get(node.target)) if node.op.startswith("call") else node.target
+        return f"node {display_name(node)!r} ({node.op} {target}) at {source_line(node)}"
+
+    def _check_effects(self, aliases: Mapping[fx.Node, frozenset[int]]) -> None:
+        """What fx does not record and the rules would miss (:mod:`lipreg.capture`): hooks are refused; reads after
+        an in-place write are rerouted to the writer, or refused when they go through another alias."""
+        check_hooks(self.model, self.graph_module)
+        resolve_in_place(self.graph_module, aliases, self._where)
+
+    def _check_function(self, sample: Tensor, concrete_args: dict[str, Any] | None) -> None:
+        """The graph, read as dataflow, computes the model (in eval mode) on the example and a perturbation."""
+        with eval_mode(self.model), torch.no_grad():
+            check_traced_function(self.graph_module, lambda x: self.model(x, **(concrete_args or {})), sample)
+
     def _resolve(self) -> dict[fx.Node, tuple[NodeInfo, Rule]]:
         depends = {self.input_node}
         infos: dict[fx.Node, tuple[NodeInfo, Rule]] = {}

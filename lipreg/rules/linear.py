@@ -100,7 +100,8 @@ def _functional_batch_norm(info: NodeInfo) -> LinearOp | Refuse:
 
 
 register_rule(nn.Linear, DenseLinear())
-register_rule(nn.modules.conv._ConvNd, Convolution())
+for _target in (nn.Conv1d, nn.Conv2d, nn.Conv3d):  # each overrides _ConvNd's methods: registered itself
+    register_rule(_target, Convolution())
 def _transposed_convolution(info: NodeInfo) -> LinearOp:
     """A call with ``output_size`` implies its own output padding: then the generic affine rule (the module's
     own call) rather than the module's ``output_padding``."""
@@ -109,8 +110,10 @@ def _transposed_convolution(info: NodeInfo) -> LinearOp:
     return TransposedConvolution()
 
 
-register_rule(nn.modules.conv._ConvTransposeNd, _transposed_convolution)
-register_rule(nn.modules.batchnorm._BatchNorm, _batch_norm_rule)
+for _target in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_rule(_target, _transposed_convolution)
+for _target in (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm):  # SyncBatchNorm: its own forward, the same at eval
+    register_rule(_target, _batch_norm_rule)
 register_rule(F.batch_norm, _functional_batch_norm)
 
 # Affine functions of one input-dependent argument; the generic rule subtracts the value at 0 (drops the bias).

@@ -6,7 +6,7 @@ from typing import Any, Callable, Union
 
 from torch import fx, nn
 
-from .base import Constant, NodeInfo, Rule
+from .base import Constant, NodeInfo, Refuse, Rule
 
 RuleFactory = Callable[[NodeInfo], Rule]
 RuleSpec = Union[Rule, float, RuleFactory]
@@ -23,8 +23,11 @@ def register_rule(target: Target, rule: RuleSpec) -> None:
     ``rule`` is a :class:`~lipreg.rules.Rule`, a float (the op's Lipschitz constant), or a callable
     ``NodeInfo -> Rule`` for rules that depend on the call's arguments. A later registration replaces an earlier one.
     """
+    _REFUSALS.discard(target)
     if isinstance(rule, Rule):
         _RULES[target] = lambda info, _rule=rule: _rule
+        if isinstance(rule, Refuse):
+            _REFUSALS.add(target)
     elif isinstance(rule, (int, float)):
         _RULES[target] = lambda info, _rule=Constant(float(rule)): _rule
     elif callable(rule):
@@ -42,15 +45,31 @@ def rule_factory(node: fx.Node, module: nn.Module | None) -> RuleFactory | None:
     return _RULES.get(node.target)
 
 
+# Methods a subclass may override without changing what the module computes: construction, representation,
+# (de)serialisation, replication and input-shape validation.
+_NEUTRAL_METHODS = {"__init__", "__repr__", "extra_repr", "_get_name", "reset_parameters", "_check_input_dim",
+                    "_save_to_state_dict", "_load_from_state_dict", "_replicate_for_data_parallel", "__setstate__",
+                    "__getstate__"}
+_REFUSALS: set[Target] = set()  # targets registered with a Refuse: every subclass keeps the refusal
+
+
+def _overrides(classes: tuple[type, ...], base: type) -> bool:
+    """Whether one of ``classes`` redefines a method of ``base`` (its own or inherited, ``nn.Module``'s included)."""
+    return any(name not in _NEUTRAL_METHODS and hasattr(base, name)
+               and (callable(value) or isinstance(value, (property, classmethod, staticmethod)))
+               for cls in classes for name, value in vars(cls).items())
+
+
 def _registered_class(module: nn.Module) -> type | None:
     """The nearest class in the module's MRO with a rule, provided the module still computes what that class
-    computes: a user subclass that overrides ``forward`` (``10 * super().forward(x)``, weight standardisation)
-    does not inherit the rule (it is traced through instead), unless that subclass is registered itself.
-    torch's own subclasses (``nn.Conv2d`` of the registered ``_ConvNd``) keep it."""
-    owner = next(c for c in type(module).__mro__ if "forward" in vars(c))
-    for cls in type(module).__mro__:
+    computes: no class between them overrides a method of the registered class (``forward``, ``_conv_forward``,
+    ``__getattr__``...), or else the module is unknown (traced through, or refused when fx keeps it whole).
+    A refusal (:class:`Refuse`) is kept by every subclass. torch's concrete classes (``nn.Conv2d``...) are
+    registered themselves."""
+    mro = type(module).__mro__
+    for depth, cls in enumerate(mro):
         if cls in _RULES and cls is not nn.Module:
-            if issubclass(cls, owner) or owner.__module__.startswith("torch."):
+            if cls in _REFUSALS or not _overrides(mro[:depth], cls):
                 return cls
             return None
     return None

@@ -2,6 +2,7 @@
 constants, concatenation."""
 from __future__ import annotations
 
+import inspect
 import operator
 
 import torch
@@ -123,13 +124,36 @@ def _getitem(info: NodeInfo) -> Rule:
     return LinearOp(homogeneous=True)
 
 
+def _dropout(info: NodeInfo) -> Rule:
+    """Functional dropout: the identity when inactive (``training=False``, which ``training=self.training`` is in
+    the traced eval mode) or when ``p = 0``. Active, every call draws a fresh random mask and scales what it keeps
+    by ``1 / (1 - p)``: the output is random, not a function of the input. ``F.dropout`` and ``F.dropout1d/2d/3d``
+    default to ``training=True``; ``torch.dropout(input, p, train)`` and its kin take every argument."""
+    try:
+        flag, default = "training", inspect.signature(info.node.target).parameters["training"].default
+    except ValueError:  # a builtin (torch.dropout...): no signature, no defaults
+        flag, default = "train", None
+    training, p = info.arg(2, flag, default), info.arg(1, "p", 0.5)
+    if training is False or p == 0:
+        return Identity()
+    return Refuse(
+        f"the dropout is active ({flag}={training!r}, p={p}) in the function bounded (the model in eval mode): "
+        f"each call multiplies by a fresh random mask scaled by 1/(1-p), so the output is random, not a function of "
+        f"the input, and no Lipschitz constant holds for it. Pass {flag}=self.training (the identity in eval mode), "
+        "or use an nn.Dropout module"
+    )
+
+
 for _target in ("view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
                 "t", "movedim", "unflatten", torch.flatten, torch.reshape, torch.permute, torch.transpose,
                 torch.squeeze, torch.unsqueeze, torch.movedim, nn.Flatten, nn.Unflatten):
     register_rule(_target, UnitNorm())
 for _target in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, "clone", "detach"):
+                nn.FeatureAlphaDropout, "clone", "detach"):
     register_rule(_target, Identity())
+for _target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout):
+    register_rule(_target, _dropout)
 for _target in (operator.neg, torch.neg, "neg", "__neg__"):
     register_rule(_target, SignedIdentity(-1))
 for _target in (operator.add, operator.iadd, torch.add, "add", "__add__", "__radd__"):
