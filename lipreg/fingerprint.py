@@ -5,10 +5,10 @@ afterwards (``model[2] = nn.Linear(...)``), a hyper-parameter changed (``LeakyRe
 convolution's ``stride``), a parameter of another shape or a hook added would leave the graph describing a model
 that no longer exists. The fingerprint records, for every module the graph uses (module calls with their
 submodules, and every module whose ``forward`` was traced through, from fx's ``nn_module_stack``): the module
-object itself, its class, its public plain attributes (numbers, strings, tuples; other objects by identity,
-tensors by shape), the shapes of its parameters and buffers, and its hooks; and the shape of every tensor the
-graph reads with ``get_attr``. Values of parameters and buffers are not part of it: they are read anew at every
-evaluation.
+object itself, its class, its public plain attributes (numbers, strings, tuples; other objects by identity), the
+names and shapes of its tensors (parameters, buffers, tensor attributes), and its hooks; and the shape of every
+tensor the graph reads with ``get_attr``. Tensor values are not part of it: they are read anew at every
+evaluation. The private attributes (``_reversed_padding_repeated_twice``...) derive from the public ones.
 """
 from __future__ import annotations
 
@@ -79,19 +79,21 @@ def _used_module_paths(root: nn.Module, graph_module: fx.GraphModule) -> list[st
 
 
 def _raw(module: nn.Module) -> tuple[Any, ...]:
-    """The objects :func:`_state` reads, uncopied: unchanged objects compare by identity, which is cheap."""
-    return (type(module), [v for k, v in vars(module).items() if k[0] != "_" and k != "training"],
-            tuple(module._parameters.values()), tuple(module._buffers.values()),
-            tuple(module._forward_pre_hooks), tuple(module._forward_hooks))
+    """The objects :func:`_state` reads, uncopied, and the module's children: unchanged objects compare by
+    identity, which is cheap. A private attribute or the ``training`` flag that changes only costs one full
+    comparison (which ignores them)."""
+    return (tuple(vars(module).values()), tuple(module._parameters.values()), tuple(module._buffers.values()),
+            tuple(module._modules.values()), tuple(module._forward_pre_hooks), tuple(module._forward_hooks))
 
 
 class ModelFingerprint:
     """The fingerprint of ``root`` as ``graph_module`` uses it; :meth:`change` compares the model now to it.
 
-    The check runs on every ``est()`` call, so it has a fast path: each edge of the module tree is looked up in
-    its parent's ``_modules`` and the objects the fingerprint reads are compared to those seen last, by
-    identity first. Only when one differs (a reassigned attribute, a new parameter object) are the values
-    compared as the fingerprint defines them; if those still agree, the objects seen become the new reference.
+    The check runs on every ``est()`` call, so it has a fast path: the objects the fingerprint reads, and every
+    used module's children (the same children all the way down: every path still leads to the same module), are
+    compared to those seen last, by identity first. Only when one differs (a reassigned attribute, a new
+    parameter object) are the values compared as the fingerprint defines them; if those still agree, the objects
+    seen become the new reference.
     """
 
     def __init__(self, root: nn.Module, graph_module: fx.GraphModule) -> None:
@@ -99,9 +101,6 @@ class ModelFingerprint:
         self.tensor_paths = sorted({str(n.target) for n in graph_module.graph.nodes if n.op == "get_attr"
                                     and _resolve(root, str(n.target)) is not None})
         self.modules = [_resolve(root, path) for path in self.paths]
-        index = {path: i for i, path in enumerate(self.paths)}
-        self._edges = [(self.modules[index[path.rpartition(".")[0]]], path.rpartition(".")[2], module)
-                       for path, module in zip(self.paths[1:], self.modules[1:])]
         self.states = [_state(m) for m in self.modules]
         self.tensors = [_frozen(_resolve(root, path)) for path in self.tensor_paths]
         self._seen = self._raw_now(root)
@@ -112,22 +111,22 @@ class ModelFingerprint:
 
     def change(self, root: nn.Module) -> str | None:
         """The first difference between the model now and the fingerprint, in words, or ``None``."""
-        if all(parent._modules.get(name) is child for parent, name, child in self._edges):
-            seen = self._raw_now(root)
-            try:
-                if seen == self._seen:
-                    return None
-            except RuntimeError:  # a tensor attribute reassigned: `==` is elementwise; compare shapes below
-                pass
-            change = self._difference(root)
-            if change is None:
-                self._seen = seen
-            return change
-        return self._difference(root)
+        seen = self._raw_now(root)
+        try:
+            if seen == self._seen:
+                return None
+        except Exception:  # noqa: BLE001  (a reassigned tensor or array: `==` is elementwise; compared below)
+            pass
+        change = self._difference(root)
+        if change is None:
+            self._seen = seen
+        return change
 
     def _difference(self, root: nn.Module) -> str | None:
         for path, old, old_state in zip(self.paths, self.modules, self.states):
             new = _resolve(root, path)
+            if new is None:
+                return f"{_name(path)} ({type(old).__name__}) no longer exists"
             if new is not old:
                 return f"{_name(path)} is another object now ({type(new).__name__}, was {type(old).__name__})"
             new_state = _state(new)

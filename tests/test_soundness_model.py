@@ -83,6 +83,17 @@ def test_changed_stride_is_certified():
         assert true <= float(est.certified_bound().detach()) <= true * (1 + 1e-5)
 
 
+def test_change_to_an_unsupported_model_raises_on_every_call():
+    """A replacement the library refuses never falls back to certifying the old model."""
+    model = nn.Sequential(nn.Linear(4, 4, dtype=DT), nn.ReLU(), nn.Linear(4, 2, dtype=DT))
+    est = lipreg.LipschitzEstimator(model, torch.randn(2, 4, dtype=DT), dtype=DT)
+    model[1] = nn.LayerNorm(4, dtype=DT)
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="another object"), \
+                pytest.raises(lipreg.UnsupportedOpError, match="LayerNorm"):
+            est.certified_bound()
+
+
 def test_rebuild_keeps_the_warm_state_of_unchanged_operators():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5, dtype=DT), nn.LeakyReLU(0.1), nn.Linear(5, 4, dtype=DT))
