@@ -130,7 +130,8 @@ class ModelFingerprint:
             if new is not old:
                 return f"{_name(path)} is another object now ({type(new).__name__}, was {type(old).__name__})"
             new_state = _state(new)
-            for aspect in [*old_state, *(a for a in new_state if a not in old_state)]:
+            added = [a for a in new_state if a not in old_state and not _is_function(new_state[a])]
+            for aspect in [*old_state, *added]:
                 if old_state.get(aspect) != new_state.get(aspect):
                     return (f"{_name(path)} ({type(new).__name__}): {aspect} changed from {old_state.get(aspect)!r} "
                             f"to {new_state.get(aspect)!r}")
@@ -141,6 +142,12 @@ class ModelFingerprint:
         if self._seen[-1] != _global_hooks():
             return "global forward hooks were registered or removed (nn.modules.module.register_module_forward_hook)"
         return None
+
+
+def _is_function(frozen: Any) -> bool:
+    """A function set on the instance after tracing (a callback shadowing ``training_step``) is no attribute the
+    traced forward could have read: it is not a change."""
+    return isinstance(frozen, _Same) and callable(frozen.obj)
 
 
 def _name(path: str) -> str:

@@ -94,6 +94,29 @@ def test_change_to_an_unsupported_model_raises_on_every_call():
             est.certified_bound()
 
 
+def test_instance_attribute_over_a_class_default_is_seen():
+    """``forward`` branched on a class attribute at trace time; an instance attribute now takes the other branch."""
+
+    class Branch(nn.Module):
+        scale: float | None = None
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3, dtype=DT)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) if self.scale is None else self.scale * self.lin(x)
+
+    model = Branch()
+    x = torch.randn(2, 3, dtype=DT)
+    est = lipreg.LipschitzEstimator(model, x, dtype=DT)
+    est.certified_bound()
+    model.scale = 100.0
+    true = jacobian_norm(model, x)
+    with pytest.warns(UserWarning, match="scale changed from None to 100.0"):
+        assert true <= float(est.certified_bound().detach()) <= true * (1 + 1e-5)
+
+
 def test_rebuild_keeps_the_warm_state_of_unchanged_operators():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5, dtype=DT), nn.LeakyReLU(0.1), nn.Linear(5, 4, dtype=DT))
@@ -117,7 +140,8 @@ def test_hook_added_after_the_build_is_seen():
 
 def test_no_rebuild_when_only_values_or_modes_change():
     """Training steps (values updated in place, train/eval switches, a parameter replaced by one of the same
-    shape) change nothing the graph relies on: no rebuild, the same graph object."""
+    shape, a method shadowed on the instance as Lightning callbacks do) change nothing the graph relies on: no
+    rebuild, the same graph object."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3, dtype=DT), nn.BatchNorm2d(2, dtype=DT), nn.ReLU(), nn.Flatten(),
                           nn.Linear(2 * 4 * 4, 3, dtype=DT))
@@ -135,6 +159,7 @@ def test_no_rebuild_when_only_values_or_modes_change():
             model.eval()
             est()
         model[4].weight = nn.Parameter(torch.randn(3, 32, dtype=DT))
+        model.training_step = lambda *args: None
         bound = est.certified_bound()
     assert est.graph is graph
     assert float(bound.detach()) >= jacobian_norm(model, x)
