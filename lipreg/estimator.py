@@ -1,8 +1,10 @@
 """``LipschitzEstimator``: owns the traced graph and all warm-start state; returns one differentiable bound."""
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import sys
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -13,7 +15,7 @@ from torch import Tensor, nn
 from .autolip import autolip_bound, chain_interiors, own_constant
 from .certify import certified_cast, dense_spectral_bound
 from .errors import UnsupportedOpError
-from .graph import ConstantEnv, LipGraph, LipNode
+from .graph import _LIBRARY_DIRS, ConstantEnv, LipGraph, LipNode
 from .power import LinearFn, normalized, power_iterations, rayleigh_norm, rayleigh_norms_and_step
 from .progress import progress as _progress
 from .rules import Activation, Constant
@@ -41,7 +43,9 @@ class LipschitzEstimator(nn.Module):
     The bound is that of the model in **eval mode**: batch norm with its running statistics, dropout as the
     identity. The model is traced with ``torch.fx`` but never modified or copied; the estimator holds it
     without registering it, so its ``state_dict`` holds the warm state only. Computation is in ``dtype``
-    (float32 by default) with autocast disabled.
+    (float32 by default) with autocast disabled. Every call first checks that the model is still the one traced
+    (:class:`lipreg.fingerprint.ModelFingerprint`: the modules the graph uses, their hyper-parameters, tensor
+    shapes and hooks); if not, it is traced again, with a warning, keeping the warm state that still fits.
 
     Args:
         model: any ``nn.Module`` of one tensor input that ``torch.fx`` can trace.
@@ -61,36 +65,68 @@ class LipschitzEstimator(nn.Module):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method != "seqlip" and seqlip_options:
+            raise TypeError(f"options {sorted(seqlip_options)} only apply to method='seqlip'")
         object.__setattr__(self, "model", model)  # not a submodule: its weights are the user's, not our state
         self.method = method
         self.n_iter = n_iter
         self.dtype = dtype
-        self.graph = LipGraph(model, example_input, fuse=fuse, concrete_args=concrete_args)
+        self._trace_options: dict[str, Any] = {"fuse": fuse, "concrete_args": concrete_args}
+        self._seed = seed
+        self._seqlip_options = seqlip_options
+        self._buffer_names: dict[LipNode, str] = {}  # the warm vector of each iterated operator
+        self._build(LipGraph(model, example_input, **self._trace_options))
+
+    def _build(self, graph: LipGraph) -> None:
+        """Everything the graph fixes: the nonlinear nodes' constants, which operators have a closed form, the
+        SeqLip chains, and a fresh warm vector for every operator that needs the power method."""
+        self.graph = graph
         self._last_factors: dict[str, Tensor | float] = {}
-        self._constants = {node.name: own_constant(node) for node in self.graph.nodes[1:]  # fixed by the graph
+        self._constants = {node.name: own_constant(node) for node in self.graph.nodes[1:]
                            if isinstance(node.rule, (Activation, Constant))}
         self._closed_form: set[LipNode] = set()
-        self._buffer_names: dict[LipNode, str] = {}  # the warm vector of each iterated operator
-        generator = torch.Generator().manual_seed(seed)
+        for name in self._buffer_names.values():
+            delattr(self, name)
+        self._buffer_names = {}
+        generator = torch.Generator().manual_seed(self._seed)
         self.seqlip: SeqLip | None = None
         self._chained: set[LipNode] = set()  # linear nodes whose norm SeqLip replaces: never iterated
-        if method == "seqlip":
-            self.seqlip = SeqLip(self.graph, dtype=dtype, generator=generator, **seqlip_options)
+        if self.method == "seqlip":
+            self.seqlip = SeqLip(self.graph, dtype=self.dtype, generator=generator, **self._seqlip_options)
             self._chained = chain_interiors(self.seqlip.endpoints) | set(self.seqlip.endpoints)
-        elif seqlip_options:
-            raise TypeError(f"options {sorted(seqlip_options)} only apply to method='seqlip'")
-        env = self.graph.constant_env(dtype, _model_device(model) or torch.device("cpu"))
+        env = self.graph.constant_env(self.dtype, _model_device(self.model) or torch.device("cpu"))
         with torch.no_grad():
             for node in self._bounded_nodes():
                 if self.graph.closed_form_norm(node, env) is not None:
                     self._closed_form.add(node)
                 else:
-                    v0 = torch.randn(node.in_shape, generator=generator, dtype=dtype)
+                    v0 = torch.randn(node.in_shape, generator=generator, dtype=self.dtype)
                     self._buffer_names[node] = buffer_name("power", node.name)
                     self.register_buffer(self._buffer_names[node], normalized(v0))
-        device = _model_device(model)
+        device = _model_device(self.model)
         if device is not None:
             self.to(device)
+
+    def _refresh(self) -> None:
+        """Trace the model again if it changed since it was traced (:meth:`LipGraph.stale`: a submodule replaced,
+        a hyper-parameter changed...), so that no bound describes a model that no longer exists. The warm state
+        (power vectors, SeqLip patterns and subspaces) is kept wherever its name and shape are unchanged."""
+        change = self.graph.stale()
+        if change is None:
+            return
+        warnings.warn(f"the model changed since this LipschitzEstimator was built: {change}. It is traced again, "
+                      "and the bound is that of the model as it is now", stacklevel=_user_stacklevel())
+        warm = {name: tensor.clone() for name, tensor in self.state_dict().items()}
+        old, sample = self.graph, self.graph.sample.to(_model_device(self.model) or self.graph.sample.device)
+        try:
+            self._build(LipGraph(self.model, sample, **self._trace_options))
+        except Exception:  # never leave a half-built estimator: the old one, still stale, raises again next call
+            self._build(old)
+            self.load_state_dict(warm)
+            raise
+        fresh = self.state_dict()
+        self.load_state_dict({name: tensor for name, tensor in warm.items()
+                              if name in fresh and fresh[name].shape == tensor.shape}, strict=False)
 
     # ----------------------------------------------------------------- bounds
     def forward(self, n_iter: int | None = None) -> Tensor:
@@ -141,6 +177,7 @@ class LipschitzEstimator(nn.Module):
         miss the max, so then the certificate is the AutoLip one, with a warning saying so. ``progress=True``
         shows a bar over the operators.
         """
+        self._refresh()  # before the nodes are read: the graph must be the model's as it is now
         use_seqlip = self.seqlip is not None and self.seqlip.certified
         if self.seqlip is not None and not use_seqlip:
             warnings.warn("this SeqLip search is not exact on full SVDs, so it cannot be certified: "
@@ -171,7 +208,7 @@ class LipschitzEstimator(nn.Module):
             norm = rule.certified_norm(info, self.graph.node_call(info.node, env), self.dtype)
             if norm is None:
                 raise UnsupportedOpError(
-                    f"no certified norm for {rule.describe()} at node {info.node.name!r} and its operator is too "
+                    f"no certified norm for {rule.describe()} at node {info.name!r} and its operator is too "
                     f"large to form ({node.in_shape.numel()} x {node.out_shape.numel()}): give the rule a "
                     "certified_norm, or use the estimate est() (not a certificate)"
                 )
@@ -245,12 +282,24 @@ class LipschitzEstimator(nn.Module):
     @contextmanager
     def _evaluation(self) -> Iterator[ConstantEnv]:
         """One evaluation on the model's device (the warm state follows a model moved after the estimator was
-        built), with autocast off and a fresh evaluator of the model's constants."""
+        built), with autocast off and a fresh evaluator of the model's constants; the graph first rebuilt if the
+        model changed (:meth:`_refresh`)."""
+        self._refresh()
         device = _model_device(self.model) or torch.device("cpu")
         if any(buffer.device != device for buffer in self.buffers()):
             self.to(device)
         with torch.autocast(device.type, enabled=False):
             yield self.graph.constant_env(self.dtype, device)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of a warning issued by the caller that points at the user's line: the frames of lipreg,
+    torch (``nn.Module.__call__``) and contextlib in between are skipped."""
+    frame, level = sys._getframe(1), 1  # the caller, at stacklevel 1
+    while frame.f_back is not None and (frame.f_code.co_filename.startswith(_LIBRARY_DIRS)
+                                        or frame.f_code.co_filename == contextlib.__file__):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _model_device(model: nn.Module) -> torch.device | None:

@@ -5,7 +5,7 @@ parameters, and every bound is recomputed from them, so gradients reach the mode
 
 The model is traced in eval mode (``if self.training:`` branches and ``training=self.training`` flags take their
 eval values; every flag is restored afterwards). Shapes and non-tensor values (``x.size(0)``...) are recorded by
-running the graph once on one sample in eval mode (``torch.fx.passes.shape_prop.ShapeProp``). Every node that
+running the graph once on one sample in eval mode (an ``fx.Interpreter``, as ``ShapeProp``). Every node that
 depends on the input is resolved to a rule through the registry (:mod:`lipreg.rules`); consecutive linear nodes
 with no nonlinearity between them (conv -> batch norm, conv -> avg pool -> flatten -> linear) are then *fused* into
 one :class:`LipNode`, whose operator norm is taken as a whole: ``||A_2 A_1|| <= ||A_2|| ||A_1||``, and one power
@@ -16,17 +16,19 @@ from __future__ import annotations
 import operator
 import os
 import re
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, fx, nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .capture import check_hooks, check_traced_function, resolve_in_place, storages
 from .errors import REGISTER_HINT, UnsupportedOpError
-from .rules.base import broadcast_guard, raw_argument
+from .fingerprint import ModelFingerprint
+from .rules.base import broadcast_guard, display_name, raw_argument
 from .rules import (Activation, Concat, LinearOp, NodeInfo, Refuse, Rule, describe_target, is_registered_module,
                     rule_factory)
 
@@ -85,9 +87,10 @@ def _shape(node: fx.Node) -> torch.Size:
     return next(_tensor_metas(node.meta["tensor_meta"])).shape
 
 
-class _ValueProp(ShapeProp):
-    """ShapeProp that also keeps the value of every node that holds no tensor (sizes, shapes, flags), and the
-    storages of every node that does (nodes sharing one alias each other)."""
+class _ValueProp(fx.Interpreter):
+    """Runs the graph once, recording each node's tensor metadata (``node.meta["tensor_meta"]``, as fx's
+    ``ShapeProp``, which also prints the traceback of a failure), the value of every node that holds no tensor
+    (sizes, shapes, flags), and the storages of every node that does (nodes sharing one alias each other)."""
 
     def __init__(self, module: fx.GraphModule) -> None:
         super().__init__(module)
@@ -95,15 +98,18 @@ class _ValueProp(ShapeProp):
         self.storages: dict[fx.Node, frozenset[int]] = {}  # of every node returning tensors, to find aliases
         self.current: fx.Node | None = None  # the node being run, to say which one failed
         self._alive: list[Any] = []  # every value, so that no storage address is reused during the run
+        self.extra_traceback = False  # the error names the node and its source line itself
 
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
         result = super().run_node(n)
-        if not _holds_tensor(result):
-            self.static_values[n] = result
-        else:
+        if _holds_tensor(result):
+            n.meta["tensor_meta"] = fx.node.map_aggregate(
+                result, lambda v: _extract_tensor_metadata(v) if isinstance(v, Tensor) else v)
             self.storages[n] = storages(result)
             self._alive.append(result)
+        else:
+            self.static_values[n] = result
         return result
 
 
@@ -135,11 +141,6 @@ def source_line(node: fx.Node) -> str:
     return f'File "{frame["file"]}", line {frame["line"]}, in {frame["function"]}{code}'
 
 
-def display_name(node: fx.Node) -> str:
-    """A module's qualified name (``features.0``) for module calls, fx's node name otherwise."""
-    return str(node.target) if node.op == "call_module" else node.name
-
-
 _SHAPE_QUERIES = {"size", "dim", "ndimension", "numel", "nelement", "shape", "ndim", "dtype", "device", "is_cuda",
                   "is_floating_point", "is_complex", "is_contiguous", "requires_grad"}
 
@@ -151,6 +152,26 @@ def _reads_shape(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in _SHAPE_QUERIES
     return node.op == "call_function" and node.target is torch.numel
+
+
+def _where(node: fx.Node, target: str) -> str:
+    return f"node {display_name(node)!r} ({node.op} {target}) at {source_line(node)}"
+
+
+def _refusal(node: fx.Node, module: nn.Module | None, static_values: Mapping[fx.Node, Any]) -> str | None:
+    """Why the node's rule refuses its op, asked with the shapes known so far (none for its output), or ``None``
+    when it has no rule, accepts the op, or cannot decide without shapes."""
+    factory = rule_factory(node, module)
+    if factory is None:
+        return None
+    inputs = [n for n in node.all_input_nodes if "tensor_meta" in n.meta]
+    info = NodeInfo(node=node, module=module, x_inputs=inputs, in_shapes=[_shape(n) for n in inputs],
+                    out_shape=torch.Size(), static_values=static_values)
+    try:
+        rule = factory(info)
+    except Exception:  # noqa: BLE001  (a rule that needs the output shape: no reason to give)
+        return None
+    return rule.reason if isinstance(rule, Refuse) else None
 
 
 def _x_args(node: fx.Node, depends: set[fx.Node]) -> list[fx.Node]:
@@ -172,7 +193,8 @@ class LipGraph:
             raise TypeError(f"example_input must be a tensor with a batch dimension, got {type(example_input)!r}")
         self.model = model
         with eval_mode(model):  # the function bounded is the eval-mode one: `if self.training` branches too
-            self.graph_module = _trace(model, concrete_args)
+            self.root, self.graph_module, self.tracer_constants = _trace(model, concrete_args)
+        self.fingerprint = ModelFingerprint(self.root, self.graph_module)
         self.modules = dict(self.graph_module.named_modules())
         placeholders = [n for n in self.graph_module.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
@@ -181,35 +203,51 @@ class LipGraph:
                 "Fix the other arguments with LipschitzEstimator(..., concrete_args={'name': value})."
             )
         self.input_node = placeholders[0]
-        sample = example_input[:1].detach().clone()  # an in-place op must not write into the user's
+        # kept: a rebuild after the model changed runs it again; a copy: an in-place op must not write into the user's
+        self.sample = example_input[:1].detach().clone()
         with eval_mode(model), torch.no_grad():
             prop = _ValueProp(self.graph_module)
             try:
-                prop.propagate(sample)
-            except Exception as err:  # the model itself fails on the example: say where and why (ShapeProp's
-                cause, node = err.__cause__ or err, prop.current  # wrapper only dumps the node's metadata)
-                raise UnsupportedOpError(
-                    f"running the traced model (in eval mode) on one sample of shape {tuple(sample.shape)} failed at "
-                    f"node {display_name(node)!r} ({node.op} {describe_target(node, self.modules.get(node.target))}) "
-                    f"at {source_line(node)}: {type(cause).__name__}: {cause}"
-                ) from err
+                prop.run(self.sample)
+            except Exception as err:  # the model itself fails on the example: say where and why
+                raise self._run_failure(prop, err) from err
         self.static_values = prop.static_values
-        self.input_shape = sample.shape
+        self.input_shape = self.sample.shape
         self._check_effects(prop.storages)
         self.infos = self._resolve()
-        self._check_function(sample, concrete_args)
+        self._check_function(self.sample, concrete_args)
         self.nodes = self._build(fuse)
 
+    def stale(self) -> str | None:
+        """What changed in the model since it was traced (a replaced submodule, a changed hyper-parameter...),
+        or ``None`` while the graph still describes it."""
+        return self.fingerprint.change(self.root)
+
+    def _run_failure(self, prop: _ValueProp, err: Exception) -> UnsupportedOpError:
+        """The error for a model that fails on its example: the rule's refusal of the failing op when it has one
+        (batch norm on batch statistics fails on one (1, C) sample before its rule is asked), else the cause."""
+        node = prop.current
+        module = self.modules.get(node.target) if node.op == "call_module" else None
+        target = describe_target(node, module)
+        reason = _refusal(node, module, prop.static_values)
+        where, cause = _where(node, target), f"{type(err).__name__}: {err}"
+        if reason is not None:
+            return UnsupportedOpError(f"{target} cannot be bounded, used by {where}: {reason}. Running the traced "
+                                      f"model on one sample already fails there: {cause}")
+        return UnsupportedOpError(f"running the traced model (in eval mode) on one sample of shape "
+                                  f"{tuple(self.sample.shape)} failed at {where}: {cause}")
+
     # ---------------------------------------------------------------- capture
-    def _where(self, node: fx.Node) -> str:
-        target = describe_target(node, self.modules.get(node.target)) if node.op.startswith("call") else node.target
-        return f"node {display_name(node)!r} ({node.op} {target}) at {source_line(node)}"
+    def _locate(self, node: fx.Node) -> str:
+        """Where a node of this graph is, for messages (:func:`_where` with its op described)."""
+        return _where(node, describe_target(node, self.modules.get(node.target)) if node.op.startswith("call")
+                      else str(node.target))
 
     def _check_effects(self, aliases: Mapping[fx.Node, frozenset[int]]) -> None:
         """What fx does not record and the rules would miss (:mod:`lipreg.capture`): hooks are refused; reads after
         an in-place write are rerouted to the writer, or refused when they go through another alias."""
         check_hooks(self.model, self.graph_module)
-        resolve_in_place(self.graph_module, aliases, self._where)
+        resolve_in_place(self.graph_module, aliases, self._locate)
 
     def _check_function(self, sample: Tensor, concrete_args: dict[str, Any] | None) -> None:
         """The graph, read as dataflow, computes the model (in eval mode) on the example and a perturbation."""
@@ -250,7 +288,7 @@ class LipGraph:
         node, module = info.node, info.module
         target = describe_target(node, module)
         factory = rule_factory(node, module)
-        where = f"node {display_name(node)!r} ({node.op} {target}) at {source_line(node)}"
+        where = _where(node, target)
         if factory is None:
             raise UnsupportedOpError(
                 f"lipreg has no Lipschitz rule for {target}, used by {where}.\n" + REGISTER_HINT.format(target=target)
@@ -361,14 +399,15 @@ class ConstantEnv:
         if node in self.graph.static_values:
             return self.graph.static_values[node]
         if node in self.graph.depends:
-            raise UnsupportedOpError(f"node {node.name!r} depends on the input where a constant was expected")
+            raise UnsupportedOpError(f"node {display_name(node)!r} depends on the input where a constant was expected")
         if node not in self.cache:
             self.cache[node] = self._evaluate(node)
         return self.cache[node]
 
     def _evaluate(self, node: fx.Node) -> Any:
-        if node.op == "get_attr":
-            result = operator.attrgetter(node.target)(self.graph.model)
+        if node.op == "get_attr":  # read now from the model, but for the constants only the GraphModule holds
+            owner = self.graph.graph_module if node.target in self.graph.tracer_constants else self.graph.root
+            result = operator.attrgetter(node.target)(owner)
         else:
             result = run_node(node, self.graph.modules, self.value)
         if isinstance(result, Tensor) and result.is_floating_point():
@@ -414,22 +453,55 @@ class _Whole(nn.Module):
         return self.model(x)
 
 
-def _trace(model: nn.Module, concrete_args: dict[str, Any] | None) -> fx.GraphModule:
+def _trace(model: nn.Module, concrete_args: dict[str, Any] | None) -> tuple[nn.Module, fx.GraphModule, set[str]]:
+    """The module traced (the model, or a :class:`_Whole` holding it), its ``GraphModule``, and the names of the
+    constants the tracer stowed on the root (``_tensor_constant0`` for a tensor created in ``forward``): those are
+    kept by the ``GraphModule`` only, and the user's model is left as it was."""
+    _refuse_wrappers(model)
     tracer = _Tracer()
     root = _Whole(model) if is_registered_module(model) and not concrete_args else model
+    own_attributes = set(vars(root))
     try:
-        graph = tracer.trace(root, concrete_args=concrete_args)
-    except Exception as err:
-        raise UnsupportedOpError(
-            f"torch.fx could not trace {type(model).__name__}: {type(err).__name__}: {err}\n"
-            "fx traces symbolically, so Python control flow that depends on tensor values (if x.sum() > 0, "
-            "loops over x.shape read as tensors...) cannot be traced. Make the branch static, pass "
-            "concrete_args={'flag': True} for plain bool/int arguments, or wrap the offending submodule in a "
-            "class with a registered rule (lipreg.register_rule(MyBlock, ...)) so it is kept whole."
-        ) from err
-    if concrete_args:
-        _drop_guarded_placeholders(graph, set(concrete_args))
-    return fx.GraphModule(tracer.root, graph)
+        try:
+            graph = tracer.trace(root, concrete_args=concrete_args)
+        except Exception as err:
+            raise UnsupportedOpError(
+                f"torch.fx could not trace {type(model).__name__}: {type(err).__name__}: {err}\n"
+                "fx traces symbolically, so Python control flow that depends on tensor values (if x.sum() > 0, "
+                "loops over x.shape read as tensors...) cannot be traced. Make the branch static, pass "
+                "concrete_args={'flag': True} for plain bool/int arguments, or wrap the offending submodule in a "
+                "class with a registered rule (lipreg.register_rule(MyBlock, ...)) so it is kept whole."
+            ) from err
+        if concrete_args:
+            _drop_guarded_placeholders(graph, set(concrete_args))
+        return root, fx.GraphModule(root, graph), set(vars(root)) - own_attributes
+    finally:
+        for name in set(vars(root)) - own_attributes:
+            delattr(root, name)
+
+
+def _wrapper_advice(module: nn.Module) -> str | None:
+    """What to pass instead of a wrapper fx cannot trace (its forward is not the model's Python code)."""
+    if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return f"{type(module).__name__} only dispatches to the model it wraps: pass its `.module`"
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # loaded by torch.compile: no compiled module without it
+    if dynamo is not None and isinstance(module, dynamo.OptimizedModule):
+        return ("torch.compile returns a compiled wrapper, not Python code fx can trace: pass the module given to "
+                "torch.compile, its `._orig_mod` (the bound is the same: compilation does not change the function)")
+    if isinstance(module, torch.jit.ScriptModule):
+        return ("A TorchScript module (torch.jit.script / torch.jit.trace) runs compiled code fx cannot trace: "
+                "pass the original eager nn.Module that was scripted or traced")
+    return None
+
+
+def _refuse_wrappers(model: nn.Module) -> None:
+    """Refuse a model that is, or holds, a wrapper of another module (DataParallel, torch.compile, TorchScript)."""
+    for path, module in model.named_modules():
+        advice = _wrapper_advice(module)
+        if advice is not None:
+            what = f"its submodule {path!r}" if path else "the model itself"
+            raise UnsupportedOpError(f"lipreg cannot trace this model: {what} is a wrapper "
+                                     f"({type(module).__module__}.{type(module).__qualname__}). {advice}.")
 
 
 _GUARDS = (operator.eq, torch._assert, fx._symbolic_trace._assert_is_none)

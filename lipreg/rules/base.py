@@ -27,6 +27,29 @@ def raw_argument(node: fx.Node, index: int, name: str, default: Any = None) -> A
     return node.args[index] if index < len(node.args) else node.kwargs.get(name, default)
 
 
+def argument_positions(node: fx.Node, names: tuple[str, ...], wanted: list[fx.Node]) -> list[int]:
+    """The position in the signature ``names`` of each node of ``wanted`` (in ``wanted``'s order, repeats
+    included) among the call's arguments, whether passed by position or by keyword (``torch.mul(input=x,
+    other=c)``: ``x`` at 0). A node passed in no named slot is left out."""
+    slots = [raw_argument(node, i, name, None) for i, name in enumerate(names)]
+    positions: list[int] = []
+    for target in wanted:
+        free = [i for i, slot in enumerate(slots) if slot is target and i not in positions]
+        positions.extend(free[:1])
+    return positions
+
+
+def display_name(node: fx.Node) -> str:
+    """How messages and layer tables name a node: a module call by its qualified path (``features.0``); any
+    other op by fx's node name, prefixed with the path of the module whose ``forward`` made the call
+    (``block.relu_1``), read from fx's ``nn_module_stack``."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()), ("",))[0] if stack else ""
+    return f"{path}.{node.name}" if path else node.name
+
+
 @dataclass(eq=False)
 class NodeInfo:
     """What a rule may look at: the fx node, its module (for ``call_module``), which arguments depend on the
@@ -38,6 +61,15 @@ class NodeInfo:
     in_shapes: list[torch.Size]
     out_shape: torch.Size
     static_values: Mapping[fx.Node, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The node's name in messages (:func:`display_name`)."""
+        return display_name(self.node)
+
+    def x_positions(self, names: tuple[str, ...]) -> list[int]:
+        """The signature position (in ``names``) of each input-dependent argument, in ``x_inputs`` order."""
+        return argument_positions(self.node, names, self.x_inputs)
 
     def arg(self, index: int, name: str, default: Any = None) -> Any:
         """The call argument at position ``index`` or keyword ``name``, with fx nodes of non-tensor values

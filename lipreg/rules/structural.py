@@ -46,13 +46,14 @@ class Scale(LinearOp):
 
     def __init__(self, constant_position: int, reciprocal: bool) -> None:
         super().__init__(homogeneous=True)
-        self.constant_position = constant_position
+        self.constant_position = constant_position  # in the signature (input, other)
         self.reciprocal = reciprocal
 
     def closed_form_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor | None:
         if info.in_shapes[0] != info.out_shape:
             return None  # c broadcasts x to a larger shape: not diagonal, leave it to the power method
-        c = torch.as_tensor(call.arg_value(self.constant_position, "other"), dtype=dtype).abs()
+        position = self.constant_position
+        c = torch.as_tensor(call.arg_value(position, _BINARY[position]), dtype=dtype).abs()
         return (1.0 / c).max() if self.reciprocal else c.max()
 
 
@@ -62,15 +63,25 @@ _PRODUCT = (
 )
 
 
+_BINARY = ("input", "other")
+"""The signature of the binary ops (``torch.add(input, other, alpha=1)``, ``x.mul(other)``, ``a / b``): where an
+argument sits, whether it is passed by position or by keyword."""
+
+
 def _x_positions(info: NodeInfo) -> list[int]:
-    return [i for i, a in enumerate(info.node.args) if a in info.x_inputs]
+    return info.x_positions(_BINARY)
 
 
 class AlphaSum(Sum):
-    """``a + alpha b`` or ``a - alpha b`` (``torch.add``/``torch.sub``): coefficients ``(1, alpha)``."""
+    """``a + alpha b`` or ``a - alpha b`` (``torch.add``/``torch.sub``): coefficient 1 on ``input``, ``alpha``
+    on ``other``, in the order of ``x_inputs`` (keyword calls may list ``other`` first)."""
 
     def coefficients(self, info: NodeInfo) -> list[float]:
-        return [1.0, float(info.arg(2, "alpha", 1))]
+        alpha = float(info.arg(2, "alpha", 1))
+        positions = _x_positions(info)
+        if len(positions) != len(info.x_inputs):  # an argument outside (input, other): the larger coefficient
+            return [max(1.0, abs(alpha))] * len(info.x_inputs)
+        return [1.0 if position == 0 else alpha for position in positions]
 
 
 def _shift(info: NodeInfo, sign: int) -> Rule:
@@ -93,24 +104,27 @@ def _sub(info: NodeInfo) -> Rule:
 
 def _mul(info: NodeInfo) -> Rule:
     if len(info.x_inputs) == 2:
-        return Refuse(_PRODUCT.format(op=info.node.name))
-    return Scale(constant_position=1 - _x_positions(info)[0], reciprocal=False)
+        return Refuse(_PRODUCT.format(op=info.name))
+    positions = _x_positions(info)
+    if len(positions) != 1:  # x passed outside (input, other): the generic linear rule
+        return LinearOp(homogeneous=True)
+    return Scale(constant_position=1 - positions[0], reciprocal=False)
 
 
 def _div(info: NodeInfo) -> Rule:
     if _x_positions(info) != [0]:
         return Refuse(
-            f"division by an input-dependent tensor ({info.node.name}) is not globally Lipschitz (1/x is unbounded near 0)"
+            f"division by an input-dependent tensor ({info.name}) is not globally Lipschitz (1/x is unbounded near 0)"
         )
     if info.node.kwargs.get("rounding_mode") is not None:
-        return Refuse(f"division with rounding_mode={info.node.kwargs['rounding_mode']!r} ({info.node.name}) jumps at "
+        return Refuse(f"division with rounding_mode={info.node.kwargs['rounding_mode']!r} ({info.name}) jumps at "
                       "every integer: it is not continuous, so not Lipschitz")
     return Scale(constant_position=1, reciprocal=True)
 
 
 def _matmul(info: NodeInfo) -> Rule:
     if len(info.x_inputs) == 2:
-        return Refuse(_PRODUCT.format(op=info.node.name) + " (attention-like x @ x^T products are refused)")
+        return Refuse(_PRODUCT.format(op=info.name) + " (attention-like x @ x^T products are refused)")
     return LinearOp(homogeneous=True)
 
 
