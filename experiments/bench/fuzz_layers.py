@@ -267,6 +267,22 @@ def g_hooked(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] | 
     return call(b.add(m)), s, f"{type(m).__name__}+{form}"
 
 
+def g_big_operator(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] | None:
+    """A convolution or average pool on an input too large for the dense route (its rule's certified norm)."""
+    if len(s) != 3:
+        return None
+    if b.chance(0.5):
+        stride = b.pick([1, 2])
+        conv = nn.Conv2d(s[0], s[0], 3, stride=stride, padding=1, padding_mode=b.pick(["zeros", "circular"]))
+        b.note("big conv", nn.Conv2d)
+        out = (s[0],) + tuple((n - 1) // stride + 1 for n in s[1:])
+        return call(b.add(conv)), out, f"Conv2d({s[0]},{s[0]},k3,s{stride},p1,{conv.padding_mode})"
+    divisor = b.pick([None, 2, -1])
+    pool = nn.AvgPool2d(3, 2, 1, divisor_override=divisor)
+    b.note("big avg pool" + (" divisor" if divisor else ""), nn.AvgPool2d)
+    return call(b.add(pool)), (s[0],) + tuple((n - 1) // 2 + 1 for n in s[1:]), f"AvgPool2d(3,2,1,divisor={divisor})"
+
+
 def g_tenfold_conv(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] | None:
     if len(s) != 3:
         return None

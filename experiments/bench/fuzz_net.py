@@ -58,6 +58,7 @@ class Case:
     description: str
     float32_reference: bool = False  # fake quantization has no float64 kernel
     mutate: Optional[Callable[[nn.Module], str]] = None  # applied after the estimators are built (staleness)
+    steps: list[str] = field(default_factory=list)  # the description of each step of ``model.steps``
 
 
 @dataclass

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ import lipreg
 from lipreg.metrics import CertifiedRobustAccuracy
 from lipreg.rules.registry import _RULES
 
-from .fuzz_arch import Case, draw_case
+from .fuzz_arch import Case, describe, draw_case
 from .fuzz_reference import chain_fn, forward_values, jacobian_norm, lower_bound
 
 RTOL = 1e-9
@@ -290,18 +291,66 @@ def run(n: int = 1000, seed: int = 0, start: int = 0, verbose: bool = False) -> 
     return report
 
 
+def _violations(case: Case, seed: int) -> list[Finding]:
+    check = CaseRun(case, seed, metric_check=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check.run()
+    return [f for f in check.findings if f.kind == "violation"]
+
+
+def _variant(case: Case, steps: list[int], dtype: torch.dtype) -> Case | None:
+    """The case with only the top-level ``steps`` kept, estimated in ``dtype``; None if that model fails."""
+    model = copy.deepcopy(case.model)
+    model.steps = [model.steps[i] for i in steps]
+    x = case.x.clone()
+    if dtype == torch.float64 and not case.float32_reference:
+        model, x = model.double(), x.double()
+    try:
+        model(x.clone())
+    except Exception:  # noqa: BLE001 (the shapes no longer chain)
+        return None
+    descriptions = [case.steps[i] for i in steps]
+    description = describe(tuple(case.x.shape[1:]), descriptions)
+    return dataclasses.replace(case, model=model, x=x, dtype=dtype, description=description, steps=descriptions)
+
+
+def minimize(case: Case, seed: int) -> tuple[Case, list[Finding]]:
+    """Drop top-level steps, then try float64 estimation, while a violation remains: a smaller reproducer."""
+    findings = _violations(case, seed)
+    kept = list(range(len(case.steps)))
+    for i in list(kept):
+        trial = _variant(case, [k for k in kept if k != i], case.dtype)
+        found = _violations(trial, seed) if trial is not None and len(kept) > 1 else []
+        if found:
+            kept.remove(i)
+            findings = found
+    best = _variant(case, kept, case.dtype) or case
+    if case.dtype != torch.float64:
+        trial = _variant(case, kept, torch.float64)
+        found = _violations(trial, seed) if trial is not None else []
+        if found:
+            best, findings = trial, found
+    return best, findings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000, help="number of architectures")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--case", type=int, default=None, help="re-run this one case, verbosely")
+    parser.add_argument("--minimize", action="store_true", help="shrink each violating architecture")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.case is not None:
-        print(run(1, args.seed, start=args.case, verbose=True).summary())
-        return
-    print(run(args.n, args.seed).summary())
+    report = run(1, args.seed, start=args.case, verbose=True) if args.case is not None else run(args.n, args.seed)
+    print(report.summary())
+    if args.minimize:
+        for index in sorted({f.case for f in report.violations if f.where != "CertifiedRobustAccuracy.update"}):
+            case, findings = minimize(draw_case(args.seed, index), args.seed)
+            stale = " (the model then changed: stale estimator)" if case.mutate is not None else ""
+            print(f"minimal case {index} (dtype={DTYPE_NAMES[case.dtype]} fuse={case.fuse}): {case.description}{stale}: "
+                  f"{findings[0].where}: {findings[0].detail}" if findings else f"case {index}: no longer violates")
 
 
 if __name__ == "__main__":
