@@ -110,9 +110,14 @@ def _mutation(b: Builder) -> Optional[Callable[[nn.Module], str]]:
     names = [(n, m) for n, m in b.net.named_children() if type(m) in (nn.Linear, nn.LeakyReLU, nn.Conv2d, nn.ELU)]
     if not names:
         return None
-    name, module = b.pick(names)
+    spectral = [(n, m) for n, m in names if hasattr(m, "weight_orig")]
+    name, module = b.pick(spectral or names)
 
     def mutate(net: nn.Module) -> str:
+        if hasattr(module, "weight_orig"):  # old-style spectral norm: an optimizer step, no forward since
+            with torch.no_grad():
+                getattr(net, name).weight_orig.add_(3 * torch.randn_like(module.weight_orig))
+            return f"{name}.weight_orig += 3 randn (spectral norm recomputes weight at the next call)"
         if isinstance(module, nn.LeakyReLU):
             getattr(net, name).negative_slope = 8.0
             return f"{name}.negative_slope = 8"
@@ -145,7 +150,7 @@ def draw_case(seed: int, index: int) -> Case:
     if double:
         model = model.double()
     x = torch.randn((2,) + s, dtype=torch.float64 if double else torch.float32)
-    mutate = _mutation(b) if rng.random() < 0.06 else None
+    mutate = _mutation(b) if rng.random() < 0.06 or "hook:spectral_norm" in b.kinds else None
     kinds = b.kinds | ({"stale"} if mutate else set()) | ({"big input"} if big else set())
     return Case(index, model, x, dtype, rng.random() < 0.8, kinds, b.targets, describe(s, descriptions),
                 b.float32_reference, mutate, descriptions)

@@ -258,9 +258,10 @@ def g_hooked(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] | 
     elif form == "benign_hook":
         m.register_forward_hook(lambda module, inputs, output: None)
     elif form == "spectral_norm" and isinstance(m, nn.Linear):
-        with torch.no_grad():
-            m.weight.mul_(10)
         m = nn.utils.spectral_norm(m)
+        m(torch.randn((4,) + s))  # a training step: the pre-hook stores the normalised weight
+        with torch.no_grad():
+            m.weight_orig.add_(3 * torch.randn_like(m.weight_orig))  # an optimizer step: the next call recomputes
     elif isinstance(m, nn.Linear):
         m = nn.utils.parametrizations.spectral_norm(m)
     b.note("hook:" + form, type(m))
