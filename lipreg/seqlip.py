@@ -204,6 +204,18 @@ def exact_search(B: Tensor, C: Tensor, lo: float, hi: float, start: Tensor | Non
     return best_p
 
 
+def rounding_slack(B: Tensor, C: Tensor, lo: float, hi: float) -> Tensor:
+    """An upper bound on the float64 error of a pair norm ``||B diag(sigma) C||`` computed from SVD factors.
+
+    The SVDs, the products and the top singular value are backward stable: the computed value is exact for
+    factors perturbed by ``O(n eps)`` relative to their norms, so its absolute error is at most
+    ``c n eps max(|lo|, |hi|) ||B||_2 ||C||_2`` -- large, relative to the value, when the pair nearly cancels
+    (``||A_2 A_1|| << ||A_2|| ||A_1||``). Taken with ``c = 16`` and ``n`` the sum of the three dimensions."""
+    n = B.shape[0] + B.shape[1] + C.shape[1]
+    scale = max(abs(lo), abs(hi)) * torch.linalg.matrix_norm(B, 2) * torch.linalg.matrix_norm(C, 2)
+    return 16 * n * torch.finfo(_F64).eps * scale
+
+
 def _flip_test(Lam: Tensor, alpha: Tensor, gamma: Tensor, t: Tensor, tau: Tensor) -> Tensor:
     """For each candidate ``k``: does ``Lambda + a c^T + c a^T + t c c^T`` have an eigenvalue above ``tau``?
 
@@ -603,6 +615,7 @@ class SeqLip(nn.Module):
                 if pp.exact:
                     p = exact_search(B, C, pp.lo, pp.hi, pattern.to(B.device))
                     s, x, y = _top(pair_matrix(B, C, _sigma(p, pp.lo, pp.hi)))
+                    s = s + rounding_slack(B, C, pp.lo, pp.hi)
                 else:
                     p, s, x, y = greedy_local_max(B, C, pp.lo, pp.hi, pattern.to(B.device), self.max_rounds)
                 sigma = _sigma(p, pp.lo, pp.hi)
