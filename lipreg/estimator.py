@@ -45,7 +45,8 @@ class LipschitzEstimator(nn.Module):
     The bound is that of the model in **eval mode**: batch norm with its running statistics, dropout as the
     identity. The model is traced with ``torch.fx`` but never modified or copied; the estimator holds it
     without registering it, so its ``state_dict`` holds the warm state only. Computation is in ``dtype``
-    (float32 by default) with autocast disabled.
+    (float32 by default) with autocast disabled; certificates (:meth:`certified_bound`, and ``est()`` when
+    ``est.certified``) are computed from the weights in float64 and rounded upwards into ``dtype``.
 
     Args:
         model: any ``nn.Module`` of one tensor input that ``torch.fx`` can trace.

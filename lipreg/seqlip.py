@@ -46,7 +46,8 @@ convex in ``sigma``, so the max over the box is attained at a vertex ``sigma_k i
   full SVD of its dense matrix when it has at most ``dense_max_entries`` (4e6) entries and
   ``min(n_in, n_out) <= dense_max_rank`` (512: the greedy costs ``O(n r^2)`` per flip), low-rank otherwise.
 
-Only exact search on full SVDs of every operator is certified (:attr:`SeqLip.certified`).
+Only exact search on full SVDs of every operator is certified (:attr:`SeqLip.certified`); its pair norms carry a
+float64 rounding slack (:func:`rounding_slack`), and the estimator then evaluates the chain from float64 weights.
 
 **Gradients.** With the patterns fixed, the bound is a differentiable function of the weights. Its gradient is
 computed in a gauge-invariant form that stays finite with repeated or zero singular values (``torch``'s SVD

@@ -40,7 +40,7 @@ def test_small_dense_layers_are_certified_above_their_float64_norm(dtype):
     the weights the model holds (on main, bfloat16 rounded the weights first: about 40% came out below)."""
     torch.manual_seed(0)
     below = []
-    for trial in range(60):
+    for trial in range(40):
         n_in, n_out = torch.randint(1, 10, (2,)).tolist()
         layer = nn.Linear(n_in, n_out)
         truth = spectral(layer.weight)
@@ -99,14 +99,15 @@ def test_fused_cancelling_product_is_certified_above_its_norm(dtype):
     assert max(ratios) <= 1.0 + torch.finfo(dtype).eps + 1e-5  # tight: the float64 exact norm, rounded up
 
 
+@pytest.mark.parametrize("ratio", [1e3, 3e7])
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-def test_exact_seqlip_on_a_cancelling_chain_is_a_certificate(dtype):
-    """Exact SeqLip on ``Linear(8,8) -> LeakyReLU(1) -> Linear(8,1)`` (slopes [1, 1]: the chain is the product, ratio
-    ~1e3, past bfloat16's precision): ``est()``, flagged certified, and ``certified_bound()`` are >= the float64
-    truth."""
+def test_exact_seqlip_on_a_cancelling_chain_is_a_certificate(dtype, ratio):
+    """Exact SeqLip on ``Linear(8,8) -> LeakyReLU(1) -> Linear(8,1)`` (slopes [1, 1]: the chain is the product, of
+    norm ``ratio`` times smaller than the product of norms): ``est()``, flagged certified, and ``certified_bound()``
+    are >= the float64 truth."""
     ratios = []
-    for seed in range(12):
-        model, truth = cancelling_model(seed, 1e3, nn.LeakyReLU(1.0))
+    for seed in range(8):
+        model, truth = cancelling_model(seed, ratio, nn.LeakyReLU(1.0))
         est = lipreg.LipschitzEstimator(model, torch.randn(2, 8), method="seqlip", search="exact", dtype=dtype)
         estimate = float(est())
         assert est.certified
@@ -145,7 +146,7 @@ def test_batch_norm_closed_forms_are_rounded_upwards():
     ``layer_bounds(certified=True)`` in float32 are >= ``max_c |gamma_c| / sqrt(var_c + eps)`` in float64."""
     torch.manual_seed(3)
     below = []
-    for trial in range(100):
+    for trial in range(60):
         bn = nn.BatchNorm1d(6).eval()
         bn.running_var.uniform_(1e-3, 10.0)
         bn.weight.data.uniform_(-3.0, 3.0)
