@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["arithmetic_margin", "certified_cast", "conv_spectral_bound", "dense_spectral_bound", "fold_channel_gains", "gram_spectral_bound"]
+__all__ = [
+    "arithmetic_margin", "certified_cast", "conv_spectral_bound", "dense_spectral_bound", "fold_channel_gains",
+    "gram_spectral_bound",
+]
 
 _REL_MARGIN = 1e-6
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
