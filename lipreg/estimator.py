@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .autolip import autolip_bound, chain_interiors, own_constant
-from .certify import arithmetic_margin, certified_cast, dense_spectral_bound
+from .certify import arithmetic_margin, certified_cast, operator_spectral_bound
 from .errors import UnsupportedOpError
 from .graph import ConstantEnv, LipGraph, LipNode
 from .power import LinearFn, normalized, power_iterations, rayleigh_norm, rayleigh_norms_and_step
@@ -186,7 +186,8 @@ class LipschitzEstimator(nn.Module):
         if closed is not None:
             return certified_cast(closed.to(env.device, torch.float64), torch.float64, _CLOSED_FORM_MARGIN)
         if node.in_shape.numel() * node.out_shape.numel() <= DENSE_CERTIFY_LIMIT:
-            return dense_spectral_bound(self.graph.dense_matrix(node, env))
+            op = lambda v: self.graph.apply_linear_batched(node, v, env)  # noqa: E731
+            return operator_spectral_bound(op, node.in_shape[1:], env.device)
         return torch.stack(self._segment_norms(node, env)).prod()
 
     def _segment_norms(self, node: LipNode, env: ConstantEnv) -> list[Tensor]:
