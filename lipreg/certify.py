@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["conv_spectral_bound", "dense_spectral_bound", "gram_spectral_bound"]
+__all__ = [
+    "arithmetic_margin", "certified_cast", "conv_spectral_bound", "dense_spectral_bound", "fold_channel_gains",
+    "gram_spectral_bound", "operator_spectral_bound",
+]
 
 _REL_MARGIN = 1e-6
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -49,16 +52,46 @@ _EXACT_MAX_DIM_OTHER = 32
 # ----------------------------------------------------------------------------- numerics
 
 
-def certified_cast(bound64: Tensor, dtype: torch.dtype) -> Tensor:
-    """``bound64 * (1 + 1e-6)`` cast to ``dtype`` rounding upwards (result >= bound64 as reals).
+def certified_cast(bound64: Tensor, dtype: torch.dtype, margin: float = _REL_MARGIN) -> Tensor:
+    """``bound64 * (1 + margin)`` cast to ``dtype`` rounding upwards (result >= bound64 as reals).
 
-    The upward correction is a constant (detached) ulp step, so gradients pass unchanged.
+    ``margin`` (default 1e-6) must dominate the relative float64 error of the computation of ``bound64``
+    (:func:`arithmetic_margin` for a few exact operations).  The upward correction is a constant (detached) ulp
+    step, so gradients pass unchanged.
     """
-    padded = bound64 * (1.0 + _REL_MARGIN)
+    padded = bound64 * (1.0 + margin)
     out = padded.to(dtype)
     up = torch.nextafter(out.detach(), torch.full_like(out.detach(), math.inf))
     step = torch.where(out.detach().to(torch.float64) < padded.detach(), up - out.detach(), 0.0)
     return out + step
+
+
+def arithmetic_margin(n_ops: int) -> float:
+    """A relative margin that covers the rounding of ``n_ops`` float64 products, sums of nonnegative numbers,
+    divisions and square roots: each is correctly rounded, at most ``2^-53`` relative (``4 * eps`` each here, for
+    safety), so ``n_ops`` of them compound to less than ``n_ops * 2^-50``."""
+    return 4 * n_ops * torch.finfo(torch.float64).eps
+
+
+def fold_channel_gains(weight: Tensor, groups: int, rows: Tensor | None, columns: Tensor | None) -> Tensor:
+    """``weight`` in torch's conv / linear layout ``(A, B / groups, *kernel)`` with per-channel gains folded in:
+    ``W'[a, b] = rows[a] * W[a, b] * columns[g(a) * B / groups + b]``, ``g(a) = a // (A / groups)`` the group of ``a``.
+
+    For a convolution (``rows`` on the output channels, ``columns`` on the input ones) ``W'`` is the kernel of
+    ``diag(rows) o conv_W o diag(columns)`` when the diagonal maps are constant over space (eval batch norm,
+    per-channel scales); for a linear layer ``W' = diag(rows) W diag(columns)``; for a transposed convolution,
+    whose weight is ``(c_in, c_out / groups, *kernel)``, ``rows`` scale its input channels and ``columns`` its
+    output ones.  So the certificate of the fused map is that of one operator (no product of norms).
+    ``None`` is a gain of 1.
+    """
+    a, b = weight.shape[:2]
+    tail = (1,) * (weight.dim() - 2)
+    if rows is not None:
+        weight = weight * rows.to(weight.dtype).view(a, 1, *tail)
+    if columns is not None:
+        per_row = columns.to(weight.dtype).view(groups, 1, b).expand(groups, a // groups, b).reshape(a, b)
+        weight = weight * per_row.view(a, b, *tail)
+    return weight
 
 
 def _as64(W: Tensor) -> Tensor:
@@ -300,6 +333,12 @@ def _dense_bound64(op: Callable[[Tensor], Tensor], in_shape: Sequence[int], devi
             (rows,) = torch.autograd.grad(op(probe), probe, basis, is_grads_batched=True, create_graph=track_weights)
         matrix = rows.reshape(out_dim, in_dim)
     return _sigma64(matrix, n_iter=10, exact_max_dim=None)
+
+
+def operator_spectral_bound(op: Callable[[Tensor], Tensor], in_shape: Sequence[int], device: torch.device) -> Tensor:
+    """Certified sigma_1 of the linear map ``op`` (a function of a batched float64 input of per-sample shape
+    ``in_shape``), from its dense matrix built on the smaller side (``_dense_bound64``); float64, times (1 + 1e-6)."""
+    return certified_cast(_dense_bound64(op, in_shape, device), torch.float64)
 
 
 def conv_spectral_bound(

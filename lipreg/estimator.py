@@ -13,17 +13,22 @@ import torch
 from torch import Tensor, nn
 
 from .autolip import autolip_bound, chain_interiors, own_constant
-from .certify import certified_cast, dense_spectral_bound
+from .certify import arithmetic_margin, certified_cast, operator_spectral_bound
 from .errors import UnsupportedOpError
 from .graph import _LIBRARY_DIRS, ConstantEnv, LipGraph, LipNode
 from .power import LinearFn, normalized, power_iterations, rayleigh_norm, rayleigh_norms_and_step
 from .progress import progress as _progress
-from .rules import Activation, Constant
+from .rules import Activation, Constant, NodeInfo, Rule
+from .rules.linear import WeightedOp
+from .rules.structural import Identity, SignedIdentity
 from .seqlip import SeqLip
 
 METHODS = ("autolip", "seqlip")
 DENSE_CERTIFY_LIMIT = 2**20
 """Operators with at most this many matrix entries are certified by the exact norm of their dense matrix."""
+_CLOSED_FORM_MARGIN = arithmetic_margin(8)
+"""Closed forms (``max_c |gamma_c| / sqrt(var_c + eps)``, ``max |c|``) take a few correctly rounded float64 steps."""
+_POINTWISE_ISOMETRIES = (Identity, SignedIdentity)  # v -> +-v: a diagonal op's gains fold across them
 
 
 def buffer_name(prefix: str, node_name: str) -> str:
@@ -43,9 +48,11 @@ class LipschitzEstimator(nn.Module):
     The bound is that of the model in **eval mode**: batch norm with its running statistics, dropout as the
     identity. The model is traced with ``torch.fx`` but never modified or copied; the estimator holds it
     without registering it, so its ``state_dict`` holds the warm state only. Computation is in ``dtype``
-    (float32 by default) with autocast disabled. Every call first checks that the model is still the one traced
-    (:class:`lipreg.fingerprint.ModelFingerprint`: the modules the graph uses, their hyper-parameters, tensor
-    shapes and hooks); if not, it is traced again, with a warning, keeping the warm state that still fits.
+    (float32 by default) with autocast disabled; certificates (:meth:`certified_bound`, and ``est()`` when
+    ``est.certified``) are computed from the weights in float64 and rounded upwards into ``dtype``. Every call
+    first checks that the model is still the one traced (:class:`lipreg.fingerprint.ModelFingerprint`: the
+    modules the graph uses, their hyper-parameters, tensor shapes and hooks); if not, it is traced again,
+    with a warning, keeping the warm state that still fits.
 
     Args:
         model: any ``nn.Module`` of one tensor input that ``torch.fx`` can trace.
@@ -134,9 +141,13 @@ class LipschitzEstimator(nn.Module):
         iterations per linear operator (default ``self.n_iter``)."""
         n_iter = self.n_iter if n_iter is None else n_iter
         with self._evaluation() as env:
-            factors = self._linear_factors(env, n_iter)
-            chains = self.seqlip(factors, env, n_iter) if self.seqlip is not None else None
-            bound = autolip_bound(self.graph, factors, chains, dtype=self.dtype, device=env.device)
+            if self.certified:  # no iteration: the bound is the certificate, computed and rounded as one
+                bound64, factors = self._certified64(self._float64(env), self.seqlip is not None)
+                bound = self._round_up(bound64)
+            else:
+                factors = self._linear_factors(env, n_iter)
+                chains = self.seqlip(factors, env, n_iter) if self.seqlip is not None else None
+                bound = autolip_bound(self.graph, factors, chains, dtype=self.dtype, device=env.device)
         self._remember(factors)
         if not torch.isfinite(bound):
             bad = [name for name, f in self._last_factors.items() if not math.isfinite(float(f))]
@@ -174,55 +185,109 @@ class LipschitzEstimator(nn.Module):
 
         AutoLip with every linear operator's norm certified instead of estimated (:meth:`certified_factor`);
         with ``method="seqlip"``, SeqLip when its search is exact on full SVDs. Greedy or low-rank SeqLip can
-        miss the max, so then the certificate is the AutoLip one, with a warning saying so. ``progress=True``
-        shows a bar over the operators.
+        miss the max, so then the certificate is the AutoLip one, with a warning saying so. Whatever ``dtype``,
+        everything is computed from the weights in float64 and the result rounded upwards into ``dtype``.
+        ``progress=True`` shows a bar over the operators.
         """
         self._refresh()  # before the nodes are read: the graph must be the model's as it is now
         use_seqlip = self.seqlip is not None and self.seqlip.certified
         if self.seqlip is not None and not use_seqlip:
             warnings.warn("this SeqLip search is not exact on full SVDs, so it cannot be certified: "
                           "certified_bound() returns the certified AutoLip bound", stacklevel=2)
-        nodes = self._bounded_nodes() if use_seqlip else self.graph.linear_nodes()
         with self._evaluation() as env:
-            factors = {node: self.certified_factor(node, env) for node in _progress(nodes, progress, "certify")}
-            chains = None
-            if use_seqlip:  # exact eq. 8 on full SVDs, rounded upwards as the other certificates are
-                chains = {last: (first, certified_cast(bound.to(torch.float64), bound.dtype))
-                          for last, (first, bound) in self.seqlip(factors, env, 0).items()}
-            return autolip_bound(self.graph, factors, chains, dtype=self.dtype, device=env.device)
+            bound, _ = self._certified64(self._float64(env), use_seqlip, progress)
+        return self._round_up(bound)
+
+    def _round_up(self, bound64: Tensor) -> Tensor:
+        """A float64 result of Alg. 1 on certified factors, rounded upwards into ``dtype``: each factor (and each
+        exact SeqLip chain bound) is already >= its exact value, and the margin covers the float64 rounding of
+        the products, sums and square roots of Alg. 1 (at most ``2 k + 2`` of them at a node of ``k`` inputs)."""
+        n_ops = sum(2 * len(node.inputs) + 2 for node in self.graph.nodes)
+        return certified_cast(bound64, self.dtype, arithmetic_margin(n_ops))
+
+    def _certified64(self, env: ConstantEnv, use_seqlip: bool,
+                     progress: bool = False) -> tuple[Tensor, dict[LipNode, Tensor]]:
+        """The certified bound in float64 (before :meth:`_round_up`) and the certified factors it uses."""
+        nodes = self._bounded_nodes() if use_seqlip else self.graph.linear_nodes()
+        factors = {node: self._certified_factor64(node, env) for node in _progress(nodes, progress, "certify")}
+        chains = self.seqlip(factors, env, 0) if use_seqlip else None
+        return autolip_bound(self.graph, factors, chains, dtype=torch.float64, device=env.device), factors
 
     def certified_factor(self, node: LipNode, env: ConstantEnv) -> Tensor:
-        """A certified ``sigma_1`` of a (fused) linear node, the tightest available of: its closed form; the
-        exact norm of its dense matrix when small (``n_in n_out <= DENSE_CERTIFY_LIMIT``); a certified norm of its
-        single operator (Gram iteration, FFT for convolutions: :mod:`lipreg.certify`); the product of its ops'
-        certified norms (sub-multiplicativity)."""
+        """A certified ``sigma_1`` of a (fused) linear node, in ``dtype`` rounded upwards (:meth:`_certified_factor64`,
+        from the float64 weights whatever ``env``'s dtype)."""
+        return certified_cast(self._certified_factor64(node, self._float64(env)), self.dtype, margin=0.0)
+
+    def _certified_factor64(self, node: LipNode, env: ConstantEnv) -> Tensor:
+        """A certified ``sigma_1`` of a (fused) linear node in float64 (``env`` is float64), the tightest available
+        of: its closed form; the exact norm of its dense matrix when small (``n_in n_out <= DENSE_CERTIFY_LIMIT``);
+        the product of the certified norms of its ops (sub-multiplicativity), where each weighted op (linear,
+        convolution) absorbs the per-channel diagonal ops next to it (eval batch norm, scales) into its weight
+        before its FFT / Gram certificate (:meth:`_segment_norms`)."""
         closed = self.graph.closed_form_norm(node, env)
         if closed is not None:
-            return closed.to(env.device)
+            return certified_cast(closed.to(env.device, torch.float64), torch.float64, _CLOSED_FORM_MARGIN)
         if node.in_shape.numel() * node.out_shape.numel() <= DENSE_CERTIFY_LIMIT:
-            return dense_spectral_bound(self.graph.dense_matrix(node, env))
+            op = lambda v: self.graph.apply_linear_batched(node, v, env)  # noqa: E731
+            return operator_spectral_bound(op, node.in_shape[1:], env.device)
+        return torch.stack(self._segment_norms(node, env)).prod()
+
+    def _segment_norms(self, node: LipNode, env: ConstantEnv) -> list[Tensor]:
+        """Certified norms (float64) whose product bounds a fused node: one per weighted op, with the diagonal ops
+        around it folded in (:class:`~lipreg.rules.linear.WeightedOp`), and one per remaining non-isometric op."""
+        ops = list(zip(node.ops, node.rules))
+        calls = [self.graph.node_call(info.node, env) for info, _ in ops]
+        multipliers = [rule.multiplier(info, call, env.dtype) for (info, rule), call in zip(ops, calls)]
+        folded: set[int] = set()
         norms = []
-        for info, rule in zip(node.ops, node.rules):
-            if rule.isometry:
+        for k, (info, rule) in enumerate(ops):
+            if not isinstance(rule, WeightedOp):
                 continue
-            norm = rule.certified_norm(info, self.graph.node_call(info.node, env), self.dtype)
+            before = self._fold(rule, ops, multipliers, range(k - 1, -1, -1), info.in_shapes[0], folded)
+            after = self._fold(rule, ops, multipliers, range(k + 1, len(ops)), info.out_shape, folded)
+            norms.append(rule.folded_norm(info, env.dtype, before, after))
+            folded.add(k)
+        for k, ((info, rule), call) in enumerate(zip(ops, calls)):
+            if k in folded or rule.isometry:
+                continue
+            norm = rule.certified_norm(info, call, env.dtype)
             if norm is None:
                 raise UnsupportedOpError(
                     f"no certified norm for {rule.describe()} at node {info.name!r} and its operator is too "
                     f"large to form ({node.in_shape.numel()} x {node.out_shape.numel()}): give the rule a "
                     "certified_norm, or use the estimate est() (not a certificate)"
                 )
-            norms.append(norm)
-        return torch.stack(norms).prod()
+            norms.append(certified_cast(norm.to(env.device, torch.float64), torch.float64))
+        return norms
+
+    @staticmethod
+    def _fold(rule: WeightedOp, ops: list[tuple[NodeInfo, Rule]], multipliers: list[Tensor | None],
+              order: range, shape: torch.Size, folded: set[int]) -> Tensor | None:
+        """The per-channel gains of the diagonal ops met walking ``order`` away from a weighted op (across
+        pointwise identities, up to the first other op), marked ``folded``; ``None`` if there are none."""
+        gains, taken = None, []
+        for k in order:
+            other = ops[k][1]
+            if isinstance(other, _POINTWISE_ISOMETRIES):
+                continue
+            m = multipliers[k]
+            g = None if m is None or k in folded else rule.channel_gains(m, shape)
+            if g is None:
+                break
+            gains, taken = (g if gains is None else gains * g), [*taken, k]
+        folded.update(taken)
+        return gains
 
     def layer_bounds(self, certified: bool = False) -> dict[str, float]:
         """Each node's own factor: ``||A v||`` of each (fused) linear operator in the last call, the constant of
         each activation or pooling, and for SeqLip the factor of each pair of a chain. With ``certified=True``,
-        each linear operator's certified norm instead (computed now, from the current weights)."""
+        each linear operator's certified norm instead (computed now, from the current weights in float64, rounded
+        upwards into ``dtype``)."""
         if not certified:
             return {name: float(value) for name, value in self._last_factors.items()}
         with torch.no_grad(), self._evaluation() as env:
-            bounds = {node.name: float(self.certified_factor(node, env)) for node in self.graph.linear_nodes()}
+            env64 = self._float64(env)
+            bounds = {node.name: float(self.certified_factor(node, env64)) for node in self.graph.linear_nodes()}
         return {**bounds, **self._constants}
 
     @property
@@ -247,6 +312,10 @@ class LipschitzEstimator(nn.Module):
     def _bounded_nodes(self) -> list[LipNode]:
         """The linear nodes whose norm enters the bound (all but those inside SeqLip chains)."""
         return [n for n in self.graph.linear_nodes() if n not in self._chained]
+
+    def _float64(self, env: ConstantEnv) -> ConstantEnv:
+        """``env`` if it is float64, else a float64 evaluator on its device: certificates start from float64 weights."""
+        return env if env.dtype == torch.float64 else self.graph.constant_env(torch.float64, env.device)
 
     def _iterated_nodes(self) -> list[LipNode]:
         return [n for n in self._bounded_nodes() if n in self._buffer_names]

@@ -425,6 +425,13 @@ class NodeCall:
 
     def __call__(self, x_values: Mapping[fx.Node, Tensor]) -> Tensor:
         lookup = lambda n: x_values[n] if n in x_values else self.env.value(n)  # noqa: E731
+        if self.node.op == "call_module":  # its own floating parameters and buffers in the env's dtype too
+            module = self.env.graph.modules[self.node.target]
+            cast = {name: t.to(self.env.dtype) for name, t in [*module.named_parameters(), *module.named_buffers()]
+                    if t.is_floating_point() and t.dtype != self.env.dtype}
+            if cast:
+                args, kwargs = fx.node.map_arg((self.node.args, self.node.kwargs), lookup)
+                return torch.func.functional_call(module, cast, args, kwargs)
         return run_node(self.node, self.env.graph.modules, lookup)
 
     def arg_value(self, index: int, name: str, default: Any = None) -> Any:

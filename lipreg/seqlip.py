@@ -46,7 +46,8 @@ convex in ``sigma``, so the max over the box is attained at a vertex ``sigma_k i
   full SVD of its dense matrix when it has at most ``dense_max_entries`` (4e6) entries and
   ``min(n_in, n_out) <= dense_max_rank`` (512: the greedy costs ``O(n r^2)`` per flip), low-rank otherwise.
 
-Only exact search on full SVDs of every operator is certified (:attr:`SeqLip.certified`).
+Only exact search on full SVDs of every operator is certified (:attr:`SeqLip.certified`); its pair norms carry a
+float64 rounding slack (:func:`rounding_slack`), and the estimator then evaluates the chain from float64 weights.
 
 **Gradients.** With the patterns fixed, the bound is a differentiable function of the weights. Its gradient is
 computed in a gauge-invariant form that stays finite with repeated or zero singular values (``torch``'s SVD
@@ -202,6 +203,18 @@ def exact_search(B: Tensor, C: Tensor, lo: float, hi: float, start: Tensor | Non
             best = float(value)
             best_p = ((index[alive][arg] >> bits) & 1).bool()
     return best_p
+
+
+def rounding_slack(B: Tensor, C: Tensor, lo: float, hi: float) -> Tensor:
+    """An upper bound on the float64 error of a pair norm ``||B diag(sigma) C||`` computed from SVD factors.
+
+    The SVDs, the products and the top singular value are backward stable: the computed value is exact for
+    factors perturbed by ``O(n eps)`` relative to their norms, so its absolute error is at most
+    ``c n eps max(|lo|, |hi|) ||B||_2 ||C||_2`` -- large, relative to the value, when the pair nearly cancels
+    (``||A_2 A_1|| << ||A_2|| ||A_1||``). Taken with ``c = 16`` and ``n`` the sum of the three dimensions."""
+    n = B.shape[0] + B.shape[1] + C.shape[1]
+    scale = max(abs(lo), abs(hi)) * torch.linalg.matrix_norm(B, 2) * torch.linalg.matrix_norm(C, 2)
+    return 16 * n * torch.finfo(_F64).eps * scale
 
 
 def _flip_test(Lam: Tensor, alpha: Tensor, gamma: Tensor, t: Tensor, tau: Tensor) -> Tensor:
@@ -603,6 +616,7 @@ class SeqLip(nn.Module):
                 if pp.exact:
                     p = exact_search(B, C, pp.lo, pp.hi, pattern.to(B.device))
                     s, x, y = _top(pair_matrix(B, C, _sigma(p, pp.lo, pp.hi)))
+                    s = s + rounding_slack(B, C, pp.lo, pp.hi)
                 else:
                     p, s, x, y = greedy_local_max(B, C, pp.lo, pp.hi, pattern.to(B.device), self.max_rounds)
                 sigma = _sigma(p, pp.lo, pp.hi)

@@ -443,7 +443,7 @@ class WithIndices(nn.Module):
 def test_max_pooling_with_indices(kind):
     """3x3 stride 2 on 7x7, and adaptive 7 -> 3 (the same windows): a spike in the middle is in 4 windows."""
     est = lipreg.LipschitzEstimator(WithIndices(kind), torch.randn(2, 1, 7, 7), dtype=DT)
-    assert float(est.converge()) == 2.0
+    assert 2.0 <= float(est.converge()) <= 2.0 * (1 + 1e-12)  # a certificate: rounded upwards
 
 
 def test_training_branches_are_traced_in_eval_mode():

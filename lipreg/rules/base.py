@@ -121,6 +121,10 @@ class LinearOp(Rule):
     def closed_form_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor | None:
         return None
 
+    def multiplier(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor | None:
+        """For a diagonal op ``v -> m * v`` (same shape in and out), ``m`` broadcastable to ``(1, *shape)``."""
+        return None
+
     def certified_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor | None:
         """A guaranteed upper bound on this op's norm (no iteration from below), when the rule knows one."""
         return self.closed_form_norm(info, call, dtype)

@@ -10,20 +10,47 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..certify import certified_cast, conv_spectral_bound, dense_spectral_bound
+from ..certify import certified_cast, conv_spectral_bound, dense_spectral_bound, fold_channel_gains
 from .base import Call, LinearOp, NodeInfo, Refuse
 from .registry import register_rule
 
 
-class DenseLinear(LinearOp):
+class WeightedOp(LinearOp):
+    """A linear op given by a weight (``nn.Linear``, convolutions) whose certificate (:mod:`lipreg.certify`) can
+    absorb per-channel diagonal factors on both sides: the certified norm of ``diag(after) A diag(before)`` is that
+    of one operator, its weight with the gains folded in (:func:`~lipreg.certify.fold_channel_gains`), instead of
+    the product ``max|after| ||A|| max|before||``, which is loose when the gains are spread out."""
+
+    channel_axis = 1
+    """The axis of the (batched) input and output that the weight mixes; every other axis is acted on alike."""
+
+    def certified_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
+        return self.folded_norm(info, dtype, None, None)
+
+    def folded_norm(self, info: NodeInfo, dtype: torch.dtype, before: Tensor | None, after: Tensor | None) -> Tensor:
+        """Certified ``sigma_1(diag(after) A diag(before))``, ``before`` / ``after`` gains per input / output channel
+        (``None``: 1), computed from the weight in ``dtype``."""
+        raise NotImplementedError
+
+    def channel_gains(self, multiplier: Tensor, shape: torch.Size) -> Tensor | None:
+        """The per-channel gains of the diagonal map ``v -> multiplier * v`` on inputs of ``shape`` (batch of one),
+        or ``None`` when it is not constant along the axes other than :attr:`channel_axis`."""
+        full = torch.broadcast_to(multiplier, shape).movedim(self.channel_axis, 0)
+        gains = full.reshape(full.shape[0], -1)
+        return gains[:, 0] if bool((gains == gains[:, :1]).all()) else None
+
+
+class DenseLinear(WeightedOp):
     """``nn.Linear``: ``v -> W v``."""
+
+    channel_axis = -1
 
     def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
         return F.linear(v, info.module.weight.to(v.dtype))
 
-    def certified_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
-        """``sigma_1(W)`` exactly or by Gram iteration (an upper bound at every iterate)."""
-        return dense_spectral_bound(info.module.weight.to(dtype))
+    def folded_norm(self, info: NodeInfo, dtype: torch.dtype, before: Tensor | None, after: Tensor | None) -> Tensor:
+        """``sigma_1(diag(after) W diag(before))`` exactly or by Gram iteration (an upper bound at every iterate)."""
+        return dense_spectral_bound(fold_channel_gains(info.module.weight.to(dtype), 1, after, before))
 
 
 def _spatial(info: NodeInfo) -> torch.Size:
@@ -31,24 +58,25 @@ def _spatial(info: NodeInfo) -> torch.Size:
     return info.in_shapes[0][2 - info.module.weight.dim():]
 
 
-class Convolution(LinearOp):
+class Convolution(WeightedOp):
     """``nn.Conv{1,2,3}d`` with any stride, padding (all modes), dilation and groups: the conv without bias."""
 
     def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
         module = info.module
         return module._conv_forward(v, module.weight.to(v.dtype), None)
 
-    def certified_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
+    def folded_norm(self, info: NodeInfo, dtype: torch.dtype, before: Tensor | None, after: Tensor | None) -> Tensor:
         """The FFT bound of Sedghi et al. (2019) on the circular embedding of the convolution."""
         m = info.module
-        return conv_spectral_bound(m.weight.to(dtype), _spatial(info), stride=m.stride, padding=m.padding,
+        weight = fold_channel_gains(m.weight.to(dtype), m.groups, after, before)
+        return conv_spectral_bound(weight, _spatial(info), stride=m.stride, padding=m.padding,
                                    dilation=m.dilation, groups=m.groups, padding_mode=m.padding_mode)
 
 
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-class TransposedConvolution(LinearOp):
+class TransposedConvolution(WeightedOp):
     """``nn.ConvTranspose{1,2,3}d``: the adjoint of a convolution, with the module's ``output_padding``."""
 
     def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
@@ -56,10 +84,11 @@ class TransposedConvolution(LinearOp):
         conv_t = _CONV_TRANSPOSE[m.weight.dim() - 2]
         return conv_t(v, m.weight.to(v.dtype), None, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
 
-    def certified_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
+    def folded_norm(self, info: NodeInfo, dtype: torch.dtype, before: Tensor | None, after: Tensor | None) -> Tensor:
         """The FFT bound of the adjoint convolution (adjoints have equal norms)."""
         m = info.module
-        return conv_spectral_bound(m.weight.to(dtype), _spatial(info), stride=m.stride, padding=m.padding,
+        weight = fold_channel_gains(m.weight.to(dtype), m.groups, before, after)
+        return conv_spectral_bound(weight, _spatial(info), stride=m.stride, padding=m.padding,
                                    dilation=m.dilation, groups=m.groups, transposed=True,
                                    output_padding=m.output_padding)
 
@@ -72,13 +101,20 @@ def batch_norm_scale(module: nn.modules.batchnorm._BatchNorm, dtype: torch.dtype
     return scale
 
 
+def _per_channel(gains: Tensor, ndim: int) -> Tensor:
+    """Channel gains shaped ``(1, C, 1, ...)`` to multiply a batched ``ndim``-dim tensor."""
+    return gains.view(1, -1, *([1] * (ndim - 2)))
+
+
 class BatchNorm(LinearOp):
     """Eval-mode ``nn.BatchNorm{1,2,3}d``: the diagonal map ``v -> diag(gamma / sqrt(var + eps)) v``, norm
     ``max_c |gamma_c| / sqrt(var_c + eps)``."""
 
     def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
-        scale = batch_norm_scale(info.module, v.dtype)
-        return v * scale.view(1, -1, *([1] * (v.dim() - 2)))
+        return v * _per_channel(batch_norm_scale(info.module, v.dtype), v.dim())
+
+    def multiplier(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
+        return _per_channel(batch_norm_scale(info.module, dtype), len(info.out_shape))
 
     def closed_form_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
         return batch_norm_scale(info.module, dtype).abs().max()

@@ -49,12 +49,16 @@ class Scale(LinearOp):
         self.constant_position = constant_position  # in the signature (input, other)
         self.reciprocal = reciprocal
 
-    def closed_form_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor | None:
+    def multiplier(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor | None:
         if info.in_shapes[0] != info.out_shape:
             return None  # c broadcasts x to a larger shape: not diagonal, leave it to the power method
         position = self.constant_position
-        c = torch.as_tensor(call.arg_value(position, _BINARY[position]), dtype=dtype).abs()
-        return (1.0 / c).max() if self.reciprocal else c.max()
+        c = torch.as_tensor(call.arg_value(position, _BINARY[position]), dtype=dtype, device=call.device)
+        return 1.0 / c if self.reciprocal else c
+
+    def closed_form_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor | None:
+        m = self.multiplier(info, call, dtype)
+        return None if m is None else m.abs().max()
 
 
 _PRODUCT = (
