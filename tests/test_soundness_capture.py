@@ -326,5 +326,5 @@ def test_inactive_dropout_is_the_identity(call):
     model = FunctionalDropout(call).to(DT)
     model.train()
     x = torch.randn(2, 8, dtype=DT)
-    assert certified(model, x) == pytest.approx(1.0, rel=1e-6)
+    assert 1.0 <= certified(model, x) <= 1.0 + 2e-6  # the identity, its certificate rounded upwards
     assert model.training  # the trace's eval mode is restored

@@ -38,7 +38,7 @@ def test_replaced_submodule_is_certified_as_it_is_now():
     true = jacobian_norm(model, x)
     with pytest.warns(UserWarning, match=r"submodule '1' is another object now"):
         certified = float(est.certified_bound().detach())
-    assert true <= certified <= true * (1 + 1e-6)
+    assert true <= certified <= true * (1 + 2e-6)  # 1e-6 relative margin of every certificate, plus arithmetic
 
 
 def test_replaced_submodule_is_estimated_as_it_is_now():

@@ -201,7 +201,8 @@ def test_softplus_whose_jump_rounds_away_is_the_smooth_softplus(beta, threshold,
     smooth = (x64 + torch.log1p(torch.exp(-beta * x64)) / beta).to(dtype)  # the same as s(x), without overflow
     assert len(x) > 1000 and torch.equal(F.softplus(x, beta, threshold), smooth)
     model = nn.Softplus(beta, threshold)
-    assert float(lipreg.LipschitzEstimator(model, torch.randn(2, 3, dtype=dtype), dtype=DT).certified_bound()) == 1.0
+    bound = float(lipreg.LipschitzEstimator(model, torch.randn(2, 3, dtype=dtype), dtype=DT).certified_bound())
+    assert 1.0 <= bound <= 1.0 + 1e-12  # the slope bound 1, rounded upwards
 
 
 # ---------------------------------------------------------- class 7: pooling inputs without a channel dimension
