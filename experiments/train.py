@@ -60,7 +60,15 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.LightningModule:
     """The network from ``cfg.model`` (shape from the data module), wrapped in ``cfg.classifier``."""
     net = instantiate(cfg.model, input_shape=list(datamodule.input_shape), num_classes=datamodule.num_classes)
-    return instantiate(cfg.classifier, net=net)
+    return instantiate(cfg.classifier, net=net, margin_loss=build_margin_loss(cfg))
+
+
+def build_margin_loss(cfg: DictConfig) -> Any:
+    """The ``lipreg.LipschitzMarginLoss`` partial of ``cfg.lipreg.margin`` (``lipreg=certified``), or ``None``."""
+    if not cfg.lipreg.enabled or cfg.lipreg.margin is None:
+        return None
+    options = OmegaConf.to_container(cfg.lipreg.estimator_options, resolve=True)
+    return instantiate(cfg.lipreg.margin, **options)
 
 
 def build_lipreg_callback(cfg: DictConfig) -> pl.Callback | None:
@@ -75,6 +83,7 @@ def build_lipreg_callback(cfg: DictConfig) -> pl.Callback | None:
                              "penalty would be ignored; use lipreg=penalty (or lipreg=log) to penalise")
         return None
     options = node.pop("estimator_options") or {}
+    node.pop("margin", None)  # the margin loss is the Classifier's (build_margin_loss), not the callback's
     return instantiate({**node, **options})
 
 
@@ -170,6 +179,8 @@ def format_summary(metrics: dict[str, float], report: dict, cfg: DictConfig, run
         for split in ("test", "val"):
             row(f"{split} certified acc @ eps={eps:g}", f"{split}/certified_acc@{eps:g}",
                 f"L2 radius, {report.get('certified_by') or '?'} certificate" if split == "test" else "")
+            row(f"{split} pairwise cert. @ eps={eps:g}", f"{split}/pairwise_certified_acc@{eps:g}",
+                "per-pair (GloRo) margins" if split == "test" else "")
     lines.append("-" * 78)
     lines.append(f"  run dir      {_rel(run_dir)}")
     lines.append(f"  metrics      {_rel(Path(run_dir) / 'metrics.json')}")

@@ -9,9 +9,10 @@ from . import autolip as _autolip_module, seqlip as _seqlip_module  # noqa: F401
 from .callback import LipschitzCallback
 from .estimator import LipschitzEstimator
 from .penalty import LipschitzPenalty
+from .losses import LipschitzMarginLoss
 from .oneshot import autolip, seqlip
 from .power import power_method
 from .rules import register_rule
 
-__all__ = ["LipschitzCallback", "LipschitzEstimator", "LipschitzPenalty", "UnsupportedOpError", "autolip", "metrics",
+__all__ = ["LipschitzCallback", "LipschitzEstimator", "LipschitzMarginLoss", "LipschitzPenalty", "UnsupportedOpError", "autolip", "metrics",
            "power_method", "register_rule", "rules", "seqlip"]

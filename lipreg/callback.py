@@ -19,7 +19,10 @@ What it does, hook by hook:
   re-converges the warm vectors first.
 * each validation epoch: converges the estimate (``eval_n_iter``), and logs it, the certified bound, the empirical
   lower bound (``lipschitz/lower``), their ratio ``lipschitz/upper_over_lower``, the certified robust accuracy at
-  each radius (``robust/certified_acc@<eps>``, from the certified bound) and a per-layer bar chart.
+  each radius (``robust/certified_acc@<eps>``, from the certified bound), the per-pair (GloRo) certified accuracy
+  when the network ends in a linear layer (``robust/pairwise_certified_acc@<eps>``, from the certified body bound),
+  a certified-accuracy-vs-radius curve and a per-layer bar chart. With a :class:`~lipreg.LipschitzMarginLoss` on
+  the module, the step-level logs add its bound and radius (``lipschitz/margin_bound``, ``lipschitz/margin_eps``).
 * at fit end: the hyper-parameters with the final metrics (TensorBoard's HPARAMS tab compares a sweep).
 * ``state_dict`` / ``load_state_dict``: the warm state of an estimator the callback owns (one on the module is
   checkpointed with the module), so ``trainer.fit(ckpt_path=...)`` resumes exactly. Under DDP the state is
@@ -28,6 +31,7 @@ What it does, hook by hook:
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
@@ -37,7 +41,9 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from .estimator import LipschitzEstimator
-from .metrics import CertifiedRobustAccuracy, EmpiricalLipschitz
+from .losses import LipschitzMarginLoss
+from .margins import MarginCertificate
+from .metrics import CertifiedRobustAccuracy, EmpiricalLipschitz, certified_accuracy_curve, certified_radius
 from .penalty import LipschitzPenalty
 
 
@@ -93,6 +99,10 @@ class LipschitzCallback(Callback):
         self._robust: CertifiedRobustAccuracy | None = None
         self._lower: EmpiricalLipschitz | None = None
         self._final: dict[str, float] = {}
+        self._pairwise: MarginCertificate | None = None  # per-pair certificate of the bounded model (linear head)
+        self._pairwise_K: Tensor | None = None
+        self._pairwise_robust: CertifiedRobustAccuracy | None = None
+        self._radii: list[Tensor] = []
 
     @property
     def state_key(self) -> str:
@@ -192,6 +202,7 @@ class LipschitzCallback(Callback):
             metrics[f"lipschitz/{self.method}"] = float(bound)
             if self.per_layer:
                 metrics.update({f"lipschitz/layer/{k}": v for k, v in self.estimator.layer_bounds().items()})
+            metrics.update(_margin_metrics(pl_module))
         if certify_now and torch.isfinite(bound):  # non-finite weights (warned about) have no certificate
             metrics.update(self._certify(bound))
         if metrics:
@@ -238,6 +249,7 @@ class LipschitzCallback(Callback):
         with torch.no_grad():
             logits = self.estimator.model(x)  # the logits of the very map the bound is for
         self._robust.update(logits, y, self._eval_bound, certified=True)
+        self._update_pairwise(x, logits, y)
         if batch_idx < self.lower_bound_batches:
             self._lower.update(x)
 
@@ -251,11 +263,55 @@ class LipschitzCallback(Callback):
         metrics = {f"lipschitz/{self.method}": estimate, f"lipschitz/{self._certified_method}_certified": certified,
                    "lipschitz/lower": lower, "lipschitz/upper_over_lower": certified / lower}
         metrics.update({f"robust/{k}": v for k, v in self._robust.compute().items()})
+        if self._pairwise_K is not None:
+            metrics.update({f"robust/pairwise_{k}": v for k, v in self._pairwise_robust.compute().items()})
+        self._log_radius_curve(trainer)
         for name, value in metrics.items():  # identical on every rank (synced metrics, broadcast warm state)
             pl_module.log(name, value, on_step=False, on_epoch=True)
         self._final = {name: float(value) for name, value in metrics.items()}
         self._eval_bound = None
         self._log_bar_chart(trainer)
+
+    @torch.no_grad()
+    def _update_pairwise(self, x: Tensor, logits: Tensor, y: Tensor) -> None:
+        """Per-pair (GloRo) certified accuracy when the bounded model ends in a linear head, and the certified radii
+        of the curve (pairwise when available, global otherwise). The certificate is built on the first batch and
+        evaluated once per epoch (``certified()`` has no warm state)."""
+        if self._pairwise_K is None and self._pairwise_robust is None:
+            if self._pairwise is None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # no linear head: the global metric says it all
+                    self._pairwise = MarginCertificate(self.estimator.model, x[:1], pairwise=True)
+            if self._pairwise.pairwise:
+                self._pairwise_K = self._pairwise.certified()
+            self._pairwise_robust = CertifiedRobustAccuracy(eps=self.robust_eps).to(logits.device)
+        bound = self._pairwise_K if self._pairwise_K is not None else self._eval_bound
+        if self._pairwise_K is not None:
+            self._pairwise_robust.update(logits, y, bound, certified=True)
+        self._radii.append(certified_radius(logits, y, bound).cpu())
+
+    def _log_radius_curve(self, trainer: pl.Trainer) -> None:
+        """Certified accuracy against the radius (TensorBoard's IMAGES tab), from this process's validation
+        samples; then reset the per-epoch pairwise state."""
+        radii, self._radii = torch.cat(self._radii) if self._radii else torch.empty(0), []
+        kind = "pairwise" if self._pairwise_K is not None else "global"
+        self._pairwise_K, self._pairwise_robust = None, None
+        tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not tensorboards or not trainer.is_global_zero or not len(radii):
+            return
+        from matplotlib.figure import Figure
+
+        grid = torch.linspace(0.0, 2.0 * max(self.robust_eps), 41)
+        fig = Figure(figsize=(4.0, 3.0))
+        ax = fig.add_subplot()
+        ax.plot(grid.tolist(), certified_accuracy_curve(radii, grid).tolist())
+        ax.set_xlabel("L2 radius")
+        ax.set_ylabel(f"certified accuracy ({kind})")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        for logger in tensorboards:
+            logger.experiment.add_figure("robust/certified_acc_vs_radius", fig, global_step=trainer.global_step,
+                                         close=False)
 
     def _log_bar_chart(self, trainer: pl.Trainer) -> None:
         """Each layer's factor as a bar chart (TensorBoard's IMAGES tab), log scale. A bare ``Figure`` (no pyplot):
@@ -307,3 +363,15 @@ class LipschitzCallback(Callback):
             self.estimator.load_state_dict(state)
         else:
             self._pending_state = state
+
+
+def _margin_metrics(pl_module: pl.LightningModule) -> dict[str, float]:
+    """The bound (an estimate) and current radius of each :class:`~lipreg.LipschitzMarginLoss` on the module."""
+    losses = [(name, m) for name, m in pl_module.named_modules() if isinstance(m, LipschitzMarginLoss)]
+    metrics: dict[str, float] = {}
+    for name, loss in losses:
+        if loss.last_bound is not None:
+            tag = "margin" if len(losses) == 1 else f"margin/{name}"
+            metrics[f"lipschitz/{tag}_bound"] = float(loss.last_bound)
+            metrics[f"lipschitz/{tag}_eps"] = loss.last_eps
+    return metrics
