@@ -134,9 +134,9 @@ def test_zero_bound_certifies_strictly_correct():
 
 def test_forward_returns_batch_value_and_accumulates():
     m = CertifiedRobustAccuracy(eps=EPS)
-    batch = m(LOGITS[:2], TARGET[:2], 1.0)
+    batch = m(LOGITS[:2], TARGET[:2], 1.0, certified=True)
     assert float(batch["certified_acc@0"]) == pytest.approx(1 / 2)
-    m(LOGITS[2:], TARGET[2:], 1.0)
+    m(LOGITS[2:], TARGET[2:], 1.0, certified=True)
     assert float(m.compute()["certified_acc@0"]) == pytest.approx(3 / 6)
 
 
