@@ -111,6 +111,7 @@ class LipschitzCallback(Callback):
     # ------------------------------------------------------------ building
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         target = self._target(pl_module)
+        self._pairwise = None  # built on this fit's model at the first validation batch
         penalties = [m for m in pl_module.modules() if isinstance(m, LipschitzPenalty)]
         if penalties and self.penalty_weight > 0:  # whatever it bounds: a second penalty is never what was meant
             bounded = type(penalties[0].estimator.model).__name__

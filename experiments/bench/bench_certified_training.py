@@ -8,11 +8,14 @@ Rows (one run each, same seed, same data order):
 * ``global margin``: ``LipschitzMarginLoss(pairwise=False)`` (Tsuzuku et al. 2018);
 * ``pairwise margin``: ``LipschitzMarginLoss(pairwise=True)`` (GloRo constants ``||w_y - w_j|| L(body)``);
 * ``seqlip margin``: pairwise, with the body bound from SeqLip (``method="seqlip"``);
-* ``pairwise T=...``, ``pairwise eps_train=...``: the calibration variants (temperature, training radius).
+* ``pairwise_T...``, ``pairwise_eps...``, ``pairwise_cosine``: variants (temperature, training radius, learning
+  rate decayed to 0 on a cosine over the run instead of constant).
 
 Run: ``python -m experiments.bench.bench_certified_training --data fashion_mnist [--rows pairwise ...]
 [--epochs 6] [--out results.jsonl]``; ``--table results.jsonl`` prints the Markdown table of collected rows and
-``--curve PNG`` draws their certified-accuracy-vs-radius curves. One thread, as in the other benchmarks.
+``--curve PNG`` draws their certified-accuracy-vs-radius curves; ``--overhead`` prints the time of one training step
+of each objective relative to plain cross-entropy (interleaved, medians: ``common.median_times``). One thread, as in
+the other benchmarks.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from experiments.bench.common import median_times
 from experiments.data import DigitsDataModule, FashionMNISTDataModule
 from experiments.models import LipCNN
 from lipreg import LipschitzEstimator, LipschitzPenalty
@@ -41,6 +45,7 @@ ROWS: dict[str, dict[str, Any]] = {
     "seqlip": {"pairwise": True, "method": "seqlip"},
     "pairwise_T0.25": {"pairwise": True, "temperature": 0.25},
     "pairwise_eps0.5": {"pairwise": True, "eps_scale": 5 / 3},
+    "pairwise_cosine": {"pairwise": True, "cosine": True},
 }
 
 
@@ -97,6 +102,7 @@ def train_row(name: str, data_name: str, epochs: int, limit_batches: int | None 
     x0 = next(iter(loader))[0]
     loss_fn = objective(ROWS[name], model, x0, EPS[data_name], steps)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if ROWS[name].get("cosine") else None
     epoch_times = []
     for epoch in range(epochs):
         model.train()
@@ -107,6 +113,8 @@ def train_row(name: str, data_name: str, epochs: int, limit_batches: int | None 
             optimizer.zero_grad(set_to_none=True)
             loss_fn(model(x), y).backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
         epoch_times.append(time.perf_counter() - start)
     x_test, y_test = data.test_set.tensors
     return {"row": name, "data": data_name, "epochs": epochs, "s_per_epoch": sum(epoch_times) / epochs,
@@ -138,6 +146,29 @@ def curve(path: str, png: str) -> None:
     fig.savefig(png, dpi=120)
 
 
+def overhead(data_name: str, rows: list[str]) -> None:
+    """Seconds per training step (forward, loss, backward, Adam) of each row's objective and of plain cross-entropy,
+    timed interleaved on one batch, and their ratios."""
+    data = datamodule(data_name)
+    x, y = next(iter(data.train_dataloader()))
+    steps = {}
+    for name in ["plain", *rows]:
+        torch.manual_seed(0)
+        model = LipCNN(data.input_shape, data.num_classes)
+        loss_fn = F.cross_entropy if name == "plain" else objective(ROWS[name], model, x, EPS[data_name], 1)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(model: nn.Module = model, loss_fn: Any = loss_fn, optimizer: Any = optimizer) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+
+        steps[name] = step
+    times = median_times(steps, rounds=5, repeat=3)
+    for name, seconds in times.items():
+        print(f"{name:>16}: {1e3 * seconds:8.1f} ms / step   {seconds / times['plain']:5.2f} x plain")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="fashion_mnist", choices=sorted(EPS))
@@ -147,8 +178,12 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="append each row as a JSON line to this file")
     parser.add_argument("--table", default=None, help="print the table of a results file and exit")
     parser.add_argument("--curve", default=None, help="with --table: draw the curves into this PNG")
+    parser.add_argument("--overhead", action="store_true", help="time one step of each objective and exit")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.overhead:
+        overhead(args.data, args.rows)
+        return
     if args.table:
         print(table(args.table))
         if args.curve:
