@@ -228,6 +228,7 @@ class ClassifierConf:
     _target_: str = "experiments.models.Classifier"
     lr: float = 1e-3
     weight_decay: float = 0.0
+    lr_schedule: Optional[str] = None  # null (constant) | cosine (to 0 over the run)
 
 
 @dataclass

@@ -297,6 +297,7 @@ class Classifier(pl.LightningModule):
         margin_loss: optional ``(net, example_input) -> loss module`` (e.g. a partial of
             :class:`lipreg.LipschitzMarginLoss`); when given, ``margin_loss(logits, y)`` replaces the training
             cross-entropy (validation and test still report the plain cross-entropy).
+        lr_schedule: ``None`` (constant ``lr``) or ``"cosine"`` (decayed to 0 over the run's optimizer steps).
         input_shape, num_classes: override/supply what ``net`` does not carry.
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``,
@@ -312,6 +313,7 @@ class Classifier(pl.LightningModule):
         input_shape: Sequence[int] | None = None,
         num_classes: int | None = None,
         margin_loss: Callable[[nn.Module, torch.Tensor], nn.Module] | None = None,
+        lr_schedule: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "lip_penalty", "margin_loss"])
@@ -319,6 +321,9 @@ class Classifier(pl.LightningModule):
         self.lip_penalty = lip_penalty
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
+        if lr_schedule not in (None, "cosine"):
+            raise ValueError(f"lr_schedule must be None or 'cosine', got {lr_schedule!r}")
+        self.lr_schedule = lr_schedule
         shape = input_shape if input_shape is not None else getattr(net, "input_shape", None)
         n_cls = num_classes if num_classes is not None else getattr(net, "num_classes", None)
         if shape is None or n_cls is None:
@@ -371,4 +376,9 @@ class Classifier(pl.LightningModule):
         return self(x).argmax(dim=-1)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.lr_schedule is None:
+            return optimizer
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
