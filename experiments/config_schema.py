@@ -35,9 +35,9 @@ from omegaconf import MISSING
 
 __all__ = [
     "Method", "PenaltyKind", "Search", "Accelerator",
-    "MLPConf", "CNNConf", "AlexNetConf", "ResNetConf",
+    "MLPConf", "CNNConf", "LipCNNConf", "AlexNetConf", "ResNetConf",
     "DigitsConf", "FashionMNISTConf", "MNIST1DConf", "SyntheticConf",
-    "LipregConf", "TrainerConf", "TensorBoardLoggerConf", "CSVLoggerConf", "LoggersConf",
+    "LipregConf", "MarginConf", "TrainerConf", "TensorBoardLoggerConf", "CSVLoggerConf", "LoggersConf",
     "ClassifierConf", "EvalConf", "ExperimentConf", "register_configs",
 ]
 
@@ -84,6 +84,13 @@ class MLPConf:
     _target_: str = "experiments.models.MLP"
     hidden: List[int] = field(default_factory=lambda: [128, 128])
     activation: str = "relu"
+
+
+@dataclass
+class LipCNNConf:
+    _target_: str = "experiments.models.LipCNN"
+    channels: List[int] = field(default_factory=lambda: [32, 64])
+    hidden: int = 256
 
 
 @dataclass
@@ -155,6 +162,20 @@ class SyntheticConf(_SplitConf):
 
 # --------------------------------------------------------------------------------------------- lipreg
 @dataclass
+class MarginConf:
+    """``lipreg.LipschitzMarginLoss`` as a partial: ``experiments/train.py`` hands it to the Classifier, which
+    builds it on the network (``lipreg=certified``). ``warmup`` is in training steps."""
+    _target_: str = "lipreg.LipschitzMarginLoss"
+    _partial_: bool = True
+    eps: float = 0.3
+    pairwise: bool = True
+    method: str = "autolip"
+    n_iter: int = 1
+    warmup: int = 750
+    temperature: float = 1.0
+
+
+@dataclass
 class LipregConf:
     """``lipreg.LipschitzCallback``'s arguments, plus ``enabled`` (``lipreg=off`` sets it false: no callback).
 
@@ -181,6 +202,7 @@ class LipregConf:
     lower_bound_batches: int = 1
     lower_bound_ascent_steps: int = 0
     estimator_options: Dict[str, Any] = field(default_factory=dict)
+    margin: Optional[MarginConf] = None  # the Lipschitz-margin training loss (instead of cross-entropy)
 
 
 # -------------------------------------------------------------------------------------------- trainer
@@ -252,6 +274,7 @@ class ClassifierConf:
     _target_: str = "experiments.models.Classifier"
     lr: float = 1e-3
     weight_decay: float = 0.0
+    lr_schedule: Optional[str] = None  # null (constant) | cosine (to 0 over the run)
 
 
 @dataclass
@@ -287,7 +310,7 @@ def register_configs(cs: ConfigStore | None = None) -> ConfigStore:
     """Store every schema in the ConfigStore (idempotent)."""
     cs = cs or ConfigStore.instance()
     cs.store(name="base_config", node=ExperimentConf)
-    for name, node in {"mlp": MLPConf, "cnn": CNNConf, "alexnet": AlexNetConf, "resnet": ResNetConf}.items():
+    for name, node in {"mlp": MLPConf, "cnn": CNNConf, "lipcnn": LipCNNConf, "alexnet": AlexNetConf, "resnet": ResNetConf}.items():
         cs.store(group="model", name=f"base_{name}", node=node)
     for name, node in {"digits": DigitsConf, "fashion_mnist": FashionMNISTConf, "mnist1d": MNIST1DConf,
                        "synthetic": SyntheticConf}.items():

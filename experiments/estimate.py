@@ -15,7 +15,10 @@ loaded from the newest ``*.ckpt`` under the run directory (or ``--ckpt``), and i
 * the empirical lower bound (``lipreg.lower_bound.lower_bound``: the largest local Jacobian norm over test
   inputs, with gradient ascent on the inputs), so the true constant lies in ``[lower, certified]``;
 * the certified accuracy on the split at each radius: correct predictions whose margin exceeds
-  ``sqrt(2) * L * eps`` with ``L`` the smallest *certified* bound available.
+  ``sqrt(2) * L * eps`` with ``L`` the smallest *certified* bound available; and, when the network ends in a
+  linear layer, per pair (GloRo): ``z_y - z_j > ||w_y - w_j|| L(body) eps`` for every ``j``, with the certified
+  AutoLip bound of the body (``lipreg.margins.MarginCertificate``);
+* ``--curve PNG``: the certified accuracy against the radius (pairwise and global) on the split.
 
 :func:`evaluate_bounds` is also what ``experiments/train.py`` runs on the final weights of every run.
 
@@ -44,7 +47,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 __all__ = ["evaluate_bounds", "find_checkpoint", "load_checkpoint", "load_weights", "load_run", "format_report",
-           "main"]
+           "main", "save_radius_curve"]
 
 SEARCHES = ("greedy", "exact")
 
@@ -95,7 +98,7 @@ def _widest_activation(net: nn.Module, example: Tensor) -> int:
     return widest
 
 
-def _certified_accuracy(logits: Tensor, y: Tensor, bound: float, radii: Sequence[float]) -> dict[str, float]:
+def _certified_accuracy(logits: Tensor, y: Tensor, bound: float | Tensor, radii: Sequence[float]) -> dict[str, float]:
     from lipreg.metrics import CertifiedRobustAccuracy
 
     metric = CertifiedRobustAccuracy(eps=tuple(float(r) for r in radii))
@@ -215,15 +218,57 @@ def evaluate_bounds(
     # accuracy and certified accuracy, from the tightest certificate
     step("certified accuracy")
     certified_by, bound = (min(certificates.items(), key=lambda kv: kv[1]) if certificates else (None, math.nan))
+    pairwise = _try("pairwise", lambda: _pairwise_constants(net, example), errors)
     for split, (x, y) in data.items():
         logits = _logits(net, x)
         metrics[f"{split}/acc"] = float((logits.argmax(dim=1) == y).float().mean())
         if certified_by is not None:
             for name, value in _certified_accuracy(logits, y, bound, radii).items():
                 metrics[f"{split}/{name}"] = value
+        if pairwise is not None:
+            for name, value in _certified_accuracy(logits, y, pairwise, radii).items():
+                metrics[f"{split}/pairwise_{name}"] = value
     bar.update()
     bar.close()
     return {"metrics": metrics, "layers": layers, "certified_by": certified_by, "errors": errors}
+
+
+def _pairwise_constants(net: nn.Module, example: Tensor) -> Tensor:
+    """Certified GloRo constants ``||w_y - w_j|| L(body)`` (``(C, C)``), when ``net`` ends in a linear layer."""
+    from lipreg.margins import MarginCertificate
+
+    certificate = MarginCertificate(net, example, pairwise=True)
+    if not certificate.pairwise:
+        raise ValueError("the network does not end in a linear layer: no per-pair certificate")
+    return certificate.certified()
+
+
+def save_radius_curve(net: nn.Module, x: Tensor, y: Tensor, path: str | Path, max_radius: float = 1.5) -> None:
+    """PNG of the certified accuracy against the L2 radius: global (``sqrt(2) L``, certified AutoLip) and, when the
+    network ends in a linear layer, pairwise (GloRo)."""
+    import lipreg
+    from lipreg.metrics import certified_accuracy_curve, certified_radius
+    from matplotlib.figure import Figure
+
+    logits = _logits(net, x)
+    bounds = {"global": lipreg.LipschitzEstimator(net, x[:1]).certified_bound()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            bounds["pairwise"] = _pairwise_constants(net, x[:1])
+        except ValueError:
+            pass
+    grid = torch.linspace(0.0, max_radius, 61)
+    fig = Figure(figsize=(4.5, 3.2))
+    ax = fig.add_subplot()
+    for name, bound in bounds.items():
+        ax.plot(grid.tolist(), certified_accuracy_curve(certified_radius(logits, y, bound), grid).tolist(), label=name)
+    ax.set_xlabel("L2 radius")
+    ax.set_ylabel("certified accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def format_report(report: dict[str, Any], splits: Sequence[str], radii: Sequence[float]) -> str:
@@ -255,6 +300,8 @@ def format_report(report: dict[str, Any], splits: Sequence[str], radii: Sequence
         for eps in radii:
             row(f"certified acc @ eps={eps:g}", f"{split}/certified_acc@{eps:g}",
                 f"from the {report['certified_by']} certificate" if report["certified_by"] else "")
+            row(f"pairwise cert. @ eps={eps:g}", f"{split}/pairwise_certified_acc@{eps:g}",
+                "per-pair (GloRo) margins, certified AutoLip body bound")
     return "\n".join(lines)
 
 
@@ -345,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
     parser.add_argument("--traceback", action="store_true", help="on an error, show the whole stack")
+    parser.add_argument("--curve", default=None, help="also draw the certified accuracy vs radius into this PNG")
     args = parser.parse_args(argv)
     try:
         return estimate(args)
@@ -375,6 +423,9 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
         seed=int(cfg.get("seed", 0)), progress=not args.no_progress,
     )
     print(format_report(report, [args.split], radii))
+    if args.curve:
+        save_radius_curve(net, *_split_tensors(datamodule, args.split), args.curve)
+        print(f"curve      {args.curve}")
     if args.json:
         Path(args.json).write_text(json.dumps({**report, "checkpoint": str(ckpt_path)}, indent=2) + "\n")
     return report

@@ -19,7 +19,7 @@ The convolutional networks (``CNN``, ``AlexNetSmall``, ``ResNetSmall``) are
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-__all__ = ["ACTIVATIONS", "MLP", "CNN", "AlexNetSmall", "ResNetSmall", "BasicBlock", "Classifier"]
+__all__ = ["ACTIVATIONS", "MLP", "CNN", "LipCNN", "AlexNetSmall", "ResNetSmall", "BasicBlock", "Classifier"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -145,6 +145,41 @@ class CNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class LipCNN(nn.Module):
+    """BN-free CNN for certified training: ``[conv4x4(stride 2, pad 1) - ReLU] x len(channels)``, flatten,
+    ``Linear(hidden) - ReLU - Linear(num_classes)``.
+
+    No batch norm (its eval-mode bound would not be the training function's, see
+    :func:`lipreg.penalty.warn_batch_statistics`) and no pooling; the last layer is a plain ``nn.Linear``, so
+    :class:`lipreg.LipschitzMarginLoss` uses per-pair (GloRo) margins. Each conv halves the spatial size:
+    28x28 -> 14x14 -> 7x7 (Fashion-MNIST), 8x8 -> 4x4 -> 2x2 (digits).
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        channels: Sequence[int] = (32, 64),
+        hidden: int = 256,
+    ) -> None:
+        super().__init__()
+        c, h, w = _image_shape(input_shape, "LipCNN")
+        self.input_shape = (c, h, w)
+        self.num_classes = int(num_classes)
+        layers: list[nn.Module] = []
+        for out_c in channels:
+            if h < 2 or w < 2:
+                raise ValueError(f"LipCNN: input {self.input_shape} is too small for {len(channels)} stride-2 convs")
+            layers += [nn.Conv2d(c, int(out_c), kernel_size=4, stride=2, padding=1), nn.ReLU()]
+            c, h, w = int(out_c), _pool_out(h, 4, 2, 1), _pool_out(w, 4, 2, 1)
+        self.net = nn.Sequential(
+            *layers, nn.Flatten(), nn.Linear(c * h * w, int(hidden)), nn.ReLU(), nn.Linear(int(hidden), self.num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class AlexNetSmall(nn.Module):
     """AlexNet's layout (Krizhevsky et al. 2012) sized for small images.
 
@@ -249,7 +284,8 @@ class ResNetSmall(nn.Module):
 
 
 class ClassifierSteps:
-    """Cross-entropy classification of ``net`` with Adam: the steps of :class:`Classifier`, on no Lightning base.
+    """Cross-entropy (or Lipschitz-margin) classification of ``net`` with Adam: the steps of :class:`Classifier`,
+    on no Lightning base.
 
     Args:
         net: the network; its ``input_shape``/``num_classes`` attributes are
@@ -259,6 +295,10 @@ class ClassifierSteps:
             scalar tensor; when given, the training loss is
             ``cross_entropy + lip_penalty()`` and ``train/lip_penalty`` and
             ``train/task_loss`` are logged too.
+        margin_loss: optional ``(net, example_input) -> loss module`` (e.g. a partial of
+            :class:`lipreg.LipschitzMarginLoss`); when given, ``margin_loss(logits, y)`` replaces the training
+            cross-entropy (validation and test still report the plain cross-entropy).
+        lr_schedule: ``None`` (constant ``lr``) or ``"cosine"`` (decayed to 0 over the run's optimizer steps).
         input_shape, num_classes: override/supply what ``net`` does not carry.
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``,
@@ -273,13 +313,18 @@ class ClassifierSteps:
         lip_penalty: nn.Module | None = None,
         input_shape: Sequence[int] | None = None,
         num_classes: int | None = None,
+        margin_loss: Callable[[nn.Module, torch.Tensor], nn.Module] | None = None,
+        lr_schedule: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "lip_penalty"])
+        self.save_hyperparameters(ignore=["net", "lip_penalty", "margin_loss"])
         self.net = net
         self.lip_penalty = lip_penalty
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
+        if lr_schedule not in (None, "cosine"):
+            raise ValueError(f"lr_schedule must be None or 'cosine', got {lr_schedule!r}")
+        self.lr_schedule = lr_schedule
         shape = input_shape if input_shape is not None else getattr(net, "input_shape", None)
         n_cls = num_classes if num_classes is not None else getattr(net, "num_classes", None)
         if shape is None or n_cls is None:
@@ -289,6 +334,7 @@ class ClassifierSteps:
         self.hparams["input_shape"] = list(self.input_shape)  # record the resolved values
         self.hparams["num_classes"] = self.num_classes
         self.example_input_array = torch.zeros(1, *self.input_shape)
+        self.margin_loss = margin_loss(net, self.example_input_array) if margin_loss is not None else None
         self.train_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
@@ -299,7 +345,7 @@ class ClassifierSteps:
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        task_loss = F.cross_entropy(logits, y)
+        task_loss = self.margin_loss(logits, y) if self.margin_loss is not None else F.cross_entropy(logits, y)
         loss = task_loss
         if self.lip_penalty is not None:
             penalty = self.lip_penalty()
@@ -331,7 +377,12 @@ class ClassifierSteps:
         return self(x).argmax(dim=-1)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.lr_schedule is None:
+            return optimizer
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 class Classifier(ClassifierSteps, pl.LightningModule):

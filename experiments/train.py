@@ -121,12 +121,15 @@ def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.Ligh
     net = instantiate(cfg.model, input_shape=list(datamodule.input_shape), num_classes=datamodule.num_classes)
     cls = rebase(get_class(cfg.classifier._target_), lightning_namespace(cfg))
     options: dict[str, Any] = OmegaConf.to_container(cfg.classifier, resolve=True)  # type: ignore[assignment]
-    return cls(net=net, **{k: v for k, v in options.items() if k != "_target_"})
+    return cls(net=net, margin_loss=build_margin_loss(cfg), **{k: v for k, v in options.items() if k != "_target_"})
 
 
-def accepts_hparams(callback_class: type) -> bool:
-    """Whether ``LipschitzCallback`` takes ``hparams=`` (extra hyper-parameters for its HPARAMS write)."""
-    return "hparams" in inspect.signature(callback_class).parameters
+def build_margin_loss(cfg: DictConfig) -> Any:
+    """The ``lipreg.LipschitzMarginLoss`` partial of ``cfg.lipreg.margin`` (``lipreg=certified``), or ``None``."""
+    if not cfg.lipreg.enabled or cfg.lipreg.margin is None:
+        return None
+    options = OmegaConf.to_container(cfg.lipreg.estimator_options, resolve=True)
+    return instantiate(cfg.lipreg.margin, **options)
 
 
 def build_lipreg_callback(cfg: DictConfig, hparams: dict[str, Any] | None = None) -> pl.Callback | None:
@@ -143,13 +146,9 @@ def build_lipreg_callback(cfg: DictConfig, hparams: dict[str, Any] | None = None
                              "penalty would be ignored; use lipreg=penalty (or lipreg=log) to penalise")
         return None
     options = node.pop("estimator_options") or {}
+    node.pop("margin", None)  # the margin loss is the Classifier's (build_margin_loss), not the callback's
     if hparams:
-        from hydra.utils import get_class
-
-        if accepts_hparams(get_class(node["_target_"])):
-            node["hparams"] = hparams
-        else:
-            log.debug("%s takes no hparams=: the job's choices are not logged as hyper-parameters", node["_target_"])
+        node["hparams"] = hparams
     return instantiate({**node, **options})
 
 
@@ -258,6 +257,8 @@ def format_summary(metrics: dict[str, float], report: dict, cfg: DictConfig, run
         for split in ("test", "val"):
             row(f"{split} certified acc @ eps={eps:g}", f"{split}/certified_acc@{eps:g}",
                 f"L2 radius, {report.get('certified_by') or '?'} certificate" if split == "test" else "")
+            row(f"{split} pairwise cert. @ eps={eps:g}", f"{split}/pairwise_certified_acc@{eps:g}",
+                "per-pair (GloRo) margins" if split == "test" else "")
     lines.append("-" * 78)
     lines.append(f"  run dir      {_rel(run_dir)}")
     lines.append(f"  metrics      {_rel(Path(run_dir) / 'metrics.json')}")

@@ -18,6 +18,7 @@ from .errors import UnsupportedOpError
 from . import autolip as _autolip_module, seqlip as _seqlip_module  # noqa: F401  (bound before the one-shot functions shadow these names)
 from .estimator import LipschitzEstimator
 from .penalty import LipschitzPenalty
+from .losses import LipschitzMarginLoss
 from .oneshot import autolip, seqlip
 from .power import power_method
 from .rules import register_rule
@@ -31,7 +32,7 @@ _LAZY = {"LipschitzCallback": ("lipreg.lightning", "LipschitzCallback"), "metric
          "lightning": ("lipreg.lightning", None)}
 """Names loaded on first access: ``name -> (module, attribute or None for the module itself)``."""
 
-__all__ = ["LipschitzCallback", "LipschitzEstimator", "LipschitzPenalty", "UnsupportedOpError", "autolip", "metrics",
+__all__ = ["LipschitzCallback", "LipschitzEstimator", "LipschitzMarginLoss", "LipschitzPenalty", "UnsupportedOpError", "autolip", "metrics",
            "power_method", "register_rule", "rules", "seqlip"]
 
 

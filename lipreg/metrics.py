@@ -6,10 +6,12 @@ r"""torchmetrics metrics around the Lipschitz constant of a network.
 * :class:`CertifiedRobustAccuracy` — fraction of samples whose prediction is provably constant on
   an :math:`\ell_2` ball, from the logit margin and an upper bound of :math:`L(f)`
   (Tsuzuku, Sato & Sugiyama 2018, "Lipschitz-margin training", NeurIPS, arXiv:1802.04034).
+* :func:`certified_radius` — per-sample certified :math:`\ell_2` radius from a global bound or per-pair
+  constants (:mod:`lipreg.margins`), and :func:`certified_accuracy_curve`, the accuracy-vs-radius curve.
 * :func:`lipschitz_gap` — ratio ``upper / lower`` of the two brackets of :math:`L(f)` (logged as
   ``lipschitz/gap``).
 
-Only :mod:`lipreg.lower_bound` is imported from the package.
+Only :mod:`lipreg.lower_bound` and :mod:`lipreg.margins` are imported from the package.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lipreg.lower_bound import lower_bound
+from lipreg.margins import global_constants
 
-__all__ = ["EmpiricalLipschitz", "CertifiedRobustAccuracy", "lipschitz_gap"]
+__all__ = ["EmpiricalLipschitz", "CertifiedRobustAccuracy", "certified_accuracy_curve", "certified_radius",
+           "lipschitz_gap"]
 
 
 def _as_float(x: float | Tensor, name: str) -> float:
@@ -53,6 +57,47 @@ def lipschitz_gap(upper: float | Tensor, lower: float | Tensor) -> float:
     if lo == 0.0:
         return 1.0 if u == 0.0 else math.inf
     return u / lo
+
+
+def _margin_constants(bound: float | Tensor, n_classes: int) -> Tensor:
+    """``(C, C)`` float64 constants ``K``: a given per-pair matrix, or eq. (2) of :mod:`lipreg.margins` from a
+    scalar bound ``L``."""
+    if isinstance(bound, Tensor) and bound.dim() == 2:
+        if bound.shape != (n_classes, n_classes):
+            raise ValueError(f"per-pair constants must have shape ({n_classes}, {n_classes}), got {tuple(bound.shape)}")
+        K = bound.detach().to(torch.float64)
+    else:
+        K = global_constants(torch.tensor(_as_float(bound, "lipschitz_bound"), dtype=torch.float64), n_classes)
+    if not bool(torch.isfinite(K).all()) or bool((K < 0).any()):
+        raise ValueError("the Lipschitz bound (or every per-pair constant) must be finite and >= 0")
+    return K
+
+
+def certified_radius(logits: Tensor, target: Tensor, bound: float | Tensor) -> Tensor:
+    r"""Per-sample certified :math:`\ell_2` radius ``(B,)`` float64, rounded downwards:
+
+    .. math:: r(x) = \min_{j \ne y} \frac{z_y(x) - z_j(x)}{K_{yj}}, \qquad 0 \text{ if some } z_y - z_j \le 0,
+
+    so that no :math:`\|\delta\|_2 < r(x)` changes the prediction from ``y`` (eq. 1 of :mod:`lipreg.margins`;
+    ``inf`` when every ``K_yj`` is 0 and ``y`` wins). ``bound`` is a certified scalar ``L`` (then
+    ``K_yj = sqrt(2) L``) or certified per-pair constants ``(C, C)`` (``MarginCertificate.certified()``).
+    """
+    z = logits.detach().to(torch.float64)
+    target = target.to(device=z.device, dtype=torch.long)
+    K = _margin_constants(bound, z.shape[1]).to(z.device)[target]  # (B, C)
+    gaps = z.gather(1, target[:, None]) - z  # (B, C), 0 at the target
+    others = torch.ones_like(gaps, dtype=torch.bool).scatter(1, target[:, None], False)
+    ratios = torch.where(gaps > 0, gaps / K, torch.zeros_like(gaps))  # x / 0 = inf for a positive gap
+    ratios = torch.where(others, torch.nan_to_num(ratios, nan=0.0), torch.full_like(gaps, math.inf))
+    radius = ratios.min(dim=1).values
+    return torch.nextafter(radius, torch.zeros_like(radius)).clamp_min(0.0)
+
+
+def certified_accuracy_curve(radii: Tensor, grid: Sequence[float] | Tensor) -> Tensor:
+    """Fraction of the samples whose certified radius exceeds each radius of ``grid`` (the accuracy-vs-radius
+    curve; at 0, the accuracy with ties counted as errors)."""
+    grid_t = torch.as_tensor(grid, dtype=torch.float64, device=radii.device)
+    return (radii.to(torch.float64)[None, :] > grid_t[:, None]).to(torch.float64).mean(dim=1)
 
 
 class EmpiricalLipschitz(Metric):
@@ -142,6 +187,11 @@ class CertifiedRobustAccuracy(Metric):
     strict, so ties for the top logit are never certified, even at ``eps=0`` (which therefore gives
     the accuracy with ties counted as errors).
 
+    **Pairwise.**  Given per-pair constants ``K`` of shape ``(C, C)`` instead of a scalar ``L``
+    (:class:`lipreg.margins.MarginCertificate`, GloRo, Leino et al. 2021), a sample is certified at
+    ``eps`` iff :math:`f_t - f_j > K_{tj}\varepsilon` for every :math:`j \ne t`, i.e. iff its
+    :func:`certified_radius` exceeds ``eps``; the scalar case is :math:`K_{tj} = \sqrt2 L`.
+
     **Soundness.**  ``lipschitz_bound`` must be a true upper bound of the Lipschitz constant of the
     logit map (e.g. from ``est.certified_bound()``).  A bound from a power iteration converges from
     *below*, so a "certificate" computed from it is unsound; such an estimate is rejected with a
@@ -192,22 +242,19 @@ class CertifiedRobustAccuracy(Metric):
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("n_estimated", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(
-        self,
-        logits: Tensor,
-        target: Tensor,
-        lipschitz_bound: float | Tensor,
-        certified: bool = True,
-    ) -> None:
+    def update(self, logits: Tensor, target: Tensor, lipschitz_bound: float | Tensor, *, certified: bool) -> None:
         """Score a batch.
 
         Args:
             logits: ``(B, C)`` with ``C >= 2``.
             target: ``(B,)`` integer class indices in ``[0, C)``.
-            lipschitz_bound: a scalar upper bound of the ``l2 -> l2`` Lipschitz constant of the
-                logit map (finite, ``>= 0``).
-            certified: whether ``lipschitz_bound`` is a guaranteed upper bound.  ``False`` raises
-                unless the metric was built with ``allow_estimate=True``.
+            lipschitz_bound: a scalar upper bound ``L`` of the ``l2 -> l2`` Lipschitz constant of the logit map
+                (global certificate, ``K_yj = sqrt(2) L``), or ``(C, C)`` per-pair constants ``K_yj`` bounding the
+                constant of ``z_y - z_j`` (pairwise certificate, e.g. ``MarginCertificate.certified()``); finite,
+                ``>= 0``.
+            certified: keyword-only, no default: whether ``lipschitz_bound`` is a guaranteed upper bound (e.g.
+                ``est.certified`` for ``est()``, ``True`` for ``est.certified_bound()``). ``False`` raises unless the
+                metric was built with ``allow_estimate=True``.
         """
         if not certified and not self.allow_estimate:
             raise ValueError(
@@ -216,9 +263,6 @@ class CertifiedRobustAccuracy(Metric):
                 "upper bound (e.g. est.certified_bound()), or build the metric with allow_estimate=True to accept "
                 "it; the results are then reported as 'estimated_acc@eps'."
             )
-        L = _as_float(lipschitz_bound, "lipschitz_bound")
-        if not math.isfinite(L) or L < 0:
-            raise ValueError(f"lipschitz_bound must be finite and >= 0, got {L}")
         if logits.dim() != 2 or logits.shape[1] < 2:
             raise ValueError(f"logits must have shape (B, C) with C >= 2, got {tuple(logits.shape)}")
         if target.shape != logits.shape[:1]:
@@ -226,16 +270,12 @@ class CertifiedRobustAccuracy(Metric):
         if target.is_floating_point() or target.is_complex():
             raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
         n_classes = logits.shape[1]
-        target = target.to(device=logits.device, dtype=torch.long)
         if target.numel() and (int(target.min()) < 0 or int(target.max()) >= n_classes):
             raise ValueError(f"target values must lie in [0, {n_classes}), got range [{int(target.min())}, {int(target.max())}]")
 
-        z = logits.detach().to(torch.float64)
-        true = z.gather(1, target[:, None]).squeeze(1)
-        others = z.scatter(1, target[:, None], float("-inf"))
-        margin = true - others.max(dim=1).values  # (B,); <= 0 when misclassified or tied
-        thresholds = math.sqrt(2.0) * L * torch.tensor(self.eps, dtype=torch.float64, device=z.device)  # (K,)
-        ok = margin[None, :] > thresholds[:, None]  # (K, B); NaN margins are never certified
+        radius = certified_radius(logits, target, lipschitz_bound)  # (B,); 0 when misclassified, tied or NaN
+        eps = torch.tensor(self.eps, dtype=torch.float64, device=radius.device)
+        ok = radius[None, :] > eps[:, None]  # (K, B)
         self.correct_certified += ok.sum(dim=1).to(self.correct_certified)
         self.total += target.shape[0]
         if not certified:

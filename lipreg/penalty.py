@@ -42,6 +42,37 @@ spans orders of magnitude are penalised evenly), ``relu(L - target)`` and ``relu
 the bound down to a target, e.g. the constant a certified radius needs)."""
 
 
+def warn_batch_statistics(model: nn.Module, who: str) -> None:
+    """Warn when ``model`` holds batch norm that normalises by batch statistics in training mode.
+
+    The bound is that of eval-mode batch norm (running statistics: the scale ``gamma / sqrt(var + eps)``), while
+    training-mode batch norm divides by the batch's statistics. A loss on the bound, back-propagated through
+    training-mode batch norm, is ill-posed: scaling a conv's weights leaves the training forward unchanged but scales
+    the bound, so the optimiser can shrink one layer's factor and inflate the running-variance-driven factor of the
+    next. Certifiable alternatives: a BN-free network (``experiments.models.LipCNN``), or batch norm without
+    variance scaling (mean centring only: in eval mode a shift by the running mean, of constant 1).
+    """
+    layers = [name for name, m in model.named_modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)]
+    if layers:
+        warnings.warn(
+            f"{who} on a network whose batch norm layers {layers} normalise by batch statistics in training mode. The "
+            "bound is that of eval-mode batch norm (running statistics), so a loss on it through training-mode batch "
+            "norm is ill-posed: rescaling a layer changes the bound but not the training forward, and the optimiser "
+            "can trade one layer's factor against the next BN's. Train a BN-free network (model=lipcnn), use mean "
+            "centring without variance scaling, or put the batch norm layers in eval mode (frozen statistics).",
+            UserWarning, stacklevel=3)
+
+
+def skip_non_finite(bound: Tensor, who: str, term: str) -> bool:
+    """Whether ``bound`` is not finite (NaN weights), warning that ``who`` skips its ``term`` for this step."""
+    if torch.isfinite(bound):
+        return False
+    warnings.warn(f"{who}: the bound is not finite; the {term} is skipped for this step.", RuntimeWarning,
+                  stacklevel=3)
+    return True
+
+
 class LipschitzPenalty(nn.Module):
     """``weight * h(L)`` with ``L`` the estimator's bound after ``n_iter`` warm iterations (default 1).
 
@@ -58,6 +89,8 @@ class LipschitzPenalty(nn.Module):
                  target: float | None = None, method: Method = "autolip", n_iter: int = 1,
                  **estimator_options: Any) -> None:
         super().__init__()
+        if weight:
+            warn_batch_statistics(model, "LipschitzPenalty")
         validate_penalty(kind, target)
         validate_method(method, estimator_options)
         self.weight = float(weight)
@@ -69,9 +102,7 @@ class LipschitzPenalty(nn.Module):
     def forward(self) -> Tensor:
         bound = self.estimator()
         self.last_bound = bound.detach()
-        if not torch.isfinite(self.last_bound):
-            warnings.warn("LipschitzPenalty: the bound is not finite; the penalty is skipped for this step.",
-                          RuntimeWarning, stacklevel=2)
+        if skip_non_finite(self.last_bound, "LipschitzPenalty", "penalty"):
             return torch.zeros((), device=bound.device)
         return self.weight * PENALTY_KINDS[self.kind](bound, self.target)
 

@@ -36,9 +36,9 @@ from experiments.config_schema import register_configs
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 GROUPS = {
-    "model": ["mlp", "cnn", "alexnet", "resnet"],
+    "model": ["mlp", "cnn", "lipcnn", "alexnet", "resnet"],
     "data": ["digits", "fashion_mnist", "mnist1d", "synthetic"],
-    "lipreg": ["off", "log", "penalty", "seqlip"],
+    "lipreg": ["off", "log", "penalty", "seqlip", "certified"],
     "trainer": ["cpu", "ddp", "gpu"],
     "logger": ["tensorboard", "csv"],
 }
@@ -115,7 +115,7 @@ def test_lipreg_options(option):
     assert callback.method == ("seqlip" if option == "seqlip" else "autolip")
     assert callback.module_name == "net"
     assert callback.penalty_weight == (1e-2 if option == "penalty" else 0.0)
-    assert list(callback.robust_eps) == [0.1]
+    assert list(callback.robust_eps) == ([0.1, 0.3, 0.5, 1.0] if option == "certified" else [0.1])
     if option == "seqlip":
         assert callback.estimator_options == {"search": "greedy"}
 

@@ -58,8 +58,8 @@ def test_certified_accuracy_matches_loop_reference():
     eps = (0.0, 0.05, 0.2, 0.7)
     L = 1.3
     m = CertifiedRobustAccuracy(eps=eps)
-    m.update(logits[:17], target[:17], torch.tensor(L))
-    m.update(logits[17:], target[17:], L)
+    m.update(logits[:17], target[:17], torch.tensor(L), certified=True)
+    m.update(logits[17:], target[17:], L, certified=True)
     out = m.compute()
     for e in eps:
         count = 0
@@ -72,7 +72,7 @@ def test_certified_accuracy_matches_loop_reference():
 
 def test_single_eps_float_and_default():
     m = CertifiedRobustAccuracy(eps=0.25)
-    m.update(LOGITS, TARGET, 1.0)
+    m.update(LOGITS, TARGET, 1.0, certified=True)
     assert list(m.compute()) == ["certified_acc@0.25"]
     # M > sqrt2 * 0.25 = 0.354: rows 0, 2, 5
     assert float(m.compute()["certified_acc@0.25"]) == pytest.approx(3 / 6)
@@ -88,7 +88,7 @@ def test_estimate_rejected_by_default():
 
 def test_allow_estimate_labels_results_estimated():
     m = CertifiedRobustAccuracy(eps=EPS, allow_estimate=True)
-    m.update(LOGITS[:3], TARGET[:3], 1.0)  # certified part
+    m.update(LOGITS[:3], TARGET[:3], 1.0, certified=True)  # certified part
     assert all(k.startswith("certified_acc@") for k in m.compute())
     m.update(LOGITS[3:], TARGET[3:], 1.0, certified=False)  # one estimate taints the accumulation
     out = m.compute()
@@ -97,7 +97,7 @@ def test_allow_estimate_labels_results_estimated():
         assert float(out[f"estimated_acc@{e:g}"]) == pytest.approx(EXPECTED_L1[e] / 6)
     assert int(m.n_estimated) == 3
     m.reset()
-    m.update(LOGITS, TARGET, 1.0)
+    m.update(LOGITS, TARGET, 1.0, certified=True)
     assert all(k.startswith("certified_acc@") for k in m.compute())
 
 
@@ -105,7 +105,7 @@ def test_allow_estimate_labels_results_estimated():
 def test_bad_bound_raises(bad):
     m = CertifiedRobustAccuracy(eps=EPS, allow_estimate=True)
     with pytest.raises(ValueError):
-        m.update(LOGITS, TARGET, bad)
+        m.update(LOGITS, TARGET, bad, certified=True)
 
 
 def test_bad_arguments_raise():
@@ -117,16 +117,16 @@ def test_bad_arguments_raise():
         CertifiedRobustAccuracy(eps=(0.1, 0.1))
     m = CertifiedRobustAccuracy()
     with pytest.raises(ValueError):
-        m.update(LOGITS, TARGET[:3], 1.0)
+        m.update(LOGITS, TARGET[:3], 1.0, certified=True)
     with pytest.raises(ValueError):
-        m.update(LOGITS, torch.full((6,), 3), 1.0)
+        m.update(LOGITS, torch.full((6,), 3), 1.0, certified=True)
     with pytest.raises(ValueError):
-        m.update(LOGITS, TARGET, torch.ones(2))
+        m.update(LOGITS, TARGET, torch.ones(2), certified=True)
 
 
 def test_zero_bound_certifies_strictly_correct():
     m = CertifiedRobustAccuracy(eps=(0.0, 100.0))
-    m.update(LOGITS, TARGET, 0.0)
+    m.update(LOGITS, TARGET, 0.0, certified=True)
     out = m.compute()
     assert float(out["certified_acc@0"]) == pytest.approx(3 / 6)
     assert float(out["certified_acc@100"]) == pytest.approx(3 / 6)
@@ -134,9 +134,9 @@ def test_zero_bound_certifies_strictly_correct():
 
 def test_forward_returns_batch_value_and_accumulates():
     m = CertifiedRobustAccuracy(eps=EPS)
-    batch = m(LOGITS[:2], TARGET[:2], 1.0)
+    batch = m(LOGITS[:2], TARGET[:2], 1.0, certified=True)
     assert float(batch["certified_acc@0"]) == pytest.approx(1 / 2)
-    m(LOGITS[2:], TARGET[2:], 1.0)
+    m(LOGITS[2:], TARGET[2:], 1.0, certified=True)
     assert float(m.compute()["certified_acc@0"]) == pytest.approx(3 / 6)
 
 

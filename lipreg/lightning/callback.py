@@ -24,8 +24,11 @@ One class, a proper callback under ``lightning.pytorch`` and ``pytorch_lightning
   the warm vectors first.
 * each validation epoch: converges the estimate (``eval_n_iter``), and logs it, the certified bound, the empirical
   lower bound (``lipschitz/lower``), their ratio ``lipschitz/upper_over_lower``, the certified robust accuracy at
-  each radius (``robust/certified_acc@<eps>``, from the certified bound; off with ``robust_eps=None``) and a bar
-  chart of the linear layers' factors in graph order (TensorBoard's IMAGES tab).
+  each radius (``robust/certified_acc@<eps>``, from the certified bound; off with ``robust_eps=None``), the per-pair
+  (GloRo) certified accuracy when the network ends in a linear layer (``robust/pairwise_certified_acc@<eps>``, from
+  the certified bound of the body), the certified accuracy against the radius and a bar chart of the linear
+  layers' factors in graph order (TensorBoard's IMAGES tab). With a :class:`~lipreg.LipschitzMarginLoss` on the
+  module, the step-level logs add its bound and radius (``lipschitz/margin_bound``, ``lipschitz/margin_eps``).
 * ``state_dict`` / ``load_state_dict``: the warm state of an estimator the callback owns (one on the module is
   checkpointed with the module), so ``trainer.fit(ckpt_path=...)`` resumes exactly. Under DDP the state is
   broadcast from rank 0 once built or restored; loggers write on rank 0 only.
@@ -42,13 +45,15 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedOpError
 from ..estimator import LipschitzEstimator
-from ..metrics import CertifiedRobustAccuracy, EmpiricalLipschitz
+from ..margins import MarginCertificate
+from ..metrics import EmpiricalLipschitz
 from ..options import (Method, OnUnsupported, PenaltyKind, check_choice, robust_radii, validate_method,
                        validate_penalty)
 from ..penalty import LipschitzPenalty
 from ..rules import Activation, Constant
 from .batches import default_batch_input, default_batch_target
 from .compat import callback_bases
+from .robust import RobustEpoch, margin_metrics, radius_curve
 from .tensorboard import flatten_params, layer_chart, log_hparams_once, summary_writer
 
 if TYPE_CHECKING:
@@ -138,7 +143,8 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
         self._last_global_step = 0
         self._told_not_exact = False
         self._eval_bound: Tensor | None = None
-        self._robust: CertifiedRobustAccuracy | None = None
+        self._robust: RobustEpoch | None = None
+        self._pair_certificate: MarginCertificate | None = None  # per fit, at the first validation epoch
         self._lower: EmpiricalLipschitz | None = None
 
     @property
@@ -165,6 +171,7 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
     # ------------------------------------------------------------ building
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         target = self._target(pl_module)
+        self._pair_certificate = None  # this fit's model may not be the last one's
         penalties = [m for m in pl_module.modules() if isinstance(m, LipschitzPenalty)]
         if penalties and self.penalty_weight > 0:  # whatever it bounds: a second penalty is never what was meant
             bounded = type(penalties[0].estimator.model).__name__
@@ -291,6 +298,7 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
             metrics[f"lipschitz/{self.method}"] = float(bound)
             if self.per_layer:
                 metrics.update({f"lipschitz/layer/{k}": v for k, v in self._varying_layer_bounds().items()})
+            metrics.update(margin_metrics(pl_module))
             if self.prog_bar:
                 pl_module.log("lip", bound, prog_bar=True, logger=False, on_step=True, on_epoch=False)
         if certify_now and torch.isfinite(bound):  # non-finite weights (warned about) have no certificate
@@ -356,7 +364,8 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
         if self._eval_bound is None:
             return
         device = pl_module.device
-        self._robust = CertifiedRobustAccuracy(eps=self.robust_eps).to(device) if self.robust_eps else None
+        self._robust = RobustEpoch(self._eval_bound, self._pairwise(), self.robust_eps, device) if self.robust_eps \
+            else None
         self._lower = EmpiricalLipschitz(self.estimator.model, ascent_steps=self.lower_bound_ascent_steps).to(device)
 
     def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -371,7 +380,7 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
                 raise ValueError(f"LipschitzCallback: the certified robust accuracy needs class logits of shape "
                                  f"(batch, classes >= 2), got {tuple(logits.shape)}; pass robust_eps=None to turn "
                                  "the robust metrics off (e.g. for a regression net)")
-            self._robust.update(logits, self.batch_to_target(batch), self._eval_bound, certified=True)
+            self._robust.update(logits, self.batch_to_target(batch))
         if batch_idx < self.lower_bound_batches:
             self._lower.update(x)
 
@@ -385,11 +394,28 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
         metrics = {f"lipschitz/{self.method}": estimate, f"lipschitz/{self._certified_method}_certified": certified,
                    "lipschitz/lower": lower, "lipschitz/upper_over_lower": certified / lower}
         if self._robust is not None:
-            metrics.update({f"robust/{k}": v for k, v in self._robust.compute().items()})
+            metrics.update(self._robust.compute())
         for name, value in metrics.items():  # identical on every rank (synced metrics, broadcast warm state)
             pl_module.log(name, value, on_step=False, on_epoch=True)
         self._eval_bound = None
         self._log_bar_chart(trainer)
+        self._log_radius_curve(trainer)
+
+    def _pairwise(self) -> MarginCertificate | None:
+        """The per-pair certificate of the bounded model (built once per fit), or ``None`` without a linear head."""
+        if self._pair_certificate is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # no linear head: the global metric says it all
+                self._pair_certificate = MarginCertificate(self.estimator.model, self.estimator.graph.sample)
+        return self._pair_certificate if self._pair_certificate.pairwise else None
+
+    def _log_radius_curve(self, trainer: Trainer) -> None:
+        """Certified accuracy against the radius (IMAGES tab), from this process's validation samples."""
+        robust, self._robust = self._robust, None
+        writers = [w for w in map(summary_writer, trainer.loggers) if w is not None] if trainer.is_global_zero else []
+        fig = radius_curve(robust.radii(), 2.0 * max(self.robust_eps), robust.kind) if robust and writers else None
+        for writer in writers if fig is not None else ():
+            writer.add_figure("robust/certified_acc_vs_radius", fig, global_step=trainer.global_step, close=False)
 
     def _log_bar_chart(self, trainer: Trainer) -> None:
         """The linear layers' factors as a bar chart (TensorBoard's IMAGES tab), to every logger that can show one."""

@@ -1,0 +1,201 @@
+"""Issue 10: certified training. Clean and certified accuracy of ``LipCNN`` trained by each objective, on the full
+test set, with the certified accuracy always from the certified bound (``MarginCertificate.certified()``:
+pairwise when the head is linear; the global ``sqrt(2) L`` column uses ``est.certified_bound()`` of the whole net).
+
+Rows (one run each, same seed, same data order):
+
+* ``penalty``: cross-entropy + ``1e-2 * log L`` (the ``lipreg=penalty`` preset's loss);
+* ``global margin``: ``LipschitzMarginLoss(pairwise=False)`` (Tsuzuku et al. 2018);
+* ``pairwise margin``: ``LipschitzMarginLoss(pairwise=True)`` (GloRo constants ``||w_y - w_j|| L(body)``);
+* ``seqlip margin``: pairwise, with the body bound from SeqLip (``method="seqlip"``);
+* ``pairwise_T...``, ``pairwise_eps...``, ``pairwise_cosine``: variants (temperature, training radius, learning
+  rate decayed to 0 on a cosine over the run instead of constant).
+
+Run: ``python -m experiments.bench.bench_certified_training --data fashion_mnist [--rows pairwise ...]
+[--epochs 6] [--out results.jsonl]``; ``--table results.jsonl`` prints the Markdown table of collected rows and
+``--curve PNG`` draws their certified-accuracy-vs-radius curves; ``--overhead`` prints the time of one training step
+of each objective relative to plain cross-entropy (interleaved, medians: ``common.median_times``). One thread, as in
+the other benchmarks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from experiments.bench.common import median_times
+from experiments.data import DigitsDataModule, FashionMNISTDataModule
+from experiments.models import LipCNN
+from lipreg import LipschitzEstimator, LipschitzPenalty
+from lipreg.losses import LipschitzMarginLoss
+from lipreg.margins import MarginCertificate
+from lipreg.metrics import certified_accuracy_curve, certified_radius
+
+RADII = (0.1, 0.3, 0.5, 1.0)
+EPS = {"fashion_mnist": 0.3, "digits": 0.3}
+ROWS: dict[str, dict[str, Any]] = {
+    "penalty": {"penalty": 1e-2},
+    "global": {"pairwise": False},
+    "pairwise": {"pairwise": True},
+    "seqlip": {"pairwise": True, "method": "seqlip"},
+    "pairwise_T0.25": {"pairwise": True, "temperature": 0.25},
+    "pairwise_eps0.5": {"pairwise": True, "eps_scale": 5 / 3},
+    "pairwise_cosine": {"pairwise": True, "cosine": True},
+}
+
+
+def datamodule(name: str) -> Any:
+    data = FashionMNISTDataModule(batch_size=128) if name == "fashion_mnist" else DigitsDataModule(batch_size=128)
+    data.setup("fit")
+    data.setup("test")
+    return data
+
+
+def objective(row: dict[str, Any], model: nn.Module, x0: Tensor, eps: float, steps: int) -> nn.Module:
+    """The loss module of a row: ``(logits, y) -> loss``."""
+    if "penalty" in row:
+        penalty = LipschitzPenalty(model, x0, weight=row["penalty"], kind="log")
+
+        class PenalisedCE(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.penalty = penalty
+
+            def forward(self, logits: Tensor, y: Tensor) -> Tensor:
+                return F.cross_entropy(logits, y) + self.penalty()
+
+        return PenalisedCE()
+    return LipschitzMarginLoss(model, x0, eps=eps * row.get("eps_scale", 1.0), pairwise=row["pairwise"],
+                               method=row.get("method", "autolip"), warmup=int(0.3 * steps),
+                               temperature=row.get("temperature", 1.0))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Any]:
+    """Clean accuracy and certified accuracy (pairwise and global certificates) on the whole split."""
+    model.eval()
+    logits = torch.cat([model(xb) for xb in x.split(1000)])
+    pairwise = MarginCertificate(model, x[:1], pairwise=True).certified()
+    global_bound = LipschitzEstimator(model, x[:1]).certified_bound()
+    out: dict[str, Any] = {"clean": float((logits.argmax(1) == y).float().mean()),
+                           "L_certified": float(global_bound)}
+    for name, bound in (("pairwise", pairwise), ("global", global_bound)):
+        radii = certified_radius(logits, y, bound)
+        out[name] = dict(zip(map(str, RADII), certified_accuracy_curve(radii, RADII).tolist()))
+        if name == "pairwise":
+            grid = torch.linspace(0, 1.5, 31)
+            out["curve"] = [grid.tolist(), certified_accuracy_curve(radii, grid).tolist()]
+    return out
+
+
+def train_row(name: str, data_name: str, epochs: int, limit_batches: int | None = None) -> dict[str, Any]:
+    torch.manual_seed(0)
+    data = datamodule(data_name)
+    model = LipCNN(data.input_shape, data.num_classes)
+    loader = data.train_dataloader()
+    steps = epochs * (limit_batches or len(loader))
+    x0 = next(iter(loader))[0]
+    loss_fn = objective(ROWS[name], model, x0, EPS[data_name], steps)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if ROWS[name].get("cosine") else None
+    epoch_times = []
+    for epoch in range(epochs):
+        model.train()
+        start = time.perf_counter()
+        for i, (x, y) in enumerate(loader):
+            if limit_batches is not None and i >= limit_batches:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+        epoch_times.append(time.perf_counter() - start)
+    x_test, y_test = data.test_set.tensors
+    return {"row": name, "data": data_name, "epochs": epochs, "s_per_epoch": sum(epoch_times) / epochs,
+            **evaluate(model, x_test, y_test)}
+
+
+def table(path: str) -> str:
+    rows = [json.loads(line) for line in open(path)]
+    lines = ["| data | objective | clean | " + " | ".join(f"cert. @{r:g} (pairwise / global)" for r in RADII)
+             + " | s / epoch |", "|---" * (4 + len(RADII)) + "|"]
+    for r in rows:
+        cells = " | ".join(f"{100 * r['pairwise'][str(e)]:.1f} / {100 * r['global'][str(e)]:.1f}" for e in RADII)
+        lines.append(f"| {r['data']} | {r['row']} | {100 * r['clean']:.1f} | {cells} | {r['s_per_epoch']:.0f} |")
+    return "\n".join(lines)
+
+
+def curve(path: str, png: str) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.0, 3.2))
+    ax = fig.add_subplot()
+    for r in (json.loads(line) for line in open(path)):
+        ax.plot(*r["curve"], label=f"{r['data']}: {r['row']}")
+    ax.set_xlabel("L2 radius eps")
+    ax.set_ylabel("certified accuracy (pairwise)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def overhead(data_name: str, rows: list[str]) -> None:
+    """Seconds per training step (forward, loss, backward, Adam) of each row's objective and of plain cross-entropy,
+    timed interleaved on one batch, and their ratios."""
+    data = datamodule(data_name)
+    x, y = next(iter(data.train_dataloader()))
+    steps = {}
+    for name in ["plain", *rows]:
+        torch.manual_seed(0)
+        model = LipCNN(data.input_shape, data.num_classes)
+        loss_fn = F.cross_entropy if name == "plain" else objective(ROWS[name], model, x, EPS[data_name], 1)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(model: nn.Module = model, loss_fn: Any = loss_fn, optimizer: Any = optimizer) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+
+        steps[name] = step
+    times = median_times(steps, rounds=5, repeat=3)
+    for name, seconds in times.items():
+        print(f"{name:>16}: {1e3 * seconds:8.1f} ms / step   {seconds / times['plain']:5.2f} x plain")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default="fashion_mnist", choices=sorted(EPS))
+    parser.add_argument("--rows", nargs="+", default=["penalty", "global", "pairwise", "seqlip"], choices=ROWS)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--limit-batches", type=int, default=None)
+    parser.add_argument("--out", default=None, help="append each row as a JSON line to this file")
+    parser.add_argument("--table", default=None, help="print the table of a results file and exit")
+    parser.add_argument("--curve", default=None, help="with --table: draw the curves into this PNG")
+    parser.add_argument("--overhead", action="store_true", help="time one step of each objective and exit")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.overhead:
+        overhead(args.data, args.rows)
+        return
+    if args.table:
+        print(table(args.table))
+        if args.curve:
+            curve(args.table, args.curve)
+        return
+    for name in args.rows:
+        result = train_row(name, args.data, args.epochs, args.limit_batches)
+        print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+r"""Margin certificates of a classifier: the constants ``K_yj`` that a logit gap must beat, per pair of classes.
+
+For logits :math:`z = f(x) \in \mathbb{R}^C` and a perturbation :math:`\|\delta\|_2 \le \varepsilon`, the prediction
+``y`` cannot change if, for every other class ``j``,
+
+.. math:: z_y(x) - z_j(x) > K_{yj}\, \varepsilon, \qquad K_{yj} \ge \operatorname{Lip}(z_y - z_j).   \tag{1}
+
+* **Global** (Tsuzuku, Sato & Sugiyama 2018, "Lipschitz-margin training", Prop. 1): ``z_y - z_j = (e_y - e_j)^T f``
+  with :math:`\|e_y - e_j\|_2 = \sqrt2`, so :math:`K_{yj} = \sqrt2\, L(f)`.                                  (2)
+* **Pairwise** (Leino, Wang & Fredrikson 2021, "Globally-robust neural networks", GloRo, eq. 4): when the network
+  ends in a linear layer, :math:`f(x) = W h(x) + b`, then :math:`z_y - z_j = (w_y - w_j)^T h(x) + b_y - b_j`, so
+  :math:`K_{yj} = \|w_y - w_j\|_2\, L(h)`, with :math:`L(h)` the bound of the body ``h`` (everything before the
+  head). As :math:`\|w_y - w_j\|_2 = \|W^T (e_y - e_j)\|_2 \le \sqrt2 \|W\|_2`, (3) is never looser than (2)
+  with the AutoLip bound :math:`L(f) \le \|W\|_2 L(h)` of the whole network.                              (3)
+
+The per-sample certified radius is :math:`r(x) = \min_{j \ne y} (z_y - z_j) / K_{yj}` (0 when misclassified).
+:class:`MarginCertificate` gives ``K`` differentiably from a warm estimate (for training) and certified (for
+reporting: the certified body bound times :math:`\|w_y - w_j\|` in float64, rounded upwards).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from .certify import certified_cast
+from .estimator import LipschitzEstimator
+from .graph import LipGraph
+
+__all__ = ["MarginCertificate", "global_constants", "pairwise_constants", "split_linear_head"]
+
+
+def split_linear_head(model: nn.Module, example_input: Tensor,
+                      concrete_args: dict[str, Any] | None = None) -> tuple[nn.Module, nn.Linear] | None:
+    """``(body, head)`` with ``model(x) == head(body(x))`` when the traced graph's output is a plain ``nn.Linear``
+    applied to a ``(B, features)`` tensor, else ``None``. ``body`` is an ``fx.GraphModule`` that shares the model's
+    submodules (and so its parameters); the model itself is not modified."""
+    traced = LipGraph(model, example_input, fuse=False, concrete_args=concrete_args).graph_module
+    output = next(n for n in traced.graph.nodes if n.op == "output")
+    last = output.args[0]
+    if not isinstance(last, fx.Node) or last.op != "call_module" or len(last.users) != 1:
+        return None
+    head = traced.get_submodule(last.target)
+    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks or len(last.args) != 1:
+        return None
+    features = last.args[0]
+    meta = features.meta.get("tensor_meta") if isinstance(features, fx.Node) else None
+    if meta is None or len(getattr(meta, "shape", ())) != 2:
+        return None
+    graph = fx.Graph()
+    values: dict[fx.Node, fx.Node] = {}
+    graph.graph_copy(traced.graph, values)
+    graph.output(values[features])
+    body = fx.GraphModule(traced, graph)
+    body.graph.eliminate_dead_code()
+    body.recompile()
+    return body, head
+
+
+def global_constants(bound: Tensor, n_classes: int) -> Tensor:
+    """Eq. (2): ``K_yj = sqrt(2) L`` off the diagonal, 0 on it, ``(C, C)``."""
+    off_diagonal = 1.0 - torch.eye(n_classes, dtype=bound.dtype, device=bound.device)
+    return math.sqrt(2.0) * bound * off_diagonal
+
+
+def pairwise_constants(weight: Tensor, body_bound: Tensor) -> Tensor:
+    """Eq. (3): ``K_yj = ||w_y - w_j||_2 L(body)``, ``(C, C)``, in float64 (differentiable; the gradient of the zero
+    diagonal is 0)."""
+    w = weight.to(torch.float64)
+    diff = w[:, None, :] - w[None, :, :]
+    squared = (diff * diff).sum(-1)
+    off = ~torch.eye(w.shape[0], dtype=torch.bool, device=w.device)
+    norms = torch.where(off, squared.clamp_min(torch.finfo(torch.float64).tiny), 1.0).sqrt() * off
+    return norms * body_bound.to(torch.float64)
+
+
+class MarginCertificate(nn.Module):
+    """The margin constants ``K`` of eq. (1) for ``model``: pairwise (eq. 3) when it ends in a linear head and
+    ``pairwise=True``, global (eq. 2) otherwise; ``self.pairwise`` says which.
+
+    ``forward()`` is the training value: the warm estimate of the (body) bound after ``n_iter`` iterations,
+    differentiable w.r.t. the weights (power iterations converge from below: not a certificate).
+    :meth:`certified` is the certificate: ``certified_bound()`` of the (body) estimator, times ``||w_y - w_j||``
+    computed in float64, rounded upwards. The warm vectors are buffers (``state_dict``, ``.to()``).
+
+    Args:
+        model, example_input: as for :class:`~lipreg.LipschitzEstimator`.
+        pairwise: use eq. (3) when the graph ends in a ``nn.Linear`` on ``(B, features)``.
+        method, n_iter, **estimator_options: passed to the estimator of the (body) bound.
+    """
+
+    def __init__(self, model: nn.Module, example_input: Tensor, pairwise: bool = True, method: str = "autolip",
+                 n_iter: int = 1, **estimator_options: Any) -> None:
+        super().__init__()
+        split = split_linear_head(model, example_input, estimator_options.get("concrete_args")) if pairwise else None
+        if pairwise and split is None:
+            warnings.warn(f"{type(model).__name__} does not end in a plain nn.Linear on (batch, features): the margin "
+                          "uses the global constant sqrt(2) L (eq. 2) instead of per-pair constants", stacklevel=3)
+        self.pairwise = split is not None
+        bounded = split[0] if split is not None else model
+        object.__setattr__(self, "head", split[1] if split is not None else None)  # the user's layer, not our state
+        self.estimator = LipschitzEstimator(bounded, example_input, method=method, n_iter=n_iter,
+                                            **estimator_options)
+        self.n_classes = self.head.out_features if self.head is not None else self.estimator.graph.output.out_shape.numel()
+
+    def constants(self, bound: Tensor) -> Tensor:
+        """``K`` (``(C, C)``, float64) from a bound of the body (pairwise) or of the whole model (global)."""
+        if self.head is None:
+            return global_constants(bound.to(torch.float64), self.n_classes)
+        return pairwise_constants(self.head.weight, bound)
+
+    def forward(self, n_iter: int | None = None) -> tuple[Tensor, Tensor]:
+        """``(K, bound)``: the constants from the warm estimate, and that estimate (both differentiable)."""
+        bound = self.estimator(n_iter)
+        return self.constants(bound), bound
+
+    def certified(self) -> Tensor:
+        """Certified ``K`` (float64, detached): from ``certified_bound()``, rounded upwards."""
+        with torch.no_grad():
+            bound = self.estimator.certified_bound().to(torch.float64)
+            return certified_cast(self.constants(bound), torch.float64)
+
+    def extra_repr(self) -> str:
+        return f"pairwise={self.pairwise}, n_classes={self.n_classes}, method={self.estimator.method!r}"

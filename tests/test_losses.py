@@ -1,0 +1,250 @@
+"""``LipschitzMarginLoss`` and the margin certificates (``lipreg.margins``) against independent references.
+
+* the loss's gradient against central finite differences (float64, frozen warm vectors);
+* the loss against eq. (1) written out from a hand-computed bound, global and pairwise;
+* certified per-pair constants against a brute force over pairs and activation patterns (dense float64 norms);
+* the per-sample certified radius against a loop over pairs; non-linear heads fall back to the global constant;
+* a network trained with the loss: no PGD attack (written here) flips a prediction inside its certified radius;
+* the batch-norm warning (margin loss and penalty), the eps ramp, state_dict / ``.to()``;
+* the ``lipreg=certified`` preset through ``experiments/train.py`` (digits, 1 epoch, a few batches).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from experiments.models import CNN, LipCNN
+from lipreg import LipschitzEstimator, LipschitzMarginLoss
+from lipreg.margins import MarginCertificate, split_linear_head
+from lipreg.metrics import CertifiedRobustAccuracy, certified_radius
+from lipreg.penalty import LipschitzPenalty
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mlp(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).to(dtype)
+
+
+# ------------------------------------------------------------------------------ the loss
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_gradient_matches_finite_differences(pairwise: bool) -> None:
+    net = mlp(dtype=torch.float64)
+    x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(8) % 3
+    loss_fn = LipschitzMarginLoss(net, x, eps=0.7, pairwise=pairwise, n_iter=0, warmup=0, temperature=0.5,
+                                  dtype=torch.float64)  # n_iter=0: the warm vectors stay fixed, the loss is a function
+    loss_fn.certificate.estimator(n_iter=5)  # some non-trivial vectors first
+    params = list(net.parameters())
+    grads = torch.autograd.grad(loss_fn(net(x), y), params)
+    h = 1e-6
+    for p, g in zip(params, grads):
+        for index in itertools.islice(itertools.product(*map(range, p.shape)), 6):
+            with torch.no_grad():
+                p[index] += h
+                up = float(loss_fn(net(x), y))
+                p[index] -= 2 * h
+                down = float(loss_fn(net(x), y))
+                p[index] += h
+            assert float(g[index]) == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-8)
+
+
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_loss_is_the_shifted_cross_entropy(pairwise: bool) -> None:
+    net = mlp(dtype=torch.float64)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    loss_fn = LipschitzMarginLoss(net, x, eps=0.4, pairwise=pairwise, n_iter=0, warmup=0, dtype=torch.float64)
+    assert loss_fn.pairwise is pairwise
+    reference = LipschitzEstimator(net[:2] if pairwise else net, x, n_iter=0, dtype=torch.float64)
+    bound = float(reference().detach())  # same seed: the same vectors, the same estimate
+    W = net[2].weight.detach()
+    logits = net(x).detach()
+    shifted = logits.clone()
+    for b in range(5):
+        for j in range(3):
+            if j != y[b]:
+                K = (W[y[b]] - W[j]).norm() * bound if pairwise else math.sqrt(2) * bound
+                shifted[b, j] += 0.4 * K
+    expected = F.cross_entropy(shifted, y)
+    assert float(loss_fn(net(x), y)) == pytest.approx(float(expected), rel=1e-10)
+    assert float(loss_fn.last_bound) == pytest.approx(bound, rel=1e-12)
+
+
+def test_eps_ramps_from_zero_and_state_is_checkpointed() -> None:
+    net = mlp()
+    x = torch.randn(4, 4)
+    loss_fn = LipschitzMarginLoss(net, x, eps=0.5, warmup=4)
+    seen = []
+    for _ in range(6):
+        loss_fn(net(x), torch.zeros(4, dtype=torch.long))
+        seen.append(loss_fn.last_eps)
+    assert seen == pytest.approx([0.0, 0.125, 0.25, 0.375, 0.5, 0.5])
+    loss_fn.eval()
+    loss_fn(net(x), torch.zeros(4, dtype=torch.long))
+    assert int(loss_fn.calls) == 6  # evaluation calls do not advance the ramp
+    state = loss_fn.state_dict()
+    assert "calls" in state and any(k.startswith("certificate.estimator.power_") for k in state)
+    fresh = LipschitzMarginLoss(net, x, eps=0.5, warmup=4)
+    fresh.load_state_dict(state)
+    assert fresh.current_eps() == 0.5
+    assert loss_fn.to(torch.float64).calls.dtype == torch.long
+
+
+# ------------------------------------------------------------------------------ certificates
+def pattern_brute_force(net: nn.Sequential, y: int, j: int) -> float:
+    """max over all ReLU patterns D of ||(w_y - w_j)^T D W1||: an upper bound of the constant of z_y - z_j."""
+    W1, W2 = net[0].weight.double(), net[2].weight.double()
+    best = 0.0
+    for bits in itertools.product((0.0, 1.0), repeat=W1.shape[0]):
+        row = (W2[y] - W2[j]) @ torch.diag(torch.tensor(bits, dtype=torch.float64)) @ W1
+        best = max(best, float(torch.linalg.vector_norm(row)))
+    return best
+
+
+def test_pairwise_constants_against_brute_force() -> None:
+    net = mlp(3)
+    x = torch.randn(2, 4)
+    K = MarginCertificate(net, x).certified()
+    sigma = torch.linalg.matrix_norm(net[0].weight.double(), ord=2)
+    for y, j in itertools.product(range(3), repeat=2):
+        if y == j:
+            assert float(K[y, j]) == 0.0
+            continue
+        exact = float(torch.linalg.vector_norm(net[2].weight.double()[y] - net[2].weight.double()[j]) * sigma)
+        assert exact <= float(K[y, j]) <= exact * (1 + 1e-5)
+        assert float(K[y, j]) >= pattern_brute_force(net, y, j)
+        assert float(K[y, j]) <= math.sqrt(2) * float(LipschitzEstimator(net, x).certified_bound())
+
+
+def test_split_shares_the_weights_and_leaves_the_model_alone() -> None:
+    net = LipCNN((1, 8, 8), 10)
+    names = set(vars(net))
+    x = torch.rand(3, 1, 8, 8)
+    body, head = split_linear_head(net, x)
+    assert head is net.net[-1]
+    assert torch.equal(head(body(x)), net(x))
+    assert set(vars(net)) == names
+    assert split_linear_head(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), torch.randn(1, 4)) is None
+
+
+def test_non_linear_head_falls_back_to_the_global_constant() -> None:
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3), nn.Tanh())
+    x = torch.randn(2, 4)
+    with pytest.warns(UserWarning, match="global constant"):
+        certificate = MarginCertificate(net, x)
+    assert not certificate.pairwise
+    L = float(LipschitzEstimator(net, x).certified_bound())
+    K = certificate.certified()
+    off = ~torch.eye(3, dtype=torch.bool)
+    assert torch.all(K[off] >= math.sqrt(2) * L) and torch.all(K[off] <= math.sqrt(2) * L * (1 + 1e-5))
+
+
+def test_certified_radius_against_a_loop() -> None:
+    torch.manual_seed(0)
+    logits, target = torch.randn(40, 4), torch.randint(0, 4, (40,))
+    K = torch.rand(4, 4, dtype=torch.float64) * (1 - torch.eye(4, dtype=torch.float64))
+    radius = certified_radius(logits, target, K)
+    for b in range(40):
+        y = int(target[b])
+        gaps = [(float(logits[b, y]) - float(logits[b, j]), float(K[y, j])) for j in range(4) if j != y]
+        expected = 0.0 if min(g for g, _ in gaps) <= 0 else min(g / k for g, k in gaps)
+        assert float(radius[b]) <= expected and float(radius[b]) == pytest.approx(expected, rel=1e-12)
+    metric = CertifiedRobustAccuracy(eps=(0.0, 0.5))
+    metric.update(logits, target, K, certified=True)
+    assert float(metric.compute()["certified_acc@0.5"]) == pytest.approx(float((radius > 0.5).double().mean()))
+
+
+def test_metric_makes_the_caller_state_certified() -> None:
+    metric = CertifiedRobustAccuracy(eps=0.1)
+    with pytest.raises(TypeError, match="certified"):
+        metric.update(torch.randn(3, 2), torch.zeros(3, dtype=torch.long), 0.25)
+    with pytest.raises(TypeError):
+        metric.update(torch.randn(3, 2), torch.zeros(3, dtype=torch.long), 0.25, True)
+
+
+# ------------------------------------------------------------------------------ trained, then attacked
+def pgd_flips(net: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: torch.Tensor, steps: int = 40) -> torch.Tensor:
+    """L2 PGD inside each sample's ball of ``radius`` on the margin z_y - max_j z_j; True where it flips."""
+    delta = torch.randn_like(x)
+    delta = delta / delta.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1)) * radius.view(-1, *[1] * (x.dim() - 1))
+    flipped = torch.zeros(len(x), dtype=torch.bool)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        z = net(x + delta)
+        margin = z.gather(1, y[:, None]).squeeze(1) - z.scatter(1, y[:, None], -math.inf).max(1).values
+        flipped |= (margin <= 0).detach()
+        (grad,) = torch.autograd.grad(margin.sum(), delta)
+        with torch.no_grad():
+            g = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+            delta = delta - 0.25 * radius.view(-1, *[1] * (x.dim() - 1)) * g
+            norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+            delta = delta * (radius / norms).clamp(max=1.0).view(-1, *[1] * (x.dim() - 1))
+    return flipped
+
+
+def test_trained_network_survives_pgd_inside_its_certified_radii() -> None:
+    torch.manual_seed(0)
+    centres = torch.randn(3, 6) * 2.0
+    y = torch.arange(300) % 3
+    x = centres[y] + 0.5 * torch.randn(300, 6)
+    net = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    loss_fn = LipschitzMarginLoss(net, x, eps=0.5, warmup=50)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(200):
+        optimizer.zero_grad()
+        loss_fn(net(x), y).backward()
+        optimizer.step()
+    with torch.no_grad():
+        radius = certified_radius(net(x), y, loss_fn.certified_constants()).float()
+    certified = radius > 0
+    assert certified.float().mean() > 0.5 and radius.max() > 0.3  # it certifies something worth attacking
+    flipped = pgd_flips(net, x[certified], y[certified], radius[certified])
+    assert not flipped.any()
+    # the attack is real: at 3x the certified radius it flips some of those samples
+    assert pgd_flips(net, x[certified], y[certified], 3 * radius[certified] + 1.0).any()
+
+
+# ------------------------------------------------------------------------------ batch norm
+def test_batch_norm_warning() -> None:
+    net = CNN((1, 8, 8), 10, channels=(4,), hidden=8)
+    x = torch.rand(2, 1, 8, 8)
+    with pytest.warns(UserWarning, match=r"batch norm layers \['features.1'\].*ill-posed"):
+        LipschitzMarginLoss(net, x, eps=0.1)
+    with pytest.warns(UserWarning, match="batch statistics"):
+        LipschitzPenalty(net, x, weight=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LipschitzPenalty(net, x, weight=0.0)  # logging only: no loss on the bound, nothing to warn about
+        LipschitzMarginLoss(net.eval(), x, eps=0.1)  # frozen statistics: the bound is that of the training function
+        LipschitzMarginLoss(LipCNN((1, 8, 8), 10), x, eps=0.1)
+
+
+# ------------------------------------------------------------------------------ the preset, end to end
+@pytest.mark.slow
+def test_certified_preset_through_train_py(tmp_path: Path) -> None:
+    args = ["lipreg=certified", "model=lipcnn", "data=digits", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
+            "trainer.limit_val_batches=2", "eval.n_iter=10", "eval.lower_bound_samples=8", "lipreg.margin.warmup=2", "lipreg.log_every_n_steps=2",
+            "progress_bar=false", "logger=csv", f"hydra.run.dir={tmp_path}"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for eps in ("0.1", "0.3", "0.5", "1"):
+        assert 0.0 <= metrics[f"test/pairwise_certified_acc@{eps}"] <= metrics["test/acc"]
+    assert 0.0 <= metrics["robust/pairwise_certified_acc@0.3"] <= 1.0  # the callback's, at validation
+    logged = next(tmp_path.glob("csv/**/metrics.csv")).read_text().splitlines()[0].split(",")
+    assert {"lipschitz/margin_bound", "lipschitz/margin_eps"} <= set(logged)
