@@ -72,10 +72,19 @@ def used_modules(model: nn.Module, graph_module: fx.GraphModule) -> Iterator[tup
                 yield ("" if module is model else path), module
 
 
+def _records_only(hook: Any) -> bool:
+    """Whether a global hook is torch's own :class:`torch.utils.module_tracker.ModuleTracker`'s (which FLOP counters
+    and Lightning's model summary install for one forward): it records which module runs and returns ``None``."""
+    from torch.utils.module_tracker import ModuleTracker
+
+    return isinstance(getattr(hook, "__self__", None), ModuleTracker)
+
+
 def check_hooks(model: nn.Module, graph_module: fx.GraphModule) -> None:
     """Refuse forward hooks and pre-hooks on any module the forward runs, and global ones: they may change a
     module's input or output, and no rule bounds them."""
-    global_hooks = [*module_lib._global_forward_pre_hooks.values(), *module_lib._global_forward_hooks.values()]
+    global_hooks = [hook for hook in (*module_lib._global_forward_pre_hooks.values(),
+                                      *module_lib._global_forward_hooks.values()) if not _records_only(hook)]
     if global_hooks:
         raise UnsupportedOpError(
             f"global forward hooks are registered ({', '.join(map(_hook_name, global_hooks))}, by "

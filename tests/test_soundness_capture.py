@@ -328,3 +328,22 @@ def test_inactive_dropout_is_the_identity(call):
     x = torch.randn(2, 8, dtype=DT)
     assert 1.0 <= certified(model, x) <= 1.0 + 2e-6  # the identity, its certificate rounded upwards
     assert model.training  # the trace's eval mode is restored
+
+
+def test_torch_module_tracker_is_not_a_hook_that_changes_outputs():
+    """FLOP counters and Lightning's model summary run a forward under torch's ModuleTracker, whose global hooks only
+    record the module stack: an estimator built then (the callback builds on the first input it sees) is fine,
+    while any other global hook is still refused."""
+    from torch.utils.module_tracker import ModuleTracker
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with ModuleTracker():
+        bound = lipreg.LipschitzEstimator(model, x, dtype=torch.float64).certified_bound()
+    assert float(bound) >= jacobian_norm(model, x)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, out: None)
+    try:
+        with pytest.raises(lipreg.UnsupportedOpError, match="global forward hooks"):
+            lipreg.LipschitzEstimator(model, x, dtype=torch.float64)
+    finally:
+        handle.remove()

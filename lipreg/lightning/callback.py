@@ -137,6 +137,7 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
         self._unsupported = False  # an unsupported op was reported (on_unsupported="warn"): nothing to log
         self._pending_state: dict[str, Tensor] | None = None
         self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._captured: Tensor | None = None  # the first input the bounded module saw, until the estimator is built
         self._wrapped: tuple[LightningModule, Any] | None = None  # the module whose training_step we shadow
         self._autolog_hparams: bool | None = None  # the trainer's setting, restored at teardown
         self._hparams_written: set[str] = set()  # the log dirs that have our HPARAMS session
@@ -192,17 +193,26 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
             self._build(trainer, target, pl_module.example_input_array)
         elif self.batch_to_input is default_batch_input:
             def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
+                # kept, and built from at the next training hook: this forward may run under other hooks (Lightning's
+                # model summary puts one on every module), which a capture refuses
                 self._hook.remove()
                 self._hook = None
-                self._build(trainer, module, args[0])
+                self._captured = args[0][:1].detach().clone()
 
             self._hook = target.register_forward_pre_hook(capture)
         if self.penalty_weight > 0:
             self._wrap_training_step(pl_module)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._build_captured(trainer, pl_module)
         if self.estimator is None and not self._unsupported and self.batch_to_input is not default_batch_input:
             self._build(trainer, self._target(pl_module), self.batch_to_input(batch))
+
+    def _build_captured(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Build the estimator from the first input the bounded module saw, once it has seen one."""
+        if self.estimator is None and self._captured is not None and not self._unsupported:
+            example, self._captured = self._captured, None
+            self._build(trainer, self._target(pl_module), example)
 
     def _target(self, pl_module: LightningModule) -> nn.Module:
         return pl_module if self.module_name is None else pl_module.get_submodule(self.module_name)
@@ -248,6 +258,7 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
         @functools.wraps(original)
         def training_step(*args: Any, **kwargs: Any) -> Any:
             output = original(*args, **kwargs)
+            self._build_captured(pl_module.trainer, pl_module)
             if output is None or self._unsupported:
                 return output
             if self._penalty is None:
@@ -276,6 +287,7 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
     # ------------------------------------------------------------- training
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self._build_captured(trainer, pl_module)
         if self._unsupported:
             return
         if self.estimator is None:
