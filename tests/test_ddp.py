@@ -48,7 +48,7 @@ class PerRank(Callback):
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after the LipschitzCallback's compute(): torchmetrics has restored each rank's own (unsynced) states
-        robust, lower = self.lip._robust, self.lip._lower
+        robust, lower = self.lip._robust.global_acc, self.lip._lower
         self.local = {"correct": robust.correct_certified.clone(), "total": robust.total.clone(),
                       "lower": lower.value.clone()}
 

@@ -347,3 +347,14 @@ def test_torch_module_tracker_is_not_a_hook_that_changes_outputs():
             lipreg.LipschitzEstimator(model, x, dtype=torch.float64)
     finally:
         handle.remove()
+
+
+def test_nan_weights_are_not_a_graph_that_differs_from_the_model():
+    """The eager / graph cross-check takes equal NaN and inf outputs as agreement (NaN weights reach the capture when
+    a model with them is traced again): the estimator is built, and its bound is NaN, as the weights say."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    est = lipreg.LipschitzEstimator(model, torch.randn(2, 3, dtype=torch.float64), dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        assert torch.isnan(est())

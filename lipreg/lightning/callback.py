@@ -423,7 +423,7 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
 
     def _log_radius_curve(self, trainer: Trainer) -> None:
         """Certified accuracy against the radius (IMAGES tab), from this process's validation samples."""
-        robust, self._robust = self._robust, None
+        robust = self._robust
         writers = [w for w in map(summary_writer, trainer.loggers) if w is not None] if trainer.is_global_zero else []
         fig = radius_curve(robust.radii(), 2.0 * max(self.robust_eps), robust.kind) if robust and writers else None
         for writer in writers if fig is not None else ():
