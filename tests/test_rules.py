@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lipreg
+from functional_model import Fn
 
 DT = torch.float64
 REL = 1e-4
@@ -35,18 +36,6 @@ def converged(model: nn.Module, x: torch.Tensor, fuse: bool = False, **converge)
 
 def assert_rel(value: float, reference: float, rel: float = REL) -> None:
     assert value == pytest.approx(reference, rel=rel), (value, reference)
-
-
-class Fn(nn.Module):
-    """A model that is one functional call, its tensors held as parameters."""
-
-    def __init__(self, fn, *tensors: torch.Tensor) -> None:
-        super().__init__()
-        self.fn = fn
-        self.tensors = nn.ParameterList([nn.Parameter(t.to(DT)) for t in tensors])
-
-    def forward(self, x):
-        return self.fn(x, *self.tensors)
 
 
 def layer_case(make: Callable[[], nn.Module], shape: tuple[int, ...], fuse: bool = False) -> None:

@@ -13,21 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import lipreg
+from functional_model import Fn
 import lipreg.estimator
 
 DT = torch.float64
-
-
-class Fn(nn.Module):
-    """A model that is one functional call, its tensors held as parameters."""
-
-    def __init__(self, fn, *tensors: torch.Tensor) -> None:
-        super().__init__()
-        self.fn = fn
-        self.tensors = nn.ParameterList([nn.Parameter(t.to(DT)) for t in tensors])
-
-    def forward(self, x):
-        return self.fn(x, *self.tensors)
 
 
 def jacobian_norm(model: nn.Module, x: torch.Tensor) -> float:
