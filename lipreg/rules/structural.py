@@ -142,9 +142,10 @@ def _tuple_element(info: NodeInfo, index: Any, elements: Sequence[Any]) -> Rule:
     in_range = isinstance(index, int) and -len(elements) <= index < len(elements)
     if in_range and (index % len(elements) == 0 or not info.node.users):  # no users: dropped with the dead code
         return Identity()
-    return Refuse(f"{info.name} takes element {index!r} of the tuple returned by {display_name(info.x_inputs[0])}; only "
-                  "its first element (the pooled values) is a Lipschitz function of the input: the indices are "
-                  "integers that jump where the argmax changes")
+    producer = display_name(info.x_inputs[0])
+    return Refuse(f"{info.name} takes element {index!r} of the tuple returned by {producer}; only its first element"
+                  " (the pooled values) is a Lipschitz function of the input: the indices are integers that jump "
+                  "where the argmax changes")
 
 
 def _getitem(info: NodeInfo) -> Rule:
