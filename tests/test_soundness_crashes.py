@@ -85,3 +85,33 @@ def test_pool_indices_are_refused_where_used_and_dropped_where_not() -> None:
     assert float(est.certified_bound().detach()) == pytest.approx(jacobian_norm(Unpacked(False), x), rel=1e-9)
     with pytest.raises(lipreg.UnsupportedOpError, match="indices"):
         lipreg.LipschitzEstimator(Unpacked(True), x, dtype=DT)
+
+
+class AvgPool3dHead(nn.Module):
+    """``F.avg_pool3d``, which has no bfloat16 kernel on CPU (fuzz N2), between two linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(F.avg_pool3d(x, 2, stride=2, padding=1))
+
+
+def test_op_without_a_kernel_in_the_dtype_is_refused_at_construction() -> None:
+    x = torch.randn(2, 2, 5, 4)
+    torch.manual_seed(0)
+    model = AvgPool3dHead()
+    try:
+        F.avg_pool3d(x.bfloat16(), 2)
+    except (RuntimeError, NotImplementedError):
+        pass
+    else:
+        pytest.skip("this torch build has a bfloat16 avg_pool3d kernel on CPU")
+    with pytest.raises(lipreg.UnsupportedOpError) as info:
+        lipreg.LipschitzEstimator(model, x, dtype=torch.bfloat16)
+    message = str(info.value)
+    assert "avg_pool3d" in message and "bfloat16" in message and "dtype=torch.float32" in message
+    assert "test_soundness_crashes.py" in message  # the source line of the op
+    est = lipreg.LipschitzEstimator(model, x, dtype=torch.float32)  # the fix the message gives works
+    assert float(est.certified_bound().detach()) >= jacobian_norm(model.double(), x.double())
