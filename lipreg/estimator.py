@@ -102,6 +102,7 @@ class LipschitzEstimator(nn.Module):
             self.seqlip = SeqLip(self.graph, dtype=self.dtype, generator=generator, **self._seqlip_options)
             self._chained = chain_interiors(self.seqlip.endpoints) | set(self.seqlip.endpoints)
         env = self.graph.constant_env(self.dtype, _model_device(self.model) or torch.device("cpu"))
+        self.graph.check_kernels(env)
         with torch.no_grad():
             for node in self._bounded_nodes():
                 if self.graph.closed_form_norm(node, env) is not None:

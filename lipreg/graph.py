@@ -378,6 +378,26 @@ class LipGraph:
         one_sample = lambda v: self.apply_linear(node, v.unsqueeze(0), env).squeeze(0)  # noqa: E731
         return torch.func.vmap(one_sample)(vs)
 
+    def check_kernels(self, env: "ConstantEnv") -> None:
+        """Apply every linear op once in ``env``'s dtype and device, as the power method and SeqLip will: an op
+        whose kernel does not exist there (``avg_pool3d`` in bfloat16 on CPU) is refused now, with its node and
+        the fix, instead of failing inside ``est()``. An op that fails in float64 too is not a dtype matter: its
+        own error is raised."""
+        reference = ConstantEnv(self, torch.float64, env.device)
+        with torch.no_grad():
+            for node in self.linear_nodes():
+                v = torch.zeros(node.in_shape, dtype=env.dtype, device=env.device)
+                for info, rule in zip(node.ops, node.rules):
+                    try:
+                        v = rule.apply(info, NodeCall(info.node, env), v)
+                    except Exception as err:
+                        rule.apply(info, NodeCall(info.node, reference), v.to(torch.float64))  # raises if not dtype
+                        raise UnsupportedOpError(
+                            f"{self._locate(info.node)} cannot be computed in {env.dtype} on {env.device}: "
+                            f"{type(err).__name__}: {err}. Build the estimator with dtype=torch.float32 (or "
+                            "torch.float64); certified_bound() is computed in float64 whatever the dtype"
+                        ) from err
+
     def dense_matrix(self, node: LipNode, env: "ConstantEnv") -> Tensor:
         """The matrix ``A`` (``n_out x n_in``) of a linear node, from its action on the identity basis."""
         n_in = node.in_shape.numel()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import inspect
 import operator
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.passes.shape_prop import TensorMetadata
 
-from .base import Call, Concat, LinearOp, NodeInfo, Refuse, Rule, Sum
+from .base import Call, Concat, LinearOp, NodeInfo, Refuse, Rule, Sum, display_name
 from .registry import register_rule
 
 
@@ -132,10 +134,28 @@ def _matmul(info: NodeInfo) -> Rule:
     return LinearOp(homogeneous=True)
 
 
+def _tuple_element(info: NodeInfo, index: Any, elements: Sequence[Any]) -> Rule:
+    """``op(x)[i]`` for an op returning a tuple (``max_pool*d_with_indices``: ``(values, indices)``). The op's rule
+    bounds its first tensor, which is the value the graph carries for the op: element 0 is that tensor itself,
+    the identity. Any other element (the argmax indices) is integer-valued and jumps where the argmax changes:
+    not Lipschitz, refused where it is used (an unused one, as ``values, _ = ...`` leaves, is dropped)."""
+    in_range = isinstance(index, int) and -len(elements) <= index < len(elements)
+    if in_range and (index % len(elements) == 0 or not info.node.users):  # no users: dropped with the dead code
+        return Identity()
+    producer = display_name(info.x_inputs[0])
+    return Refuse(f"{info.name} takes element {index!r} of the tuple returned by {producer}; only its first element"
+                  " (the pooled values) is a Lipschitz function of the input: the indices are integers that jump "
+                  "where the argmax changes")
+
+
 def _getitem(info: NodeInfo) -> Rule:
     """Basic indexing (ints, slices, None, ...) selects distinct entries: norm 1 unless empty. Advanced
-    indexing may repeat entries (norm up to sqrt(repeats)): left to the power method."""
+    indexing may repeat entries (norm up to sqrt(repeats)): left to the power method. Indexing the tuple an
+    op returns is :func:`_tuple_element`."""
     index = info.arg(1, "idx")
+    elements = info.x_inputs[0].meta.get("tensor_meta")
+    if isinstance(elements, (tuple, list)) and not isinstance(elements, TensorMetadata):
+        return _tuple_element(info, index, elements)
     parts = index if isinstance(index, tuple) else (index,)
     if all(p is None or p is Ellipsis or isinstance(p, (int, slice)) for p in parts):
         return UnitNorm()
