@@ -150,14 +150,23 @@ def g_pad(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] | Non
     return call(b.add(cls(tuple(pads)))), tuple(out), f"{cls.__name__}({pads})"
 
 
-def g_avg_pool(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] | None:
+def _pool_dims(b: Builder, s: Shape, preserve: bool) -> tuple[bool, int, Shape] | None:
+    """A pool's draw of its input layout: ``(unbatched, n pooled dims, their sizes)``, or ``None`` when it cannot
+    apply (a shape-preserving step is asked for, or the rank fits no 1-3d pool)."""
     if preserve:
         return None
     unbatched = b.chance(0.3)
     d = len(s) if unbatched else len(s) - 1
     if d not in (1, 2, 3):
         return None
-    spatial = s[-d:]
+    return unbatched, d, s[-d:]
+
+
+def g_avg_pool(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] | None:
+    dims = _pool_dims(b, s, preserve)
+    if dims is None:
+        return None
+    unbatched, d, spatial = dims
     if b.chance(0.3):
         out = tuple(b.rng.randint(1, n) for n in spatial)
         cls = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)[d - 1]
@@ -208,13 +217,10 @@ def g_mean_sum(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] 
 
 
 def g_max_pool(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] | None:
-    if preserve:
+    dims = _pool_dims(b, s, preserve)
+    if dims is None:
         return None
-    unbatched = b.chance(0.3)
-    d = len(s) if unbatched else len(s) - 1
-    if d not in (1, 2, 3):
-        return None
-    spatial = s[-d:]
+    unbatched, d, spatial = dims
     tag = " unbatched" if unbatched else ""
     if b.chance(0.3):
         out = tuple(b.rng.randint(1, n) for n in spatial)
