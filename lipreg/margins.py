@@ -38,7 +38,12 @@ def split_linear_head(model: nn.Module, example_input: Tensor,
     """``(body, head)`` with ``model(x) == head(body(x))`` when the traced graph's output is a plain ``nn.Linear``
     applied to a ``(B, features)`` tensor, else ``None``. ``body`` is an ``fx.GraphModule`` that shares the model's
     submodules (and so its parameters); the model itself is not modified."""
-    traced = LipGraph(model, example_input, fuse=False, concrete_args=concrete_args).graph_module
+    return _split(LipGraph(model, example_input, fuse=False, concrete_args=concrete_args))
+
+
+def _split(graph: LipGraph) -> tuple[nn.Module, nn.Linear] | None:
+    """:func:`split_linear_head` of a traced model."""
+    traced = graph.graph_module
     output = next(n for n in traced.graph.nodes if n.op == "output")
     last = output.args[0]
     if not isinstance(last, fx.Node) or last.op != "call_module" or len(last.users) != 1:
@@ -95,16 +100,37 @@ class MarginCertificate(nn.Module):
     def __init__(self, model: nn.Module, example_input: Tensor, pairwise: bool = True, method: str = "autolip",
                  n_iter: int = 1, **estimator_options: Any) -> None:
         super().__init__()
-        split = split_linear_head(model, example_input, estimator_options.get("concrete_args")) if pairwise else None
-        if pairwise and split is None:
-            warnings.warn(f"{type(model).__name__} does not end in a plain nn.Linear on (batch, features): the margin "
-                          "uses the global constant sqrt(2) L (eq. 2) instead of per-pair constants", stacklevel=3)
+        object.__setattr__(self, "model", model)  # the user's model, not our state
+        self._options = dict(method=method, n_iter=n_iter, **estimator_options)
+        # the whole model's trace: its fingerprint says when the split (body, head) no longer describes the model
+        self._graph = LipGraph(model, example_input, fuse=False,
+                               concrete_args=estimator_options.get("concrete_args")) if pairwise else None
+        self._build(example_input, warn_global=pairwise)
+
+    def _build(self, example_input: Tensor, warn_global: bool) -> None:
+        split = _split(self._graph) if self._graph is not None else None
+        if warn_global and split is None:
+            warnings.warn(f"{type(self.model).__name__} does not end in a plain nn.Linear on (batch, features): the "
+                          "margin uses the global constant sqrt(2) L (eq. 2) instead of per-pair constants",
+                          stacklevel=4)
         self.pairwise = split is not None
-        bounded = split[0] if split is not None else model
+        bounded = split[0] if split is not None else self.model
         object.__setattr__(self, "head", split[1] if split is not None else None)  # the user's layer, not our state
-        self.estimator = LipschitzEstimator(bounded, example_input, method=method, n_iter=n_iter,
-                                            **estimator_options)
+        self.estimator = LipschitzEstimator(bounded, example_input, **self._options)
         self.n_classes = self.head.out_features if self.head is not None else self.estimator.graph.output.out_shape.numel()
+
+    def _refresh(self) -> None:
+        """Split the model again when it changed since it was split (a replaced body module or head): the body's
+        own estimator cannot see a change outside the body, nor the head a replacement of itself."""
+        change = self._graph.stale() if self._graph is not None else None
+        if change is None:
+            return
+        warnings.warn(f"the model changed since this MarginCertificate was built: {change}. It is split again into "
+                      "body and head, and the constants are those of the model as it is now", UserWarning, stacklevel=4)
+        params = list(self.model.parameters())
+        sample = self._graph.sample.to(params[0].device) if params else self._graph.sample
+        self._graph = LipGraph(self.model, sample, fuse=False, concrete_args=self._options.get("concrete_args"))
+        self._build(sample, warn_global=True)
 
     def constants(self, bound: Tensor) -> Tensor:
         """``K`` (``(C, C)``, float64) from a bound of the body (pairwise) or of the whole model (global)."""
@@ -114,11 +140,13 @@ class MarginCertificate(nn.Module):
 
     def forward(self, n_iter: int | None = None) -> tuple[Tensor, Tensor]:
         """``(K, bound)``: the constants from the warm estimate, and that estimate (both differentiable)."""
+        self._refresh()
         bound = self.estimator(n_iter)
         return self.constants(bound), bound
 
     def certified(self) -> Tensor:
         """Certified ``K`` (float64, detached): from ``certified_bound()``, rounded upwards."""
+        self._refresh()
         with torch.no_grad():
             bound = self.estimator.certified_bound().to(torch.float64)
             return certified_cast(self.constants(bound), torch.float64)

@@ -248,3 +248,24 @@ def test_certified_preset_through_train_py(tmp_path: Path) -> None:
     assert 0.0 <= metrics["robust/pairwise_certified_acc@0.3"] <= 1.0  # the callback's, at validation
     logged = next(tmp_path.glob("csv/**/metrics.csv")).read_text().splitlines()[0].split(",")
     assert {"lipschitz/margin_bound", "lipschitz/margin_eps"} <= set(logged)
+
+
+@pytest.mark.parametrize("replaced", [0, 2], ids=["body module", "head"])
+def test_pair_constants_follow_a_model_changed_after_the_build(replaced: int) -> None:
+    """A module replaced after the certificate was built (in the body, which the body's own estimator holds by
+    reference, or the head) is seen: the model is split again and the certified constants stay above the
+    float64 local Jacobian norms of every z_y - z_j of the model as it is now."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    certificate = MarginCertificate(model, x)
+    certificate.certified()
+    model[replaced] = nn.Linear(*model[replaced].weight.shape[::-1]).double()
+    with torch.no_grad():
+        model[replaced].weight.mul_(30.0)
+    with pytest.warns(UserWarning, match="split again"):
+        K = certificate.certified()
+    for point in torch.randn(20, 4, dtype=torch.float64):
+        J = torch.func.jacrev(lambda v: model(v[None])[0])(point)  # (3, 4)
+        lower = torch.linalg.vector_norm(J[:, None, :] - J[None, :, :], dim=-1)
+        assert bool((K >= lower * (1 - 1e-9)).all())
