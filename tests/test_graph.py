@@ -61,19 +61,22 @@ class Flagged(nn.Module):
 
 
 def test_concrete_args_fix_a_bool_argument():
+    torch.manual_seed(0)  # seeded weights: a draw with nearly equal top singular values would stall the iteration
     model = Flagged().to(DT)
     with pytest.raises(lipreg.UnsupportedOpError):
         lipreg.LipschitzEstimator(model, torch.randn(2, 4, dtype=DT))
     est = lipreg.LipschitzEstimator(model, torch.randn(2, 4, dtype=DT), dtype=DT, concrete_args={"double": True})
-    assert float(est.converge().detach()) == pytest.approx(2 * spectral(model.l), rel=1e-6)
+    assert float(est.converge(tol=1e-12).detach()) == pytest.approx(2 * spectral(model.l), rel=1e-6)
 
 
 def test_registered_module_is_kept_whole(clean_registry):
     """The error's advice works: a registered class is not traced through, so its control flow is no obstacle."""
+    torch.manual_seed(0)  # seeded weights, as above
     model = nn.Sequential(nn.Linear(3, 4), Branchy(), nn.Linear(4, 2)).to(DT)
     lipreg.register_rule(Branchy, 3.0)
     est = lipreg.LipschitzEstimator(model, torch.randn(2, 3, dtype=DT), dtype=DT)
-    assert float(est.converge().detach()) == pytest.approx(3 * spectral(model[0]) * spectral(model[2]), rel=1e-6)
+    assert float(est.converge(tol=1e-12).detach()) == pytest.approx(3 * spectral(model[0]) * spectral(model[2]),
+                                                                   rel=1e-6)
     assert est.layer_bounds()["1"] == 3.0
 
 
