@@ -13,15 +13,14 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from . import rules
+from . import ops
 from .errors import UnsupportedOpError
-from . import autolip as _autolip_module, seqlip as _seqlip_module  # noqa: F401  (bound before the one-shot functions shadow these names)
 from .estimator import LipschitzEstimator
 from .penalty import LipschitzPenalty
 from .losses import LipschitzMarginLoss
 from .oneshot import autolip, seqlip
-from .power import power_method
-from .rules import register_rule
+from .linalg.power import power_method
+from .ops import register_rule
 
 try:
     __version__ = version("lipreg")
@@ -33,7 +32,7 @@ _LAZY = {"LipschitzCallback": ("lipreg.lightning", "LipschitzCallback"), "metric
 """Names loaded on first access: ``name -> (module, attribute or None for the module itself)``."""
 
 __all__ = ["LipschitzCallback", "LipschitzEstimator", "LipschitzMarginLoss", "LipschitzPenalty", "UnsupportedOpError", "autolip", "metrics",
-           "power_method", "register_rule", "rules", "seqlip"]
+           "power_method", "ops", "register_rule", "seqlip"]
 
 
 def __getattr__(name: str) -> Any:

@@ -5,8 +5,8 @@ REGISTER_HINT = """\
 To bound it, register a rule for it, e.g.
     import lipreg
     lipreg.register_rule({target}, 2.0)                      # a known Lipschitz constant
-    lipreg.register_rule({target}, lipreg.rules.LinearOp())  # a linear (affine) op: its norm by the power method
-    lipreg.register_rule({target}, lipreg.rules.Activation(0.0, 1.0))  # elementwise, slopes in [a, b]"""
+    lipreg.register_rule({target}, lipreg.ops.LinearOp())  # a linear (affine) op: its norm by the power method
+    lipreg.register_rule({target}, lipreg.ops.Activation(0.0, 1.0))  # elementwise, slopes in [a, b]"""
 
 
 class UnsupportedOpError(TypeError):

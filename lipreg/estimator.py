@@ -12,16 +12,16 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from .autolip import autolip_bound, chain_interiors, own_constant
-from .certify import arithmetic_margin, certified_cast, operator_spectral_bound
+from .bounds.autolip import autolip_bound, chain_interiors, own_constant
+from .linalg.certify import arithmetic_margin, certified_cast, operator_spectral_bound
 from .errors import UnsupportedOpError
-from .graph import _LIBRARY_DIRS, ConstantEnv, LipGraph, LipNode
-from .power import LinearFn, normalized, power_iterations, rayleigh_norm, rayleigh_norms_and_step
+from .capture.graph import _LIBRARY_DIRS, ConstantEnv, LipGraph, LipNode
+from .linalg.power import LinearFn, normalized, power_iterations, rayleigh_norm, rayleigh_norms_and_step
 from .progress import progress as _progress
-from .rules import Activation, Constant, NodeInfo, Rule
-from .rules.linear import WeightedOp
-from .rules.structural import Identity, SignedIdentity
-from .seqlip import SeqLip
+from .ops import Activation, Constant, NodeInfo, Rule
+from .ops.linear import WeightedOp
+from .ops.structural import Identity, SignedIdentity
+from .bounds.seqlip import SeqLip
 
 METHODS = ("autolip", "seqlip")
 DENSE_CERTIFY_LIMIT = 2**20
@@ -50,7 +50,7 @@ class LipschitzEstimator(nn.Module):
     without registering it, so its ``state_dict`` holds the warm state only. Computation is in ``dtype``
     (float32 by default) with autocast disabled; certificates (:meth:`certified_bound`, and ``est()`` when
     ``est.certified``) are computed from the weights in float64 and rounded upwards into ``dtype``. Every call
-    first checks that the model is still the one traced (:class:`lipreg.fingerprint.ModelFingerprint`: the
+    first checks that the model is still the one traced (:class:`lipreg.capture.fingerprint.ModelFingerprint`: the
     modules the graph uses, their hyper-parameters, tensor shapes and hooks); if not, it is traced again,
     with a warning, keeping the warm state that still fits.
 
@@ -235,7 +235,7 @@ class LipschitzEstimator(nn.Module):
 
     def _segment_norms(self, node: LipNode, env: ConstantEnv) -> list[Tensor]:
         """Certified norms (float64) whose product bounds a fused node: one per weighted op, with the diagonal ops
-        around it folded in (:class:`~lipreg.rules.linear.WeightedOp`), and one per remaining non-isometric op."""
+        around it folded in (:class:`~lipreg.ops.linear.WeightedOp`), and one per remaining non-isometric op."""
         ops = list(zip(node.ops, node.rules))
         calls = [self.graph.node_call(info.node, env) for info, _ in ops]
         multipliers = [rule.multiplier(info, call, env.dtype) for (info, rule), call in zip(ops, calls)]

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from .certify import certified_cast
+from .linalg.certify import certified_cast
 from .estimator import LipschitzEstimator
-from .graph import LipGraph
+from .capture.graph import LipGraph
 
 __all__ = ["MarginCertificate", "global_constants", "pairwise_constants", "split_linear_head"]
 

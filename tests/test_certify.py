@@ -1,4 +1,4 @@
-"""Tests for lipreg.certify: certified spectral-norm bounds of dense matrices and convolutions.
+"""Tests for lipreg.linalg.certify: certified spectral-norm bounds of dense matrices and convolutions.
 
 The independent reference is the exact norm: the largest singular value (torch.linalg
 matrix_norm(., 2), i.e. an SVD) of the weight matrix, or of the dense Jacobian of the layer's
@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lipreg import certify
-from lipreg.certify import (
+from lipreg.linalg import certify
+from lipreg.linalg.certify import (
     conv_spectral_bound,
     dense_spectral_bound,
     gram_spectral_bound,

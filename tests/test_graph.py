@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lipreg
-from lipreg.rules import Activation, LinearOp, registry
+from lipreg.ops import Activation, LinearOp, registry
 
 DT = torch.float64
 

@@ -20,7 +20,7 @@ import lipreg
 from lipreg.estimator import METHODS
 from lipreg.options import Method, PenaltyKind, Search
 from lipreg.penalty import PENALTY_KINDS
-from lipreg.seqlip import SEARCHES
+from lipreg.bounds.seqlip import SEARCHES
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("lightning", "pytorch_lightning", "torchmetrics", "matplotlib", "tensorboard", "hydra", "sklearn")

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import lipreg
-from lipreg.power import power_iterations
+from lipreg.linalg.power import power_iterations
 
 DT = torch.float64
 

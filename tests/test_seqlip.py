@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lipreg
-from lipreg.autolip import autolip_bound as graph_autolip
-from lipreg.seqlip import _sigma, exact_search, find_chains, greedy_search, pair_matrix
+from lipreg.bounds.autolip import autolip_bound as graph_autolip
+from lipreg.bounds.seqlip import _sigma, exact_search, find_chains, greedy_search, pair_matrix
 
 DT = torch.float64
 
@@ -352,7 +352,7 @@ def test_state_dict_round_trip_bit_for_bit():
 
 
 def _count_decompositions(monkeypatch):
-    module = importlib.import_module("lipreg.seqlip")  # the module: lipreg.seqlip is the one-shot function
+    module = importlib.import_module("lipreg.bounds.seqlip")
 
     calls = {"n": 0}
     eigh, svd = torch.linalg.eigh, torch.linalg.svd

@@ -15,7 +15,7 @@ from torch import nn
 from torch.ao.quantization import FakeQuantize, get_default_qat_qconfig
 
 import lipreg
-from lipreg.rules import is_registered_module
+from lipreg.ops import is_registered_module
 
 DT = torch.float64
 

@@ -267,8 +267,8 @@ class UserRowSum(nn.Module):
         return x.sum(-1)
 
 
-lipreg.register_rule(UserClamp, lipreg.rules.Activation(0.0, 1.0))
-lipreg.register_rule(UserRowSum, lipreg.rules.Activation(0.0, 1.0))
+lipreg.register_rule(UserClamp, lipreg.ops.Activation(0.0, 1.0))
+lipreg.register_rule(UserRowSum, lipreg.ops.Activation(0.0, 1.0))
 
 
 def test_user_registered_elementwise_rules_get_the_shape_guard():

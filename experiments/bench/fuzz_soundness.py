@@ -34,7 +34,7 @@ from torch import nn
 
 import lipreg
 from lipreg.metrics import CertifiedRobustAccuracy
-from lipreg.rules.registry import _RULES
+from lipreg.ops.registry import _RULES
 
 from .fuzz_arch import Case, describe, draw_case
 from .fuzz_reference import chain_fn, forward_values, jacobian_norm, lower_bound

@@ -50,7 +50,7 @@ from ..metrics import EmpiricalLipschitz
 from ..options import (Method, OnUnsupported, PenaltyKind, check_choice, robust_radii, validate_method,
                        validate_penalty)
 from ..penalty import LipschitzPenalty
-from ..rules import Activation, Constant
+from ..ops import Activation, Constant
 from .batches import default_batch_input, default_batch_target
 from .compat import callback_bases
 from .robust import RobustEpoch, margin_metrics, radius_curve

@@ -18,8 +18,8 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .graph import LipGraph, LipNode
-from .rules import Activation, Concat, Constant, Sum
+from ..capture.graph import LipGraph, LipNode
+from ..ops import Activation, Concat, Constant, Sum
 
 
 def own_constant(node: LipNode) -> float:

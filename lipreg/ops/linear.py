@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..certify import certified_cast, conv_spectral_bound, dense_spectral_bound, fold_channel_gains
+from ..linalg.certify import certified_cast, conv_spectral_bound, dense_spectral_bound, fold_channel_gains
 from .base import Call, LinearOp, NodeInfo, Refuse
 from .registry import register_rule
 
 
 class WeightedOp(LinearOp):
-    """A linear op given by a weight (``nn.Linear``, convolutions) whose certificate (:mod:`lipreg.certify`) can
+    """A linear op given by a weight (``nn.Linear``, convolutions) whose certificate (:mod:`lipreg.linalg.certify`) can
     absorb per-channel diagonal factors on both sides: the certified norm of ``diag(after) A diag(before)`` is that
-    of one operator, its weight with the gains folded in (:func:`~lipreg.certify.fold_channel_gains`), instead of
+    of one operator, its weight with the gains folded in (:func:`~lipreg.linalg.certify.fold_channel_gains`), instead of
     the product ``max|after| ||A|| max|before||``, which is loose when the gains are spread out."""
 
     channel_axis = 1

@@ -80,8 +80,8 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from .graph import ConstantEnv, LipGraph, LipNode
-from .rules import Activation
+from ..capture.graph import ConstantEnv, LipGraph, LipNode
+from ..ops import Activation
 
 SEARCHES = ("auto", "exact", "greedy", "lowrank")
 DEFAULT_RANK = 200
@@ -412,7 +412,7 @@ class SeqLip(nn.Module):
     ``LipschitzEstimator(method="seqlip")``.
 
     ``forward(factors, env, n_iter)`` returns ``{last node of chain: (first node, chain bound)}`` for
-    :func:`lipreg.autolip.autolip_bound`. ``n_iter`` is the number of warm subspace iterations of the low-rank
+    :func:`lipreg.bounds.autolip.autolip_bound`. ``n_iter`` is the number of warm subspace iterations of the low-rank
     operators; the pattern search runs to its end on every call (warm from the stored patterns).
 
     Args:

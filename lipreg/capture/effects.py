@@ -25,7 +25,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .errors import UnsupportedOpError
+from ..errors import UnsupportedOpError
 
 Where = Callable[[fx.Node], str]  # "node 'h' (call_module torch.nn.Linear) at File ..., line 12" for messages
 

@@ -20,7 +20,7 @@ def register_rule(target: Target, rule: RuleSpec) -> None:
 
     ``target`` is an ``nn.Module`` subclass (its instances are then kept whole when tracing, not traced
     through), a function (``torch.tanh``, ``F.gelu``...) or a tensor method name (``"tanh"``).
-    ``rule`` is a :class:`~lipreg.rules.Rule`, a float (the op's Lipschitz constant), or a callable
+    ``rule`` is a :class:`~lipreg.ops.Rule`, a float (the op's Lipschitz constant), or a callable
     ``NodeInfo -> Rule`` for rules that depend on the call's arguments. A later registration replaces an earlier one.
     """
     _REFUSALS.discard(target)
@@ -33,7 +33,7 @@ def register_rule(target: Target, rule: RuleSpec) -> None:
     elif callable(rule):
         _RULES[target] = rule
     else:
-        raise TypeError(f"a rule is a lipreg.rules.Rule, a float or a callable NodeInfo -> Rule, got {type(rule)!r}")
+        raise TypeError(f"a rule is a lipreg.ops.Rule, a float or a callable NodeInfo -> Rule, got {type(rule)!r}")
 
 
 def rule_factory(node: fx.Node, module: nn.Module | None) -> RuleFactory | None:

@@ -4,7 +4,7 @@ For a linear ``A``, ``g(v) = 1/2 ||A v||^2`` has gradient ``A^T A v``: one backw
 matrix formed, whatever ``A`` is (dense, convolution with any padding, pooling, a fused chain of them).
 Iterating ``v <- A^T A v / ||A^T A v||`` converges to the top right singular vector at the rate
 ``(sigma_2 / sigma_1)^2``, and ``||A v||`` (with ``||v|| = 1``) to ``sigma_1`` **from below**: a power-method value
-is an *estimate*, never a certificate (see :mod:`lipreg.certify` for certified bounds).
+is an *estimate*, never a certificate (see :mod:`lipreg.linalg.certify` for certified bounds).
 
 Gradients: the iterations run without grad on the current weights; the returned ``||A v||`` is computed with
 grad at the fixed ``v``. At convergence this is the Danskin gradient ``d sigma_1 / dA = u v^T``; away from it, the

@@ -6,7 +6,7 @@ parameters, and every bound is recomputed from them, so gradients reach the mode
 The model is traced in eval mode (``if self.training:`` branches and ``training=self.training`` flags take their
 eval values; every flag is restored afterwards). Shapes and non-tensor values (``x.size(0)``...) are recorded by
 running the graph once on one sample in eval mode (an ``fx.Interpreter``, as ``ShapeProp``). Every node that
-depends on the input is resolved to a rule through the registry (:mod:`lipreg.rules`); consecutive linear nodes
+depends on the input is resolved to a rule through the registry (:mod:`lipreg.ops`); consecutive linear nodes
 with no nonlinearity between them (conv -> batch norm, conv -> avg pool -> flatten -> linear) are then *fused* into
 one :class:`LipNode`, whose operator norm is taken as a whole: ``||A_2 A_1|| <= ||A_2|| ||A_1||``, and one power
 method instead of two.
@@ -25,11 +25,11 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
-from .capture import check_hooks, check_traced_function, resolve_in_place, storages
-from .errors import REGISTER_HINT, UnsupportedOpError
+from .effects import check_hooks, check_traced_function, resolve_in_place, storages
+from ..errors import REGISTER_HINT, UnsupportedOpError
 from .fingerprint import ModelFingerprint
-from .rules.base import broadcast_guard, display_name, raw_argument
-from .rules import (Activation, Concat, LinearOp, NodeInfo, Refuse, Rule, describe_target, is_registered_module,
+from ..ops.base import broadcast_guard, display_name, raw_argument
+from ..ops import (Activation, Concat, LinearOp, NodeInfo, Refuse, Rule, describe_target, is_registered_module,
                     rule_factory)
 
 
@@ -244,7 +244,7 @@ class LipGraph:
                       else str(node.target))
 
     def _check_effects(self, aliases: Mapping[fx.Node, frozenset[int]]) -> None:
-        """What fx does not record and the rules would miss (:mod:`lipreg.capture`): hooks are refused; reads after
+        """What fx does not record and the rules would miss (:mod:`lipreg.capture.effects`): hooks are refused; reads after
         an in-place write are rerouted to the writer, or refused when they go through another alias."""
         check_hooks(self.model, self.graph_module)
         resolve_in_place(self.graph_module, aliases, self._locate)
@@ -356,7 +356,7 @@ class LipGraph:
         return rule.closed_form_norm(info, self.node_call(info.node, env), env.dtype)
 
     def node_call(self, node: fx.Node, env: "ConstantEnv") -> "NodeCall":
-        """The :class:`lipreg.rules.Call` a rule uses to evaluate ``node`` (constants from ``env``)."""
+        """The :class:`lipreg.ops.Call` a rule uses to evaluate ``node`` (constants from ``env``)."""
         return NodeCall(node, env)
 
     def constant_env(self, dtype: torch.dtype, device: torch.device) -> "ConstantEnv":
@@ -436,7 +436,7 @@ class ConstantEnv:
 
 
 class NodeCall:
-    """:class:`lipreg.rules.Call` for one node: input-dependent arguments from a mapping, constants from the env."""
+    """:class:`lipreg.ops.Call` for one node: input-dependent arguments from a mapping, constants from the env."""
 
     def __init__(self, node: fx.Node, env: ConstantEnv) -> None:
         self.node = node
