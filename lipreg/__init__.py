@@ -19,6 +19,7 @@ from .estimator import LipschitzEstimator
 from .penalty import LipschitzPenalty
 from .losses import LipschitzMarginLoss
 from .oneshot import autolip, seqlip
+from .operator import LinearOperator
 from .linalg.power import power_method
 from .ops import register_rule
 
@@ -31,7 +32,7 @@ _LAZY = {"LipschitzCallback": ("lipreg.lightning", "LipschitzCallback"), "metric
          "lightning": ("lipreg.lightning", None)}
 """Names loaded on first access: ``name -> (module, attribute or None for the module itself)``."""
 
-__all__ = ["LipschitzCallback", "LipschitzEstimator", "LipschitzMarginLoss", "LipschitzPenalty", "UnsupportedOpError", "autolip", "metrics",
+__all__ = ["LipschitzCallback", "LipschitzEstimator", "LipschitzMarginLoss", "LipschitzPenalty", "LinearOperator", "UnsupportedOpError", "autolip", "metrics",
            "power_method", "ops", "register_rule", "seqlip"]
 
 

@@ -13,22 +13,16 @@ import torch
 from torch import Tensor, nn
 
 from .bounds.autolip import autolip_bound, chain_interiors, own_constant
-from .linalg.certify import arithmetic_margin, certified_cast, operator_spectral_bound
-from .errors import UnsupportedOpError
-from .capture.graph import _LIBRARY_DIRS, ConstantEnv, LipGraph, LipNode
-from .linalg.power import LinearFn, normalized, power_iterations, rayleigh_norm, rayleigh_norms_and_step
-from .progress import progress as _progress
-from .ops import Activation, Constant, NodeInfo, Rule
-from .ops.linear import WeightedOp
-from .ops.structural import Identity, SignedIdentity
 from .bounds.seqlip import SeqLip
+from .capture.graph import _LIBRARY_DIRS, LipGraph, LipNode
+from .linalg.certify import arithmetic_margin, certified_cast
+from .linalg.power import normalized, power_iterations, rayleigh_norm, rayleigh_norms_and_step
+from .operator import LinearOperator, linear_operators
+from .ops import Activation, Constant
+from .progress import progress as _progress
 
 METHODS = ("autolip", "seqlip")
-DENSE_CERTIFY_LIMIT = 2**20
-"""Operators with at most this many matrix entries are certified by the exact norm of their dense matrix."""
-_CLOSED_FORM_MARGIN = arithmetic_margin(8)
-"""Closed forms (``max_c |gamma_c| / sqrt(var_c + eps)``, ``max |c|``) take a few correctly rounded float64 steps."""
-_POINTWISE_ISOMETRIES = (Identity, SignedIdentity)  # v -> +-v: a diagonal op's gains fold across them
+Operators = dict[LipNode, LinearOperator]
 
 
 def buffer_name(prefix: str, node_name: str) -> str:
@@ -101,11 +95,12 @@ class LipschitzEstimator(nn.Module):
         if self.method == "seqlip":
             self.seqlip = SeqLip(self.graph, dtype=self.dtype, generator=generator, **self._seqlip_options)
             self._chained = chain_interiors(self.seqlip.endpoints) | set(self.seqlip.endpoints)
-        env = self.graph.constant_env(self.dtype, _model_device(self.model) or torch.device("cpu"))
-        self.graph.check_kernels(env)
+        operators = linear_operators(self.graph, self.dtype, _model_device(self.model) or torch.device("cpu"))
+        for operator in operators.values():
+            operator.check_kernels()
         with torch.no_grad():
             for node in self._bounded_nodes():
-                if self.graph.closed_form_norm(node, env) is not None:
+                if operators[node].closed_form_norm() is not None:
                     self._closed_form.add(node)
                 else:
                     v0 = torch.randn(node.in_shape, generator=generator, dtype=self.dtype)
@@ -141,14 +136,14 @@ class LipschitzEstimator(nn.Module):
         """The bound (scalar tensor, differentiable w.r.t. the model's parameters) after ``n_iter`` warm
         iterations per linear operator (default ``self.n_iter``)."""
         n_iter = self.n_iter if n_iter is None else n_iter
-        with self._evaluation() as env:
+        with self._evaluation() as operators:
             if self.certified:  # no iteration: the bound is the certificate, computed and rounded as one
-                bound64, factors = self._certified64(self._float64(env), self.seqlip is not None)
+                bound64, factors = self._certified64(self._float64(operators), self.seqlip is not None)
                 bound = self._round_up(bound64)
             else:
-                factors = self._linear_factors(env, n_iter)
-                chains = self.seqlip(factors, env, n_iter) if self.seqlip is not None else None
-                bound = autolip_bound(self.graph, factors, chains, dtype=self.dtype, device=env.device)
+                factors = self._linear_factors(operators, n_iter)
+                chains = self.seqlip(factors, operators, n_iter) if self.seqlip is not None else None
+                bound = autolip_bound(self.graph, factors, chains, dtype=self.dtype, device=self._device())
         self._remember(factors)
         if not torch.isfinite(bound):
             bad = [name for name, f in self._last_factors.items() if not math.isfinite(float(f))]
@@ -163,13 +158,13 @@ class LipschitzEstimator(nn.Module):
         singular values ``sigma`` stalls (changes by < tol) while ``v`` is still off by ``O(sqrt(tol))``, and the
         stopping test cannot see that; the gradient's error is first order in ``v``'s. ``progress=True`` shows a
         bar over the operators."""
-        with torch.no_grad(), self._evaluation() as env:
-            self._converge_operators(env, tol, max_iter, progress)
+        with torch.no_grad(), self._evaluation() as operators:
+            self._converge_operators(operators, tol, max_iter, progress)
         return self(n_iter=0)
 
-    def _converge_operators(self, env: ConstantEnv, tol: float, max_iter: int, show: bool = False) -> None:
+    def _converge_operators(self, operators: Operators, tol: float, max_iter: int, show: bool = False) -> None:
         for node in _progress(self._iterated_nodes(), show, "converge"):
-            apply = self._apply_fn(node, env)
+            apply = operators[node].matvec
             buffer = self.get_buffer(self._buffer_names[node])
             v, sigma = buffer, rayleigh_norm(apply, buffer)
             for _ in range(max_iter):
@@ -179,12 +174,12 @@ class LipschitzEstimator(nn.Module):
                     break
             buffer.copy_(v)
         if self.seqlip is not None:
-            self.seqlip.converge(env, tol, max_iter)
+            self.seqlip.converge(operators, tol, max_iter)
 
     def certified_bound(self, progress: bool = False) -> Tensor:
         """A guaranteed upper bound on the Lipschitz constant, differentiable, with no random state.
 
-        AutoLip with every linear operator's norm certified instead of estimated (:meth:`certified_factor`);
+        AutoLip with every linear operator's norm certified instead of estimated (:meth:`LinearOperator.certified_norm`);
         with ``method="seqlip"``, SeqLip when its search is exact on full SVDs. Greedy or low-rank SeqLip can
         miss the max, so then the certificate is the AutoLip one, with a warning saying so. Whatever ``dtype``,
         everything is computed from the weights in float64 and the result rounded upwards into ``dtype``.
@@ -195,8 +190,8 @@ class LipschitzEstimator(nn.Module):
         if self.seqlip is not None and not use_seqlip:
             warnings.warn("this SeqLip search is not exact on full SVDs, so it cannot be certified: "
                           "certified_bound() returns the certified AutoLip bound", stacklevel=2)
-        with self._evaluation() as env:
-            bound, _ = self._certified64(self._float64(env), use_seqlip, progress)
+        with self._evaluation() as operators:
+            bound, _ = self._certified64(self._float64(operators), use_seqlip, progress)
         return self._round_up(bound)
 
     def _round_up(self, bound64: Tensor) -> Tensor:
@@ -206,78 +201,21 @@ class LipschitzEstimator(nn.Module):
         n_ops = sum(2 * len(node.inputs) + 2 for node in self.graph.nodes)
         return certified_cast(bound64, self.dtype, arithmetic_margin(n_ops))
 
-    def _certified64(self, env: ConstantEnv, use_seqlip: bool,
+    def _certified64(self, operators64: Operators, use_seqlip: bool,
                      progress: bool = False) -> tuple[Tensor, dict[LipNode, Tensor]]:
-        """The certified bound in float64 (before :meth:`_round_up`) and the certified factors it uses."""
+        """The certified bound in float64 (before :meth:`_round_up`) and the certified factors it uses, from
+        float64 operators: each factor is :meth:`LinearOperator.certified_norm`."""
         nodes = self._bounded_nodes() if use_seqlip else self.graph.linear_nodes()
-        factors = {node: self._certified_factor64(node, env) for node in _progress(nodes, progress, "certify")}
-        chains = self.seqlip(factors, env, 0) if use_seqlip else None
-        return autolip_bound(self.graph, factors, chains, dtype=torch.float64, device=env.device), factors
+        factors = {node: operators64[node].certified_norm() for node in _progress(nodes, progress, "certify")}
+        chains = self.seqlip(factors, operators64, 0) if use_seqlip else None
+        return autolip_bound(self.graph, factors, chains, dtype=torch.float64, device=self._device()), factors
 
-    def certified_factor(self, node: LipNode, env: ConstantEnv) -> Tensor:
-        """A certified ``sigma_1`` of a (fused) linear node, in ``dtype`` rounded upwards (:meth:`_certified_factor64`,
-        from the float64 weights whatever ``env``'s dtype)."""
-        return certified_cast(self._certified_factor64(node, self._float64(env)), self.dtype, margin=0.0)
-
-    def _certified_factor64(self, node: LipNode, env: ConstantEnv) -> Tensor:
-        """A certified ``sigma_1`` of a (fused) linear node in float64 (``env`` is float64), the tightest available
-        of: its closed form; the exact norm of its dense matrix when small (``n_in n_out <= DENSE_CERTIFY_LIMIT``);
-        the product of the certified norms of its ops (sub-multiplicativity), where each weighted op (linear,
-        convolution) absorbs the per-channel diagonal ops next to it (eval batch norm, scales) into its weight
-        before its FFT / Gram certificate (:meth:`_segment_norms`)."""
-        closed = self.graph.closed_form_norm(node, env)
-        if closed is not None:
-            return certified_cast(closed.to(env.device, torch.float64), torch.float64, _CLOSED_FORM_MARGIN)
-        if node.in_shape.numel() * node.out_shape.numel() <= DENSE_CERTIFY_LIMIT:
-            op = lambda v: self.graph.apply_linear_batched(node, v, env)  # noqa: E731
-            return operator_spectral_bound(op, node.in_shape[1:], env.device)
-        return torch.stack(self._segment_norms(node, env)).prod()
-
-    def _segment_norms(self, node: LipNode, env: ConstantEnv) -> list[Tensor]:
-        """Certified norms (float64) whose product bounds a fused node: one per weighted op, with the diagonal ops
-        around it folded in (:class:`~lipreg.ops.linear.WeightedOp`), and one per remaining non-isometric op."""
-        ops = list(zip(node.ops, node.rules))
-        calls = [self.graph.node_call(info.node, env) for info, _ in ops]
-        multipliers = [rule.multiplier(info, call, env.dtype) for (info, rule), call in zip(ops, calls)]
-        folded: set[int] = set()
-        norms = []
-        for k, (info, rule) in enumerate(ops):
-            if not isinstance(rule, WeightedOp):
-                continue
-            before = self._fold(rule, ops, multipliers, range(k - 1, -1, -1), info.in_shapes[0], folded)
-            after = self._fold(rule, ops, multipliers, range(k + 1, len(ops)), info.out_shape, folded)
-            norms.append(rule.folded_norm(info, env.dtype, before, after))
-            folded.add(k)
-        for k, ((info, rule), call) in enumerate(zip(ops, calls)):
-            if k in folded or rule.isometry:
-                continue
-            norm = rule.certified_norm(info, call, env.dtype)
-            if norm is None:
-                raise UnsupportedOpError(
-                    f"no certified norm for {rule.describe()} at node {info.name!r} and its operator is too "
-                    f"large to form ({node.in_shape.numel()} x {node.out_shape.numel()}): give the rule a "
-                    "certified_norm, or use the estimate est() (not a certificate)"
-                )
-            norms.append(certified_cast(norm.to(env.device, torch.float64), torch.float64))
-        return norms
-
-    @staticmethod
-    def _fold(rule: WeightedOp, ops: list[tuple[NodeInfo, Rule]], multipliers: list[Tensor | None],
-              order: range, shape: torch.Size, folded: set[int]) -> Tensor | None:
-        """The per-channel gains of the diagonal ops met walking ``order`` away from a weighted op (across
-        pointwise identities, up to the first other op), marked ``folded``; ``None`` if there are none."""
-        gains, taken = None, []
-        for k in order:
-            other = ops[k][1]
-            if isinstance(other, _POINTWISE_ISOMETRIES):
-                continue
-            m = multipliers[k]
-            g = None if m is None or k in folded else rule.channel_gains(m, shape)
-            if g is None:
-                break
-            gains, taken = (g if gains is None else gains * g), [*taken, k]
-        folded.update(taken)
-        return gains
+    def linear_operators(self) -> dict[str, LinearOperator]:
+        """The :class:`~lipreg.operator.LinearOperator` of every (fused) linear node, by node name, in ``dtype`` on
+        the model's device, reading the model's weights as they are now."""
+        self._refresh()
+        return {node.name: operator
+                for node, operator in linear_operators(self.graph, self.dtype, self._device()).items()}
 
     def layer_bounds(self, certified: bool = False) -> dict[str, float]:
         """Each node's own factor: ``||A v||`` of each (fused) linear operator in the last call, the constant of
@@ -286,9 +224,9 @@ class LipschitzEstimator(nn.Module):
         upwards into ``dtype``)."""
         if not certified:
             return {name: float(value) for name, value in self._last_factors.items()}
-        with torch.no_grad(), self._evaluation() as env:
-            env64 = self._float64(env)
-            bounds = {node.name: float(self.certified_factor(node, env64)) for node in self.graph.linear_nodes()}
+        with torch.no_grad(), self._evaluation() as operators:
+            bounds = {node.name: float(certified_cast(operator.certified_norm(), self.dtype, margin=0.0))
+                      for node, operator in self._float64(operators).items()}
         return {**bounds, **self._constants}
 
     @property
@@ -314,22 +252,21 @@ class LipschitzEstimator(nn.Module):
         """The linear nodes whose norm enters the bound (all but those inside SeqLip chains)."""
         return [n for n in self.graph.linear_nodes() if n not in self._chained]
 
-    def _float64(self, env: ConstantEnv) -> ConstantEnv:
-        """``env`` if it is float64, else a float64 evaluator on its device: certificates start from float64 weights."""
-        return env if env.dtype == torch.float64 else self.graph.constant_env(torch.float64, env.device)
+    def _float64(self, operators: Operators) -> Operators:
+        """``operators`` if they are float64, else the float64 operators: certificates start from float64 weights."""
+        if self.dtype == torch.float64:
+            return operators
+        return linear_operators(self.graph, torch.float64, self._device())
 
     def _iterated_nodes(self) -> list[LipNode]:
         return [n for n in self._bounded_nodes() if n in self._buffer_names]
 
-    def _apply_fn(self, node: LipNode, env: ConstantEnv) -> LinearFn:
-        return lambda v: self.graph.apply_linear(node, v, env)
-
-    def _linear_factors(self, env: ConstantEnv, n_iter: int) -> dict[LipNode, Tensor]:
+    def _linear_factors(self, operators: Operators, n_iter: int) -> dict[LipNode, Tensor]:
         """Every bounded operator's norm: closed forms as they are; the others after ``n_iter`` warm power
         steps, the last one sharing its forward pass with the returned ``||A v||``."""
-        factors = {node: self.graph.closed_form_norm(node, env).to(env.device) for node in self._closed_form}
+        factors = {node: operators[node].closed_form_norm() for node in self._closed_form}
         nodes = self._iterated_nodes()
-        applies = [self._apply_fn(node, env) for node in nodes]
+        applies = [operators[node].matvec for node in nodes]
         buffers = [self.get_buffer(self._buffer_names[node]) for node in nodes]
         if n_iter > 1:
             with torch.no_grad():
@@ -350,16 +287,19 @@ class LipschitzEstimator(nn.Module):
         self._last_factors = last
 
     @contextmanager
-    def _evaluation(self) -> Iterator[ConstantEnv]:
+    def _evaluation(self) -> Iterator[Operators]:
         """One evaluation on the model's device (the warm state follows a model moved after the estimator was
-        built), with autocast off and a fresh evaluator of the model's constants; the graph first rebuilt if the
-        model changed (:meth:`_refresh`)."""
+        built), with autocast off and the linear operators reading the model's weights now; the graph first
+        rebuilt if the model changed (:meth:`_refresh`)."""
         self._refresh()
-        device = _model_device(self.model) or torch.device("cpu")
+        device = self._device()
         if any(buffer.device != device for buffer in self.buffers()):
             self.to(device)
         with torch.autocast(device.type, enabled=False):
-            yield self.graph.constant_env(self.dtype, device)
+            yield linear_operators(self.graph, self.dtype, device)
+
+    def _device(self) -> torch.device:
+        return _model_device(self.model) or torch.device("cpu")
 
 
 def _user_stacklevel() -> int:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lipreg
-import lipreg.estimator as estimator_module
+import lipreg.operator as operator_module
 
 DT = torch.float64
 
@@ -51,10 +51,10 @@ def make(name: str) -> tuple[nn.Module, torch.Tensor]:
     return factory().to(DT).eval(), torch.randn(2, *shape, dtype=DT)
 
 
-@pytest.mark.parametrize("dense_limit", [estimator_module.DENSE_CERTIFY_LIMIT, 0], ids=["dense", "per-op"])
+@pytest.mark.parametrize("dense_limit", [operator_module.DENSE_CERTIFY_LIMIT, 0], ids=["dense", "per-op"])
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_estimate_below_exact_below_certified(name, dense_limit, monkeypatch):
-    monkeypatch.setattr(estimator_module, "DENSE_CERTIFY_LIMIT", dense_limit)
+    monkeypatch.setattr(operator_module, "DENSE_CERTIFY_LIMIT", dense_limit)
     layer, x = make(name)
     exact = exact_norm(layer, x)
     est = lipreg.LipschitzEstimator(layer, x, dtype=DT, fuse=False)
@@ -117,7 +117,7 @@ def test_estimates_say_they_are_not_certified():
 def test_per_operator_route_on_a_whole_network(monkeypatch):
     """Operators too large for a dense matrix: fused segments with reshapes and batch norm are certified as the
     product of their ops' certificates (reshapes count 1), still above the converged estimate."""
-    monkeypatch.setattr(estimator_module, "DENSE_CERTIFY_LIMIT", 0)
+    monkeypatch.setattr(operator_module, "DENSE_CERTIFY_LIMIT", 0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AvgPool2d(2),
                           nn.Flatten(), nn.Linear(64, 5)).to(DT).eval()

@@ -44,16 +44,13 @@ def seqlip_bound(model: nn.Module, x: torch.Tensor, **options) -> float:
 def autolip_bound(model: nn.Module, x: torch.Tensor) -> float:
     """AutoLip with the exact norm of every linear node (svdvals of its dense ``jacrev`` Jacobian), not the
     power method's estimate from below."""
-    graph = lipreg.LipschitzEstimator(model, x, dtype=DT).graph
-    try:
-        env = graph.constant_env(DT, torch.device("cpu"))
-    except TypeError:  # older signature
-        env = graph.constant_env(DT)
+    est = lipreg.LipschitzEstimator(model, x, dtype=DT)
+    operators = {op.node: op for op in est.linear_operators().values()}
     factors = {}
-    for node in graph.linear_nodes():
-        jac = torch.func.jacrev(lambda v: graph.apply_linear(node, v, env))(torch.zeros(node.in_shape, dtype=DT))
+    for node in est.graph.linear_nodes():
+        jac = torch.func.jacrev(operators[node].matvec)(torch.zeros(node.in_shape, dtype=DT))
         factors[node] = torch.linalg.svdvals(jac.reshape(-1, node.in_shape.numel()).detach())[0]
-    return float(graph_autolip(graph, factors))
+    return float(graph_autolip(est.graph, factors))
 
 
 def vertices(n: int, lo: float, hi: float) -> torch.Tensor:

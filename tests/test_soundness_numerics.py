@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lipreg
-import lipreg.estimator as estimator_module
+import lipreg.operator as operator_module
 
 F64 = torch.float64
 LOW_PRECISION = [torch.float32, torch.bfloat16]
@@ -52,7 +52,7 @@ def test_small_dense_layers_are_certified_above_their_float64_norm(dtype):
 
 def test_convolution_fft_route_in_bfloat16_is_above_its_float64_norm(monkeypatch):
     """The FFT certificate of a convolution takes its float64 kernel, not one rounded to bfloat16."""
-    monkeypatch.setattr(estimator_module, "DENSE_CERTIFY_LIMIT", 0)
+    monkeypatch.setattr(operator_module, "DENSE_CERTIFY_LIMIT", 0)
     torch.manual_seed(1)
     below = []
     for trial in range(12):
@@ -252,7 +252,7 @@ def test_batch_norm_folded_into_the_weight_before_its_certificate(name, monkeypa
     """A fused segment too large for the dense route (forced here) is certified as one operator with the diagonal
     gains folded into the weight: >= the exact Jacobian norm and within 1e-5 of it (on main, the product of the
     ops' certificates was 1.2x - 300x looser with gains spread over 1e-2 .. 1e2)."""
-    monkeypatch.setattr(estimator_module, "DENSE_CERTIFY_LIMIT", 0)
+    monkeypatch.setattr(operator_module, "DENSE_CERTIFY_LIMIT", 0)
     g = torch.Generator().manual_seed(5)
     model, shape = fused_segments(g)[name]
     model = model.to(F64).eval()
@@ -268,7 +268,7 @@ def test_batch_norm_folded_into_the_weight_before_its_certificate(name, monkeypa
 def test_folded_certificate_gradient_matches_the_exact_norm_gradient(monkeypatch):
     """Circular padding, so the folded FFT certificate is the exact norm: its gradient w.r.t. the batch norm's
     weight equals that of the float64 Jacobian norm (autograd through ``jacrev``)."""
-    monkeypatch.setattr(estimator_module, "DENSE_CERTIFY_LIMIT", 0)
+    monkeypatch.setattr(operator_module, "DENSE_CERTIFY_LIMIT", 0)
     g = torch.Generator().manual_seed(6)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"),
                           batch_norm(nn.BatchNorm2d, 3, g)).to(F64).eval()

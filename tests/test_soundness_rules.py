@@ -14,7 +14,7 @@ from torch import nn
 
 import lipreg
 from functional_model import Fn
-import lipreg.estimator
+import lipreg.operator
 
 DT = torch.float64
 
@@ -44,7 +44,7 @@ def certified(model: nn.Module, x: torch.Tensor, **kwargs) -> float:
 def no_dense_route(monkeypatch):
     """Every linear operator certified by its rule's own ``certified_norm`` (Schur test, FFT bound), as operators
     too large to form are, instead of the exact norm of its dense matrix."""
-    monkeypatch.setattr(lipreg.estimator, "DENSE_CERTIFY_LIMIT", 0)
+    monkeypatch.setattr(lipreg.operator, "DENSE_CERTIFY_LIMIT", 0)
 
 
 # --------------------------------------------------------------- class 3: averaging with negative weights

@@ -22,10 +22,9 @@ from lipreg.linalg.certify import conv_spectral_bound
 F64 = torch.float64
 
 
-def exact_factor(estimator: lipreg.LipschitzEstimator, node) -> float:
+def exact_factor(operator: lipreg.LinearOperator) -> float:
     """The exact norm of a (fused) linear operator: the largest singular value of its dense matrix (float64)."""
-    env = estimator.graph.constant_env(torch.float64, torch.device("cpu"))
-    return float(torch.linalg.matrix_norm(estimator.graph.dense_matrix(node, env), 2))
+    return float(torch.linalg.matrix_norm(operator.in_float64().dense(), 2))
 
 
 def digits() -> None:
@@ -47,11 +46,10 @@ def digits() -> None:
         share = times["logged"] / (50 * times["step"])
         print(f"{name:8s} {times['certified'] * 1e3:8.1f}ms {times['certified'] / times['estimate']:10.1f} "
               f"{times['certified'] / times['step']:7.2f} {times['logged'] * 1e3:10.1f}ms {share:14.1%}")
-        env = estimator.graph.constant_env(estimator.dtype, torch.device("cpu"))
         with torch.no_grad():
-            for node in estimator.graph.linear_nodes():
-                certified = float(estimator.certified_factor(node, env))
-                print(f"    {node.name:28s} certified/exact = {certified / exact_factor(estimator, node):.6f}")
+            for name, operator in estimator.linear_operators().items():
+                certified = float(operator.certified_norm())
+                print(f"    {name:28s} certified/exact = {certified / exact_factor(operator):.6f}")
 
 
 # ----------------------------------------------------------------------------- issue 10 item 3: folding

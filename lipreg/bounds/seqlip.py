@@ -80,7 +80,8 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..capture.graph import ConstantEnv, LipGraph, LipNode
+from ..capture.graph import LipGraph, LipNode
+from ..operator import LinearOperator, linear_operators
 from ..ops import Activation
 
 SEARCHES = ("auto", "exact", "greedy", "lowrank")
@@ -90,6 +91,7 @@ EXACT_HARD_LIMIT = 22
 
 _RTOL = 1e-9  # a flip must raise the pair norm by this relative amount (float64 search)
 _F64 = torch.float64
+Operators = Mapping[LipNode, LinearOperator]
 
 
 # --------------------------------------------------------------------------- chains
@@ -411,7 +413,7 @@ class SeqLip(nn.Module):
     """SeqLip on every chain of a :class:`LipGraph` (see the module docstring); used by
     ``LipschitzEstimator(method="seqlip")``.
 
-    ``forward(factors, env, n_iter)`` returns ``{last node of chain: (first node, chain bound)}`` for
+    ``forward(factors, operators, n_iter)`` returns ``{last node of chain: (first node, chain bound)}`` for
     :func:`lipreg.bounds.autolip.autolip_bound`. ``n_iter`` is the number of warm subspace iterations of the low-rank
     operators; the pattern search runs to its end on every call (warm from the stored patterns).
 
@@ -493,13 +495,14 @@ class SeqLip(nn.Module):
         """``{"A_i~A_{i+1}": factor}`` of every pair of every chain, from the last call."""
         return dict(self._last_pairs)
 
-    def forward(self, factors: Mapping[LipNode, Tensor], env: ConstantEnv,
+    def forward(self, factors: Mapping[LipNode, Tensor], operators: Operators,
                 n_iter: int = 1) -> dict[LipNode, tuple[LipNode, Tensor]]:
         self._last_pairs = {}
-        return {plan.chain.ops[-1]: (plan.chain.ops[0], self._chain_bound(plan, env, n_iter)) for plan in self.plans}
+        return {plan.chain.ops[-1]: (plan.chain.ops[0], self._chain_bound(plan, operators, n_iter))
+                for plan in self.plans}
 
     @torch.no_grad()
-    def converge(self, env: ConstantEnv, tol: float = 1e-6, max_iter: int = 2000) -> None:
+    def converge(self, operators: Operators, tol: float = 1e-6, max_iter: int = 2000) -> None:
         """Run the subspace iteration of every low-rank operator until its top-``E`` singular values move by less
         than ``tol`` (relative) in one step, or ``max_iter`` steps. (Full SVDs and searches need no iterations.)"""
         for plan in self.plans:
@@ -508,34 +511,32 @@ class SeqLip(nn.Module):
                     continue
                 previous = None
                 for _ in range(max_iter):
-                    self._subspace_step(op, env, 1)
-                    values = self._ritz(op, env)[1][: op.rank]
+                    self._subspace_step(op, operators, 1)
+                    values = self._ritz(op, operators)[1][: op.rank]
                     if not bool(torch.isfinite(values).all()):
                         break
                     if previous is not None and bool(((values - previous).abs() <= tol * values.abs()).all()):
                         break
                     previous = values
 
-    def subspace_singular_values(self, node: LipNode, env: ConstantEnv | None = None) -> Tensor:
+    def subspace_singular_values(self, node: LipNode) -> Tensor:
         """The top-``E`` singular values of a low-rank operator from its current subspace (Rayleigh-Ritz, float64):
         for tests and diagnostics."""
         op = next((op for plan in self.plans for op in plan.ops if op.node is node and op.lowrank), None)
         if op is None:
             raise ValueError(f"{node.name!r} is not a low-rank operator of a chain")
         with torch.no_grad():
-            return self._ritz(op, env if env is not None else self._env())[1][: op.rank]
-
-    def _env(self) -> ConstantEnv:
-        device = next((b.device for b in self.buffers()), torch.device("cpu"))
-        return self.graph.constant_env(self.dtype, device)
+            device = next((b.device for b in self.buffers()), torch.device("cpu"))
+            return self._ritz(op, linear_operators(self.graph, self.dtype, device))[1][: op.rank]
 
     # ------------------------------------------------------------------ operators
-    def _apply_block(self, node: LipNode, vs: Tensor, env: ConstantEnv) -> Tensor:
+    @staticmethod
+    def _apply_block(operator: LinearOperator, vs: Tensor) -> Tensor:
         """``A v`` for a block ``(k, *in_shape[1:])`` -> ``(k, n_out)``."""
-        return self.graph.apply_linear_batched(node, vs, env).reshape(vs.shape[0], -1)
+        return operator.matmat(vs).reshape(vs.shape[0], -1)
 
-    def _dense(self, op: _OpPlan, env: ConstantEnv) -> _Factor:
-        A = self.graph.dense_matrix(op.node, env).to(_F64)  # n_out x n_in
+    def _dense(self, op: _OpPlan, operators: Operators) -> _Factor:
+        A = operators[op.node].dense().to(_F64)  # n_out x n_in
         if not bool(torch.isfinite(A).all()):
             r = min(A.shape)
             nan = torch.full((), float("nan"), dtype=_F64, device=A.device)
@@ -546,7 +547,7 @@ class SeqLip(nn.Module):
     def _subspace(self, op: _OpPlan) -> Tensor:
         return self.get_buffer(op.buffer)
 
-    def _subspace_step(self, op: _OpPlan, env: ConstantEnv, n_iter: int) -> None:
+    def _subspace_step(self, op: _OpPlan, operators: Operators, n_iter: int) -> None:
         """``n_iter`` block power iterations ``Q <- qr(A^T A Q)`` on the subspace buffer (no grad to the weights),
         then (if ``n_iter > 0``) a Rayleigh-Ritz rotation ``Q <- Q W`` that puts the top right singular vectors of
         ``A Q`` first: the bound uses the first ``E`` columns."""
@@ -555,57 +556,58 @@ class SeqLip(nn.Module):
         for _ in range(n_iter):
             with torch.enable_grad():
                 q = buffer.detach().requires_grad_(True)
-                aq = self._apply_block(op.node, q, env)
+                aq = self._apply_block(operators[op.node], q)
                 (w,) = torch.autograd.grad(aq, q, grad_outputs=aq.detach())
             w = w.reshape(width, -1).to(_F64)
             if not bool(torch.isfinite(w).all()) or not bool(w.abs().sum() > 0):
                 return  # keep the warm state unpoisoned
             buffer.copy_(torch.linalg.qr(w.T).Q.T.to(buffer.dtype).reshape(buffer.shape))
         if n_iter > 0:
-            Q, _, Wh = self._ritz(op, env)
+            Q, _, Wh = self._ritz(op, operators)
             if Wh is not None:
                 buffer.copy_((Q @ Wh.T).T.to(buffer.dtype).reshape(buffer.shape))
 
-    def _ritz(self, op: _OpPlan, env: ConstantEnv) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _ritz(self, op: _OpPlan, operators: Operators) -> tuple[Tensor, Tensor, Tensor | None]:
         """Rayleigh-Ritz on the whole subspace: ``(Q, singular values, W^T)`` from the SVD ``A Q = U S W^T``
         (``W^T`` is ``None`` when ``A Q`` is not finite)."""
         buffer = self._subspace(op)
         width = buffer.shape[0]
         Q = buffer.reshape(width, -1).T.to(_F64)  # n_in x width, orthonormal columns
-        AQ = self._apply_block(op.node, buffer, env).T.to(_F64)  # n_out x width
+        AQ = self._apply_block(operators[op.node], buffer).T.to(_F64)  # n_out x width
         if not bool(torch.isfinite(AQ).all()):
             return Q, torch.full((width,), float("nan"), dtype=_F64, device=AQ.device), None
         _, S, Wh = torch.linalg.svd(AQ, full_matrices=False)
         return Q, S, Wh
 
-    def _lowrank(self, op: _OpPlan, env: ConstantEnv) -> _Factor:
+    def _lowrank(self, op: _OpPlan, operators: Operators) -> _Factor:
         """The SVD of ``A Q_E`` with ``Q_E`` the first ``E`` (stored, fixed) subspace vectors: the bound is a function
         of ``A Q_E Q_E^T``, whose gradient the surrogate gives exactly."""
         r = op.rank
         QE = self._subspace(op)[:r]
         Q = QE.reshape(r, -1).T.to(_F64)
-        AQ = self._apply_block(op.node, QE, env).T.to(_F64)  # n_out x E
+        AQ = self._apply_block(operators[op.node], QE).T.to(_F64)  # n_out x E
         if not bool(torch.isfinite(AQ).all()):
             nan = torch.full((r,), float("nan"), dtype=_F64, device=AQ.device)
             return _Factor(AQ.new_zeros(AQ.shape[0], r), nan, Q, Q=Q, finite=False)
         U, S, Wh = torch.linalg.svd(AQ, full_matrices=False)
         return _Factor(U, S, Q @ Wh.T, Q=Q)
 
-    def _factor(self, op: _OpPlan, env: ConstantEnv, n_iter: int) -> _Factor:
+    def _factor(self, op: _OpPlan, operators: Operators, n_iter: int) -> _Factor:
         if not op.lowrank:
-            return self._dense(op, env)
-        self._subspace_step(op, env, n_iter)
-        return self._lowrank(op, env)
+            return self._dense(op, operators)
+        self._subspace_step(op, operators, n_iter)
+        return self._lowrank(op, operators)
 
     # ------------------------------------------------------------------ one chain
-    def _chain_bound(self, plan: _ChainPlan, env: ConstantEnv, n_iter: int) -> Tensor:
-        device = env.device
+    def _chain_bound(self, plan: _ChainPlan, operators: Operators, n_iter: int) -> Tensor:
+        first = operators[plan.chain.ops[0]]
+        device, dtype = first.device, first.dtype
         with torch.no_grad():
-            facs = [self._factor(op, env, n_iter) for op in plan.ops]
+            facs = [self._factor(op, operators, n_iter) for op in plan.ops]
             if not all(f.finite for f in facs):
                 for pair in plan.pairs:
-                    self._last_pairs[pair.name] = torch.tensor(float("nan"), dtype=env.dtype, device=device)
-                return torch.tensor(float("nan"), dtype=env.dtype, device=device)
+                    self._last_pairs[pair.name] = torch.tensor(float("nan"), dtype=dtype, device=device)
+                return torch.tensor(float("nan"), dtype=dtype, device=device)
             K = len(facs)
             pairs: list[_Pair] = []
             for i, pp in enumerate(plan.pairs):
@@ -622,15 +624,15 @@ class SeqLip(nn.Module):
                 sigma = _sigma(p, pp.lo, pp.hi)
                 pairs.append(_Pair(B, C, sigma, s, x, y))
                 pattern.copy_(p)
-                self.get_buffer(pp.pairvec).copy_((right.V @ x).to(env.dtype))
-                self._last_pairs[pp.name] = s.to(env.dtype)
+                self.get_buffer(pp.pairvec).copy_((right.V @ x).to(dtype))
+                self._last_pairs[pp.name] = s.to(dtype)
             values = torch.stack([pair.s for pair in pairs])
             value = values.prod()
-        surrogate = self._gradient_surrogate(plan, facs, pairs, values, env)
-        return value.to(env.dtype) + (surrogate - surrogate.detach())
+        surrogate = self._gradient_surrogate(plan, facs, pairs, values, operators)
+        return value.to(dtype) + (surrogate - surrogate.detach())
 
     def _gradient_surrogate(self, plan: _ChainPlan, facs: list[_Factor], pairs: list[_Pair], values: Tensor,
-                            env: ConstantEnv) -> Tensor:
+                            operators: Operators) -> Tensor:
         """``sum_j <A_j, Xi_j>`` with ``Xi_j`` the gradient of the chain bound w.r.t. ``A_j`` (module docstring),
         computed with the weights' autograd history. Zero (without graph) when nothing requires grad."""
         K = len(facs)
@@ -680,9 +682,10 @@ class SeqLip(nn.Module):
                 if F is not None:
                     P_cols = torch.cat([f.U @ M, P_cols], 1)
                     Q_cols = torch.cat([f.V, Q_cols], 1)
-                probes = Q_cols.T.to(env.dtype).reshape(Q_cols.shape[1], *op.node.in_shape[1:])
-                P_cols = P_cols.to(env.dtype)
+                operator = operators[op.node]
+                probes = Q_cols.T.to(operator.dtype).reshape(Q_cols.shape[1], *op.node.in_shape[1:])
+                P_cols = P_cols.to(operator.dtype)
             with torch.enable_grad():
-                term = (self._apply_block(op.node, probes, env) * P_cols.T).sum()
+                term = (self._apply_block(operator, probes) * P_cols.T).sum()
             total = term if total is None else total + term
         return total

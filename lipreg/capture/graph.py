@@ -19,7 +19,7 @@ import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, fx, nn
@@ -28,7 +28,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from .effects import check_hooks, check_traced_function, resolve_in_place, storages
 from ..errors import REGISTER_HINT, UnsupportedOpError
 from .fingerprint import ModelFingerprint
-from ..ops.base import broadcast_guard, display_name, raw_argument
+from ..ops.base import broadcast_guard, display_name
 from ..ops import (Activation, Concat, LinearOp, NodeInfo, Refuse, Rule, describe_target, is_registered_module,
                     rule_factory)
 
@@ -238,7 +238,7 @@ class LipGraph:
                                   f"{tuple(self.sample.shape)} failed at {where}: {cause}")
 
     # ---------------------------------------------------------------- capture
-    def _locate(self, node: fx.Node) -> str:
+    def locate(self, node: fx.Node) -> str:
         """Where a node of this graph is, for messages (:func:`_where` with its op described)."""
         return _where(node, describe_target(node, self.modules.get(node.target)) if node.op.startswith("call")
                       else str(node.target))
@@ -247,7 +247,7 @@ class LipGraph:
         """What fx does not record and the rules would miss (:mod:`lipreg.capture.effects`): hooks are refused; reads after
         an in-place write are rerouted to the writer, or refused when they go through another alias."""
         check_hooks(self.model, self.graph_module)
-        resolve_in_place(self.graph_module, aliases, self._locate)
+        resolve_in_place(self.graph_module, aliases, self.locate)
 
     def _check_function(self, sample: Tensor, concrete_args: dict[str, Any] | None) -> None:
         """The graph, read as dataflow, computes the model (in eval mode) on the example and a perturbation."""
@@ -343,129 +343,6 @@ class LipGraph:
 
     def linear_nodes(self) -> list[LipNode]:
         return [n for n in self.nodes if n.is_linear]
-
-    def closed_form_norm(self, node: LipNode, env: "ConstantEnv") -> Tensor | None:
-        """The exact norm of a linear node without iterations, when it has one: unit-norm ops (reshapes,
-        dropout...) drop out, and a single remaining op may know its norm (batch norm, scaling)."""
-        rest = [(info, rule) for info, rule in zip(node.ops, node.rules) if not rule.isometry]
-        if not rest:
-            return torch.ones((), dtype=env.dtype)
-        if len(rest) != 1:
-            return None
-        info, rule = rest[0]
-        return rule.closed_form_norm(info, self.node_call(info.node, env), env.dtype)
-
-    def node_call(self, node: fx.Node, env: "ConstantEnv") -> "NodeCall":
-        """The :class:`lipreg.ops.Call` a rule uses to evaluate ``node`` (constants from ``env``)."""
-        return NodeCall(node, env)
-
-    def constant_env(self, dtype: torch.dtype, device: torch.device) -> "ConstantEnv":
-        """A fresh evaluator of constant nodes (parameters and what is computed from them), for one bound."""
-        return ConstantEnv(self, dtype, device)
-
-    def apply_linear(self, node: LipNode, v: Tensor, env: "ConstantEnv") -> Tensor:
-        """The linear part of a (fused) linear node applied to ``v`` of shape ``(1, *in_shape[1:])``."""
-        for info, rule in zip(node.ops, node.rules):
-            v = rule.apply(info, NodeCall(info.node, env), v)
-        return v
-
-    def apply_linear_batched(self, node: LipNode, vs: Tensor, env: "ConstantEnv") -> Tensor:
-        """``apply_linear`` on a block of vectors ``(k, *in_shape[1:])`` -> ``(k, *out_shape[1:])``.
-
-        The graph was traced on one sample, so sizes read from the input (``x.view(x.size(0), -1)``) are 1:
-        ``torch.func.vmap`` maps the one-sample function over the block instead of feeding a batch of k.
-        """
-        one_sample = lambda v: self.apply_linear(node, v.unsqueeze(0), env).squeeze(0)  # noqa: E731
-        return torch.func.vmap(one_sample)(vs)
-
-    def check_kernels(self, env: "ConstantEnv") -> None:
-        """Apply every linear op once in ``env``'s dtype and device, as the power method and SeqLip will: an op
-        whose kernel does not exist there (``avg_pool3d`` in bfloat16 on CPU) is refused now, with its node and
-        the fix, instead of failing inside ``est()``. An op that fails in float64 too is not a dtype matter: its
-        own error is raised."""
-        reference = ConstantEnv(self, torch.float64, env.device)
-        with torch.no_grad():
-            for node in self.linear_nodes():
-                v = torch.zeros(node.in_shape, dtype=env.dtype, device=env.device)
-                for info, rule in zip(node.ops, node.rules):
-                    try:
-                        v = rule.apply(info, NodeCall(info.node, env), v)
-                    except Exception as err:
-                        rule.apply(info, NodeCall(info.node, reference), v.to(torch.float64))  # raises if not dtype
-                        raise UnsupportedOpError(
-                            f"{self._locate(info.node)} cannot be computed in {env.dtype} on {env.device}: "
-                            f"{type(err).__name__}: {err}. Build the estimator with dtype=torch.float32 (or "
-                            "torch.float64); certified_bound() is computed in float64 whatever the dtype"
-                        ) from err
-
-    def dense_matrix(self, node: LipNode, env: "ConstantEnv") -> Tensor:
-        """The matrix ``A`` (``n_out x n_in``) of a linear node, from its action on the identity basis."""
-        n_in = node.in_shape.numel()
-        basis = torch.eye(n_in, dtype=env.dtype, device=env.device).view(n_in, *node.in_shape[1:])
-        return self.apply_linear_batched(node, basis, env).reshape(n_in, -1).T
-
-
-class ConstantEnv:
-    """Values of the constant nodes for one evaluation: parameters and buffers read from the model now (so they
-    carry autograd history), floating tensors cast to the estimator's dtype, non-tensors as traced."""
-
-    def __init__(self, graph: LipGraph, dtype: torch.dtype, device: torch.device) -> None:
-        self.graph = graph
-        self.dtype = dtype
-        self.device = device
-        self.cache: dict[fx.Node, Any] = {}
-
-    def value(self, node: fx.Node) -> Any:
-        if node in self.graph.static_values:
-            return self.graph.static_values[node]
-        if node in self.graph.depends:
-            raise UnsupportedOpError(f"node {display_name(node)!r} depends on the input where a constant was expected")
-        if node not in self.cache:
-            self.cache[node] = self._evaluate(node)
-        return self.cache[node]
-
-    def _evaluate(self, node: fx.Node) -> Any:
-        if node.op == "get_attr":  # read now from the model, but for the constants only the GraphModule holds
-            owner = self.graph.graph_module if node.target in self.graph.tracer_constants else self.graph.root
-            result = operator.attrgetter(node.target)(owner)
-        else:
-            result = run_node(node, self.graph.modules, self.value)
-        if isinstance(result, Tensor) and result.is_floating_point():
-            result = result.to(self.dtype)
-        return result
-
-
-class NodeCall:
-    """:class:`lipreg.ops.Call` for one node: input-dependent arguments from a mapping, constants from the env."""
-
-    def __init__(self, node: fx.Node, env: ConstantEnv) -> None:
-        self.node = node
-        self.env = env
-        self.device = env.device
-
-    def __call__(self, x_values: Mapping[fx.Node, Tensor]) -> Tensor:
-        lookup = lambda n: x_values[n] if n in x_values else self.env.value(n)  # noqa: E731
-        if self.node.op == "call_module":  # its own floating parameters and buffers in the env's dtype too
-            module = self.env.graph.modules[self.node.target]
-            cast = {name: t.to(self.env.dtype) for name, t in [*module.named_parameters(), *module.named_buffers()]
-                    if t.is_floating_point() and t.dtype != self.env.dtype}
-            if cast:
-                args, kwargs = fx.node.map_arg((self.node.args, self.node.kwargs), lookup)
-                return torch.func.functional_call(module, cast, args, kwargs)
-        return run_node(self.node, self.env.graph.modules, lookup)
-
-    def arg_value(self, index: int, name: str, default: Any = None) -> Any:
-        return fx.node.map_arg(raw_argument(self.node, index, name, default), self.env.value)
-
-
-def run_node(node: fx.Node, modules: Mapping[str, nn.Module], value: Callable[[fx.Node], Any]) -> Any:
-    """Execute one ``call_module`` / ``call_method`` / ``call_function`` node, its argument nodes read by ``value``."""
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
-    if node.op == "call_module":
-        return modules[node.target](*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    return node.target(*args, **kwargs)
 
 
 class _Whole(nn.Module):

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "arithmetic_margin", "certified_cast", "conv_spectral_bound", "dense_spectral_bound", "fold_channel_gains",
-    "gram_spectral_bound", "operator_spectral_bound",
+    "arithmetic_margin", "certified_cast", "conv_spectral_bound", "dense_matrix", "dense_spectral_bound",
+    "fold_channel_gains", "gram_spectral_bound",
 ]
 
 _REL_MARGIN = 1e-6
@@ -312,33 +312,24 @@ def _fourier_bound64(w: Tensor, groups: int, dilation: Sequence[int], plans: Seq
     return _sigma64(blocks, n_iter=10, exact_max_dim=None).max() * math.prod(plan.pad_norm for plan in plans)
 
 
-def _dense_bound64(op: Callable[[Tensor], Tensor], in_shape: Sequence[int], device: torch.device) -> Tensor:
-    """Exact-as-computed sigma_1 of the dense matrix J of the linear map ``op`` (float64).
-
-    J is built from the smaller side: op applied to the identity basis (rows of J^T) when
-    dim(in) <= dim(out), else the adjoint applied to the output basis via batched autograd
-    (rows of J), with create_graph so the result stays differentiable in the weights.
-    """
+def dense_matrix(op: Callable[[Tensor], Tensor], in_shape: Sequence[int], device: torch.device,
+                 dtype: torch.dtype = torch.float64) -> Tensor:
+    """The matrix ``J`` (``n_out x n_in``) of the linear map ``op`` (a function of a batch of inputs of per-sample
+    shape ``in_shape``), built from the smaller side: ``op`` applied to the identity basis (rows of ``J^T``) when
+    ``n_in <= n_out``, else the adjoint applied to the output basis by batched autograd (rows of ``J``), with
+    ``create_graph`` under grad so that the matrix stays differentiable in the weights."""
     in_dim = math.prod(in_shape)
-    out_shape = op(torch.zeros(1, *in_shape, dtype=torch.float64, device=device)).shape
+    out_shape = op(torch.zeros(1, *in_shape, dtype=dtype, device=device)).shape
     out_dim = math.prod(out_shape)
     if in_dim <= out_dim:
-        basis = torch.eye(in_dim, dtype=torch.float64, device=device).view(in_dim, *in_shape)
-        matrix = op(basis).reshape(in_dim, out_dim)
-    else:
-        track_weights = torch.is_grad_enabled()
-        with torch.enable_grad():  # the adjoint is taken by autograd w.r.t. the input, even under no_grad
-            probe = torch.zeros(1, *in_shape, dtype=torch.float64, device=device, requires_grad=True)
-            basis = torch.eye(out_dim, dtype=torch.float64, device=device).view(out_dim, *out_shape)
-            (rows,) = torch.autograd.grad(op(probe), probe, basis, is_grads_batched=True, create_graph=track_weights)
-        matrix = rows.reshape(out_dim, in_dim)
-    return _sigma64(matrix, n_iter=10, exact_max_dim=None)
-
-
-def operator_spectral_bound(op: Callable[[Tensor], Tensor], in_shape: Sequence[int], device: torch.device) -> Tensor:
-    """Certified sigma_1 of the linear map ``op`` (a function of a batched float64 input of per-sample shape
-    ``in_shape``), from its dense matrix built on the smaller side (``_dense_bound64``); float64, times (1 + 1e-6)."""
-    return certified_cast(_dense_bound64(op, in_shape, device), torch.float64)
+        basis = torch.eye(in_dim, dtype=dtype, device=device).view(in_dim, *in_shape)
+        return op(basis).reshape(in_dim, out_dim).T
+    track_weights = torch.is_grad_enabled()
+    with torch.enable_grad():  # the adjoint is taken by autograd w.r.t. the input, even under no_grad
+        probe = torch.zeros(1, *in_shape, dtype=dtype, device=device, requires_grad=True)
+        basis = torch.eye(out_dim, dtype=dtype, device=device).view(out_dim, *out_shape)
+        (rows,) = torch.autograd.grad(op(probe), probe, basis, is_grads_batched=True, create_graph=track_weights)
+    return rows.reshape(out_dim, in_dim)
 
 
 def conv_spectral_bound(
@@ -404,7 +395,7 @@ def conv_spectral_bound(
     if entries <= dense_max_entries:
         op = _layer_op(w64, geometry, padding, groups, padding_mode, transposed, output_padding)
         in_shape = (c_out if transposed else c_in, *geometry.input_shape)
-        bound = torch.minimum(bound, _dense_bound64(op, in_shape, weight.device))
+        bound = torch.minimum(bound, _sigma64(dense_matrix(op, in_shape, weight.device), 10, None))
     return certified_cast(bound, weight.dtype)
 
 
