@@ -12,7 +12,7 @@ loaded from the newest ``*.ckpt`` under the run directory (or ``--ckpt``), and i
 * AutoLip: the converged estimate (power method, from below) and ``est.certified_bound()`` (a guarantee);
 * SeqLip (paper eq. 8): greedy search, and exact search when every activation layer is small enough
   (``--exact-max-units``, the exact search is exponential in a layer's width);
-* the empirical lower bound (``lipreg.lower_bound.lower_bound``: the largest local Jacobian norm over test
+* the empirical lower bound (``lipreg.metrics.lower_bound``: the largest local Jacobian norm over test
   inputs, with gradient ascent on the inputs), so the true constant lies in ``[lower, certified]``;
 * the certified accuracy on the split at each radius: correct predictions whose margin exceeds
   ``sqrt(2) * L * eps`` with ``L`` the smallest *certified* bound available; and, when the network ends in a
@@ -144,7 +144,7 @@ def evaluate_bounds(
     from tqdm.auto import tqdm
 
     import lipreg
-    from lipreg.lower_bound import lower_bound
+    from lipreg.metrics import lower_bound
 
     net.eval()
     splits, seqlip = list(splits), list(seqlip)
