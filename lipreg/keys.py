@@ -72,10 +72,15 @@ def accuracy_at(eps: float | str, estimated: bool = False) -> str:
     return f"{ESTIMATED_ACC if estimated else CERTIFIED_ACC}@{radius(eps)}"
 
 
+def in_group(name: str, group: str = ROBUST, pairwise: bool = False) -> str:
+    """An accuracy name (:func:`accuracy_at`) under its group: ``robust/<name>``, ``test/pairwise_<name>``."""
+    return f"{group}/{PAIRWISE if pairwise else ''}{name}"
+
+
 def certified_acc(eps: float | str, group: str = ROBUST, pairwise: bool = False) -> str:
     """``robust/certified_acc@0.3`` (the callback), ``test/certified_acc@0.3`` (``group="test"``: the final
     evaluation), ``robust/pairwise_certified_acc@0.3`` (``pairwise=True``)."""
-    return f"{group}/{PAIRWISE if pairwise else ''}{accuracy_at(eps)}"
+    return in_group(accuracy_at(eps), group, pairwise)
 
 
 def certified_radius_of(key: str, group: str) -> str | None:
