@@ -26,8 +26,8 @@ One class, a proper callback under ``lightning.pytorch`` and ``pytorch_lightning
   own metrics, and for the weights after that step's optimizer step (those a checkpoint then holds). Every
   ``certify_every_n_steps`` steps it also logs ``lipschitz/<method>_certified`` (a guaranteed upper bound;
   AutoLip's, tagged so, for a SeqLip search that is not exact) and ``lipschitz/gap_percent`` =
-  ``100 (certified / estimate - 1)``, on the same weights, so the estimate never exceeds the certificate; a gap
-  above ``reconverge_gap`` re-converges the warm vectors first.
+  ``100 (certified / estimate - 1)``, on the same weights, so the estimate never exceeds the certificate; a ratio
+  ``certified / estimate`` above ``reconverge_gap`` re-converges the warm vectors first.
 * each validation epoch: converges the estimate (``eval_n_iter``), and logs it, the certified bound, the empirical
   lower bound (``lipschitz/lower``), their ratio ``lipschitz/upper_over_lower``, the certified robust accuracy at
   each radius (``robust/certified_acc@<eps>``, from the certified bound; off with ``robust_eps=None``), the per-pair
@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from .. import keys
+from .. import keys, options
 from ..estimator import LipschitzEstimator
 from ..metrics import EmpiricalLipschitz
 from ..options import (Method, OnUnsupported, PenaltyKind, check_choice, robust_radii, validate_method,
@@ -77,7 +77,8 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
         log_every_n_steps: how often the step-level bound is logged.
         per_layer: also log each linear layer's factor.
         certify_every_n_steps: how often the certified bound and the gap are logged (0: never during steps).
-        reconverge_gap: re-converge the warm vectors when certified / estimate exceeds it.
+        reconverge_gap: the ratio ``certified / estimate`` above which the warm vectors are re-converged before the
+            certificate is logged (1.05: ``lipschitz/gap_percent`` above 5).
         eval_n_iter: the most iterations of the convergence at each validation epoch.
         robust_eps: L2 radii of the certified robust accuracy; ``None`` (or ``()``) turns it off, e.g. for a
             regression net.
@@ -93,12 +94,14 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
         **estimator_options: passed to :class:`~lipreg.LipschitzEstimator` (``fuse``, ``search``...).
     """
 
-    def __init__(self, method: Method = "autolip", module: str | None = None, penalty_weight: float = 0.0,
-                 penalty_kind: PenaltyKind = "log", target: float | None = None, n_iter: int = 1,
-                 log_every_n_steps: int = 50, per_layer: bool = False, certify_every_n_steps: int = 100,
-                 reconverge_gap: float = 1.05, eval_n_iter: int = 500,
-                 robust_eps: float | Sequence[float] | None = (0.1,), lower_bound_batches: int = 1,
-                 lower_bound_ascent_steps: int = 0, example_input: Tensor | None = None,
+    def __init__(self, method: Method = options.METHOD, module: str | None = None, penalty_weight: float = 0.0,
+                 penalty_kind: PenaltyKind = options.PENALTY_KIND, target: float | None = None,
+                 n_iter: int = options.N_ITER, log_every_n_steps: int = options.LOG_EVERY_N_STEPS,
+                 per_layer: bool = False, certify_every_n_steps: int = options.CERTIFY_EVERY_N_STEPS,
+                 reconverge_gap: float = options.RECONVERGE_GAP, eval_n_iter: int = options.EVAL_N_ITER,
+                 robust_eps: float | Sequence[float] | None = options.ROBUST_EPS,
+                 lower_bound_batches: int = options.LOWER_BOUND_BATCHES,
+                 lower_bound_ascent_steps: int = options.LOWER_BOUND_ASCENT_STEPS, example_input: Tensor | None = None,
                  batch_to_input: Callable[[Any], Tensor] | None = None,
                  batch_to_target: Callable[[Any], Tensor] | None = None, on_unsupported: OnUnsupported = "raise",
                  prog_bar: bool = False, hparams: Mapping[str, Any] | None = None,

@@ -74,8 +74,8 @@ class ValidationEvaluation:
         with torch.no_grad():
             estimate = self.source.estimator(n_iter=0)
         lower, certified = self.lower.compute(), self.bound
-        metrics = {keys.bound(self.method): estimate, keys.certified(self.source.certified_method(self.method)): certified,
-                   keys.LOWER: lower, keys.UPPER_OVER_LOWER: upper_over_lower(certified, lower)}
+        metrics = {keys.bound(self.method): estimate, keys.certified(self.source.certified_method(self.method)):
+                   certified, keys.LOWER: lower, keys.UPPER_OVER_LOWER: upper_over_lower(certified, lower)}
         if self.robust is not None:
             metrics.update(self.robust.compute())
         for name, value in metrics.items():  # identical on every rank (synced metrics, broadcast warm state)

@@ -43,8 +43,8 @@ def _check_mode(model: Callable[[Tensor], Tensor]) -> None:
     for m in model.modules():
         if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm):
             raise ValueError(
-                f"lipreg.metrics.lower_bound: {type(m).__name__} is in training mode, so the samples of the batch interact "
-                "and per-sample Jacobians are meaningless. Call model.eval() first."
+                f"lipreg.metrics.lower_bound: {type(m).__name__} is in training mode, so the samples of the batch "
+                "interact and per-sample Jacobians are meaningless. Call model.eval() first."
             )
     for m in model.modules():
         if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
