@@ -20,18 +20,30 @@ the data module at instantiate time (``instantiate(cfg.model, input_shape=..., n
 
 Closed choices are ``enum.StrEnum`` fields (OmegaConf's structured configs take enums, not ``Literal``):
 ``lipreg.method=seqlipp`` fails at composition with the valid values listed, not inside ``trainer.fit``. A
-member equals, prints and serialises as its value (``Method.autolip == "autolip"``).
+member equals, prints and serialises as its value (``Method.autolip == "autolip"``). The library's choices are made
+from its ``Literal`` types (:mod:`lipreg.options`), so the two cannot drift apart.
+
+Defaults are defined once, in the code they configure: the callback's in :mod:`lipreg.options` (which
+:class:`lipreg.LipschitzCallback`'s signature uses too), the margin loss's and the final evaluation's in the
+signatures of :class:`lipreg.LipschitzMarginLoss` and :func:`experiments.estimate.evaluate_bounds`. A field here
+either reads its default there or has none in the library (``enabled``, ``estimator_options``...); a config group
+option (``conf/lipreg/log.yaml``) sets only what an experiment chooses differently (``module: net``).
 
 Call :func:`register_configs` before composing (``experiments/train.py`` does it at import time).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, get_args
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from experiments.estimate import evaluate_bounds, library_default
+from lipreg import keys, options
+from lipreg.losses import LipschitzMarginLoss
 
 __all__ = [
     "Method", "PenaltyKind", "Search", "Accelerator",
@@ -42,21 +54,24 @@ __all__ = [
 ]
 
 
+# ------------------------------------------------------------------------------------------- defaults
+def listed(values: Sequence[Any]) -> Any:
+    """A list field whose default is a copy of ``values`` (a library tuple)."""
+    return field(default_factory=lambda: list(values))
+
+
 # -------------------------------------------------------------------------------------------- choices
-class Method(StrEnum):
-    """``lipreg.method``: AutoLip (paper Alg. 2) or SeqLip (eq. 8)."""
+def literal_choices(name: str, literal: Any, doc: str) -> type[StrEnum]:
+    """A ``StrEnum`` whose members are the values of the library's ``Literal`` type."""
+    choices = StrEnum(name, [(value, value) for value in get_args(literal)], module=__name__)
+    choices.__doc__ = doc
+    return choices
 
-    autolip = "autolip"
-    seqlip = "seqlip"
 
-
-class PenaltyKind(StrEnum):
-    """``lipreg.penalty_kind``: ``h`` in ``penalty_weight * h(bound)`` (the hinges need ``target``)."""
-
-    linear = "linear"
-    log = "log"
-    hinge = "hinge"
-    squared_hinge = "squared_hinge"
+Method = literal_choices("Method", options.Method, "``lipreg.method``: AutoLip (paper Alg. 1) or SeqLip (eq. 8).")
+PenaltyKind = literal_choices("PenaltyKind", options.PenaltyKind,
+                              "``lipreg.penalty_kind``: ``h`` in ``penalty_weight * h(bound)`` (the hinges need "
+                              "``target``).")
 
 
 class Search(StrEnum):
@@ -167,12 +182,12 @@ class MarginConf:
     builds it on the network (``lipreg=certified``). ``warmup`` is in training steps."""
     _target_: str = "lipreg.LipschitzMarginLoss"
     _partial_: bool = True
-    eps: float = 0.3
-    pairwise: bool = True
-    method: str = "autolip"
-    n_iter: int = 1
-    warmup: int = 750
-    temperature: float = 1.0
+    eps: float = MISSING  # the L2 radius trained for: no library default
+    pairwise: bool = library_default(LipschitzMarginLoss, "pairwise")
+    method: str = library_default(LipschitzMarginLoss, "method")
+    n_iter: int = library_default(LipschitzMarginLoss, "n_iter")
+    warmup: int = library_default(LipschitzMarginLoss, "warmup")
+    temperature: float = library_default(LipschitzMarginLoss, "temperature")
 
 
 @dataclass
@@ -182,25 +197,26 @@ class LipregConf:
     The penalty rides in the callback (``penalty_weight > 0``): the callback adds ``penalty_weight * h(bound)``
     to the loss that ``Classifier.training_step`` returns, so ``lipreg.penalty_weight=...`` is the only knob a
     sweep needs, and the same model class trains with or without it. ``estimator_options`` go to
-    ``lipreg.LipschitzEstimator`` (e.g. ``{search: greedy}`` for SeqLip).
+    ``lipreg.LipschitzEstimator`` (e.g. ``{search: greedy}`` for SeqLip). The defaults are the callback's
+    (``tests/test_hydra.py`` checks each against its signature).
     """
 
     _target_: str = "lipreg.LipschitzCallback"
     enabled: bool = True
-    method: Method = Method.autolip
-    module: Optional[str] = "net"
+    method: Method = Method(options.METHOD)
+    module: Optional[str] = None
     penalty_weight: float = 0.0
-    penalty_kind: PenaltyKind = PenaltyKind.log
+    penalty_kind: PenaltyKind = PenaltyKind(options.PENALTY_KIND)
     target: Optional[float] = None
-    n_iter: int = 1
-    log_every_n_steps: int = 10
+    n_iter: int = options.N_ITER
+    log_every_n_steps: int = options.LOG_EVERY_N_STEPS
     per_layer: bool = False
-    certify_every_n_steps: int = 50
-    reconverge_gap: float = 1.05
-    eval_n_iter: int = 500
-    robust_eps: List[float] = field(default_factory=lambda: [0.1])
-    lower_bound_batches: int = 1
-    lower_bound_ascent_steps: int = 0
+    certify_every_n_steps: int = options.CERTIFY_EVERY_N_STEPS
+    reconverge_gap: float = options.RECONVERGE_GAP
+    eval_n_iter: int = options.EVAL_N_ITER
+    robust_eps: List[float] = listed(options.ROBUST_EPS)
+    lower_bound_batches: int = options.LOWER_BOUND_BATCHES
+    lower_bound_ascent_steps: int = options.LOWER_BOUND_ASCENT_STEPS
     estimator_options: Dict[str, Any] = field(default_factory=dict)
     margin: Optional[MarginConf] = None  # the Lipschitz-margin training loss (instead of cross-entropy)
 
@@ -279,14 +295,15 @@ class ClassifierConf:
 
 @dataclass
 class EvalConf:
-    """The final evaluation of the trained network (``experiments/estimate.py``'s ``evaluate_bounds``)."""
+    """The final evaluation of the trained network (``experiments/estimate.py``'s ``evaluate_bounds``, whose
+    signature holds the defaults)."""
 
-    n_iter: int = 500  # most power iterations of the converged AutoLip / SeqLip estimates
-    radii: List[float] = field(default_factory=lambda: [0.1])  # L2 radii of the certified accuracy
-    lower_bound_samples: int = 128  # test inputs the empirical lower bound starts from
-    lower_bound_ascent_steps: int = 0
+    n_iter: int = library_default(evaluate_bounds, "n_iter")  # most power iterations of the converged estimates
+    radii: List[float] = listed(library_default(evaluate_bounds, "radii"))  # L2 radii of the certified accuracy
+    lower_bound_samples: int = library_default(evaluate_bounds, "lower_bound_samples")  # inputs it starts from
+    lower_bound_ascent_steps: int = library_default(evaluate_bounds, "lower_bound_ascent_steps")
     seqlip: Optional[Search] = None  # extra SeqLip search in the summary: greedy | exact | null (only if lipreg is)
-    exact_max_units: int = 20  # exact SeqLip only when every layer has at most this many units
+    exact_max_units: int = library_default(evaluate_bounds, "exact_max_units")  # exact SeqLip: widest layer
 
 
 @dataclass
@@ -303,7 +320,8 @@ class ExperimentConf:
     progress_bar: bool = True
     checkpoint: bool = True
     ckpt_path: Optional[str] = None  # resume training from this checkpoint (Trainer.fit(ckpt_path=...))
-    objective: str = "val/certified_acc@0.1"  # metrics.json key that train.py returns (what a sweeper optimises)
+    # the metrics.json key that train.py returns (what a sweeper optimises): at the first default radius
+    objective: str = keys.certified_acc(options.ROBUST_EPS[0], "val")
 
 
 def register_configs(cs: ConfigStore | None = None) -> ConfigStore:

@@ -12,7 +12,7 @@ loaded from the newest ``*.ckpt`` under the run directory (or ``--ckpt``), and i
 * AutoLip: the converged estimate (power method, from below) and ``est.certified_bound()`` (a guarantee);
 * SeqLip (paper eq. 8): greedy search, and exact search when every activation layer is small enough
   (``--exact-max-units``, the exact search is exponential in a layer's width);
-* the empirical lower bound (``lipreg.lower_bound.lower_bound``: the largest local Jacobian norm over test
+* the empirical lower bound (``lipreg.metrics.lower_bound``: the largest local Jacobian norm over test
   inputs, with gradient ascent on the inputs), so the true constant lies in ``[lower, certified]``;
 * the certified accuracy on the split at each radius: correct predictions whose margin exceeds
   ``sqrt(2) * L * eps`` with ``L`` the smallest *certified* bound available; and, when the network ends in a
@@ -31,13 +31,14 @@ shows the whole stack.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import pickle
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:  # `python experiments/estimate.py` puts experiments/ on the path, not the root
@@ -45,6 +46,8 @@ if str(_ROOT) not in sys.path:  # `python experiments/estimate.py` puts experime
 
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
+
+from lipreg import options  # noqa: E402
 
 __all__ = ["evaluate_bounds", "find_checkpoint", "load_checkpoint", "load_weights", "load_run", "format_report",
            "main", "save_radius_curve"]
@@ -122,8 +125,8 @@ def evaluate_bounds(
     net: nn.Module,
     datamodule: Any,
     splits: Iterable[str] = ("test",),
-    radii: Sequence[float] = (0.1,),
-    n_iter: int = 500,
+    radii: Sequence[float] = options.ROBUST_EPS,
+    n_iter: int = options.EVAL_N_ITER,
     seqlip: Iterable[str] = (),
     seqlip_options: dict[str, Any] | None = None,
     exact_max_units: int = 20,
@@ -144,7 +147,8 @@ def evaluate_bounds(
     from tqdm.auto import tqdm
 
     import lipreg
-    from lipreg.lower_bound import lower_bound
+    from lipreg import keys
+    from lipreg.metrics import lower_bound, upper_over_lower
 
     net.eval()
     splits, seqlip = list(splits), list(seqlip)
@@ -168,18 +172,18 @@ def evaluate_bounds(
     # AutoLip: converged estimate (from below) and certificate
     step("AutoLip: power method")
     est = lipreg.LipschitzEstimator(net, example, method="autolip")
-    metrics["lipschitz/autolip"] = float(est.converge(max_iter=n_iter).detach())
+    metrics[keys.bound("autolip")] = float(est.converge(max_iter=n_iter).detach())
     layers = est.layer_bounds()
     step("AutoLip: certified bound")
-    certified = _try("lipschitz/autolip_certified", lambda: float(est.certified_bound()), errors)
+    certified = _try(keys.certified("autolip"), lambda: float(est.certified_bound()), errors)
     if certified is not None:
-        metrics["lipschitz/autolip_certified"] = certified
+        metrics[keys.certified("autolip")] = certified
     certificates = {"AutoLip": certified} if certified is not None else {}
 
     # SeqLip
     for search in seqlip:
         step(f"SeqLip ({search})")
-        key = f"lipschitz/seqlip_{search}"
+        key = keys.bound(f"seqlip_{search}")
         if search == "exact":
             units = _widest_activation(net, example)
             if units > exact_max_units:
@@ -201,19 +205,19 @@ def evaluate_bounds(
         if result is not None:
             metrics[key] = result[0]
             if result[1] is not None:
-                metrics[f"{key}_certified"] = result[1]
+                metrics[keys.certified(f"seqlip_{search}")] = result[1]
                 certificates[f"SeqLip ({search})"] = result[1]
 
     # empirical lower bound on the first split's inputs
     step("lower bound")
     x_lb = data[splits[0]][0][:lower_bound_samples]
-    lower = _try("lipschitz/lower", lambda: float(lower_bound(net, x_lb, ascent_steps=lower_bound_ascent_steps)),
-                 errors)
+    lower = _try(keys.LOWER, lambda: float(lower_bound(net, x_lb, ascent_steps=lower_bound_ascent_steps)), errors)
     if lower is not None:
-        metrics["lipschitz/lower"] = lower
-        upper = min(certificates.values(), default=metrics["lipschitz/autolip"])
-        if lower > 0:
-            metrics["lipschitz/upper_over_lower"] = upper / lower
+        metrics[keys.LOWER] = lower
+        upper = min(certificates.values(), default=metrics[keys.bound("autolip")])
+        ratio = _try(keys.UPPER_OVER_LOWER, lambda: upper_over_lower(upper, lower), errors) if lower > 0 else None
+        if ratio is not None:
+            metrics[keys.UPPER_OVER_LOWER] = ratio
 
     # accuracy and certified accuracy, from the tightest certificate
     step("certified accuracy")
@@ -221,13 +225,13 @@ def evaluate_bounds(
     pairwise = _try("pairwise", lambda: _pairwise_constants(net, example), errors)
     for split, (x, y) in data.items():
         logits = _logits(net, x)
-        metrics[f"{split}/acc"] = float((logits.argmax(dim=1) == y).float().mean())
+        metrics[keys.accuracy(split)] = float((logits.argmax(dim=1) == y).float().mean())
         if certified_by is not None:
             for name, value in _certified_accuracy(logits, y, bound, radii).items():
-                metrics[f"{split}/{name}"] = value
+                metrics[keys.in_group(name, split)] = value
         if pairwise is not None:
             for name, value in _certified_accuracy(logits, y, pairwise, radii).items():
-                metrics[f"{split}/pairwise_{name}"] = value
+                metrics[keys.in_group(name, split, pairwise=True)] = value
     bar.update()
     bar.close()
     return {"metrics": metrics, "layers": layers, "certified_by": certified_by, "errors": errors}
@@ -273,6 +277,8 @@ def save_radius_curve(net: nn.Module, x: Tensor, y: Tensor, path: str | Path, ma
 
 def format_report(report: dict[str, Any], splits: Sequence[str], radii: Sequence[float]) -> str:
     """The per-layer table and the bounds as text."""
+    from lipreg import keys
+
     m = report["metrics"]
     lines = ["Per-layer factors (AutoLip, converged; the bound combines them along the graph):",
              f"  {'node':<40} {'factor':>12}"]
@@ -286,21 +292,21 @@ def format_report(report: dict[str, Any], splits: Sequence[str], radii: Sequence
             lines.append(f"  {label:<28} {'n/a':>12}  ({report['errors'][key]})")
 
     lines.append("Lipschitz constant (L2 -> L2, logits):")
-    row("AutoLip estimate", "lipschitz/autolip", "power method, converged (approaches the bound from below)")
-    row("AutoLip certified", "lipschitz/autolip_certified", "guaranteed upper bound")
+    row("AutoLip estimate", keys.bound("autolip"), "power method, converged (approaches the bound from below)")
+    row("AutoLip certified", keys.certified("autolip"), "guaranteed upper bound")
     for search in SEARCHES:
-        row(f"SeqLip ({search})", f"lipschitz/seqlip_{search}")
-        row(f"SeqLip ({search}) certified", f"lipschitz/seqlip_{search}_certified", "guaranteed upper bound")
-    row("lower bound", "lipschitz/lower", "max local Jacobian norm (true constant >= this)")
-    row("upper / lower", "lipschitz/upper_over_lower", "tightest certificate / lower bound")
+        row(f"SeqLip ({search})", keys.bound(f"seqlip_{search}"))
+        row(f"SeqLip ({search}) certified", keys.certified(f"seqlip_{search}"), "guaranteed upper bound")
+    row("lower bound", keys.LOWER, "max local Jacobian norm (true constant >= this)")
+    row("upper / lower", keys.UPPER_OVER_LOWER, "tightest certificate / lower bound")
     lines.append("")
     for split in splits:
         lines.append(f"{split} split:")
-        row("accuracy", f"{split}/acc")
+        row("accuracy", keys.accuracy(split))
         for eps in radii:
-            row(f"certified acc @ eps={eps:g}", f"{split}/certified_acc@{eps:g}",
+            row(f"certified acc @ eps={eps:g}", keys.certified_acc(eps, split),
                 f"from the {report['certified_by']} certificate" if report["certified_by"] else "")
-            row(f"pairwise cert. @ eps={eps:g}", f"{split}/pairwise_certified_acc@{eps:g}",
+            row(f"pairwise cert. @ eps={eps:g}", keys.certified_acc(eps, split, pairwise=True),
                 "per-pair (GloRo) margins, certified AutoLip body bound")
     return "\n".join(lines)
 
@@ -372,6 +378,17 @@ def load_weights(net: nn.Module, checkpoint: dict[str, Any], path: str | Path, m
     net.load_state_dict(state)
 
 
+ARGUMENT_DEFAULTS = {"n_iter": "n_iter", "exact_max_units": "exact_max_units", "lower_samples": "lower_bound_samples",
+                     "ascent_steps": "lower_bound_ascent_steps"}
+"""The command-line options whose defaults are :func:`evaluate_bounds`'s: ``argparse dest -> parameter``."""
+
+
+def library_default(fn: Callable[..., Any], name: str) -> Any:
+    """The default of the parameter ``name`` in ``fn``'s signature: where a default is defined once (the Hydra
+    schema and the command line read it there)."""
+    return inspect.signature(fn).parameters[name].default
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -381,18 +398,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="split for the certified accuracy and the lower bound (default: test)")
     parser.add_argument("--radii", type=float, nargs="+", default=None,
                         help="L2 radii of the certified accuracy (default: the run's eval.radii)")
-    parser.add_argument("--n-iter", type=int, default=500, help="power iterations to converge (default 500)")
-    parser.add_argument("--exact-max-units", type=int, default=20,
+    parser.add_argument("--n-iter", type=int, help="most power iterations to converge (default %(default)s)")
+    parser.add_argument("--exact-max-units", type=int,
                         help="run exact SeqLip only if every activation layer has at most this many units")
     parser.add_argument("--no-seqlip", action="store_true", help="skip SeqLip")
-    parser.add_argument("--lower-samples", type=int, default=128, help="inputs the lower bound starts from")
-    parser.add_argument("--ascent-steps", type=int, default=10, help="gradient-ascent steps of the lower bound")
+    parser.add_argument("--lower-samples", type=int, help="inputs the lower bound starts from")
+    parser.add_argument("--ascent-steps", type=int, help="gradient-ascent steps of the lower bound")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: the run's `threads`, 1 for these small nets; 0: torch's default)")
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr)")
     parser.add_argument("--traceback", action="store_true", help="on an error, show the whole stack")
     parser.add_argument("--curve", default=None, help="also draw the certified accuracy vs radius into this PNG")
+    parser.set_defaults(**{dest: library_default(evaluate_bounds, name) for dest, name in ARGUMENT_DEFAULTS.items()})
     args = parser.parse_args(argv)
     try:
         return estimate(args)
@@ -411,7 +429,8 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(int(threads))
     radii = args.radii
     if radii is None:
-        radii = list(cfg.get("eval", {}).get("radii", [0.1])) if "eval" in cfg else [0.1]
+        default = list(library_default(evaluate_bounds, "radii"))
+        radii = list(cfg.get("eval", {}).get("radii", default)) if "eval" in cfg else default
     print(f"run dir    {Path(args.run_dir).resolve()}")
     print(f"checkpoint {ckpt_path}")
     print(f"model      {type(net).__name__}  data {type(datamodule).__name__} input {tuple(datamodule.input_shape)}")

@@ -3,7 +3,7 @@
 1. **AutoLip, Greedy SeqLip and a lower bound** for an MLP, a CNN and an AlexNet-shaped net on the 8x8 digits
    (``experiments.models``), at random initialisation and after a short training (Adam, a few epochs). The lower
    bound is the largest local Jacobian norm found by gradient ascent from test points and from as many Gaussian
-   points of scale 3 (:func:`lipreg.lower_bound.lower_bound`). The AutoLip and SeqLip columns are converged estimates
+   points of scale 3 (:func:`lipreg.metrics.lower_bound`). The AutoLip and SeqLip columns are converged estimates
    (``est.converge()``); the ratio is AutoLip / SeqLip (the paper's "Ratio").
 2. **The random-MLP experiment** ("SeqLip in the ideal scenario"): MLPs 2 -> [100] x depth -> 1 whose every weight
    is ``U S V^T`` with Haar ``U, V`` and ``S = eps I`` except its top ``k`` singular values set to 1; the ratio
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import lipreg
-from lipreg.lower_bound import lower_bound
+from lipreg.metrics import lower_bound
 
 from experiments.data import DigitsDataModule
 from experiments.models import CNN, MLP, AlexNetSmall

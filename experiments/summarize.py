@@ -27,11 +27,15 @@ if str(_ROOT) not in sys.path:  # `python experiments/summarize.py` puts experim
     sys.path.insert(0, str(_ROOT))
 
 from experiments.runtime import short_value  # noqa: E402
+from lipreg import keys as metric_keys  # noqa: E402
 
 __all__ = ["collect", "failed_jobs", "write_csv", "plot", "main"]
 
-FIRST = ["test/acc", "val/acc", "lipschitz/autolip", "lipschitz/autolip_certified", "lipschitz/seqlip_greedy",
-         "lipschitz/seqlip_exact", "lipschitz/lower", "lipschitz/upper_over_lower"]
+FIRST = [metric_keys.accuracy("test"), metric_keys.accuracy("val"), metric_keys.bound("autolip"),
+         metric_keys.certified("autolip"), metric_keys.bound("seqlip_greedy"), metric_keys.bound("seqlip_exact"),
+         metric_keys.LOWER, metric_keys.UPPER_OVER_LOWER]
+BOUNDS = [metric_keys.certified("autolip"), metric_keys.bound("autolip")]
+"""The x axis of the plot when ``--bound`` is not given: the first of these the runs have."""
 
 
 def _job_sort_key(path: Path) -> tuple:
@@ -70,7 +74,7 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
     head = ["run", "overrides"]
     override_keys = [k for k in keys if k not in head and "/" not in k
                      and k not in ("objective", "objective_value", "wall_time_s")]
-    certified = [k for k in keys if "certified_acc@" in k]
+    certified = [k for k in keys if f"{metric_keys.CERTIFIED_ACC}@" in k]
     certified.sort(key=lambda k: (0 if k.startswith("test/") else 1 if k.startswith("val/") else 2, k))
     first = [k for k in FIRST if k in keys] + certified
     rest = [k for k in keys if k not in head + override_keys + first]
@@ -104,10 +108,16 @@ def _label(row: dict[str, Any], keys: list[str]) -> str:
 
 
 def _bound_key(rows: list[dict[str, Any]], wanted: str | None) -> str:
-    for key in ([wanted] if wanted else []) + ["lipschitz/autolip_certified", "lipschitz/autolip"]:
+    for key in ([wanted] if wanted else []) + BOUNDS:
         if any(key in r for r in rows):
             return key
     raise KeyError("no Lipschitz bound in the runs' metrics.json")
+
+
+def _radii(rows: list[dict[str, Any]], split: str) -> list[str]:
+    """The radii of the runs' global certified accuracies on ``split``, as written in their keys, in order."""
+    found = {radius for r in rows for k in r if (radius := metric_keys.certified_radius_of(k, split)) is not None}
+    return sorted(found, key=float)
 
 
 def _log_ticks(ax, lo: float, hi: float) -> None:
@@ -138,8 +148,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path, bound_key: str | None = N
     import matplotlib.pyplot as plt
 
     key = _bound_key(rows, bound_key)
-    radii = sorted({k.split("@", 1)[1] for r in rows for k in r if k.startswith(f"{split}/certified_acc@")},
-                   key=float)
+    radii = _radii(rows, split)
     pts = [r for r in rows if isinstance(r.get(key), (int, float)) and r[key] > 0]
     xs = [r[key] for r in pts]
     varying = _varying_keys(pts)
@@ -148,8 +157,9 @@ def plot(rows: list[dict[str, Any]], path: str | Path, bound_key: str | None = N
     colors, markers = plt.get_cmap("tab10"), "osD^v<>P"
     for n, (r, x) in enumerate(zip(pts, xs)):
         style = {"color": colors(n % 10), "marker": markers[(n // 10) % len(markers)], "zorder": 3}
-        ax_acc.scatter([x], [r.get(f"{split}/acc", math.nan)], label=f"{r['run']}: {_label(r, varying)}", **style)
-        ys = [r.get(f"{split}/certified_acc@{eps}", math.nan) for eps in radii]
+        ax_acc.scatter([x], [r.get(metric_keys.accuracy(split), math.nan)],
+                       label=f"{r['run']}: {_label(r, varying)}", **style)
+        ys = [r.get(metric_keys.certified_acc(eps, split), math.nan) for eps in radii]
         ax_cert.plot([x] * len(ys), ys, linestyle="-" if len(ys) > 1 else "", linewidth=0.8, **style)
     for ax, ylabel in ((ax_acc, f"{split} accuracy"), (ax_cert, f"certified {split} accuracy (L2)")):
         ax.set_xscale("log")
@@ -175,11 +185,11 @@ def plot(rows: list[dict[str, Any]], path: str | Path, bound_key: str | None = N
 def _table(rows: list[dict[str, Any]], bound_key: str, split: str) -> list[str]:
     """The console table: the run, its swept values, then one column per key metric (each metric once)."""
     varying = _varying_keys(rows)
-    radii = sorted({k.split("@", 1)[1] for r in rows for k in r if k.startswith(f"{split}/certified_acc@")},
-                   key=float)
+    radii = _radii(rows, split)
     columns = [("run", "run")] + [(k, k.rsplit(".", 1)[-1]) for k in varying] + [
-        (f"{split}/acc", "acc"), (bound_key, "L certified" if "certified" in bound_key else "L estimate"),
-        ("lipschitz/lower", "L lower")] + [(f"{split}/certified_acc@{e}", f"cert acc@{e}") for e in radii]
+        (metric_keys.accuracy(split), "acc"),
+        (bound_key, "L certified" if "certified" in bound_key else "L estimate"), (metric_keys.LOWER, "L lower"),
+    ] + [(metric_keys.certified_acc(e, split), f"cert acc@{e}") for e in radii]
     columns = [(k, h) for k, h in columns if any(k in r for r in rows)]
     cells = [[f"{r[k]:.4g}" if isinstance(r.get(k), float) else short_value(str(r.get(k, ""))) for k, _ in columns]
              for r in rows]
@@ -212,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("multirun_dir", help="a multirun directory of experiments/train.py (e.g. multirun/DATE/TIME)")
     parser.add_argument("--out", default=None, help="where to write summary.csv / summary.png (default: MULTIRUN_DIR)")
     parser.add_argument("--bound", default=None,
-                        help="metric on the x axis (default lipschitz/autolip_certified, else lipschitz/autolip)")
+                        help=f"metric on the x axis (default {BOUNDS[0]}, else {BOUNDS[1]})")
     parser.add_argument("--split", default="test", choices=["test", "val"], help="split of the plotted accuracies")
     args = parser.parse_args(argv)
     rows = collect(args.multirun_dir)

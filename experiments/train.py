@@ -232,6 +232,8 @@ def _rel(path: str | Path) -> str:
 
 def format_summary(metrics: dict[str, float], report: dict, cfg: DictConfig, run_dir: str,
                    tensorboard_dir: str | None, sweep_dir: str | None) -> str:
+    from lipreg import keys
+
     m = metrics
     lines = ["", "=" * 78, f"lipreg run summary   model={HydraConfig.get().runtime.choices.get('model', '?')}"
              f" data={HydraConfig.get().runtime.choices.get('data', '?')} lipreg="
@@ -244,20 +246,20 @@ def format_summary(metrics: dict[str, float], report: dict, cfg: DictConfig, run
         elif key in report.get("errors", {}):
             lines.append(f"  {label:<30} {'n/a':>10}  ({report['errors'][key]})")
 
-    row("test accuracy", "test/acc")
-    row("val accuracy", "val/acc")
-    row("AutoLip estimate", "lipschitz/autolip", "converged power method (from below)")
-    row("AutoLip certified", "lipschitz/autolip_certified", "guaranteed upper bound")
+    row("test accuracy", keys.accuracy("test"))
+    row("val accuracy", keys.accuracy("val"))
+    row("AutoLip estimate", keys.bound("autolip"), "converged power method (from below)")
+    row("AutoLip certified", keys.certified("autolip"), "guaranteed upper bound")
     for search in ("greedy", "exact", "lowrank"):
-        row(f"SeqLip ({search})", f"lipschitz/seqlip_{search}")
-        row(f"SeqLip ({search}) certified", f"lipschitz/seqlip_{search}_certified", "guaranteed upper bound")
-    row("lower bound", "lipschitz/lower", "max local Jacobian norm on val inputs")
-    row("certified / lower", "lipschitz/upper_over_lower", "tightest certificate / lower bound")
+        row(f"SeqLip ({search})", keys.bound(f"seqlip_{search}"))
+        row(f"SeqLip ({search}) certified", keys.certified(f"seqlip_{search}"), "guaranteed upper bound")
+    row("lower bound", keys.LOWER, "max local Jacobian norm on val inputs")
+    row("certified / lower", keys.UPPER_OVER_LOWER, "tightest certificate / lower bound")
     for eps in cfg.eval.radii:
         for split in ("test", "val"):
-            row(f"{split} certified acc @ eps={eps:g}", f"{split}/certified_acc@{eps:g}",
+            row(f"{split} certified acc @ eps={eps:g}", keys.certified_acc(eps, split),
                 f"L2 radius, {report.get('certified_by') or '?'} certificate" if split == "test" else "")
-            row(f"{split} pairwise cert. @ eps={eps:g}", f"{split}/pairwise_certified_acc@{eps:g}",
+            row(f"{split} pairwise cert. @ eps={eps:g}", keys.certified_acc(eps, split, pairwise=True),
                 "per-pair (GloRo) margins" if split == "test" else "")
     lines.append("-" * 78)
     lines.append(f"  run dir      {_rel(run_dir)}")

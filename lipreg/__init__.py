@@ -29,7 +29,7 @@ except PackageNotFoundError:  # a source tree that is not installed
     __version__ = "0+unknown"
 
 _LAZY = {"LipschitzCallback": ("lipreg.lightning", "LipschitzCallback"), "metrics": ("lipreg.metrics", None),
-         "lightning": ("lipreg.lightning", None)}
+         "lightning": ("lipreg.lightning", None), "keys": ("lipreg.keys", None)}
 """Names loaded on first access: ``name -> (module, attribute or None for the module itself)``."""
 
 __all__ = ["LipschitzCallback", "LipschitzEstimator", "LipschitzMarginLoss", "LipschitzPenalty", "LinearOperator", "UnsupportedOpError", "autolip", "metrics",

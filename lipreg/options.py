@@ -1,7 +1,10 @@
-"""The choices of the estimator, the penalty and the callback, as ``Literal`` types, and their validation.
+"""The choices of the estimator, the penalty and the callback, as ``Literal`` types, their validation, and the
+defaults that more than one place needs.
 
 Checked in the constructors (of :class:`~lipreg.LipschitzPenalty` and :class:`~lipreg.LipschitzCallback`), so a
-misspelled option fails where it is written, not later inside ``trainer.fit``.
+misspelled option fails where it is written, not later inside ``trainer.fit``. The defaults below are the library's
+single source: :class:`~lipreg.LipschitzCallback`'s signature and the Hydra schema of ``experiments/`` read them (so the
+schema needs no Lightning import).
 """
 from __future__ import annotations
 
@@ -13,6 +16,27 @@ Method = Literal["autolip", "seqlip"]
 PenaltyKind = Literal["linear", "log", "hinge", "squared_hinge"]
 Search = Literal["auto", "exact", "greedy", "lowrank"]
 OnUnsupported = Literal["raise", "warn"]
+
+METHOD: Method = "autolip"
+"""The bound: AutoLip (paper Alg. 1) unless SeqLip (eq. 8) is asked for."""
+PENALTY_KIND: PenaltyKind = "log"
+"""``h`` in ``weight * h(bound)``: ``log`` penalises deep nets evenly (the gradient is ``dL / L``)."""
+N_ITER = 1
+"""Warm power iterations per training step (penalty, margin loss, callback) or per call of the estimator."""
+LOG_EVERY_N_STEPS = 50
+"""How often the callback logs the warm estimate (optimizer steps)."""
+CERTIFY_EVERY_N_STEPS = 100
+"""How often the callback logs the certified bound and ``lipschitz/gap_percent`` (optimizer steps; 0: never)."""
+RECONVERGE_GAP = 1.05
+"""The ratio ``certified / estimate`` above which the callback re-converges the warm vectors before logging."""
+EVAL_N_ITER = 500
+"""The most power iterations of a converged estimate (each validation epoch, the final evaluation)."""
+ROBUST_EPS: tuple[float, ...] = (0.1,)
+"""The L2 radii of the certified robust accuracy."""
+LOWER_BOUND_BATCHES = 1
+"""Validation batches the callback's empirical lower bound starts from."""
+LOWER_BOUND_ASCENT_STEPS = 0
+"""Gradient-ascent steps of the callback's lower bound on its inputs (only smooth activations gain from them)."""
 
 
 def check_choice(name: str, value: Any, choices: Any) -> None:

@@ -1,4 +1,4 @@
-"""Tests for lipreg.lower_bound against independent references (dense Jacobians, closed forms)."""
+"""Tests for lipreg.metrics.lower_bound (lipreg.metrics.jacobian) against independent references (dense Jacobians, closed forms)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lipreg.lower_bound import local_jacobian_norm, lower_bound
+from lipreg.metrics import local_jacobian_norm, lower_bound
 
 DT = torch.float64
 

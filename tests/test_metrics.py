@@ -9,8 +9,7 @@ import torch
 from torch import nn
 from torchmetrics.utilities.data import dim_zero_max, dim_zero_sum
 
-from lipreg.lower_bound import lower_bound
-from lipreg.metrics import CertifiedRobustAccuracy, EmpiricalLipschitz, lipschitz_gap
+from lipreg.metrics import CertifiedRobustAccuracy, EmpiricalLipschitz, lower_bound, upper_over_lower
 
 # ----------------------------------------------------------------------------- fixed logits
 # margin M = f_t - max_{j != t} f_j; certified at eps iff M > sqrt(2) * L * eps
@@ -235,13 +234,29 @@ def test_empirical_lipschitz_linear_model_exact():
     assert float(metric.compute()) == pytest.approx(ref, rel=1e-5)
 
 
-def test_lipschitz_gap():
-    assert lipschitz_gap(4.0, 2.0) == 2.0
-    assert lipschitz_gap(torch.tensor(3.0), torch.tensor(1.5)) == pytest.approx(2.0)
-    assert lipschitz_gap(1.0, 0.0) == math.inf
-    assert lipschitz_gap(0.0, 0.0) == 1.0
-    assert lipschitz_gap(math.inf, 1.0) == math.inf
+def test_upper_over_lower():
+    assert upper_over_lower(4.0, 2.0) == 2.0
+    assert upper_over_lower(torch.tensor(3.0), torch.tensor(1.5)) == pytest.approx(2.0)
+    assert upper_over_lower(1.0, 0.0) == math.inf
+    assert upper_over_lower(0.0, 0.0) == 1.0
+    assert upper_over_lower(math.inf, 1.0) == math.inf
     with pytest.raises(ValueError):
-        lipschitz_gap(-1.0, 1.0)
+        upper_over_lower(-1.0, 1.0)
     with pytest.raises(ValueError):
-        lipschitz_gap(1.0, float("nan"))
+        upper_over_lower(1.0, float("nan"))
+
+
+def test_metrics_package_names_and_no_shadowed_submodule():
+    import importlib
+
+    import lipreg.metrics as metrics
+
+    jacobian = importlib.import_module("lipreg.metrics.jacobian")
+    assert metrics.lower_bound is jacobian.lower_bound  # the function, not a submodule of that name
+    assert callable(metrics.lower_bound) and callable(metrics.functional.lower_bound)
+    for name in metrics.__all__:
+        assert getattr(metrics, name) is not None
+    with pytest.warns(DeprecationWarning, match="renamed lipreg.metrics.upper_over_lower"):
+        assert metrics.lipschitz_gap(4.0, 2.0) == 2.0
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        metrics.nope  # noqa: B018

@@ -1,7 +1,7 @@
 """Property: the converged AutoLip bound is never below a local Jacobian norm, over random small architectures.
 
 Any ``||J_f(x)||_2`` is a lower bound of ``L(f) = sup_x ||J_f(x)||_2`` (Rademacher), so a bound under one of them is
-wrong. The local norms come from ``lipreg.lower_bound.lower_bound`` (power iteration with forward- and reverse-mode
+wrong. The local norms come from ``lipreg.metrics.lower_bound`` (power iteration with forward- and reverse-mode
 autodiff, then gradient ascent on the inputs), which shares no code with the estimator.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lipreg
-from lipreg.lower_bound import lower_bound
+from lipreg.metrics import lower_bound
 
 DT = torch.float64
 

@@ -74,7 +74,7 @@ def linear_weights(model: nn.Sequential) -> list[torch.Tensor]:
 def local_lower_bound(model: nn.Module, x: torch.Tensor) -> float:
     """Max local Jacobian norm at the points ``x`` (a valid lower bound of the Lipschitz constant)."""
     try:
-        from lipreg.lower_bound import lower_bound
+        from lipreg.metrics import lower_bound
     except ImportError:  # pragma: no cover - the module is written by another issue
         norms = [torch.linalg.matrix_norm(torch.func.jacrev(model)(xi[None]).reshape(-1, xi.numel()), 2)
                  for xi in x]

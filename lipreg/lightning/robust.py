@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import keys
 from ..losses import LipschitzMarginLoss
 from ..margins import MarginCertificate
 from ..metrics import CertifiedRobustAccuracy, certified_accuracy_curve, certified_radius
@@ -52,9 +53,9 @@ class RobustEpoch:
 
     def compute(self) -> dict[str, Tensor]:
         """``robust/certified_acc@eps`` and, with a linear head, ``robust/pairwise_certified_acc@eps``."""
-        metrics = {f"robust/{k}": v for k, v in self.global_acc.compute().items()}
+        metrics = {keys.in_group(k): v for k, v in self.global_acc.compute().items()}
         if self.pair_acc is not None:
-            metrics.update({f"robust/pairwise_{k}": v for k, v in self.pair_acc.compute().items()})
+            metrics.update({keys.in_group(k, pairwise=True): v for k, v in self.pair_acc.compute().items()})
         return metrics
 
     def radii(self) -> Tensor:
@@ -89,7 +90,7 @@ def margin_metrics(module: nn.Module) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for name, loss in losses:
         if loss.last_bound is not None:
-            tag = "margin" if len(losses) == 1 else f"margin/{name}"
-            metrics[f"lipschitz/{tag}_bound"] = float(loss.last_bound)
-            metrics[f"lipschitz/{tag}_eps"] = loss.last_eps
+            tag = None if len(losses) == 1 else name
+            metrics[keys.margin("bound", tag)] = float(loss.last_bound)
+            metrics[keys.margin("eps", tag)] = loss.last_eps
     return metrics

@@ -10,7 +10,7 @@ hyper-parameters are written once, with no experiment summary and no metric copi
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 HParamValue = bool | int | float | str
@@ -22,6 +22,15 @@ def summary_writer(logger: Any) -> Any | None:
     experiment = getattr(logger, "experiment", None)
     capable = all(hasattr(experiment, name) for name in ("add_figure", "add_scalar", "file_writer"))
     return experiment if capable else None
+
+
+def log_figure(loggers: Sequence[Any], tag: str, draw: Callable[[], Any | None], step: int) -> None:
+    """The figure ``draw()`` (drawn once, only if a logger can show it; ``None``: nothing to show) added under
+    ``tag`` to every TensorBoard logger (their IMAGES tab). Call it on rank 0 only."""
+    writers = [w for w in map(summary_writer, loggers) if w is not None]
+    fig = draw() if writers else None
+    for writer in writers if fig is not None else ():
+        writer.add_figure(tag, fig, global_step=step, close=False)
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, HParamValue]:

@@ -43,13 +43,13 @@ def _check_mode(model: Callable[[Tensor], Tensor]) -> None:
     for m in model.modules():
         if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm):
             raise ValueError(
-                f"lipreg.lower_bound: {type(m).__name__} is in training mode, so the samples of the batch interact "
-                "and per-sample Jacobians are meaningless. Call model.eval() first."
+                f"lipreg.metrics.lower_bound: {type(m).__name__} is in training mode, so the samples of the batch "
+                "interact and per-sample Jacobians are meaningless. Call model.eval() first."
             )
     for m in model.modules():
         if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
             warnings.warn(
-                f"lipreg.lower_bound: {type(m).__name__} is in training mode, so the network is random and the "
+                f"lipreg.metrics.lower_bound: {type(m).__name__} is in training mode, so the network is random and the "
                 "local Jacobian norms are not those of the eval-mode network. Call model.eval() first.",
                 RuntimeWarning,
                 stacklevel=3,
