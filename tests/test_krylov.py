@@ -9,7 +9,7 @@ from torch import nn
 
 import lipreg
 from lipreg.linalg.krylov import lanczos_top_singular, vjp_adjoint
-from lipreg.linalg.power import converged, normalized_or_kept
+from lipreg.linalg.power import converged, normalized_or_kept, ritz_residuals
 
 DT = torch.float64
 
@@ -103,10 +103,23 @@ def test_stopping_test_and_normalisation():
     assert torch.equal(normalized_or_kept(w, kept, start_dim=1), torch.tensor([[0.6, 0.8], [1, 1], [1, 1]]))
 
 
+def test_ritz_residuals_of_a_block():
+    """Exact singular vectors have zero residual; a mixed one has the residual of its explicit formula."""
+    torch.manual_seed(8)
+    W = torch.randn(7, 9, dtype=DT)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    mixed = (Vh[0] + Vh[1]) / 2**0.5
+    sigmas, residuals = ritz_residuals(lambda q: q @ W.T, torch.stack([Vh[0], Vh[2], mixed]))
+    torch.testing.assert_close(sigmas[:2], S[[0, 2]])
+    assert float(residuals[:2].max()) < 1e-12
+    u = W @ mixed / torch.linalg.vector_norm(W @ mixed)
+    assert float(residuals[2]) == pytest.approx(float(torch.linalg.vector_norm(W.T @ u - sigmas[2] * mixed)), rel=1e-12)
+
+
 # ------------------------------------------------------------------------------- converge() on models
 def jacobian_norm(module: nn.Module, shape: tuple[int, ...]) -> float:
     jacobian = torch.func.jacrev(module)(torch.zeros(shape, dtype=DT)).reshape(-1, torch.Size(shape).numel())
-    return float(torch.linalg.matrix_norm(jacobian, 2))
+    return float(torch.linalg.matrix_norm(jacobian.detach(), 2))
 
 
 def test_converge_matches_the_exact_product_on_an_mlp():

@@ -24,6 +24,7 @@ a **lower estimate** of ``sigma_1(A)`` (up to rounding), like every power-method
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,66 +52,84 @@ class TopSingular:
 
 
 class _Bases:
-    """The two orthonormal bases (as rows: ``P`` is ``n_p x n_in``, ``Q`` is ``n_q x n_out``) and ``B = Q^T A P``."""
+    """The two orthonormal bases, as the leading rows of preallocated ``(k + 1) x n_in`` and ``k x n_out`` buffers
+    (``P``, ``Q``), and ``B = Q^T A P`` (float64) over the first ``cols`` rows of ``P``."""
 
     def __init__(self, p1: Tensor, k: int) -> None:
-        self.P = p1.reshape(1, -1)
-        self.Q = p1.new_zeros(0, 0)
+        self._P = p1.new_empty(k + 1, p1.numel())
+        self._P[0] = p1.reshape(-1)
+        self._Q: Tensor | None = None  # allocated at the first A p, whose size it takes
+        self.n_p, self.n_q, self.cols = 1, 0, 0  # cols: the leading vectors of P that A has been applied to
         self.B = torch.zeros(k, k + 1, dtype=_F64, device=p1.device)
-        self.cols = 0  # the leading vectors of P that A has been applied to: the columns of B
+
+    @property
+    def P(self) -> Tensor:
+        return self._P[: self.n_p]
+
+    @property
+    def Q(self) -> Tensor:
+        return self._Q[: self.n_q] if self._Q is not None else self._P[:0]
 
     def extend_q(self, w: Tensor) -> bool:
         """``q = (A p_last - Q c) / alpha``: appends ``q`` and the column ``(c, alpha)`` of ``B``; ``False`` on a
         breakdown (``A p_last`` in the span of ``Q``: the bases span an invariant pair)."""
         w = w.reshape(-1)
-        if self.Q.shape[1] == 0:
-            self.Q = w.new_zeros(0, w.numel())
+        if self._Q is None:
+            self._Q = w.new_empty(self.B.shape[0], w.numel())
         coefficients, w, alpha = _orthogonalise(w, self.Q)
-        m, self.cols = self.Q.shape[0], self.P.shape[0]
+        m, self.cols = self.n_q, self.n_p
         self.B[:m, self.cols - 1] = coefficients.to(_F64)
         self.B[m, self.cols - 1] = alpha  # NaN for a non-finite A p: the caller checks B
         if not alpha > 0:
             return False
-        self.Q = torch.cat([self.Q, (w / alpha).unsqueeze(0)])
+        torch.div(w, alpha, out=self._Q[m])
+        self.n_q += 1
         return True
 
     def extend_p(self, r: Tensor) -> Tensor:
         """``p = (A^T q_last - P d) / beta``: appends ``p`` (unless ``beta = 0``) and returns ``beta``."""
         _, r, beta = _orthogonalise(r.reshape(-1), self.P)
         if beta > 0:
-            self.P = torch.cat([self.P, (r / beta).unsqueeze(0)])
+            torch.div(r, beta, out=self._P[self.n_p])
+            self.n_p += 1
         return torch.as_tensor(beta, dtype=_F64, device=self.B.device)
 
     def ritz(self) -> tuple[Tensor, Tensor, Tensor]:
         """``X, S, Y`` of the SVD ``B = X S Y^T`` (float64; ``Y`` over the first ``cols`` vectors of ``P``)."""
-        X, S, Yh = torch.linalg.svd(self.B[: self.Q.shape[0], : self.cols], full_matrices=False)
+        X, S, Yh = torch.linalg.svd(self.B[: self.n_q, : self.cols], full_matrices=False)
         return X, S, Yh.T
 
     def restart(self, X: Tensor, S: Tensor, Y: Tensor, keep: int) -> None:
         """Keep the ``keep`` leading Ritz pairs and the last ``p`` (thick restart): ``B = diag(S[:keep])``; the
         column coupling the Ritz vectors to ``p`` comes back as the next ``extend_q``'s coefficients."""
-        self.Q = X[:, :keep].T.to(self.Q) @ self.Q
-        self.P = torch.cat([Y[:, :keep].T.to(self.P) @ self.P[: self.cols], self.P[self.cols:]])
-        self.cols = keep
+        self._Q[:keep] = X[:, :keep].T.to(self._Q) @ self.Q
+        last = self._P[self.cols : self.n_p].clone()
+        self._P[:keep] = Y[:, :keep].T.to(self._P) @ self._P[: self.cols]
+        self._P[keep : keep + len(last)] = last
+        self.n_q, self.n_p, self.cols = keep, keep + len(last), keep
         self.B.zero_()
         self.B[range(keep), range(keep)] = S[:keep]
 
 
 def _orthogonalise(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor, float]:
-    """``w`` minus its projection on the orthonormal rows of ``basis`` (classical Gram-Schmidt twice: orthogonal to
-    rounding), the projection's coefficients and the remainder's norm; the norm is 0 when the remainder is at the
-    rounding level of ``w`` (numerically in the span) and NaN when ``w`` is not finite."""
+    """``w`` minus its projection on the orthonormal rows of ``basis``, the projection's coefficients and the
+    remainder's norm. Classical Gram-Schmidt, repeated once when the first pass cancelled more than ``1 - 1/sqrt(2)``
+    of the norm (the criterion of Daniel, Gragg, Kaufman & Stewart, Math. Comp. 30 (1976): twice is enough). The
+    norm is 0 when the remainder is at the rounding level of ``w`` (numerically in the span), NaN when ``w`` is not
+    finite."""
     scale = float(torch.linalg.vector_norm(w))
     coefficients = basis @ w
     w = w - coefficients @ basis
-    correction = basis @ w
-    w = w - correction @ basis
     norm = float(torch.linalg.vector_norm(w))
-    if not scale < float("inf"):
-        norm = float("nan")
+    if norm < scale / math.sqrt(2):
+        correction = basis @ w
+        w = w - correction @ basis
+        coefficients, norm = coefficients + correction, float(torch.linalg.vector_norm(w))
+    if not scale < math.inf:
+        norm = math.nan
     elif norm <= 4 * torch.finfo(w.dtype).eps * scale:
         norm = 0.0
-    return coefficients + correction, w, norm
+    return coefficients, w, norm
 
 
 def lanczos_top_singular(matvec: LinearFn, rmatvec: LinearFn, v0: Tensor, tol: float = 1e-6,
@@ -143,7 +162,8 @@ def lanczos_top_singular(matvec: LinearFn, rmatvec: LinearFn, v0: Tensor, tol: f
         if not bool(torch.isfinite(beta)):
             return TopSingular(nan, v0, None, nan, False, step)
         X, S, Y = bases.ritz()
-        residual = beta * X[-1, 0].abs()
+        cluster = S >= S[0] * (1 - tol)  # Ritz values within tol of the top: their joint residual decides
+        residual = beta * torch.linalg.vector_norm(X[-1, cluster])
         done = invariant or bool(beta == 0) or converged(residual, S[0], tol)
         if done or step == max_iter:
             break
@@ -165,7 +185,9 @@ def _triple(bases: _Bases, X: Tensor, S: Tensor, Y: Tensor, residual: Tensor, do
 
 
 def vjp_adjoint(matvec: LinearFn, like: Tensor) -> LinearFn:
-    """``u -> A^T u`` for the linear ``A = matvec`` by reverse-mode autograd (:func:`torch.func.vjp` at ``like``,
-    a tensor of ``A``'s input shape): the graph is recorded once and replayed for every ``u``."""
-    _, pullback = torch.func.vjp(matvec, like)
-    return lambda u: pullback(u)[0]
+    """``u -> A^T u`` for the linear ``A = matvec`` by reverse-mode autograd: ``A`` is recorded once at ``like`` (a
+    tensor of its input shape) and its graph replayed for every ``u`` (no grad reaches the weights)."""
+    with torch.enable_grad():
+        x = like.detach().clone().requires_grad_(True)
+        out = matvec(x)
+    return lambda u: torch.autograd.grad(out, x, grad_outputs=u, retain_graph=True)[0]
