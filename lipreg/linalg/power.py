@@ -68,6 +68,21 @@ def converged(residual: Tensor, sigma: Tensor, tol: float) -> bool:
     return bool((residual <= tol * sigma).all())
 
 
+def ritz_residuals(apply: LinearFn, vs: Tensor) -> tuple[Tensor, Tensor]:
+    """For a block of unit right singular vector estimates ``v_i`` (the rows of ``vs``, ``(k, *in)``, mapped by
+    ``apply`` to ``(k, *out)``): ``sigma_i = ||A v_i||`` and the residuals ``||A^T u_i - sigma_i v_i||`` with
+    ``u_i = A v_i / sigma_i``, by one forward and one backward pass (for :func:`converged`)."""
+    with torch.enable_grad():
+        x = vs.detach().requires_grad_(True)
+        out = apply(x)
+        (at_u,) = torch.autograd.grad(out, x, grad_outputs=out.detach())  # A^T A v_i = sigma_i A^T u_i
+    sigmas = torch.linalg.vector_norm(out.detach().reshape(len(vs), -1), dim=1)
+    per_row = (-1,) + (1,) * (vs.dim() - 1)
+    residuals = torch.linalg.vector_norm((at_u / sigmas.reshape(per_row) - sigmas.reshape(per_row) * vs)
+                                         .reshape(len(vs), -1), dim=1)
+    return sigmas, residuals.detach()
+
+
 def rayleigh_norms_and_step(applies: Sequence[LinearFn], vs: Sequence[Tensor],
                             step: bool = True) -> tuple[list[Tensor], list[Tensor]]:
     """``sigma_i = ||A_i v_i||`` for several operators, differentiable w.r.t. their weights, and from the same
