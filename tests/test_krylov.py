@@ -95,6 +95,15 @@ def test_max_iter_bounds_the_work_and_the_value_stays_below():
     assert 0 < float(top.sigma) <= 1.0
 
 
+def test_a_tolerance_below_the_dtype_resolution_is_raised_to_it():
+    """float32 products cannot resolve a residual of 1e-14: the test stops at eps instead of running on."""
+    torch.manual_seed(9)
+    W = torch.randn(120, 160)
+    top = lanczos_top_singular(*matrix_maps(W), torch.randn(1, 160), tol=1e-14, max_iter=300)
+    assert top.converged and top.steps < 100
+    assert float(top.sigma) == pytest.approx(float(torch.linalg.matrix_norm(W.to(DT), 2)), rel=1e-6)
+
+
 def test_stopping_test_and_normalisation():
     assert converged(torch.tensor([1e-7, 0.0]), torch.tensor([1.0, 0.0]), 1e-6)
     assert not converged(torch.tensor(float("nan")), torch.tensor(1.0), 1e-6)

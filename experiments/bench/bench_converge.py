@@ -12,7 +12,7 @@ import math
 import time
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 import lipreg
 from experiments.bench.bench_certify import six_conv_cnn

@@ -8,12 +8,15 @@ From a unit ``p_1`` (the warm power vector), the Golub-Kahan recurrence builds o
 ``B_m = Q_m^T A P_m`` small and upper triangular (bidiagonal before a restart). Each step applies ``A`` once and
 ``A^T`` once. If ``B_m = X S Y^T``, the Ritz triple ``(s_1, u = Q_m x_1, v = P_m y_1)`` satisfies ``A v = s_1 u``
 and ``||A^T u - s_1 v|| = beta_m |x_1[m]|``: its residual is known without another product, and the stopping test
-(:func:`lipreg.linalg.power.converged`) is that residual against ``tol * s_1``. The power method converges at the
+(:func:`lipreg.linalg.power.converged`) is that residual against ``tol * s_1``; Ritz values within ``tol`` of
+``s_1`` (a cluster, such as the nearly double top singular values of zero-padded convolutions) are tested by their
+joint residual ``beta_m ||X[m, cluster]||``, since any unit vector of their span has ``||A v||`` within the
+cluster. The power method converges at the
 rate ``(sigma_2 / sigma_1)^2`` per step; the Krylov space holds the Chebyshev polynomials of ``A^T A`` of the same
 degree, which converge at about the square root of that rate (Golub & Van Loan, Matrix Computations, 4th ed.,
 sec. 10.4; Saad, Numerical Methods for Large Eigenvalue Problems, ch. 6).
 
-Both bases are reorthogonalised in full (classical Gram-Schmidt twice), so ``k`` (20-60) vectors per side are
+Both bases are reorthogonalised in full (classical Gram-Schmidt, a second pass when the first cancelled), so ``k`` (20-60) vectors per side are
 kept; when ``k`` steps are not enough, the ``k // 2`` leading Ritz pairs and ``p_{m+1}`` start the next cycle
 (thick restart, Baglama & Reichel, SIAM J. Sci. Comput. 27 (2005), the augmented Lanczos bidiagonalisation):
 ``B`` becomes ``diag(s_1..s_l)`` with the column ``beta_m x_i[m]`` next to it, which the next step's Gram-Schmidt
@@ -137,7 +140,9 @@ def lanczos_top_singular(matvec: LinearFn, rmatvec: LinearFn, v0: Tensor, tol: f
     """The top singular triple of the linear map ``A`` with ``A v = matvec(v)`` and ``A^T u = rmatvec(u)``
     (tensors of any shapes, flattened as vectors), by thick-restarted Golub-Kahan-Lanczos from ``v0``.
 
-    Stops when ``||A^T u - sigma v|| <= tol * sigma`` (:func:`~lipreg.linalg.power.converged`), after
+    Stops when ``||A^T u - sigma v|| <= tol * sigma`` (:func:`~lipreg.linalg.power.converged`; the joint residual of
+    the Ritz values within ``tol`` of the top one; a ``tol`` below the resolution ``eps`` of ``v0``'s dtype is raised
+    to it, as products rounded in that dtype cannot resolve a smaller residual), after
     ``max_iter`` products by ``A``, or when the Krylov space is invariant (the triple is then exact). Keeps at most
     ``k`` basis vectors per side (``k >= 2``). The value is a **lower estimate** of ``sigma_1`` (a Ritz value of a
     compression of ``A``), and the residual test, unlike a stalled value, also bounds the vectors' error (by
@@ -150,6 +155,7 @@ def lanczos_top_singular(matvec: LinearFn, rmatvec: LinearFn, v0: Tensor, tol: f
     if not bool(norm0 > 0) or not bool(torch.isfinite(norm0)):
         raise ValueError("v0 must be finite and nonzero")
     bases, shape = _Bases(v0 / norm0, k), v0.shape
+    tol = max(tol, torch.finfo(v0.dtype).eps)
     nan, zero = (torch.full((), value, dtype=_F64, device=v0.device) for value in (float("nan"), 0.0))
     for step in range(1, max_iter + 1):
         av = matvec(bases.P[-1].reshape(shape))
