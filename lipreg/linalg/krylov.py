@@ -136,7 +136,7 @@ def _orthogonalise(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor, float]:
 
 
 def lanczos_top_singular(matvec: LinearFn, rmatvec: LinearFn, v0: Tensor, tol: float = 1e-6,
-                         max_iter: int = 2000, k: int = 32, left: bool = False) -> TopSingular:
+                         max_iter: int = 2000, k: int = 20, left: bool = False) -> TopSingular:
     """The top singular triple of the linear map ``A`` with ``A v = matvec(v)`` and ``A^T u = rmatvec(u)``
     (tensors of any shapes, flattened as vectors), by thick-restarted Golub-Kahan-Lanczos from ``v0``.
 
