@@ -16,7 +16,8 @@ from .bounds.autolip import autolip_bound, chain_interiors, own_constant
 from .bounds.seqlip import SeqLip
 from .capture.graph import _LIBRARY_DIRS, LipGraph, LipNode
 from .linalg.certify import arithmetic_margin, certified_cast
-from .linalg.power import normalized, power_iterations, rayleigh_norm, rayleigh_norms_and_step
+from .linalg.krylov import lanczos_top_singular, vjp_adjoint
+from .linalg.power import normalized, power_iterations, rayleigh_norms_and_step
 from .operator import LinearOperator, linear_operators
 from .ops import Activation, Constant
 from .progress import progress as _progress
@@ -153,26 +154,22 @@ class LipschitzEstimator(nn.Module):
         return bound
 
     def converge(self, tol: float = 1e-6, max_iter: int = 2000, progress: bool = False) -> Tensor:
-        """Iterate every operator until ``||A v||`` moves by less than ``tol`` (relative) in one step, or
-        ``max_iter`` steps; then return the (differentiable) bound. Still an estimate from below: with close top
-        singular values ``sigma`` stalls (changes by < tol) while ``v`` is still off by ``O(sqrt(tol))``, and the
-        stopping test cannot see that; the gradient's error is first order in ``v``'s. ``progress=True`` shows a
-        bar over the operators."""
+        """Iterate every operator to its top singular triple (Golub-Kahan-Lanczos from its warm vector,
+        :func:`~lipreg.linalg.krylov.lanczos_top_singular`) until ``||A^T u - sigma v|| <= tol * sigma``, or
+        ``max_iter`` products by ``A`` each; store the right singular vectors as the warm vectors and return the
+        (differentiable) bound. Still an **estimate from below**: each ``sigma`` is a Ritz value, at most
+        ``sigma_1``. The residual test also bounds the vectors' error (by ``tol sigma / gap``), which a stalled
+        ``sigma`` does not. SeqLip's subspaces are iterated too. ``progress=True`` shows a bar over the operators."""
         with torch.no_grad(), self._evaluation() as operators:
             self._converge_operators(operators, tol, max_iter, progress)
         return self(n_iter=0)
 
     def _converge_operators(self, operators: Operators, tol: float, max_iter: int, show: bool = False) -> None:
         for node in _progress(self._iterated_nodes(), show, "converge"):
-            apply = operators[node].matvec
+            matvec = operators[node].matvec
             buffer = self.get_buffer(self._buffer_names[node])
-            v, sigma = buffer, rayleigh_norm(apply, buffer)
-            for _ in range(max_iter):
-                v = power_iterations(apply, v, 1)
-                previous, sigma = sigma, rayleigh_norm(apply, v)
-                if not torch.isfinite(sigma) or abs(sigma - previous) <= tol * abs(sigma):
-                    break
-            buffer.copy_(v)
+            top = lanczos_top_singular(matvec, vjp_adjoint(matvec, buffer), buffer, tol, max_iter)
+            buffer.copy_(top.v)
         if self.seqlip is not None:
             self.seqlip.converge(operators, tol, max_iter)
 

@@ -82,6 +82,7 @@ from torch import Tensor, nn
 
 from ..capture.graph import LipGraph, LipNode
 from ..operator import LinearOperator, linear_operators
+from ..linalg.power import converged, ritz_residuals
 from ..ops import Activation
 
 SEARCHES = ("auto", "exact", "greedy", "lowrank")
@@ -503,21 +504,19 @@ class SeqLip(nn.Module):
 
     @torch.no_grad()
     def converge(self, operators: Operators, tol: float = 1e-6, max_iter: int = 2000) -> None:
-        """Run the subspace iteration of every low-rank operator until its top-``E`` singular values move by less
-        than ``tol`` (relative) in one step, or ``max_iter`` steps. (Full SVDs and searches need no iterations.)"""
+        """Run the subspace iteration of every low-rank operator until each of its top-``E`` Ritz triples passes
+        :func:`~lipreg.linalg.power.converged` (``||A^T u_i - s_i v_i|| <= tol s_i``), or ``max_iter`` steps.
+        (Full SVDs and searches need no iterations.)"""
         for plan in self.plans:
             for op in plan.ops:
                 if not op.lowrank:
                     continue
-                previous = None
+                apply = operators[op.node].matmat
                 for _ in range(max_iter):
                     self._subspace_step(op, operators, 1)
-                    values = self._ritz(op, operators)[1][: op.rank]
-                    if not bool(torch.isfinite(values).all()):
+                    values, residuals = ritz_residuals(apply, self._subspace(op)[: op.rank])
+                    if not bool(torch.isfinite(residuals).all()) or converged(residuals, values, tol):
                         break
-                    if previous is not None and bool(((values - previous).abs() <= tol * values.abs()).all()):
-                        break
-                    previous = values
 
     def subspace_singular_values(self, node: LipNode) -> Tensor:
         """The top-``E`` singular values of a low-rank operator from its current subspace (Rayleigh-Ritz, float64):

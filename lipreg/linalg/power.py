@@ -36,21 +36,51 @@ def gram_step(apply: LinearFn, v: Tensor) -> Tensor:
 
 
 def power_iterations(apply: LinearFn, v: Tensor, n_iter: int) -> Tensor:
-    """``n_iter`` steps of ``v <- A^T A v / ||A^T A v||`` from ``v``.
+    """``n_iter`` steps of ``v <- A^T A v / ||A^T A v||`` from ``v``, ``A^T A v`` by :func:`gram_step`."""
+    return power_steps(lambda x: gram_step(apply, x), v, n_iter)
+
+
+def power_steps(gram: LinearFn, v: Tensor, n_iter: int, start_dim: int = 0) -> Tensor:
+    """``n_iter`` steps of ``v <- G v / ||G v||`` from ``v`` for ``G = gram`` (``A^T A``, however it is applied),
+    ``v`` normalised over its dimensions from ``start_dim`` on (``start_dim=1``: one iteration per sample).
 
     A step that would give a zero or non-finite vector (zero or NaN weights) keeps the previous vector, so the
-    warm state is never poisoned (chosen with ``torch.where``: no host synchronisation).
+    warm state is never poisoned (:func:`normalized_or_kept`: no host synchronisation).
     """
     for _ in range(n_iter):
-        v = _normalized_or_kept(gram_step(apply, v), v)
+        v = normalized_or_kept(gram(v), v, start_dim)
     return v.detach()
 
 
-def _normalized_or_kept(w: Tensor, v: Tensor) -> Tensor:
-    """``w / ||w||``, or ``v`` where that is not finite (chosen with ``torch.where``: no host synchronisation)."""
-    norm = torch.linalg.vector_norm(w)
+def normalized_or_kept(w: Tensor, v: Tensor, start_dim: int = 0) -> Tensor:
+    """``w / ||w||`` (the norm over the dimensions from ``start_dim`` on), or ``v`` wherever that norm is zero or
+    not finite (chosen with ``torch.where``: no host synchronisation)."""
+    norm = torch.linalg.vector_norm(w, dim=tuple(range(start_dim, w.dim())), keepdim=True)
     usable = (norm > 0) & (norm < math.inf)  # False for NaN too; cheaper than isfinite on this hot path
     return torch.where(usable, w / norm, v)
+
+
+def converged(residual: Tensor, sigma: Tensor, tol: float) -> bool:
+    """The stopping test of every iteration here: ``||A^T u - sigma v|| <= tol * sigma`` for the estimated top
+    singular triple ``(sigma, u, v)`` (unit ``u``, ``v``). Unlike a stalled ``sigma``, a small residual also bounds
+    the error of ``v`` (by ``residual / (sigma_1 - sigma_2)``, Wedin's theorem) and of ``sigma^2`` (by
+    ``residual^2 / gap``). Elementwise for several triples: all must pass. Needs the host (a Python ``bool``)."""
+    return bool((residual <= tol * sigma).all())
+
+
+def ritz_residuals(apply: LinearFn, vs: Tensor) -> tuple[Tensor, Tensor]:
+    """For a block of unit right singular vector estimates ``v_i`` (the rows of ``vs``, ``(k, *in)``, mapped by
+    ``apply`` to ``(k, *out)``): ``sigma_i = ||A v_i||`` and the residuals ``||A^T u_i - sigma_i v_i||`` with
+    ``u_i = A v_i / sigma_i``, by one forward and one backward pass (for :func:`converged`)."""
+    with torch.enable_grad():
+        x = vs.detach().requires_grad_(True)
+        out = apply(x)
+        (at_u,) = torch.autograd.grad(out, x, grad_outputs=out.detach())  # A^T A v_i = sigma_i A^T u_i
+    sigmas = torch.linalg.vector_norm(out.detach().reshape(len(vs), -1), dim=1)
+    per_row = (-1,) + (1,) * (vs.dim() - 1)
+    residuals = torch.linalg.vector_norm((at_u / sigmas.reshape(per_row) - sigmas.reshape(per_row) * vs)
+                                         .reshape(len(vs), -1), dim=1)
+    return sigmas, residuals.detach()
 
 
 def rayleigh_norms_and_step(applies: Sequence[LinearFn], vs: Sequence[Tensor],
@@ -69,7 +99,7 @@ def rayleigh_norms_and_step(applies: Sequence[LinearFn], vs: Sequence[Tensor],
         if step and vs:
             ata_vs = torch.autograd.grad(outs, vs, grad_outputs=[out.detach() for out in outs],
                                          retain_graph=grad_enabled)
-            vs = [_normalized_or_kept(w, v.detach()) for w, v in zip(ata_vs, vs)]
+            vs = [normalized_or_kept(w, v.detach()) for w, v in zip(ata_vs, vs)]
     if not grad_enabled:
         sigmas = [sigma.detach() for sigma in sigmas]
     return sigmas, [v.detach() for v in vs]

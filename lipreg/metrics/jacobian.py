@@ -22,7 +22,7 @@ functions never change the model's mode: **pass a model in eval mode** (``model.
 with BatchNorm in training mode is rejected (``ValueError``); Dropout in training mode gives a
 ``RuntimeWarning`` (the function is then random).
 
-This module is a leaf: it imports nothing from :mod:`lipreg`.
+This module imports only the power steps of :mod:`lipreg.linalg.power`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+
+from lipreg.linalg.power import power_steps
 
 __all__ = ["local_jacobian_norm", "lower_bound"]
 
@@ -65,14 +67,6 @@ def _flat_norm(t: Tensor) -> Tensor:
 def _per_sample(s: Tensor, like: Tensor) -> Tensor:
     """Reshape a (B,) tensor so that it broadcasts against ``like`` (B, *)."""
     return s.reshape((-1,) + (1,) * (like.dim() - 1))
-
-
-def _normalize(w: Tensor, fallback: Tensor) -> Tensor:
-    """Per-sample ``w / ||w||``; rows with zero or non-finite norm are replaced by ``fallback``."""
-    n = _flat_norm(w)
-    ok = torch.isfinite(n) & (n > 0)
-    unit = w / _per_sample(torch.where(ok, n, torch.ones_like(n)), w)
-    return torch.where(_per_sample(ok, w), unit, fallback)
 
 
 def _jvp(model: Callable[[Tensor], Tensor], x: Tensor, v: Tensor) -> Tensor:
@@ -145,10 +139,7 @@ def local_jacobian_norm(
         if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != x.shape[0]:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"model must map (B, *in) to (B, *out); got output {shape} for B={x.shape[0]}")
-        for _ in range(n_iter):
-            u = _jvp(model, x, v)
-            (w,) = vjp_fn(u)
-            v = _normalize(w, fallback=v)
+        v = power_steps(lambda z: vjp_fn(_jvp(model, x, z))[0], v, n_iter, start_dim=1)  # per-sample J^T J
         norms = _flat_norm(_jvp(model, x, v))
     return norms.detach(), v.detach()
 
