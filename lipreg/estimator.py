@@ -71,6 +71,9 @@ class LipschitzEstimator(nn.Module):
         self.method = method
         self.n_iter = n_iter
         self.dtype = dtype
+        if policy is not None and not isinstance(policy, BoundPolicy):
+            raise TypeError(f"policy must be a lipreg.BoundPolicy, got {type(policy).__name__}: "
+                            "pass policy=lipreg.BoundPolicy(...)")
         self.policy = BoundPolicy() if policy is None else policy
         self._trace_options: dict[str, Any] = {"fuse": fuse, "concrete_args": concrete_args}
         self._seed = seed
@@ -207,7 +210,8 @@ class LipschitzEstimator(nn.Module):
         """The certified bound in float64 (before :meth:`_round_up`) and the certified factors it uses, from
         float64 operators: each factor is :meth:`LinearOperator.certified_norm`."""
         nodes = self._bounded_nodes() if use_seqlip else self.graph.linear_nodes()
-        factors = {node: operators64[node].certified_norm(self.policy) for node in _progress(nodes, progress, "certify")}
+        factors = {node: operators64[node].certified_norm(self.policy)
+                   for node in _progress(nodes, progress, "certify")}
         chains = self.seqlip(factors, operators64, 0) if use_seqlip else None
         return autolip_bound(self.graph, factors, chains, dtype=torch.float64, device=self._device()), factors
 
@@ -226,8 +230,8 @@ class LipschitzEstimator(nn.Module):
         if not certified:
             return {name: float(value) for name, value in self._last_factors.items()}
         with torch.no_grad(), self._evaluation() as operators:
-            bounds = {node.name: float(certified_cast(operator.certified_norm(self.policy), self.dtype, margin=0.0))
-                      for node, operator in self._float64(operators).items()}
+            norms = {node: operator.certified_norm(self.policy) for node, operator in self._float64(operators).items()}
+            bounds = {node.name: float(certified_cast(norm, self.dtype, margin=0.0)) for node, norm in norms.items()}
         return {**bounds, **self._constants}
 
     @property

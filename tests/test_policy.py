@@ -7,6 +7,7 @@ no code reads (because a constant elsewhere still decides) makes its ``test_poli
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 
 import pytest
@@ -64,6 +65,20 @@ def test_unknown_fields_inconsistent_limits_and_mutation_are_refused():
     with pytest.raises(dataclasses.FrozenInstanceError):
         BoundPolicy().dense_entries = 0  # type: ignore[misc]
     assert BoundPolicy(greedy_max_rounds=None) == BoundPolicy()
+    with pytest.raises(TypeError, match="policy must be a lipreg.BoundPolicy, got dict"):
+        lipreg.LipschitzEstimator(nn.Linear(2, 2), torch.randn(1, 2), policy={"dense_entries": 0})
+
+
+def test_certify_defaults_agree_with_the_policy():
+    """:mod:`lipreg.linalg.certify` is a leaf module (no lipreg import), with standalone defaults for direct calls:
+    the policy's values (the library passes those explicitly)."""
+    from lipreg.linalg import certify
+
+    policy = BoundPolicy()
+    dense = inspect.signature(certify.conv_spectral_bound).parameters["dense_max_entries"].default
+    assert dense == policy.conv_dense_entries
+    assert certify._EXACT_MAX_DIM == {"cpu": policy.exact_eig_max_dim("cpu")}
+    assert certify._EXACT_MAX_DIM_OTHER == policy.exact_eig_max_dim("cuda")
 
 
 def test_every_field_has_a_behaviour_test():
