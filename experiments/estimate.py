@@ -191,8 +191,6 @@ def evaluate_bounds(
                                f"layer has {units} units > exact_max_units={exact_max_units}")
                 continue
         options = {**(seqlip_options or {}), "search": search}
-        if search == "exact":
-            options.setdefault("exact_max_units", exact_max_units)
 
         def run_seqlip(options: dict[str, Any] = options) -> tuple[float, float | None]:
             seq = lipreg.LipschitzEstimator(net, example, method="seqlip", **options)

@@ -20,6 +20,7 @@ from .penalty import LipschitzPenalty
 from .losses import LipschitzMarginLoss
 from .oneshot import autolip, seqlip
 from .operator import LinearOperator
+from .policy import BoundPolicy
 from .linalg.power import power_method
 from .ops import register_rule
 
@@ -32,7 +33,7 @@ _LAZY = {"LipschitzCallback": ("lipreg.lightning", "LipschitzCallback"), "metric
          "lightning": ("lipreg.lightning", None), "keys": ("lipreg.keys", None)}
 """Names loaded on first access: ``name -> (module, attribute or None for the module itself)``."""
 
-__all__ = ["LipschitzCallback", "LipschitzEstimator", "LipschitzMarginLoss", "LipschitzPenalty", "LinearOperator", "UnsupportedOpError", "autolip", "metrics",
+__all__ = ["BoundPolicy", "LipschitzCallback", "LipschitzEstimator", "LipschitzMarginLoss", "LipschitzPenalty", "LinearOperator", "UnsupportedOpError", "autolip", "metrics",
            "power_method", "ops", "register_rule", "seqlip"]
 
 

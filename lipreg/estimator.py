@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import sys
 import warnings
 from contextlib import contextmanager
@@ -13,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .bounds.autolip import autolip_bound, chain_interiors, own_constant
+from .bounds.naming import buffer_name
 from .bounds.seqlip import SeqLip
 from .capture.graph import _LIBRARY_DIRS, LipGraph, LipNode
 from .linalg.certify import arithmetic_margin, certified_cast
@@ -20,15 +20,11 @@ from .linalg.krylov import lanczos_top_singular, vjp_adjoint
 from .linalg.power import normalized, power_iterations, rayleigh_norms_and_step
 from .operator import LinearOperator, linear_operators
 from .ops import Activation, Constant
+from .policy import BoundPolicy
 from .progress import progress as _progress
 
 METHODS = ("autolip", "seqlip")
 Operators = dict[LipNode, LinearOperator]
-
-
-def buffer_name(prefix: str, node_name: str) -> str:
-    """A valid, readable buffer name for a node (``conv1+bn1`` -> ``power_conv1_bn1``)."""
-    return f"{prefix}_{re.sub(r'[^0-9a-zA-Z_]', '_', node_name)}"
 
 
 class LipschitzEstimator(nn.Module):
@@ -58,12 +54,15 @@ class LipschitzEstimator(nn.Module):
         dtype: computation dtype (``torch.float64`` for references).
         seed: seed of the initial vectors (identical on every process).
         concrete_args: passed to ``torch.fx.Tracer.trace`` to fix non-tensor arguments.
-        **seqlip_options: ``search``, ``rank``, ``exact_max_units`` for ``method="seqlip"``.
+        policy: every size limit (dense or per-op certificates, exact or greedy SeqLip search, full or low-rank
+            SeqLip factors) and the low-rank sizes; default ``BoundPolicy()``.
+        **seqlip_options: ``search`` for ``method="seqlip"``.
     """
 
     def __init__(self, model: nn.Module, example_input: Tensor, method: str = "autolip", n_iter: int = 1,
                  fuse: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0,
-                 concrete_args: dict[str, Any] | None = None, **seqlip_options: Any) -> None:
+                 concrete_args: dict[str, Any] | None = None, policy: BoundPolicy | None = None,
+                 **seqlip_options: Any) -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -73,6 +72,10 @@ class LipschitzEstimator(nn.Module):
         self.method = method
         self.n_iter = n_iter
         self.dtype = dtype
+        if policy is not None and not isinstance(policy, BoundPolicy):
+            raise TypeError(f"policy must be a lipreg.BoundPolicy, got {type(policy).__name__}: "
+                            "pass policy=lipreg.BoundPolicy(...)")
+        self.policy = BoundPolicy() if policy is None else policy
         self._trace_options: dict[str, Any] = {"fuse": fuse, "concrete_args": concrete_args}
         self._seed = seed
         self._seqlip_options = seqlip_options
@@ -94,7 +97,8 @@ class LipschitzEstimator(nn.Module):
         self.seqlip: SeqLip | None = None
         self._chained: set[LipNode] = set()  # linear nodes whose norm SeqLip replaces: never iterated
         if self.method == "seqlip":
-            self.seqlip = SeqLip(self.graph, dtype=self.dtype, generator=generator, **self._seqlip_options)
+            self.seqlip = SeqLip(self.graph, dtype=self.dtype, generator=generator, policy=self.policy,
+                                 **self._seqlip_options)
             self._chained = chain_interiors(self.seqlip.endpoints) | set(self.seqlip.endpoints)
         operators = linear_operators(self.graph, self.dtype, _model_device(self.model) or torch.device("cpu"))
         for operator in operators.values():
@@ -203,7 +207,8 @@ class LipschitzEstimator(nn.Module):
         """The certified bound in float64 (before :meth:`_round_up`) and the certified factors it uses, from
         float64 operators: each factor is :meth:`LinearOperator.certified_norm`."""
         nodes = self._bounded_nodes() if use_seqlip else self.graph.linear_nodes()
-        factors = {node: operators64[node].certified_norm() for node in _progress(nodes, progress, "certify")}
+        factors = {node: operators64[node].certified_norm(self.policy)
+                   for node in _progress(nodes, progress, "certify")}
         chains = self.seqlip(factors, operators64, 0) if use_seqlip else None
         return autolip_bound(self.graph, factors, chains, dtype=torch.float64, device=self._device()), factors
 
@@ -222,8 +227,8 @@ class LipschitzEstimator(nn.Module):
         if not certified:
             return {name: float(value) for name, value in self._last_factors.items()}
         with torch.no_grad(), self._evaluation() as operators:
-            bounds = {node.name: float(certified_cast(operator.certified_norm(), self.dtype, margin=0.0))
-                      for node, operator in self._float64(operators).items()}
+            norms = {node: operator.certified_norm(self.policy) for node, operator in self._float64(operators).items()}
+            bounds = {node.name: float(certified_cast(norm, self.dtype, margin=0.0)) for node, norm in norms.items()}
         return {**bounds, **self._constants}
 
     @property

@@ -30,9 +30,8 @@ from .ops import NodeInfo, Rule
 from .ops.base import display_name, raw_argument
 from .ops.linear import WeightedOp
 from .ops.structural import Identity, SignedIdentity
+from .policy import BoundPolicy
 
-DENSE_CERTIFY_LIMIT = 2**20
-"""Operators with at most this many matrix entries are certified by the exact norm of their dense matrix."""
 _CLOSED_FORM_MARGIN = arithmetic_margin(8)
 """Closed forms (``max_c |gamma_c| / sqrt(var_c + eps)``, ``max |c|``) take a few correctly rounded float64 steps."""
 _POINTWISE_ISOMETRIES = (Identity, SignedIdentity)  # v -> +-v: a diagonal op's gains fold across them
@@ -124,20 +123,20 @@ class LinearOperator:
         norm = rule.closed_form_norm(info, _NodeCall(info.node, self._constants), self.dtype)
         return None if norm is None else norm.to(self.device)
 
-    def certified_norm(self) -> Tensor:
+    def certified_norm(self, policy: BoundPolicy = BoundPolicy()) -> Tensor:
         """A guaranteed upper bound on ``sigma_1(A)`` in float64, differentiable: the tightest available of its
-        closed form; the exact norm of its dense matrix when small (``n_in n_out <= DENSE_CERTIFY_LIMIT``); the
+        closed form; the exact norm of its dense matrix when small (``n_in n_out <= policy.dense_entries``); the
         product of the certified norms of its ops (sub-multiplicativity), where each weighted op (linear,
         convolution) absorbs the per-channel diagonal ops next to it (eval batch norm, scales) into its weight
         before its FFT / Gram certificate. Computed from the weights in float64 whatever :attr:`dtype`."""
         if self.dtype != torch.float64:
-            return self.in_float64().certified_norm()
+            return self.in_float64().certified_norm(policy)
         closed = self.closed_form_norm()
         if closed is not None:
             return certified_cast(closed.to(torch.float64), torch.float64, _CLOSED_FORM_MARGIN)
-        if self.in_shape.numel() * self.out_shape.numel() <= DENSE_CERTIFY_LIMIT:
-            return dense_spectral_bound(self.dense())
-        return torch.stack(self._segment_norms()).prod()
+        if self.in_shape.numel() * self.out_shape.numel() <= policy.dense_entries:
+            return dense_spectral_bound(self.dense(), exact_max_dim=policy.exact_eig_max_dim(self.device.type))
+        return torch.stack(self._segment_norms(policy)).prod()
 
     def in_float64(self) -> LinearOperator:
         """The same operator evaluated from the weights in float64 (for certificates)."""
@@ -161,7 +160,7 @@ class LinearOperator:
                         "(or torch.float64); certified_bound() is computed in float64 whatever the dtype"
                     ) from err
 
-    def _segment_norms(self) -> list[Tensor]:
+    def _segment_norms(self, policy: BoundPolicy) -> list[Tensor]:
         """Certified norms (float64) whose product bounds the node: one per weighted op, with the diagonal ops
         around it folded in (:class:`~lipreg.ops.linear.WeightedOp`), and one per remaining non-isometric op."""
         ops = list(zip(self.node.ops, self.node.rules))
@@ -174,7 +173,7 @@ class LinearOperator:
                 continue
             before = _fold(rule, ops, multipliers, range(k - 1, -1, -1), info.in_shapes[0], folded)
             after = _fold(rule, ops, multipliers, range(k + 1, len(ops)), info.out_shape, folded)
-            norms.append(rule.folded_norm(info, self.dtype, before, after))
+            norms.append(rule.folded_norm(info, self.dtype, before, after, policy))
             folded.add(k)
         for k, ((info, rule), call) in enumerate(zip(ops, calls)):
             if k in folded or rule.isometry:

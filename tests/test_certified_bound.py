@@ -2,7 +2,8 @@
 
 Reference: the largest singular value of the dense Jacobian of each layer's bias-free map (``torch.func.jacrev``,
 float64). Both routes are checked: the exact dense norm used for small operators, and the per-operator route
-(FFT bound for convolutions, Gram iteration / exact norm for dense layers) forced with ``DENSE_CERTIFY_LIMIT = 0``.
+(FFT bound for convolutions, Gram iteration / exact norm for dense layers) forced by a :class:`lipreg.BoundPolicy`
+with no dense route for whole operators (``PER_OP``).
 """
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import torch
 from torch import nn
 
 import lipreg
-import lipreg.operator as operator_module
 
 DT = torch.float64
+PER_OP = lipreg.BoundPolicy(dense_entries=0)  # no dense matrix of a whole operator: the ops' own certificates
 
 
 def exact_norm(layer: nn.Module, x: torch.Tensor) -> float:
@@ -51,13 +52,12 @@ def make(name: str) -> tuple[nn.Module, torch.Tensor]:
     return factory().to(DT).eval(), torch.randn(2, *shape, dtype=DT)
 
 
-@pytest.mark.parametrize("dense_limit", [operator_module.DENSE_CERTIFY_LIMIT, 0], ids=["dense", "per-op"])
+@pytest.mark.parametrize("policy", [lipreg.BoundPolicy(), PER_OP], ids=["dense", "per-op"])
 @pytest.mark.parametrize("name", sorted(LAYERS))
-def test_estimate_below_exact_below_certified(name, dense_limit, monkeypatch):
-    monkeypatch.setattr(operator_module, "DENSE_CERTIFY_LIMIT", dense_limit)
+def test_estimate_below_exact_below_certified(name, policy):
     layer, x = make(name)
     exact = exact_norm(layer, x)
-    est = lipreg.LipschitzEstimator(layer, x, dtype=DT, fuse=False)
+    est = lipreg.LipschitzEstimator(layer, x, dtype=DT, fuse=False, policy=policy)
     estimate = float(est(n_iter=5))
     certified = float(est.certified_bound())
     if est.certified:  # closed forms (batch norm): est() is the certificate itself
@@ -65,7 +65,7 @@ def test_estimate_below_exact_below_certified(name, dense_limit, monkeypatch):
     else:
         assert estimate <= exact * (1 + 1e-9)
     assert certified >= exact * (1 - 1e-9)
-    tight = name in ("linear", "conv2d circular", "batch_norm") or dense_limit > 0
+    tight = name in ("linear", "conv2d circular", "batch_norm") or policy.dense_entries > 0
     if tight:  # dense, diagonal and circular stride-1 operators are certified exactly
         assert certified == pytest.approx(exact, rel=1e-5)
     elif name in ("conv2d zeros", "conv1d", "conv3d"):  # zero padding, stride 1: the FFT embedding is tight
@@ -108,21 +108,20 @@ def test_estimates_say_they_are_not_certified():
     with pytest.warns(UserWarning, match="cannot be certified"):
         fallback = greedy.certified_bound()
     assert float(fallback) == pytest.approx(float(autolip.certified_bound()), rel=1e-6)
-    exact = lipreg.LipschitzEstimator(model, x, method="seqlip", search="exact", exact_max_units=20)
+    exact = lipreg.LipschitzEstimator(model, x, method="seqlip", search="exact")
     exact()
     assert exact.certified
     assert float(exact.certified_bound()) <= float(autolip.certified_bound()) * (1 + 1e-6)
 
 
-def test_per_operator_route_on_a_whole_network(monkeypatch):
+def test_per_operator_route_on_a_whole_network():
     """Operators too large for a dense matrix: fused segments with reshapes and batch norm are certified as the
     product of their ops' certificates (reshapes count 1), still above the converged estimate."""
-    monkeypatch.setattr(operator_module, "DENSE_CERTIFY_LIMIT", 0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AvgPool2d(2),
                           nn.Flatten(), nn.Linear(64, 5)).to(DT).eval()
     model[1].running_var.uniform_(0.5, 2.0)
-    est = lipreg.LipschitzEstimator(model, torch.randn(2, 1, 8, 8, dtype=DT), dtype=DT)
+    est = lipreg.LipschitzEstimator(model, torch.randn(2, 1, 8, 8, dtype=DT), dtype=DT, policy=PER_OP)
     estimate = float(est.converge(tol=1e-10).detach())
     certified = float(est.certified_bound().detach())
     assert estimate <= certified <= 1.5 * estimate

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import importlib
 import itertools
 
 import pytest
@@ -22,7 +21,8 @@ from torch import nn
 
 import lipreg
 from lipreg.bounds.autolip import autolip_bound as graph_autolip
-from lipreg.bounds.seqlip import _sigma, exact_search, find_chains, greedy_search, pair_matrix
+from lipreg import BoundPolicy
+from lipreg.bounds.seqlip import exact_search, find_chains, greedy_search, pair_matrix, vertex_sigma
 
 DT = torch.float64
 
@@ -117,7 +117,7 @@ def test_auto_is_exact_for_small_widths_and_certified():
                                        search="greedy")
     assert not greedy.seqlip.certified
     wide = lipreg.LipschitzEstimator(mlp([4, 20, 3]), torch.randn(2, 4, dtype=DT), method="seqlip", dtype=DT)
-    assert not wide.seqlip.certified  # width 20 > exact_max_units: greedy
+    assert not wide.seqlip.certified  # width 20 > BoundPolicy.exact_search_units: greedy
 
 
 # ------------------------------------------------------------------------------------------ deep chains
@@ -148,17 +148,18 @@ def test_pair_search_primitives():
         C = torch.randn(10, 5, generator=gen, dtype=DT)
         norms = torch.linalg.matrix_norm(B[None] @ (vertices(10, 0.0, 1.0)[:, :, None] * C[None]), 2)
         p = exact_search(B, C, 0.0, 1.0)
-        exact = float(torch.linalg.matrix_norm(pair_matrix(B, C, _sigma(p, 0.0, 1.0)), 2))
+        exact = float(torch.linalg.matrix_norm(pair_matrix(B, C, vertex_sigma(p, 0.0, 1.0)), 2))
         assert exact == pytest.approx(float(norms.max()), rel=1e-12)
         start = torch.rand(10, generator=gen) < 0.5
         g = greedy_search(B, C, 0.0, 1.0, start)
-        greedy = float(torch.linalg.matrix_norm(pair_matrix(B, C, _sigma(g, 0.0, 1.0)), 2))
-        initial = float(torch.linalg.matrix_norm(pair_matrix(B, C, _sigma(start, 0.0, 1.0)), 2))
+        greedy = float(torch.linalg.matrix_norm(pair_matrix(B, C, vertex_sigma(g, 0.0, 1.0)), 2))
+        initial = float(torch.linalg.matrix_norm(pair_matrix(B, C, vertex_sigma(start, 0.0, 1.0)), 2))
         assert initial * (1 - 1e-12) <= greedy <= exact * (1 + 1e-12)
         for k in range(10):  # a local max: no single flip improves
             q = g.clone()
             q[k] = ~q[k]
-            assert float(torch.linalg.matrix_norm(pair_matrix(B, C, _sigma(q, 0.0, 1.0)), 2)) <= greedy * (1 + 1e-8)
+            flipped = pair_matrix(B, C, vertex_sigma(q, 0.0, 1.0))
+            assert float(torch.linalg.matrix_norm(flipped, 2)) <= greedy * (1 + 1e-8)
 
 
 # ----------------------------------------------------------------------------------------------- chains
@@ -238,7 +239,8 @@ def test_low_rank_singular_values_match_dense_jacobian():
     torch.manual_seed(0)
     model = ConvNet().to(DT).eval()
     x = torch.randn(2, 2, 6, 6, dtype=DT)
-    est = lipreg.LipschitzEstimator(model, x, method="seqlip", dtype=DT, search="lowrank", rank=6)
+    est = lipreg.LipschitzEstimator(model, x, method="seqlip", dtype=DT, search="lowrank",
+                                    policy=BoundPolicy(lowrank_rank=6))
     est.converge(tol=1e-14, max_iter=3000)
     for node, conv in zip(est.seqlip.chains[0].ops, [model.c1, model.c2]):
         shape = node.in_shape
@@ -253,11 +255,11 @@ def test_low_rank_at_full_rank_equals_full_svd():
     model = mlp([6, 20, 18, 5], seed=5)  # width 20 > 16: greedy pairs
     x = torch.randn(2, 6, dtype=DT)
     full = seqlip_bound(model, x, search="greedy")
-    low = seqlip_bound(model, x, search="lowrank", rank=20)
+    low = seqlip_bound(model, x, search="lowrank", policy=BoundPolicy(lowrank_rank=20))
     assert low == pytest.approx(full, rel=1e-8)
     conv = ConvNet().to(DT).eval()
     xc = torch.randn(2, 2, 6, 6, dtype=DT)
-    assert seqlip_bound(conv, xc, search="lowrank", rank=1000) == pytest.approx(
+    assert seqlip_bound(conv, xc, search="lowrank", policy=BoundPolicy(lowrank_rank=1000)) == pytest.approx(
         seqlip_bound(conv, xc, search="greedy"), rel=1e-8)
 
 
@@ -303,7 +305,7 @@ def _functional(model: nn.Module):
 def test_gradcheck(search, act):
     model = mlp([4, 6, 5, 3, 2], act=act, seed=11)  # K = 4: ends and inner Sigma^(1/2) factors
     est = lipreg.LipschitzEstimator(model, torch.randn(2, 4, dtype=DT), method="seqlip", dtype=DT, search=search,
-                                    rank=4)
+                                    policy=BoundPolicy(lowrank_rank=4))
     est(n_iter=50)
     values, assign = _functional(model)
 
@@ -335,7 +337,8 @@ def test_gradient_finite_with_repeated_and_zero_singular_values():
 def test_state_dict_round_trip_bit_for_bit():
     model = nn.Sequential(ConvNet(), nn.ReLU(), nn.Linear(3, 20), nn.ReLU(), nn.Linear(20, 4)).eval()
     x = torch.randn(2, 2, 6, 6)
-    options = dict(method="seqlip", search="greedy", rank=5, dense_max_entries=200)  # convs low-rank
+    options = dict(method="seqlip", search="greedy",
+                   policy=BoundPolicy(lowrank_rank=5, seqlip_dense_entries=200))  # convs low-rank
     est = lipreg.LipschitzEstimator(model, x, seed=1, **options)
     assert any(op.lowrank for plan in est.seqlip.plans for op in plan.ops)
     for _ in range(3):
@@ -349,8 +352,6 @@ def test_state_dict_round_trip_bit_for_bit():
 
 
 def _count_decompositions(monkeypatch):
-    module = importlib.import_module("lipreg.bounds.seqlip")
-
     calls = {"n": 0}
     eigh, svd = torch.linalg.eigh, torch.linalg.svd
 
@@ -360,8 +361,8 @@ def _count_decompositions(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(module.torch.linalg, "eigh", counting(eigh))
-    monkeypatch.setattr(module.torch.linalg, "svd", counting(svd))
+    monkeypatch.setattr(torch.linalg, "eigh", counting(eigh))
+    monkeypatch.setattr(torch.linalg, "svd", counting(svd))
     return calls
 
 

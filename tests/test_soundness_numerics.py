@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import lipreg
-import lipreg.operator as operator_module
 
 F64 = torch.float64
+PER_OP = lipreg.BoundPolicy(dense_entries=0)  # no dense matrix of a whole operator: its ops' certificates
 LOW_PRECISION = [torch.float32, torch.bfloat16]
 
 
@@ -50,15 +50,14 @@ def test_small_dense_layers_are_certified_above_their_float64_norm(dtype):
     assert not below
 
 
-def test_convolution_fft_route_in_bfloat16_is_above_its_float64_norm(monkeypatch):
+def test_convolution_fft_route_in_bfloat16_is_above_its_float64_norm():
     """The FFT certificate of a convolution takes its float64 kernel, not one rounded to bfloat16."""
-    monkeypatch.setattr(operator_module, "DENSE_CERTIFY_LIMIT", 0)
     torch.manual_seed(1)
     below = []
     for trial in range(12):
         conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular")  # circular: the FFT bound is exact
         truth = jacobian_norm(conv, (2, 6, 6))
-        est = lipreg.LipschitzEstimator(conv, torch.randn(2, 2, 6, 6), dtype=torch.bfloat16)
+        est = lipreg.LipschitzEstimator(conv, torch.randn(2, 2, 6, 6), dtype=torch.bfloat16, policy=PER_OP)
         if float(est.certified_bound()) < truth:
             below.append(trial)
     assert not below
@@ -248,16 +247,15 @@ def fused_segments(g: torch.Generator) -> dict[str, tuple[nn.Module, tuple[int, 
 
 
 @pytest.mark.parametrize("name", sorted(fused_segments(torch.Generator())))
-def test_batch_norm_folded_into_the_weight_before_its_certificate(name, monkeypatch):
+def test_batch_norm_folded_into_the_weight_before_its_certificate(name):
     """A fused segment too large for the dense route (forced here) is certified as one operator with the diagonal
     gains folded into the weight: >= the exact Jacobian norm and within 1e-5 of it (on main, the product of the
     ops' certificates was 1.2x - 300x looser with gains spread over 1e-2 .. 1e2)."""
-    monkeypatch.setattr(operator_module, "DENSE_CERTIFY_LIMIT", 0)
     g = torch.Generator().manual_seed(5)
     model, shape = fused_segments(g)[name]
     model = model.to(F64).eval()
     exact = jacobian_norm(model, shape)
-    est = lipreg.LipschitzEstimator(model, torch.randn(2, *shape, dtype=F64), dtype=F64)
+    est = lipreg.LipschitzEstimator(model, torch.randn(2, *shape, dtype=F64), dtype=F64, policy=PER_OP)
     (node,) = est.graph.linear_nodes()
     assert len(node.ops) == len(model)  # one fused segment
     certified = est.layer_bounds(certified=True)[node.name]
@@ -265,14 +263,13 @@ def test_batch_norm_folded_into_the_weight_before_its_certificate(name, monkeypa
     assert float(est.certified_bound()) == pytest.approx(certified, rel=1e-12)
 
 
-def test_folded_certificate_gradient_matches_the_exact_norm_gradient(monkeypatch):
+def test_folded_certificate_gradient_matches_the_exact_norm_gradient():
     """Circular padding, so the folded FFT certificate is the exact norm: its gradient w.r.t. the batch norm's
     weight equals that of the float64 Jacobian norm (autograd through ``jacrev``)."""
-    monkeypatch.setattr(operator_module, "DENSE_CERTIFY_LIMIT", 0)
     g = torch.Generator().manual_seed(6)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"),
                           batch_norm(nn.BatchNorm2d, 3, g)).to(F64).eval()
-    est = lipreg.LipschitzEstimator(model, torch.randn(2, 2, 6, 6, dtype=F64), dtype=F64)
+    est = lipreg.LipschitzEstimator(model, torch.randn(2, 2, 6, 6, dtype=F64), dtype=F64, policy=PER_OP)
     (certified_grad,) = torch.autograd.grad(est.certified_bound(), model[1].weight)
     jac = torch.func.jacrev(lambda v: model(v.unsqueeze(0)).squeeze(0))(torch.zeros(2, 6, 6, dtype=F64))
     (exact_grad,) = torch.autograd.grad(torch.linalg.matrix_norm(jac.reshape(-1, 72), 2), model[1].weight)

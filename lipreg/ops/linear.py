@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..linalg.certify import certified_cast, conv_spectral_bound, dense_spectral_bound, fold_channel_gains
+from ..policy import BoundPolicy
 from .base import Call, LinearOp, NodeInfo, Refuse
 from .registry import register_rule
 
@@ -27,9 +28,10 @@ class WeightedOp(LinearOp):
     def certified_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
         return self.folded_norm(info, dtype, None, None)
 
-    def folded_norm(self, info: NodeInfo, dtype: torch.dtype, before: Tensor | None, after: Tensor | None) -> Tensor:
+    def folded_norm(self, info: NodeInfo, dtype: torch.dtype, before: Tensor | None, after: Tensor | None,
+                    policy: BoundPolicy = BoundPolicy()) -> Tensor:
         """Certified ``sigma_1(diag(after) A diag(before))``, ``before`` / ``after`` gains per input / output channel
-        (``None``: 1), computed from the weight in ``dtype``."""
+        (``None``: 1), computed from the weight in ``dtype``, with the size limits of ``policy``."""
         raise NotImplementedError
 
     def channel_gains(self, multiplier: Tensor, shape: torch.Size) -> Tensor | None:
@@ -48,9 +50,11 @@ class DenseLinear(WeightedOp):
     def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
         return F.linear(v, info.module.weight.to(v.dtype))
 
-    def folded_norm(self, info: NodeInfo, dtype: torch.dtype, before: Tensor | None, after: Tensor | None) -> Tensor:
+    def folded_norm(self, info: NodeInfo, dtype: torch.dtype, before: Tensor | None, after: Tensor | None,
+                    policy: BoundPolicy = BoundPolicy()) -> Tensor:
         """``sigma_1(diag(after) W diag(before))`` exactly or by Gram iteration (an upper bound at every iterate)."""
-        return dense_spectral_bound(fold_channel_gains(info.module.weight.to(dtype), 1, after, before))
+        weight = fold_channel_gains(info.module.weight.to(dtype), 1, after, before)
+        return dense_spectral_bound(weight, exact_max_dim=policy.exact_eig_max_dim(weight.device.type))
 
 
 def _spatial(info: NodeInfo) -> torch.Size:
@@ -65,12 +69,14 @@ class Convolution(WeightedOp):
         module = info.module
         return module._conv_forward(v, module.weight.to(v.dtype), None)
 
-    def folded_norm(self, info: NodeInfo, dtype: torch.dtype, before: Tensor | None, after: Tensor | None) -> Tensor:
+    def folded_norm(self, info: NodeInfo, dtype: torch.dtype, before: Tensor | None, after: Tensor | None,
+                    policy: BoundPolicy = BoundPolicy()) -> Tensor:
         """The FFT bound of Sedghi et al. (2019) on the circular embedding of the convolution."""
         m = info.module
         weight = fold_channel_gains(m.weight.to(dtype), m.groups, after, before)
         return conv_spectral_bound(weight, _spatial(info), stride=m.stride, padding=m.padding,
-                                   dilation=m.dilation, groups=m.groups, padding_mode=m.padding_mode)
+                                   dilation=m.dilation, groups=m.groups, padding_mode=m.padding_mode,
+                                   dense_max_entries=policy.conv_dense_entries)
 
 
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -84,13 +90,15 @@ class TransposedConvolution(WeightedOp):
         conv_t = _CONV_TRANSPOSE[m.weight.dim() - 2]
         return conv_t(v, m.weight.to(v.dtype), None, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
 
-    def folded_norm(self, info: NodeInfo, dtype: torch.dtype, before: Tensor | None, after: Tensor | None) -> Tensor:
+    def folded_norm(self, info: NodeInfo, dtype: torch.dtype, before: Tensor | None, after: Tensor | None,
+                    policy: BoundPolicy = BoundPolicy()) -> Tensor:
         """The FFT bound of the adjoint convolution (adjoints have equal norms)."""
         m = info.module
         weight = fold_channel_gains(m.weight.to(dtype), m.groups, before, after)
         return conv_spectral_bound(weight, _spatial(info), stride=m.stride, padding=m.padding,
                                    dilation=m.dilation, groups=m.groups, transposed=True,
-                                   output_padding=m.output_padding)
+                                   output_padding=m.output_padding,
+                                   dense_max_entries=policy.conv_dense_entries)
 
 
 def batch_norm_scale(module: nn.modules.batchnorm._BatchNorm, dtype: torch.dtype) -> Tensor:

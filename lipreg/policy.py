@@ -1,0 +1,92 @@
+"""``BoundPolicy``: every size limit and cost setting of the bounds, in one frozen dataclass.
+
+The algorithms (dense or iterative certificates, exact or greedy SeqLip search, full or low-rank factorisations)
+are chosen by the size of each operator or layer. Those thresholds live here and nowhere else: the estimator
+takes one policy (``LipschitzEstimator(..., policy=BoundPolicy(...))``) and hands it to every place that decides.
+The search functions of :mod:`lipreg.bounds.seqlip.search` take their defaults from the class attributes. The
+certificates of :mod:`lipreg.linalg.certify` form a leaf module (it imports nothing from lipreg), whose functions
+keep standalone defaults equal to this policy's (``tests/test_policy.py`` checks that they agree); the library
+always passes them the policy's values.
+
+Numeric types are not a setting: certificates are computed from the weights in float64 and rounded upwards, and
+the SeqLip searches run in float64, whatever the estimator's ``dtype`` (the computation dtype of the estimates).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class BoundPolicy:
+    """The limits that pick an algorithm, and the sizes of the iterative ones. All counts are ``>= 0``."""
+
+    dense_entries: int = 2**20
+    """An operator with at most this many matrix entries (``n_in n_out``) is certified by the exact norm of its
+    dense matrix, built from its action on the identity basis of the smaller side; larger ones by the product of
+    their ops' certificates (FFT bound of convolutions, Gram iteration, Schur test). 2^20 (a 1024-square Gram
+    matrix) keeps the eigendecomposition well under a second on a CPU; 0 forces the per-op certificates."""
+
+    conv_dense_entries: int = 2**20
+    """A convolution's own certificate (:func:`~lipreg.linalg.certify.conv_spectral_bound`, on the per-op route)
+    also builds its dense matrix when it has at most this many entries, and takes the smaller of that exact norm
+    and the FFT bound: this removes the circular embedding's slack on small inputs (zero or reflect padding), at the
+    cost of :attr:`dense_entries`. 0 keeps the FFT bound alone."""
+
+    exact_eig_max_dim_cpu: float = math.inf
+    """Largest ``min(m, n)`` of a dense matrix whose norm is computed exactly (``eigvalsh`` of its Gram matrix) on
+    the CPU; beyond it, the Gram-iteration upper bound. On the CPU the exact route costs about as much as the Gram
+    iteration at every size, hence no limit."""
+
+    exact_eig_max_dim_accelerator: float = 32
+    """The same limit on CUDA and other devices: their batched eigensolvers cover only small matrices (cuSOLVER's
+    ``syevjBatched``: up to 32 x 32) and solve larger ones one by one, while the Gram iteration is a few batched
+    matrix products."""
+
+    seqlip_dense_entries: int = 4_000_000
+    """A SeqLip chain operator with at most this many matrix entries gets a full SVD of its dense matrix (needed
+    for a certified chain); a larger one a low-rank subspace (an estimate). Larger than :attr:`dense_entries`
+    because the SVD is taken once per call and reused by every pair of the chain."""
+
+    seqlip_dense_rank: int = 512
+    """... and only when ``min(n_in, n_out)`` is at most this: the greedy search costs ``O(n r^2)`` per flip in the
+    rank ``r`` of the factors."""
+
+    exact_search_units: int = 16
+    """``search="auto"`` searches a SeqLip pair exactly (all ``2^n`` activation patterns, certified) when its
+    activation has at most this many units, greedily otherwise: 2^16 patterns take a fraction of a second, cheap
+    enough for every training step."""
+
+    exact_search_limit: int = 22
+    """No exhaustive search over more than ``2^exact_search_limit`` patterns per pair, even with
+    ``search="exact"`` (refused with an error beforehand): 2^22 patterns take minutes."""
+
+    lowrank_rank: int = 200
+    """``E``, the number of top singular triplets a low-rank SeqLip operator keeps (at most its true rank): the
+    pair matrices are ``E x E``, so the greedy's cost grows as ``E^2`` per flip."""
+
+    lowrank_oversample: int = 10
+    """Extra vectors in the low-rank subspace iteration (the block has ``E + oversample`` columns): the top ``E``
+    converge faster and more accurately than with exactly ``E``."""
+
+    greedy_max_rounds: int | None = None
+    """Cap on the greedy search's rounds per pair and call; ``None``: ``4 n + 10`` for a pair of width ``n``, which
+    a local search almost never reaches (each round strictly raises the norm)."""
+
+    def __post_init__(self) -> None:
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if value is None and spec.name == "greedy_max_rounds":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+                raise ValueError(f"BoundPolicy.{spec.name} must be a number >= 0, got {value!r}")
+        if self.lowrank_rank < 1:
+            raise ValueError(f"BoundPolicy.lowrank_rank must be >= 1, got {self.lowrank_rank}")
+        if self.exact_search_units > self.exact_search_limit:
+            raise ValueError(f"BoundPolicy.exact_search_units={self.exact_search_units} exceeds "
+                             f"exact_search_limit={self.exact_search_limit}: search='auto' would plan exact "
+                             "searches that are refused")
+
+    def exact_eig_max_dim(self, device_type: str) -> float:
+        """The exact-norm limit (``min(m, n)``) of dense matrices on a device of this type (``"cpu"``, ``"cuda"``)."""
+        return self.exact_eig_max_dim_cpu if device_type == "cpu" else self.exact_eig_max_dim_accelerator
