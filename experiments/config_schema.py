@@ -172,7 +172,9 @@ class MarginConf:
     method: str = "autolip"
     n_iter: int = 1
     warmup: int = 750
-    temperature: float = 1.0
+    kind: str = "ce"  # "ce" | "hinge" | "lse" (lipreg.losses, eq. 2 / 3 / 4)
+    temperature: Optional[float] = None  # None: the kind's default
+    ce_weight: float = 0.0
 
 
 @dataclass
