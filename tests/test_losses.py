@@ -304,7 +304,7 @@ def test_batch_norm_warning() -> None:
 @pytest.mark.slow
 def test_certified_preset_through_train_py(tmp_path: Path) -> None:
     args = ["lipreg=certified", "model=lipcnn", "data=digits", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
-            "trainer.limit_val_batches=2", "eval.n_iter=10", "eval.lower_bound_samples=8", "lipreg.margin.warmup=2", "lipreg.log_every_n_steps=2",
+            "trainer.limit_val_batches=2", "eval.n_iter=10", "eval.lower_bound_samples=8", "lipreg.margin.warmup=2", "lipreg.margin.kind=lse", "lipreg.log_every_n_steps=2",
             "progress_bar=false", "logger=csv", f"hydra.run.dir={tmp_path}"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"), *args], cwd=ROOT, env=env,
