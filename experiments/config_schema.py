@@ -187,7 +187,9 @@ class MarginConf:
     method: str = library_default(LipschitzMarginLoss, "method")
     n_iter: int = library_default(LipschitzMarginLoss, "n_iter")
     warmup: int = library_default(LipschitzMarginLoss, "warmup")
-    temperature: float = library_default(LipschitzMarginLoss, "temperature")
+    kind: str = library_default(LipschitzMarginLoss, "kind")  # "ce" | "hinge" | "lse" (lipreg.losses, eq. 2 / 3 / 4)
+    temperature: Optional[float] = library_default(LipschitzMarginLoss, "temperature")  # None: the kind's default
+    ce_weight: float = library_default(LipschitzMarginLoss, "ce_weight")
 
 
 @dataclass

@@ -1,30 +1,84 @@
-r"""``LipschitzMarginLoss``: cross-entropy on logits shifted by the margin a certificate needs.
+r"""``LipschitzMarginLoss``: a classification loss on the margins a Lipschitz certificate needs.
 
-Lipschitz-margin training (Tsuzuku, Sato & Sugiyama 2018, arXiv:1802.04034, eq. 6): add :math:`K_{yj}\varepsilon`
-to every non-target logit ``j`` before the cross-entropy,
+With the margin constants ``K`` of :mod:`lipreg.margins` (eq. 1 there: the prediction ``y`` is certified at radius
+:math:`\varepsilon` when :math:`z_y - z_j > K_{yj}\varepsilon` for every ``j != y``), write, for every ``j != y``,
 
-.. math:: \ell(z, y) = T \cdot \mathrm{CE}\big((z + \varepsilon K_{y,:}) / T,\; y\big),               \tag{1}
+.. math:: m_j = z_y - z_j - \varepsilon K_{yj} \;\;\text{(certified margin)}, \qquad
+          r_j = \frac{z_y - z_j}{K_{yj}} \;\;\text{(radius of the pair)}.                               \tag{1}
 
-so that driving the loss to 0 drives every sample to :math:`z_y - z_j > K_{yj}\varepsilon`, the certificate of
-:mod:`lipreg.margins` (eq. 1 there). ``K`` is that module's global :math:`\sqrt2 L` (Tsuzuku et al., Prop. 1) or
-per-pair :math:`\|w_y - w_j\| L(\text{body})` (GloRo, Leino et al. 2021, eq. 4; the per-pair margins of EMMA, Hu et al.
-2023). The temperature ``T`` (the ``1/tau`` of deel-lip's ``TauCategoricalCrossentropy``) sets how hinge-like the
-loss is: small ``T`` only pushes the samples that violate the margin.
+Three losses of a sample (``kind=``), averaged over the batch:
+
+* ``"ce"``, the Lipschitz-margin cross-entropy (Tsuzuku, Sato & Sugiyama 2018, arXiv:1802.04034, eq. 6; the
+  ``1/tau`` of deel-lip's ``TauCategoricalCrossentropy`` is ``T``): cross-entropy on the logits with
+  :math:`K_{yj}\varepsilon` added to every non-target logit,
+
+  .. math:: \ell_{ce} = T \cdot \mathrm{CE}\big((z + \varepsilon K_{y,:}) / T,\; y\big)
+            = T \log\big(1 + \textstyle\sum_{j \ne y} e^{-m_j / T}\big).                                \tag{2}
+
+  Never 0; a sample with :math:`\ell_{ce} < T \log 2` is certified at :math:`\varepsilon`.
+* ``"hinge"``, the multi-class hinge on the pair radii (deel-lip's ``MulticlassHinge`` with its margin set to the
+  certificate's; the hard-margin end of Losch et al. 2023, "Certified robust models with slack control"):
+
+  .. math:: \ell_{hinge} = \textstyle\sum_{j \ne y} \operatorname{relu}(\varepsilon - r_j).                \tag{3}
+
+  0 exactly when :math:`r_j \ge \varepsilon` for every ``j``: the sample is certified at every radius below
+  :math:`\varepsilon`. In radius units, (3) is invariant to a rescaling of the network (the logits and ``K``
+  scale together), which a hinge on the logits is not: that one is minimised by shrinking the whole network.
+* ``"lse"``, the log-sum-exp (soft-max) margin (deel-lip's LSE; the smooth worst-class margin of EMMA, Hu et al.
+  2023), with a temperature ``T`` in radius units:
+
+  .. math:: \ell_{lse} = \operatorname{relu}\Big(T \log \textstyle\sum_{j \ne y} e^{(\varepsilon - r_j)/T}\Big). \tag{4}
+
+  As :math:`\max_j x_j \le T\log\sum_j e^{x_j/T} \le \max_j x_j + T\log(C-1)`, (4) is 0 only when the sample is
+  certified at :math:`\varepsilon`, and is 0 when it is certified at :math:`\varepsilon + T\log(C-1)`; as
+  :math:`T \to 0` it is the hinge on the worst class (Crammer-Singer).
+
+``K`` is :mod:`lipreg.margins`' global :math:`\sqrt2 L` (eq. 2 there) or per-pair :math:`\|w_y - w_j\| L(\text{body})`
+(GloRo, eq. 3 there). ``ce_weight`` adds :math:`\lambda\, \mathrm{CE}(z, y)` on the unshifted logits (clean accuracy
+against certified accuracy).
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .margins import MarginCertificate
+from .options import check_choice
 from .penalty import skip_non_finite, warn_batch_statistics
+
+MarginKind = Literal["ce", "hinge", "lse"]
+DEFAULT_TEMPERATURE = {"ce": 1.0, "hinge": 1.0, "lse": 0.1}  # ce: logit units; lse: radius units; hinge: unused
+
+
+def margin_ce(logits: Tensor, target: Tensor, K_y: Tensor, eps: float, temperature: float) -> Tensor:
+    """Eq. (2), averaged over the batch; ``K_y = K[target]`` ``(B, C)`` (0 at the target)."""
+    shifted = logits + eps * K_y
+    return temperature * F.cross_entropy(shifted / temperature, target)
+
+
+def pair_radii(logits: Tensor, target: Tensor, K_y: Tensor) -> Tensor:
+    """The :math:`r_j` of eq. (1), ``(B, C)``, ``+inf`` at the target (it is no competing class)."""
+    gaps = logits.gather(1, target[:, None]) - logits
+    radii = gaps / K_y.clamp_min(torch.finfo(logits.dtype).tiny)
+    return radii.scatter(1, target[:, None], math.inf)
+
+
+def margin_hinge(radii: Tensor, eps: float) -> Tensor:
+    """Eq. (3), averaged over the batch (the target's ``+inf`` radius adds 0)."""
+    return F.relu(eps - radii).sum(1).mean()
+
+
+def margin_lse(radii: Tensor, eps: float, temperature: float) -> Tensor:
+    """Eq. (4), averaged over the batch (the target's ``+inf`` radius adds ``exp(-inf) = 0``)."""
+    return F.relu(temperature * torch.logsumexp((eps - radii) / temperature, dim=1)).mean()
 
 
 class LipschitzMarginLoss(nn.Module):
-    r"""``loss = loss_fn(logits, target)``: eq. (1) with ``K`` from its own warm estimator on ``model``.
+    r"""``loss = loss_fn(logits, target)``: eq. (2), (3) or (4) with ``K`` from its own warm estimator on ``model``.
 
     The constants come from a :class:`~lipreg.margins.MarginCertificate` (``self.certificate``): pairwise (GloRo)
     when ``pairwise=True`` and the graph ends in a linear head, global :math:`\sqrt2 L` otherwise
@@ -44,20 +98,32 @@ class LipschitzMarginLoss(nn.Module):
         pairwise: per-pair constants when the head is linear.
         method, n_iter: of the estimator (``"autolip"`` or ``"seqlip"``).
         warmup: number of training calls over which ``eps`` ramps up from 0.
-        temperature: ``T`` of eq. (1).
+        kind: ``"ce"`` (eq. 2), ``"hinge"`` (eq. 3) or ``"lse"`` (eq. 4).
+        temperature: ``T`` of eq. (2) (logit units) or (4) (radius units); ``None``: 1 for ``"ce"``, 0.1 for
+            ``"lse"``; the hinge has none.
+        ce_weight: :math:`\lambda \ge 0` of the added plain cross-entropy :math:`\lambda\,\mathrm{CE}(z, y)`.
         **estimator_options: passed to :class:`~lipreg.LipschitzEstimator`.
     """
 
     def __init__(self, model: nn.Module, example_input: Tensor, eps: float, pairwise: bool = True,
-                 method: str = "autolip", n_iter: int = 1, warmup: int = 1000, temperature: float = 1.0,
-                 **estimator_options: Any) -> None:
+                 method: str = "autolip", n_iter: int = 1, warmup: int = 1000, kind: MarginKind = "ce",
+                 temperature: float | None = None, ce_weight: float = 0.0, **estimator_options: Any) -> None:
         super().__init__()
-        if not eps >= 0 or not temperature > 0 or warmup < 0:
-            raise ValueError(f"need eps >= 0, temperature > 0, warmup >= 0; got {eps}, {temperature}, {warmup}")
+        check_choice("margin loss kind", kind, MarginKind)
+        if temperature is None:
+            temperature = DEFAULT_TEMPERATURE[kind]
+        elif kind == "hinge":
+            raise ValueError("kind='hinge' has no temperature (eq. 3): drop temperature=..., or use kind='lse', "
+                             "its smooth version")
+        if not eps >= 0 or not temperature > 0 or warmup < 0 or not ce_weight >= 0:
+            raise ValueError(f"need eps >= 0, temperature > 0, warmup >= 0, ce_weight >= 0; got {eps}, "
+                             f"{temperature}, {warmup}, {ce_weight}")
         warn_batch_statistics(model, "LipschitzMarginLoss")
         self.eps = float(eps)
         self.warmup = int(warmup)
+        self.kind = kind
         self.temperature = float(temperature)
+        self.ce_weight = float(ce_weight)
         self.certificate = MarginCertificate(model, example_input, pairwise=pairwise, method=method, n_iter=n_iter,
                                              **estimator_options)
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
@@ -75,21 +141,31 @@ class LipschitzMarginLoss(nn.Module):
         return self.eps * min(1.0, int(self.calls) / self.warmup)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Eq. (1) on ``logits`` ``(B, C)`` of ``model`` and class indices ``target`` ``(B,)``."""
+        """The loss of ``kind`` on ``logits`` ``(B, C)`` of ``model`` and class indices ``target`` ``(B,)``."""
         eps = self.current_eps()
         if self.training:
             self.calls += 1
         K, bound = self.certificate()
         self.last_bound = bound.detach()
         if skip_non_finite(self.last_bound, "LipschitzMarginLoss", "margin"):
-            eps, K = 0.0, torch.zeros_like(K)
+            self.last_eps = 0.0
+            return F.cross_entropy(logits, target)
         self.last_eps = eps
-        shifted = logits + (eps * K[target]).to(logits.dtype)
-        return self.temperature * F.cross_entropy(shifted / self.temperature, target)
+        K_y = K[target].to(logits.dtype)
+        if self.kind == "ce":
+            loss = margin_ce(logits, target, K_y, eps, self.temperature)
+        elif self.kind == "hinge":
+            loss = margin_hinge(pair_radii(logits, target, K_y), eps)
+        else:
+            loss = margin_lse(pair_radii(logits, target, K_y), eps, self.temperature)
+        if self.ce_weight:
+            loss = loss + self.ce_weight * F.cross_entropy(logits, target)
+        return loss
 
     def certified_constants(self) -> Tensor:
         """The certified ``K`` (``(C, C)``, float64) of the current weights: what certified accuracy uses."""
         return self.certificate.certified()
 
     def extra_repr(self) -> str:
-        return f"eps={self.eps}, warmup={self.warmup}, temperature={self.temperature}"
+        return (f"eps={self.eps}, warmup={self.warmup}, kind={self.kind!r}, temperature={self.temperature}, "
+                f"ce_weight={self.ce_weight}")

@@ -39,12 +39,18 @@ def mlp(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
 
 
 # ------------------------------------------------------------------------------ the loss
+KINDS = [("ce", 0.5, 0.0), ("ce", 1.0, 0.3), ("hinge", None, 0.0), ("lse", 0.05, 0.2)]
+
+
 @pytest.mark.parametrize("pairwise", [True, False])
-def test_gradient_matches_finite_differences(pairwise: bool) -> None:
+@pytest.mark.parametrize(("kind", "temperature", "ce_weight"), KINDS)
+def test_gradient_matches_finite_differences(pairwise: bool, kind: str, temperature: float | None,
+                                             ce_weight: float) -> None:
     net = mlp(dtype=torch.float64)
     x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = torch.arange(8) % 3
-    loss_fn = LipschitzMarginLoss(net, x, eps=0.7, pairwise=pairwise, n_iter=0, warmup=0, temperature=0.5,
+    loss_fn = LipschitzMarginLoss(net, x, eps=0.7, pairwise=pairwise, n_iter=0, warmup=0, kind=kind,
+                                  temperature=temperature, ce_weight=ce_weight,
                                   dtype=torch.float64)  # n_iter=0: the warm vectors stay fixed, the loss is a function
     loss_fn.certificate.estimator(n_iter=5)  # some non-trivial vectors first
     params = list(net.parameters())
@@ -81,6 +87,68 @@ def test_loss_is_the_shifted_cross_entropy(pairwise: bool) -> None:
     expected = F.cross_entropy(shifted, y)
     assert float(loss_fn(net(x), y)) == pytest.approx(float(expected), rel=1e-10)
     assert float(loss_fn.last_bound) == pytest.approx(bound, rel=1e-12)
+
+
+def per_sample_losses(loss_fn: LipschitzMarginLoss, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.stack([loss_fn(logits[b:b + 1], y[b:b + 1]).detach() for b in range(len(y))])
+
+
+@pytest.mark.parametrize("kind", ["ce", "hinge", "lse"])
+def test_zero_loss_against_the_certificate(kind: str) -> None:
+    """Per sample and radius, against the certified radius of the certified constants: the hinge (eq. 3) is 0
+    exactly when the sample is certified at eps; the LSE margin (eq. 4) is 0 only then, and is 0 once certified
+    at eps + T log(C - 1); the cross-entropy (eq. 2) is never 0, and below T log 2 only when certified."""
+    net = mlp(2, dtype=torch.float64)
+    x = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    logits = net(x).detach()
+    y = logits.argmax(1)
+    y[:3] = (y[:3] + 1) % 3  # misclassified: radius 0, certified nowhere
+    temperature = {"ce": 0.05, "hinge": None, "lse": 0.02}[kind]
+    loss_fn = LipschitzMarginLoss(net, x, eps=1.0, n_iter=0, warmup=0, kind=kind, temperature=temperature,
+                                  dtype=torch.float64)
+    loss_fn.certificate.estimator(n_iter=300)  # converged: the training K is the certified one to 1e-6 relative
+    radius = certified_radius(logits, y, loss_fn.certified_constants())
+    r = radius.clamp_min(1e-3)
+    slack = 0.02 * math.log(2) if kind == "lse" else 0.0
+    seen = set()
+    for eps in [torch.zeros_like(r), r * (1 - 1e-4), r * (1 + 1e-4), 0.3 * r, r - 1.5 * slack if slack else 0.7 * r, 3 * r]:
+        for b in range(len(y)):
+            loss_fn.eps = float(eps[b].clamp_min(0.0))
+            loss = float(loss_fn(logits[b:b + 1], y[b:b + 1]))
+            certified = bool(radius[b] > loss_fn.eps)
+            seen.add((certified, loss == 0.0))
+            if kind == "hinge":
+                assert (loss == 0.0) == certified, (b, loss_fn.eps, float(radius[b]), loss)
+            elif kind == "lse":
+                assert loss > 0.0 or certified
+                if radius[b] > loss_fn.eps + slack:
+                    assert loss == 0.0
+            else:
+                assert loss > 0.0
+                assert loss >= temperature * math.log(2) or certified
+    assert {(True, kind != "ce"), (False, False)} <= seen  # both sides were met
+
+
+def test_loss_options_are_validated() -> None:
+    net, x = mlp(), torch.randn(2, 4)
+    with pytest.raises(ValueError, match=r"margin loss kind must be one of 'ce', 'hinge', 'lse'; got 'gloro'"):
+        LipschitzMarginLoss(net, x, eps=0.3, kind="gloro")
+    with pytest.raises(ValueError, match="has no temperature"):
+        LipschitzMarginLoss(net, x, eps=0.3, kind="hinge", temperature=0.5)
+    for bad in ({"ce_weight": -1.0}, {"temperature": 0.0}, {"eps": -0.1}):
+        with pytest.raises(ValueError, match="need eps >= 0"):
+            LipschitzMarginLoss(net, x, **{"eps": 0.3, **bad})
+    assert LipschitzMarginLoss(net, x, eps=0.3, kind="lse").temperature == 0.1
+
+
+def test_ce_weight_adds_the_plain_cross_entropy() -> None:
+    net = mlp(dtype=torch.float64)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.arange(6) % 3
+    plain, mixed = (LipschitzMarginLoss(net, x, eps=0.3, n_iter=0, warmup=0, kind="lse", ce_weight=w,
+                                        dtype=torch.float64) for w in (0.0, 0.4))
+    logits = net(x)
+    expected = float(plain(logits, y)) + 0.4 * float(F.cross_entropy(logits, y))
+    assert float(mixed(logits, y)) == pytest.approx(expected, rel=1e-12)
 
 
 def test_eps_ramps_from_zero_and_state_is_checkpointed() -> None:
@@ -236,7 +304,7 @@ def test_batch_norm_warning() -> None:
 @pytest.mark.slow
 def test_certified_preset_through_train_py(tmp_path: Path) -> None:
     args = ["lipreg=certified", "model=lipcnn", "data=digits", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
-            "trainer.limit_val_batches=2", "eval.n_iter=10", "eval.lower_bound_samples=8", "lipreg.margin.warmup=2", "lipreg.log_every_n_steps=2",
+            "trainer.limit_val_batches=2", "eval.n_iter=10", "eval.lower_bound_samples=8", "lipreg.margin.warmup=2", "lipreg.margin.kind=lse", "lipreg.log_every_n_steps=2",
             "progress_bar=false", "logger=csv", f"hydra.run.dir={tmp_path}"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"), *args], cwd=ROOT, env=env,

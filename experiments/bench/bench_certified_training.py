@@ -7,9 +7,13 @@ Rows (one run each, same seed, same data order):
 * ``penalty``: cross-entropy + ``1e-2 * log L`` (the ``lipreg=penalty`` preset's loss);
 * ``global margin``: ``LipschitzMarginLoss(pairwise=False)`` (Tsuzuku et al. 2018);
 * ``pairwise margin``: ``LipschitzMarginLoss(pairwise=True)`` (GloRo constants ``||w_y - w_j|| L(body)``);
-* ``seqlip margin``: pairwise, with the body bound from SeqLip (``method="seqlip"``);
+* ``seqlip margin``: pairwise, with the body bound from SeqLip (``method="seqlip"``; digits only, too slow on
+  Fashion-MNIST's LipCNN);
 * ``pairwise_T...``, ``pairwise_eps...``, ``pairwise_cosine``: variants (temperature, training radius, learning
-  rate decayed to 0 on a cosine over the run instead of constant).
+  rate decayed to 0 on a cosine over the run instead of constant);
+* ``*_cosine`` rows with the cosine schedule: ``wide`` (LipCNN channels (64, 128), hidden 512), ``hinge`` / ``lse``
+  (``kind=``, eqs. 3 / 4 of :mod:`lipreg.losses`; ``_eps0.5`` / ``_eps0.6``: trained at that eps, evaluated at
+  0.3), ``ce0.5`` / ``ce1`` / ``ce1.5`` (``ce_weight=``: plus that times the plain cross-entropy).
 
 Run: ``python -m experiments.bench.bench_certified_training --data fashion_mnist [--rows pairwise ...]
 [--epochs 6] [--out results.jsonl]``; ``--table results.jsonl`` prints the Markdown table of collected rows and
@@ -46,6 +50,15 @@ ROWS: dict[str, dict[str, Any]] = {
     "pairwise_T0.25": {"pairwise": True, "temperature": 0.25},
     "pairwise_eps0.5": {"pairwise": True, "eps_scale": 5 / 3},
     "pairwise_cosine": {"pairwise": True, "cosine": True},
+    "wide_cosine": {"pairwise": True, "cosine": True, "model": {"channels": (64, 128), "hidden": 512}},
+    "hinge_cosine": {"pairwise": True, "cosine": True, "kind": "hinge"},
+    "lse_cosine": {"pairwise": True, "cosine": True, "kind": "lse"},
+    "ce0.5_cosine": {"pairwise": True, "cosine": True, "ce_weight": 0.5},
+    "hinge_eps0.5_cosine": {"pairwise": True, "cosine": True, "kind": "hinge", "eps_scale": 5 / 3},
+    "lse_eps0.5_cosine": {"pairwise": True, "cosine": True, "kind": "lse", "eps_scale": 5 / 3},
+    "lse_eps0.6_cosine": {"pairwise": True, "cosine": True, "kind": "lse", "eps_scale": 2.0},
+    "ce1_cosine": {"pairwise": True, "cosine": True, "ce_weight": 1.0},
+    "ce1.5_cosine": {"pairwise": True, "cosine": True, "ce_weight": 1.5},
 }
 
 
@@ -72,7 +85,8 @@ def objective(row: dict[str, Any], model: nn.Module, x0: Tensor, eps: float, ste
         return PenalisedCE()
     return LipschitzMarginLoss(model, x0, eps=eps * row.get("eps_scale", 1.0), pairwise=row["pairwise"],
                                method=row.get("method", "autolip"), warmup=int(0.3 * steps),
-                               temperature=row.get("temperature", 1.0))
+                               kind=row.get("kind", "ce"), temperature=row.get("temperature"),
+                               ce_weight=row.get("ce_weight", 0.0))
 
 
 @torch.no_grad()
@@ -96,7 +110,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Any]:
 def train_row(name: str, data_name: str, epochs: int, limit_batches: int | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     data = datamodule(data_name)
-    model = LipCNN(data.input_shape, data.num_classes)
+    model = LipCNN(data.input_shape, data.num_classes, **ROWS[name].get("model", {}))
     loader = data.train_dataloader()
     steps = epochs * (limit_batches or len(loader))
     x0 = next(iter(loader))[0]
@@ -172,7 +186,8 @@ def overhead(data_name: str, rows: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="fashion_mnist", choices=sorted(EPS))
-    parser.add_argument("--rows", nargs="+", default=["penalty", "global", "pairwise", "seqlip"], choices=ROWS)
+    parser.add_argument("--rows", nargs="+", default=["penalty", "global", "pairwise", "lse_eps0.6_cosine"], choices=ROWS,
+                        help="seqlip costs seconds per step on fashion_mnist's LipCNN (see README): digits only")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--limit-batches", type=int, default=None)
     parser.add_argument("--out", default=None, help="append each row as a JSON line to this file")
