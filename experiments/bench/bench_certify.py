@@ -17,7 +17,7 @@ from torch import nn
 import lipreg
 from experiments.bench.common import BATCH, digits_batch, median_times, models, train_step_fn
 from experiments.models import CNN
-from lipreg.linalg.certify import conv_spectral_bound
+from lipreg.linalg.conv import conv_spectral_bound
 
 F64 = torch.float64
 
