@@ -126,8 +126,9 @@ class LinearOperator:
 
     def certified_norm(self) -> Tensor:
         """A guaranteed upper bound on ``sigma_1(A)`` in float64, differentiable: the tightest available of its
-        closed form; the exact norm of its dense matrix when small (``n_in n_out <= DENSE_CERTIFY_LIMIT``); the
-        product of the certified norms of its ops (sub-multiplicativity), where each weighted op (linear,
+        closed form; the exact norm of its dense matrix when small (``n_in n_out <= DENSE_CERTIFY_LIMIT``; built
+        from the weight when the node is one weighted op, see :meth:`_is_one_weighted_op`); the product of the
+        certified norms of its ops (sub-multiplicativity), where each weighted op (linear,
         convolution) absorbs the per-channel diagonal ops next to it (eval batch norm, scales) into its weight
         before its FFT / Gram certificate. Computed from the weights in float64 whatever :attr:`dtype`."""
         if self.dtype != torch.float64:
@@ -135,9 +136,25 @@ class LinearOperator:
         closed = self.closed_form_norm()
         if closed is not None:
             return certified_cast(closed.to(torch.float64), torch.float64, _CLOSED_FORM_MARGIN)
-        if self.in_shape.numel() * self.out_shape.numel() <= DENSE_CERTIFY_LIMIT:
+        small = self.in_shape.numel() * self.out_shape.numel() <= DENSE_CERTIFY_LIMIT
+        if small and not self._is_one_weighted_op():
             return dense_spectral_bound(self.dense())
-        return torch.stack(self._segment_norms()).prod()
+        norms = self._segment_norms()
+        if small and len(norms) > 1:  # a diagonal op's gains did not fold: the dense matrix is tighter
+            return dense_spectral_bound(self.dense())
+        return torch.stack(norms).prod()
+
+    def _is_one_weighted_op(self) -> bool:
+        """Whether the node is one weighted op with only diagonal ops and reshapes (numel kept) around it: then
+        its certificate, gains folded in, is that of the whole node, exact when small, and cheaper to get from the
+        weight (:mod:`lipreg.linalg.conv`) than the dense matrix through :meth:`matmat`."""
+        ops = list(zip(self.node.ops, self.node.rules))
+        if sum(isinstance(rule, WeightedOp) for _, rule in ops) != 1:
+            return False
+        return all(isinstance(rule, WeightedOp)
+                   or (rule.isometry and info.in_shapes[0].numel() == info.out_shape.numel())
+                   or rule.multiplier(info, _NodeCall(info.node, self._constants), self.dtype) is not None
+                   for info, rule in ops)
 
     def in_float64(self) -> LinearOperator:
         """The same operator evaluated from the weights in float64 (for certificates)."""

@@ -27,7 +27,7 @@ from torch import Tensor
 
 __all__ = [
     "arithmetic_margin", "certified_cast", "dense_matrix", "dense_spectral_bound", "fold_channel_gains",
-    "gram_spectral_bound", "spectral_norm64",
+    "gram_spectral_bound", "is_exact", "spectral_norm64",
 ]
 
 _REL_MARGIN = 1e-6
@@ -128,14 +128,18 @@ def _exact64(W: Tensor) -> Tensor:
     return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(_TINY).sqrt()
 
 
-def spectral_norm64(W: Tensor, n_iter: int, exact_max_dim: float | None) -> Tensor:
-    """sigma_1 of a float64/complex128 (batch of) matrix, exact or a Gram-iteration upper bound by size and device
-    (see :func:`dense_spectral_bound`), with no margin: callers round it up with :func:`certified_cast`."""
+def is_exact(W: Tensor, exact_max_dim: float | None = None) -> bool:
+    """Whether :func:`spectral_norm64` computes sigma_1 of ``W`` exactly (rather than a Gram-iteration bound): when
+    min(m, n) <= ``exact_max_dim``, by default the limit of ``W``'s device type (see :func:`dense_spectral_bound`)."""
     if exact_max_dim is None:
         exact_max_dim = _EXACT_MAX_DIM.get(W.device.type, _EXACT_MAX_DIM_OTHER)
-    if min(W.shape[-2:]) <= exact_max_dim:
-        return _exact64(W)
-    return _gram64(W, n_iter)
+    return min(W.shape[-2:]) <= exact_max_dim
+
+
+def spectral_norm64(W: Tensor, n_iter: int, exact_max_dim: float | None) -> Tensor:
+    """sigma_1 of a float64/complex128 (batch of) matrix, exact or a Gram-iteration upper bound by size and device
+    (:func:`is_exact`), with no margin: callers round it up with :func:`certified_cast`."""
+    return _exact64(W) if is_exact(W, exact_max_dim) else _gram64(W, n_iter)
 
 
 # ----------------------------------------------------------------------------- dense matrices
