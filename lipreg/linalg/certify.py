@@ -27,7 +27,7 @@ from torch import Tensor
 
 __all__ = [
     "arithmetic_margin", "certified_cast", "dense_matrix", "dense_spectral_bound", "fold_channel_gains",
-    "gram_spectral_bound", "is_exact", "spectral_norm64",
+    "gram_spectral_bound", "is_exact", "sigma_from_gram64", "spectral_norm64",
 ]
 
 _REL_MARGIN = 1e-6
@@ -124,22 +124,28 @@ def _exact64(W: Tensor) -> Tensor:
     finite for repeated sigma_1; it is also ~1.5x cheaper than an SVD on CPU.  The top eigenvalue
     is well conditioned (absolute error ~ eps * ||W||_F^2), so squaring costs no accuracy there.
     """
-    gram = W.mH @ W if W.shape[-1] <= W.shape[-2] else W @ W.mH
+    return sigma_from_gram64(W.mH @ W if W.shape[-1] <= W.shape[-2] else W @ W.mH)
+
+
+def sigma_from_gram64(gram: Tensor) -> Tensor:
+    """Exact sigma_1 of ``W`` from its float64/complex128 Gram matrix ``W^H W`` or ``W W^H`` (or a batch of them):
+    ``sqrt(lambda_max)`` by ``eigvalsh`` (see :func:`_exact64`), no margin."""
     return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(_TINY).sqrt()
 
 
-def is_exact(W: Tensor, exact_max_dim: float | None = None) -> bool:
-    """Whether :func:`spectral_norm64` computes sigma_1 of ``W`` exactly (rather than a Gram-iteration bound): when
-    min(m, n) <= ``exact_max_dim``, by default the limit of ``W``'s device type (see :func:`dense_spectral_bound`)."""
+def is_exact(shape: Sequence[int], device: torch.device, exact_max_dim: float | None = None) -> bool:
+    """Whether :func:`spectral_norm64` computes sigma_1 of a matrix of ``shape`` on ``device`` exactly (rather than a
+    Gram-iteration bound): when min(m, n) <= ``exact_max_dim``, by default the limit of the device type (see
+    :func:`dense_spectral_bound`)."""
     if exact_max_dim is None:
-        exact_max_dim = _EXACT_MAX_DIM.get(W.device.type, _EXACT_MAX_DIM_OTHER)
-    return min(W.shape[-2:]) <= exact_max_dim
+        exact_max_dim = _EXACT_MAX_DIM.get(device.type, _EXACT_MAX_DIM_OTHER)
+    return min(shape[-2:]) <= exact_max_dim
 
 
 def spectral_norm64(W: Tensor, n_iter: int, exact_max_dim: float | None) -> Tensor:
     """sigma_1 of a float64/complex128 (batch of) matrix, exact or a Gram-iteration upper bound by size and device
     (:func:`is_exact`), with no margin: callers round it up with :func:`certified_cast`."""
-    return _exact64(W) if is_exact(W, exact_max_dim) else _gram64(W, n_iter)
+    return _exact64(W) if is_exact(W.shape, W.device, exact_max_dim) else _gram64(W, n_iter)
 
 
 # ----------------------------------------------------------------------------- dense matrices

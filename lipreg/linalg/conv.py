@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .certify import certified_cast, dense_matrix, is_exact, spectral_norm64
+from .certify import certified_cast, dense_matrix, is_exact, sigma_from_gram64, spectral_norm64
 
 __all__ = ["conv_spectral_bound"]
 
@@ -181,10 +181,11 @@ def conv_spectral_bound(
       also built (per group, from its kernel slices: ``_dense_blocks``) and its sigma_1 computed as
       in ``dense_spectral_bound`` (the max over the groups' blocks); when that is exact (always on
       CPU) it is returned alone, else the minimum of the two certified bounds.  This removes the
-      circular embedding's slack on small inputs (e.g. a 3x3 kernel on 4x4 .. 8x8 images).  Its cost is dominated by the Gram product and the
-      eigvalsh of the min(rows, cols)-square Gram matrix (1024-square at the default 2^20, e.g. 16
-      channels on 8x8), O(entries^1.5), against a few ms for the Fourier bound.  Set it to 0 to
-      use the Fourier bound only.
+      circular embedding's slack on small inputs (e.g. a 3x3 kernel on 4x4 .. 8x8 images).  The
+      Gram matrix on the smaller side is formed from the kernel's channel correlations when that is
+      cheaper (``_kernel_gram``); the eigvalsh of that min(rows, cols)-square matrix (1024-square at
+      the default 2^20, e.g. 16 channels on 8x8) then dominates, against a few ms for the Fourier
+      bound.  Set it to 0 to use the Fourier bound only.
 
     Returns:
         A 0-dim tensor in the weight's dtype; float64 inside, times (1 + 1e-6), rounded upwards.
@@ -202,11 +203,65 @@ def conv_spectral_bound(
     entries = c_in * math.prod(geometry.conv_in) * c_out * math.prod(geometry.conv_out)
     if entries > dense_max_entries:
         return certified_cast(_fourier_bound64(w64, groups, geometry.dilation, plans), weight.dtype)
-    blocks = _dense_blocks(w64, geometry, padding, groups, padding_mode, transposed, output_padding)
-    dense = spectral_norm64(blocks, 10, None).max()
-    if is_exact(blocks):  # the Fourier bound, an upper bound of the same operator, cannot be tighter
-        return certified_cast(dense, weight.dtype)
+    layer = (w64, geometry, padding, groups, padding_mode, transposed, output_padding)
+    # (output, input) pixels and channels of the layer itself
+    pixels = (math.prod(geometry.conv_in if transposed else geometry.conv_out), math.prod(geometry.input_shape))
+    channels = (c_in, c_out) if transposed else (c_out, c_in)
+    block = (channels[0] // groups * pixels[0], channels[1] // groups * pixels[1])
+    if is_exact(block, weight.device):  # the Fourier bound, an upper bound of the same operator, cannot be tighter
+        kernel_gram = _kernel_gram(*layer, pixels, block)
+        if kernel_gram is not None:
+            return certified_cast(sigma_from_gram64(kernel_gram).max(), weight.dtype)
+        return certified_cast(spectral_norm64(_dense_blocks(*layer), 10, None).max(), weight.dtype)
+    dense = spectral_norm64(_dense_blocks(*layer), 10, None).max()
     return certified_cast(torch.minimum(dense, _fourier_bound64(w64, groups, geometry.dilation, plans)), weight.dtype)
+
+
+def _kernel_gram(
+    w64: Tensor,
+    geometry: _ConvGeometry,
+    padding: str | int | Sequence[int],
+    groups: int,
+    padding_mode: str,
+    transposed: bool,
+    output_padding: int | Sequence[int],
+    pixels: tuple[int, int],
+    block: tuple[int, int],
+) -> Tensor | None:
+    """The Gram matrices of the layer's ``groups`` blocks on their smaller side, from the kernel's channel
+    correlations; ``None`` when building the blocks and their Gram products is cheaper.
+
+    Each block is ``A[o, p; i, q] = sum_k w[o, i, k] S_k[p, q]``, ``S_k`` the single-channel layer with only tap
+    ``k`` (a ``P x Q`` pixel map).  So, on the input side, ``(A^T A)[i, q; j, r] = sum_{k, l} C[i, k; j, l]
+    (S_k^T S_l)[q, r]`` with ``C[i, k; j, l] = sum_o w[o, i, k] w[o, j, l]`` (on the output side, ``A A^T`` alike
+    with the roles of ``(i, q)`` and ``(o, p)`` swapped): ``K^2`` pixel products and a channel correlation
+    instead of a product over all ``c_out P`` rows, cheaper whenever ``K^2 < c_out P`` (3x3 kernels on small
+    images, many channels).  ``block`` is ``(rows, columns)`` of one block, ``pixels`` = ``(P, Q)`` of the layer.
+    """
+    a, b = w64.shape[:2]
+    taps = math.prod(w64.shape[2:])
+    weights = (w64.view(groups, a // groups, b, taps).transpose(1, 2) if transposed
+               else w64.view(groups, a // groups, b, taps))  # (group, o, i, k)
+    input_side = block[1] <= block[0]
+    (side, side_pixels), (other, other_pixels) = (((block[1], pixels[1]), (block[0], pixels[0])) if input_side
+                                                  else ((block[0], pixels[0]), (block[1], pixels[1])))
+    channels, other_channels = side // side_pixels, other // other_pixels
+    direct = groups * (side * other * taps + side**2 * other)  # the bank on the pixel basis, then the Gram product
+    correlations, pixel_products = groups * channels**2 * taps**2, taps**2 * side_pixels**2
+    via_kernel = pixel_products * other_pixels + correlations * other_channels + groups * side**2 * taps**2
+    if via_kernel >= direct or max(correlations, pixel_products) > groups * side * other:  # slower, or larger
+        return None
+    shape = (taps, 1, *w64.shape[2:]) if not transposed else (1, taps, *w64.shape[2:])
+    one_hot = torch.eye(taps, dtype=w64.dtype, device=w64.device).view(shape)
+    op = _layer_op(one_hot, geometry, padding, 1, padding_mode, transposed, output_padding)
+    maps = dense_matrix(op, (1, *geometry.input_shape), w64.device).view(taps, pixels[0], pixels[1])  # S_k[p, q]
+    if input_side:
+        correlation = torch.einsum("goik,gojl->gikjl", weights, weights)
+        gram = torch.einsum("gikjl,klqr->giqjr", correlation, torch.einsum("kpq,lpr->klqr", maps, maps))
+    else:
+        correlation = torch.einsum("goik,gmil->gokml", weights, weights)
+        gram = torch.einsum("gokml,klps->gopms", correlation, torch.einsum("kpq,lsq->klps", maps, maps))
+    return gram.reshape(groups, side, side)
 
 
 def _dense_blocks(
@@ -218,26 +273,28 @@ def _dense_blocks(
     transposed: bool,
     output_padding: int | Sequence[int],
 ) -> Tensor:
-    """The layer's matrix as its ``groups`` diagonal blocks, ``(groups, c_out/groups * P, c_in/groups * Q)`` for
-    ``Q`` / ``P`` input / output pixels, rows and columns ordered (channel, pixel).
+    """The transposes of the layer's ``groups`` diagonal blocks, up to a permutation of their rows (which keeps the
+    singular values): ``(groups, Q * c_in/groups, c_out/groups * P)`` for ``Q`` / ``P`` input / output pixels, rows
+    ordered (input pixel, input channel), columns (output channel, output pixel).
 
-    The block entry of output channel ``o`` and input channel ``i`` is ``S(w[o, i])``, the single-channel layer
-    with kernel ``w[o, i]`` (same stride, padding, dilation): so all of them come from one single-channel layer
-    with ``c_out * c_in / groups`` output channels (a bank of every kernel slice) applied to the pixel basis
-    (:func:`~lipreg.linalg.certify.dense_matrix`), about ``c_in / groups`` times fewer operations than the layer
-    on the full identity basis.
+    The entries of input channel ``i`` and output channel ``o`` are ``S(w[o, i])``, the single-channel layer with
+    kernel ``w[o, i]`` (same stride, padding, dilation): so all of them come from one single-channel layer with
+    ``c_out * c_in / groups`` output channels (a bank of every kernel slice, ordered (group, i, o)) applied to the
+    pixel basis (:func:`~lipreg.linalg.certify.dense_matrix`), about ``c_in / groups`` times fewer operations than
+    the layer on the full identity basis; for one group the result is a view of the bank's output, no copy.
     """
-    a, b = w64.shape[:2]  # conv: (c_out, c_in/g); transposed: (c_in, c_out/g)
+    a, b = w64.shape[:2]  # conv: (c_out, c_in/g); transposed: (c_in, c_out/g), already ordered (group, i, o)
     kernel = w64.shape[2:]
-    bank = w64.reshape(1, a * b, *kernel) if transposed else w64.reshape(a * b, 1, *kernel)
+    if transposed:
+        c_in, c_out, bank = a // groups, b, w64.reshape(1, a * b, *kernel)
+    else:
+        c_in, c_out = b, a // groups
+        bank = w64.view(groups, c_out, c_in, *kernel).transpose(1, 2).reshape(a * b, 1, *kernel)
     op = _layer_op(bank, geometry, padding, 1, padding_mode, transposed, output_padding)
-    slices = dense_matrix(op, (1, *geometry.input_shape), w64.device)  # (a * b * P, Q), rows (a, b, pixel)
+    slices = dense_matrix(op, (1, *geometry.input_shape), w64.device)  # (a * b * P, Q), rows (group, i, o, p)
     pixels_out, pixels_in = slices.shape[0] // (a * b), slices.shape[1]
-    slices = slices.view(groups, a // groups, b, pixels_out, pixels_in)
-    # conv: (group, o, i, p, q) -> rows (o, p), columns (i, q); transposed: (group, i, o, p, q) -> rows (o, p)
-    order = (0, 2, 3, 1, 4) if transposed else (0, 1, 3, 2, 4)
-    rows = (b if transposed else a // groups) * pixels_out
-    return slices.permute(order).reshape(groups, rows, -1)
+    slices = slices.view(groups, c_in, c_out, pixels_out, pixels_in).permute(0, 4, 1, 2, 3)
+    return slices.reshape(groups, pixels_in * c_in, c_out * pixels_out)
 
 
 @dataclass(frozen=True)
