@@ -125,8 +125,9 @@ class LinearOperator:
 
     def certified_norm(self, policy: BoundPolicy = BoundPolicy()) -> Tensor:
         """A guaranteed upper bound on ``sigma_1(A)`` in float64, differentiable: the tightest available of its
-        closed form; the exact norm of its dense matrix when small (``n_in n_out <= policy.dense_entries``); the
-        product of the certified norms of its ops (sub-multiplicativity), where each weighted op (linear,
+        closed form; the exact norm of its dense matrix when small (``n_in n_out <= policy.dense_entries``; built
+        from the weight when the node is one weighted op, see :meth:`_is_one_weighted_op`); the product of the
+        certified norms of its ops (sub-multiplicativity), where each weighted op (linear,
         convolution) absorbs the per-channel diagonal ops next to it (eval batch norm, scales) into its weight
         before its FFT / Gram certificate. Computed from the weights in float64 whatever :attr:`dtype`."""
         if self.dtype != torch.float64:
@@ -134,9 +135,27 @@ class LinearOperator:
         closed = self.closed_form_norm()
         if closed is not None:
             return certified_cast(closed.to(torch.float64), torch.float64, _CLOSED_FORM_MARGIN)
-        if self.in_shape.numel() * self.out_shape.numel() <= policy.dense_entries:
-            return dense_spectral_bound(self.dense(), exact_max_dim=policy.exact_eig_max_dim(self.device.type))
-        return torch.stack(self._segment_norms(policy)).prod()
+        entries = self.in_shape.numel() * self.out_shape.numel()
+        small = entries <= policy.dense_entries
+        exact_max_dim = policy.exact_eig_max_dim(self.device.type)
+        if small and not (self._is_one_weighted_op() and entries <= policy.conv_dense_entries):
+            return dense_spectral_bound(self.dense(), exact_max_dim=exact_max_dim)
+        norms = self._segment_norms(policy)
+        if small and len(norms) > 1:  # a diagonal op's gains did not fold: the dense matrix is tighter
+            return dense_spectral_bound(self.dense(), exact_max_dim=exact_max_dim)
+        return torch.stack(norms).prod()
+
+    def _is_one_weighted_op(self) -> bool:
+        """Whether the node is one weighted op with only diagonal ops and reshapes (numel kept) around it: then
+        its certificate, gains folded in, is that of the whole node, exact when small, and cheaper to get from the
+        weight (:mod:`lipreg.linalg.conv`) than the dense matrix through :meth:`matmat`."""
+        ops = list(zip(self.node.ops, self.node.rules))
+        if sum(isinstance(rule, WeightedOp) for _, rule in ops) != 1:
+            return False
+        return all(isinstance(rule, WeightedOp)
+                   or (rule.isometry and info.in_shapes[0].numel() == info.out_shape.numel())
+                   or rule.multiplier(info, _NodeCall(info.node, self._constants), self.dtype) is not None
+                   for info, rule in ops)
 
     def in_float64(self) -> LinearOperator:
         """The same operator evaluated from the weights in float64 (for certificates)."""

@@ -1,4 +1,5 @@
-"""Tests for lipreg.linalg.certify: certified spectral-norm bounds of dense matrices and convolutions.
+"""Tests for lipreg.linalg.certify and lipreg.linalg.conv: certified spectral-norm bounds of dense matrices and
+convolutions.
 
 The independent reference is the exact norm: the largest singular value (torch.linalg
 matrix_norm(., 2), i.e. an SVD) of the weight matrix, or of the dense Jacobian of the layer's
@@ -20,12 +21,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lipreg.linalg import certify
-from lipreg.linalg.certify import (
-    conv_spectral_bound,
-    dense_spectral_bound,
-    gram_spectral_bound,
-)
+from lipreg.linalg import certify, conv
+from lipreg.linalg.certify import dense_spectral_bound, gram_spectral_bound
+from lipreg.linalg.conv import conv_spectral_bound
 
 F64 = torch.float64
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -275,6 +273,26 @@ def test_conv_transposed_certified(dims, spatial, k, stride, padding, out_pad, d
     assert exact <= default <= exact * (1 + 2e-6)
 
 
+@pytest.mark.parametrize(
+    "transposed,c_in,c_out,groups,kw",
+    [
+        (False, 6, 4, 2, {"stride": 2, "padding": 1}),
+        (False, 3, 9, 3, {"padding": 2, "dilation": 2, "padding_mode": "reflect"}),
+        (False, 4, 2, 1, {"padding": 1, "padding_mode": "circular"}),
+        (False, 2, 8, 2, {"padding": "same", "padding_mode": "replicate"}),
+        (True, 4, 6, 2, {"stride": 2, "padding": 1, "output_padding": 1}),
+        (True, 9, 3, 3, {"padding": 1, "dilation": 2}),
+    ],
+)
+def test_dense_route_exact_for_grouped_unequal_channels(transposed, c_in, c_out, groups, kw):
+    """The dense route builds each group's block from its kernel slices: with c_in != c_out per group, the order
+    of rows (output channel, pixel) and columns (input channel, pixel) matters; the norm is that of the Jacobian."""
+    layer = _layer(2, c_in, c_out, 3, seed=c_in + c_out, transposed=transposed, groups=groups, **kw)
+    spatial = (5, 6)
+    exact = _exact_layer(layer, (c_in, *spatial))
+    assert exact <= _bound(layer, spatial).item() <= exact * (1 + 2e-6)
+
+
 def test_transposed_conv_equals_adjoint_conv_bound():
     """A transposed conv (output_padding < stride) is the adjoint of the conv on its output shape."""
     layer_t = _layer(2, 4, 6, 3, transposed=True, stride=2, padding=1, output_padding=1)
@@ -452,10 +470,47 @@ def test_property_certified_bound_is_upper_bound(config):
         assert bound >= exact
 
 
-def test_module_is_a_leaf():
-    tree = ast.parse(Path(certify.__file__).read_text())
+@pytest.mark.parametrize("module", [certify, conv])
+def test_module_is_a_leaf(module):
+    """The certificates import nothing of lipreg but each other (conv.py uses certify.py's numerics)."""
+    tree = ast.parse(Path(module.__file__).read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             assert not any(a.name.split(".")[0] == "lipreg" for a in node.names)
         if isinstance(node, ast.ImportFrom):
-            assert node.level == 0 and (node.module or "").split(".")[0] != "lipreg"
+            sibling = node.level == 1 and node.module == "certify"
+            assert sibling or (node.level == 0 and (node.module or "").split(".")[0] != "lipreg")
+
+
+# ------------------------------------------------------------------------------ operators of fused nodes
+
+
+class _ConvBNScale(nn.Module):
+    """conv -> eval batch norm (spread gains) -> optionally a product by a per-pixel (not per-channel) constant."""
+
+    def __init__(self, per_pixel: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1, groups=1)
+        self.bn = nn.BatchNorm2d(5)
+        generator = _gen(3)
+        self.bn.weight.data = torch.exp(4 * torch.rand(5, generator=generator) - 2)
+        self.bn.running_var = torch.exp(4 * torch.rand(5, generator=generator) - 2)
+        self.register_buffer("pixel", torch.rand(1, 1, 6, 6, generator=generator) + 0.5 if per_pixel else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return y * self.pixel if self.pixel is not None else y
+
+
+@pytest.mark.parametrize("per_pixel", [False, True])
+def test_small_fused_node_certified_norm_is_exact(per_pixel):
+    """A small node of one weighted op is certified from its weight with the BN gains folded in; a diagonal op
+    whose gains cannot fold (per pixel) must not turn it into a product of norms: exact either way."""
+    import lipreg
+
+    torch.manual_seed(0)
+    model = _ConvBNScale(per_pixel).eval()
+    (operator,) = lipreg.LipschitzEstimator(model, torch.randn(2, 3, 6, 6)).linear_operators().values()
+    exact = _exact_layer(model.double().requires_grad_(False), (3, 6, 6))
+    certified = operator.certified_norm().item()
+    assert exact <= certified <= exact * (1 + 2e-6)

@@ -70,12 +70,12 @@ def test_unknown_fields_inconsistent_limits_and_mutation_are_refused():
 
 
 def test_certify_defaults_agree_with_the_policy():
-    """:mod:`lipreg.linalg.certify` is a leaf module (no lipreg import), with standalone defaults for direct calls:
-    the policy's values (the library passes those explicitly)."""
-    from lipreg.linalg import certify
+    """:mod:`lipreg.linalg.certify` and :mod:`lipreg.linalg.conv` are leaf modules (no lipreg import above
+    linalg), with standalone defaults for direct calls: the policy's values (the library passes those explicitly)."""
+    from lipreg.linalg import certify, conv
 
     policy = BoundPolicy()
-    dense = inspect.signature(certify.conv_spectral_bound).parameters["dense_max_entries"].default
+    dense = inspect.signature(conv.conv_spectral_bound).parameters["dense_max_entries"].default
     assert dense == policy.conv_dense_entries
     assert certify._EXACT_MAX_DIM == {"cpu": policy.exact_eig_max_dim("cpu")}
     assert certify._EXACT_MAX_DIM_OTHER == policy.exact_eig_max_dim("cuda")

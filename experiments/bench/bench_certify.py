@@ -3,13 +3,19 @@ certified / exact, per model and per layer.  Issue 10 item 3: certified / exact 
 batch norm segments with spread-out BN scales (the per-channel gains folded into the kernel before the FFT bound),
 against the product of the two certificates (``unfolded``, what was computed before).  Issue 12 (c): the time of
 ``certified_bound()`` on a 6-conv CNN at 3x32x32 against one training step at batch 128, and its certified /
-converged ratio.  Run: ``python -m experiments.bench.bench_certify`` (``--only digits|folding|cnn6`` for one part).
+converged ratio; and on a ResNet-18-shaped CIFAR network (BasicBlocks 64-128-256-512, 3x32x32, BN): its time, peak
+memory and certified / converged ratio.  Run: ``python -m experiments.bench.bench_certify`` (``--section
+digits|folding|cnn6|resnet18`` for one part).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import math
+import resource
+import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -17,7 +23,7 @@ from torch import nn
 import lipreg
 from experiments.bench.common import BATCH, digits_batch, median_times, models, train_step_fn
 from experiments.models import CNN
-from lipreg.linalg.certify import conv_spectral_bound
+from lipreg.linalg.conv import conv_spectral_bound
 
 F64 = torch.float64
 
@@ -144,13 +150,83 @@ def cnn6() -> None:
           f"certified / converged = {certified / converged:.5f}")
 
 
+# ----------------------------------------------------------------------------- issue 12 (c): ResNet-18
+class ResBlock(nn.Module):
+    """ResNet BasicBlock: ``relu(shortcut(x) + BN(conv3x3(relu(BN(conv3x3_stride(x))))))``, the shortcut a 1x1
+    stride conv + BN when the shape changes, the identity otherwise."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(y + self.shortcut(x))
+
+
+def resnet18(classes: int = 10) -> nn.Module:
+    """The CIFAR ResNet-18: conv3x3(3 -> 64)-BN-ReLU stem at 32x32, 2 BasicBlocks per stage at 64, 128, 256, 512
+    channels (stride 2 from the second stage), global average pool, linear head."""
+    blocks: list[nn.Module] = []
+    c_in = 64
+    for stage, c_out in enumerate((64, 128, 256, 512)):
+        blocks += [ResBlock(c_in, c_out, 1 if stage == 0 else 2), ResBlock(c_out, c_out, 1)]
+        c_in = c_out
+    return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(), *blocks,
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes))
+
+
+def timed_peak(fn: Callable[[], object]) -> tuple[float, float]:
+    """Seconds of one call of ``fn`` and the rise of the process's peak resident memory during it (MiB): the rise
+    above the peak so far, so measured before anything larger (a training step) has run."""
+    gc.collect()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    fn()
+    elapsed = time.perf_counter() - start
+    return elapsed, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+def resnet() -> None:
+    torch.manual_seed(0)
+    model = spread_batch_norms(resnet18(), 13)
+    estimator = lipreg.LipschitzEstimator(model, torch.randn(2, 3, 32, 32))
+    def logged() -> None:
+        with torch.no_grad():
+            estimator.certified_bound()
+
+    no_grad_s, no_grad_mib = timed_peak(logged)  # first: the peak so far is only the traced sample's
+    grad_s, grad_mib = timed_peak(estimator.certified_bound)
+    certified = float(estimator.certified_bound())
+    converged_s, _ = timed_peak(lambda: estimator.converge(tol=1e-6, max_iter=300))
+    converged = float(estimator(n_iter=0))
+    x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    step = median_times({"step": train_step_fn(model.train(), x, y)}, rounds=2, repeat=1)["step"]
+    model.load_state_dict(state)
+    model.eval()
+    print(f"\nResNet-18 3x32x32 ({len(estimator.graph.linear_nodes())} linear operators), spread BN: "
+          f"certified_bound() {grad_s:.2f} s = {grad_s / step:.2f} training steps at batch {BATCH} ({step:.2f} s), "
+          f"peak memory +{grad_mib:.0f} MiB; under no_grad {no_grad_s:.2f} s, +{no_grad_mib:.0f} MiB; "
+          f"converge(tol=1e-6, max_iter=300) {converged_s:.1f} s; certified / converged = {certified / converged:.4f}")
+
+
+SECTIONS: dict[str, Callable[[], None]] = {"digits": digits, "folding": folding, "cnn6": cnn6, "resnet18": resnet}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", choices=("digits", "folding", "cnn6"))
-    only = parser.parse_args().only
+    parser.add_argument("--section", choices=tuple(SECTIONS), help="run this part only (default: all)")
+    section = parser.parse_args().section
     torch.set_num_threads(1)  # one thread: fastest for small nets and least noisy on a shared 2-core machine
-    for name, part in (("digits", digits), ("folding", folding), ("cnn6", cnn6)):
-        if only in (None, name):
+    for name, part in SECTIONS.items():
+        if section in (None, name):
             part()
 
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..linalg.certify import certified_cast, conv_spectral_bound, dense_spectral_bound, fold_channel_gains
+from ..linalg.certify import certified_cast, dense_spectral_bound, fold_channel_gains
+from ..linalg.conv import conv_spectral_bound
 from ..policy import BoundPolicy
 from .base import Call, LinearOp, NodeInfo, Refuse
 from .registry import register_rule
