@@ -81,10 +81,8 @@ class LipschitzMarginLoss(nn.Module):
             self.calls += 1
         K, bound = self.certificate()
         self.last_bound = bound.detach()
-        if skip_non_finite(self.last_bound, "LipschitzMarginLoss", "margin"):
-            eps, K = 0.0, torch.zeros_like(K)
         self.last_eps = eps
-        shifted = logits + (eps * K[target]).to(logits.dtype)
+        shifted = logits + skip_non_finite(eps * K, bound, through=[K])[target].to(logits.dtype)
         return self.temperature * F.cross_entropy(shifted / self.temperature, target)
 
     def certified_constants(self) -> Tensor:
