@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import warnings
 from contextlib import contextmanager
@@ -15,6 +14,7 @@ from .bounds.autolip import autolip_bound, chain_interiors, own_constant
 from .bounds.naming import buffer_name
 from .bounds.seqlip import SeqLip
 from .capture.graph import _LIBRARY_DIRS, LipGraph, LipNode
+from .finite import NonFiniteRecord, finite_bound, zero_gradient_unless
 from .linalg.certify import arithmetic_margin, certified_cast
 from .linalg.krylov import lanczos_top_singular, vjp_adjoint
 from .linalg.power import normalized, power_iterations, rayleigh_norms_and_step
@@ -25,6 +25,7 @@ from .progress import progress as _progress
 
 METHODS = ("autolip", "seqlip")
 Operators = dict[LipNode, LinearOperator]
+Chains = dict[LipNode, tuple[LipNode, Tensor]]
 
 
 class LipschitzEstimator(nn.Module):
@@ -45,6 +46,13 @@ class LipschitzEstimator(nn.Module):
     modules the graph uses, their hyper-parameters, tensor shapes and hooks); if not, it is traced again,
     with a warning, keeping the warm state that still fits.
 
+    Non-finite weights (NaN or inf), or a bound that overflows ``dtype``, give a non-finite bound whose gradient is
+    exactly 0 (see :mod:`lipreg.finite` for the one case it cannot reach), and the operators concerned keep their
+    warm vectors. This costs no host synchronisation with ``method="autolip"`` (SeqLip's vertex search reads
+    values on the host): the non-finite calls are recorded on the device, and the ``RuntimeWarning`` that names the
+    non-finite factors comes at the next :meth:`check_finite`, run every :attr:`check_finite_every` calls and by
+    :meth:`layer_bounds`, :meth:`converge` and :meth:`certified_bound`.
+
     Args:
         model: any ``nn.Module`` of one tensor input that ``torch.fx`` can trace.
         example_input: a batch of inputs (only its first sample's shape is used).
@@ -58,6 +66,10 @@ class LipschitzEstimator(nn.Module):
             SeqLip factors) and the low-rank sizes; default ``BoundPolicy()``.
         **seqlip_options: ``search`` for ``method="seqlip"``.
     """
+
+    check_finite_every: int = 100
+    """Calls of ``est()`` between two reads of the non-finite record (:meth:`check_finite`), each a host
+    synchronisation: 1 warns at the call itself."""
 
     def __init__(self, model: nn.Module, example_input: Tensor, method: str = "autolip", n_iter: int = 1,
                  fuse: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0,
@@ -87,6 +99,7 @@ class LipschitzEstimator(nn.Module):
         SeqLip chains, and a fresh warm vector for every operator that needs the power method."""
         self.graph = graph
         self._last_factors: dict[str, Tensor | float] = {}
+        self._non_finite = NonFiniteRecord()  # of this graph's factors
         self._constants = {node.name: own_constant(node) for node in self.graph.nodes[1:]
                            if isinstance(node.rule, (Activation, Constant))}
         self._closed_form: set[LipNode] = set()
@@ -122,6 +135,7 @@ class LipschitzEstimator(nn.Module):
         change = self.graph.stale()
         if change is None:
             return
+        self.check_finite()  # before the record of the old graph's factors goes
         warnings.warn(f"the model changed since this LipschitzEstimator was built: {change}. It is traced again, "
                       "and the bound is that of the model as it is now", stacklevel=_user_stacklevel())
         warm = {name: tensor.clone() for name, tensor in self.state_dict().items()}
@@ -143,19 +157,33 @@ class LipschitzEstimator(nn.Module):
         n_iter = self.n_iter if n_iter is None else n_iter
         with self._evaluation() as operators:
             if self.certified:  # no iteration: the bound is the certificate, computed and rounded as one
-                bound64, factors = self._certified64(self._float64(operators), self.seqlip is not None)
+                bound64, factors, chains = self._certified64(self._float64(operators), self.seqlip is not None)
                 bound = self._round_up(bound64)
             else:
                 factors = self._linear_factors(operators, n_iter)
                 chains = self.seqlip(factors, operators, n_iter) if self.seqlip is not None else None
                 bound = autolip_bound(self.graph, factors, chains, dtype=self.dtype, device=self._device())
         self._remember(factors)
-        if not torch.isfinite(bound):
-            bad = [name for name, f in self._last_factors.items() if not math.isfinite(float(f))]
-            warnings.warn(f"non-finite Lipschitz bound ({bound.item()}): non-finite factors at {bad}; "
-                          "the weights hold NaN or inf. Those operators keep their previous warm vectors.", RuntimeWarning,
-                          stacklevel=4)  # the caller of est(), past nn.Module's __call__
+        self._watch_finite(bound, [*factors.values(), *(chain for _, chain in (chains or {}).values())])
         return bound
+
+    def _watch_finite(self, bound: Tensor, factors: list[Tensor]) -> None:
+        """No host synchronisation: a non-finite ``bound`` gets an exact zero gradient through every factor
+        (:func:`~lipreg.finite.zero_gradient_unless`) and is recorded on the device; the record is read (and warned
+        about) every :attr:`check_finite_every` calls, or at :meth:`check_finite`."""
+        finite = finite_bound(bound)
+        zero_gradient_unless(finite, factors)
+        tensors = {name: f for name, f in self._last_factors.items() if isinstance(f, Tensor)}
+        self._non_finite.record(finite, bound, tensors)
+        if self._non_finite.calls >= self.check_finite_every:
+            self.check_finite()
+
+    def check_finite(self) -> bool:
+        """Whether a call since the last check gave a non-finite bound (NaN or inf weights, or an overflow); if
+        so, a ``RuntimeWarning`` names the non-finite factors of the last of them. It reads a device-side record:
+        one host synchronisation, which is why ``est()`` only does it every :attr:`check_finite_every` calls;
+        :meth:`layer_bounds`, :meth:`converge` and :meth:`certified_bound` check too."""
+        return self._non_finite.report(_warn_non_finite)
 
     def converge(self, tol: float = 1e-6, max_iter: int = 2000, progress: bool = False) -> Tensor:
         """Iterate every operator to its top singular triple (Golub-Kahan-Lanczos from its warm vector,
@@ -166,7 +194,9 @@ class LipschitzEstimator(nn.Module):
         ``sigma`` does not. SeqLip's subspaces are iterated too. ``progress=True`` shows a bar over the operators."""
         with torch.no_grad(), self._evaluation() as operators:
             self._converge_operators(operators, tol, max_iter, progress)
-        return self(n_iter=0)
+        bound = self(n_iter=0)
+        self.check_finite()
+        return bound
 
     def _converge_operators(self, operators: Operators, tol: float, max_iter: int, show: bool = False) -> None:
         for node in _progress(self._iterated_nodes(), show, "converge"):
@@ -187,12 +217,13 @@ class LipschitzEstimator(nn.Module):
         ``progress=True`` shows a bar over the operators.
         """
         self._refresh()  # before the nodes are read: the graph must be the model's as it is now
+        self.check_finite()
         use_seqlip = self.seqlip is not None and self.seqlip.certified
         if self.seqlip is not None and not use_seqlip:
             warnings.warn("this SeqLip search is not exact on full SVDs, so it cannot be certified: "
                           "certified_bound() returns the certified AutoLip bound", stacklevel=2)
         with self._evaluation() as operators:
-            bound, _ = self._certified64(self._float64(operators), use_seqlip, progress)
+            bound, _, _ = self._certified64(self._float64(operators), use_seqlip, progress)
         return self._round_up(bound)
 
     def _round_up(self, bound64: Tensor) -> Tensor:
@@ -202,15 +233,15 @@ class LipschitzEstimator(nn.Module):
         n_ops = sum(2 * len(node.inputs) + 2 for node in self.graph.nodes)
         return certified_cast(bound64, self.dtype, arithmetic_margin(n_ops))
 
-    def _certified64(self, operators64: Operators, use_seqlip: bool,
-                     progress: bool = False) -> tuple[Tensor, dict[LipNode, Tensor]]:
-        """The certified bound in float64 (before :meth:`_round_up`) and the certified factors it uses, from
-        float64 operators: each factor is :meth:`LinearOperator.certified_norm`."""
+    def _certified64(self, operators64: Operators, use_seqlip: bool, progress: bool = False
+                     ) -> tuple[Tensor, dict[LipNode, Tensor], Chains | None]:
+        """The certified bound in float64 (before :meth:`_round_up`), the certified factors and SeqLip chains it
+        uses, from float64 operators: each factor is :meth:`LinearOperator.certified_norm`."""
         nodes = self._bounded_nodes() if use_seqlip else self.graph.linear_nodes()
         factors = {node: operators64[node].certified_norm(self.policy)
                    for node in _progress(nodes, progress, "certify")}
         chains = self.seqlip(factors, operators64, 0) if use_seqlip else None
-        return autolip_bound(self.graph, factors, chains, dtype=torch.float64, device=self._device()), factors
+        return autolip_bound(self.graph, factors, chains, dtype=torch.float64, device=self._device()), factors, chains
 
     def linear_operators(self) -> dict[str, LinearOperator]:
         """The :class:`~lipreg.operator.LinearOperator` of every (fused) linear node, by node name, in ``dtype`` on
@@ -223,7 +254,8 @@ class LipschitzEstimator(nn.Module):
         """Each node's own factor: ``||A v||`` of each (fused) linear operator in the last call, the constant of
         each activation or pooling, and for SeqLip the factor of each pair of a chain. With ``certified=True``,
         each linear operator's certified norm instead (computed now, from the current weights in float64, rounded
-        upwards into ``dtype``)."""
+        upwards into ``dtype``). Checks the record of non-finite bounds first (:meth:`check_finite`)."""
+        self.check_finite()
         if not certified:
             return {name: float(value) for name, value in self._last_factors.items()}
         with torch.no_grad(), self._evaluation() as operators:
@@ -302,6 +334,15 @@ class LipschitzEstimator(nn.Module):
 
     def _device(self) -> torch.device:
         return _model_device(self.model) or torch.device("cpu")
+
+
+def _warn_non_finite(bound: float, bad: list[str]) -> None:
+    """The warning of :meth:`LipschitzEstimator.check_finite`."""
+    cause = (f"non-finite factors at {bad}; the weights hold NaN or inf. Those operators kept their previous warm "
+             "vectors" if bad else "every factor is finite, so their product overflows: use dtype=torch.float64")
+    warnings.warn(f"non-finite Lipschitz bound ({bound}) since the last check: {cause}. Its gradient was 0, so the "
+                  "penalty is skipped for those steps (a LipschitzPenalty added 0, a LipschitzMarginLoss was the "
+                  "plain cross-entropy)", RuntimeWarning, stacklevel=_user_stacklevel())
 
 
 def _user_stacklevel() -> int:

@@ -48,7 +48,8 @@ from torch import Tensor, nn
 
 from .margins import MarginCertificate
 from .options import check_choice
-from .penalty import skip_non_finite, warn_batch_statistics
+from .finite import finite_bound, zero_gradient_unless
+from .penalty import warn_batch_statistics
 
 MarginKind = Literal["ce", "hinge", "lse"]
 DEFAULT_TEMPERATURE = {"ce": 1.0, "hinge": 1.0, "lse": 0.1}  # ce: logit units; lse: radius units; hinge: unused
@@ -147,11 +148,10 @@ class LipschitzMarginLoss(nn.Module):
             self.calls += 1
         K, bound = self.certificate()
         self.last_bound = bound.detach()
-        if skip_non_finite(self.last_bound, "LipschitzMarginLoss", "margin"):
-            self.last_eps = 0.0
-            return F.cross_entropy(logits, target)
+        finite = finite_bound(bound)  # on the device: a skipped step costs no host synchronisation
+        zero_gradient_unless(finite, [K])  # d K / d head = 0 * L when L is not finite: exactly 0 instead
         self.last_eps = eps
-        K_y = K[target].to(logits.dtype)
+        K_y = torch.where(finite, K, 1.0)[target].to(logits.dtype)  # any finite K on a skipped step
         if self.kind == "ce":
             loss = margin_ce(logits, target, K_y, eps, self.temperature)
         elif self.kind == "hinge":
@@ -160,7 +160,7 @@ class LipschitzMarginLoss(nn.Module):
             loss = margin_lse(pair_radii(logits, target, K_y), eps, self.temperature)
         if self.ce_weight:
             loss = loss + self.ce_weight * F.cross_entropy(logits, target)
-        return loss
+        return torch.where(finite, loss, F.cross_entropy(logits, target))
 
     def certified_constants(self) -> Tensor:
         """The certified ``K`` (``(C, C)``, float64) of the current weights: what certified accuracy uses."""

@@ -8,13 +8,14 @@ warm vectors) apply to it exactly as to the task loss. Adding its gradient from 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .estimator import LipschitzEstimator
+from .finite import finite_bound, zero_gradient_unless
 from .options import Method, PenaltyKind, validate_method, validate_penalty
 
 
@@ -64,13 +65,18 @@ def warn_batch_statistics(model: nn.Module, who: str) -> None:
             UserWarning, stacklevel=3)
 
 
-def skip_non_finite(bound: Tensor, who: str, term: str) -> bool:
-    """Whether ``bound`` is not finite (NaN weights), warning that ``who`` skips its ``term`` for this step."""
-    if torch.isfinite(bound):
-        return False
-    warnings.warn(f"{who}: the bound is not finite; the {term} is skipped for this step.", RuntimeWarning,
-                  stacklevel=3)
-    return True
+def skip_non_finite(value: Tensor, bound: Tensor, through: Sequence[Tensor] = ()) -> Tensor:
+    """``value`` (a term computed from an estimator's ``bound``), or zeros if ``bound`` is not finite (NaN or inf
+    weights, an overflow), chosen on the device: no host synchronisation (the estimator warns, at its next
+    :meth:`~lipreg.LipschitzEstimator.check_finite`).
+
+    The zeros' gradient is exactly 0: ``torch.where`` stops it at ``value``, the estimator's own gate
+    (:func:`~lipreg.finite.zero_gradient_unless`) at the bound's factors, and the same gate at each of ``through``,
+    the nodes between them where the non-finite bound meets the gradient of another parameter (the pairwise margin
+    ``||w_y - w_j|| L``, whose gradient w.r.t. the head is ``0 * L``)."""
+    finite = finite_bound(bound)
+    zero_gradient_unless(finite, through)
+    return torch.where(finite, value, 0.0)
 
 
 class LipschitzPenalty(nn.Module):
@@ -78,9 +84,10 @@ class LipschitzPenalty(nn.Module):
 
     Put it on your LightningModule (``self.lip_penalty = LipschitzPenalty(self.net, example)``): its warm vectors
     are buffers, so they are checkpointed with the module, follow ``.to()``, and are broadcast by DDP.
-    A non-finite bound (NaN weights) skips the penalty for that step with a warning: the returned zero has no
-    autograd history, so no NaN reaches a gradient, and the warm vectors stay finite (a non-finite operator keeps
-    its vector; the others iterate as usual).
+    A non-finite bound (NaN or inf weights, an overflow) skips the penalty for that step: it returns 0 with a
+    gradient of exactly 0 w.r.t. every parameter, and the warm vectors stay finite (a non-finite operator keeps its
+    vector; the others iterate as usual). No host synchronisation: the warning comes at the estimator's next
+    :meth:`~lipreg.LipschitzEstimator.check_finite` (every ``check_finite_every`` calls, or ``layer_bounds()``).
 
     ``last_bound`` holds the (detached) bound of the last call.
     """
@@ -102,9 +109,7 @@ class LipschitzPenalty(nn.Module):
     def forward(self) -> Tensor:
         bound = self.estimator()
         self.last_bound = bound.detach()
-        if skip_non_finite(self.last_bound, "LipschitzPenalty", "penalty"):
-            return torch.zeros((), device=bound.device)
-        return self.weight * PENALTY_KINDS[self.kind](bound, self.target)
+        return skip_non_finite(self.weight * PENALTY_KINDS[self.kind](bound, self.target), bound)
 
     def extra_repr(self) -> str:
         target = f", target={self.target}" if self.target is not None else ""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from experiments.models import MLP, Classifier
-from lipreg import LipschitzEstimator
+from lipreg import LipschitzEstimator, LipschitzMarginLoss
 from lipreg.penalty import PENALTY_KINDS, LipschitzPenalty
 
 
@@ -151,9 +151,9 @@ def test_bf16_autocast_computes_in_float32() -> None:
 
 
 def test_non_finite_bound_skips_the_penalty() -> None:
-    """A NaN weight: a RuntimeWarning, a zero penalty with no autograd history (so the task loss's gradients stay
-    finite), a NaN ``last_bound``, and finite warm vectors (the NaN operator keeps its vector); once the weight is
-    repaired the penalty is back."""
+    """A NaN weight: a zero penalty whose gradient w.r.t. every parameter is exactly 0 (so the task loss's gradients
+    stay finite), a NaN ``last_bound``, finite warm vectors (the NaN operator keeps its vector), and a RuntimeWarning
+    at the next check (``layer_bounds()``) naming the NaN operator; once the weight is repaired the penalty is back."""
     net, x = small_net(), example()
     penalty = LipschitzPenalty(net, x, weight=1.0, kind="log")
     penalty()
@@ -162,11 +162,17 @@ def test_non_finite_bound_skips_the_penalty() -> None:
     clean = first.detach().clone()
     with torch.no_grad():
         first[0, 0] = float("nan")
-    with pytest.warns(RuntimeWarning) as record:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is read on the host at the call: no warning there
         value = penalty()
+    with pytest.warns(RuntimeWarning) as record:
+        penalty.estimator.layer_bounds()
     messages = " | ".join(str(w.message) for w in record)
     assert "non-finite Lipschitz bound" in messages and "penalty is skipped" in messages
-    assert float(value) == 0.0 and value.grad_fn is None and not value.requires_grad
+    assert "['net.0+net.1']" in messages  # the fused flatten + first linear
+    assert float(value.detach()) == 0.0
+    found = torch.autograd.grad(value, list(net.parameters()), retain_graph=True, allow_unused=True)
+    assert all(g is None or torch.equal(g, torch.zeros_like(g)) for g in found)
     assert torch.isnan(penalty.last_bound)
     state = penalty.state_dict()
     assert all(torch.isfinite(buffer).all() for buffer in state.values())
@@ -183,3 +189,87 @@ def test_non_finite_bound_skips_the_penalty() -> None:
         warnings.simplefilter("error")
         value = penalty()
     assert value.requires_grad and torch.isfinite(value)
+
+
+def assert_zero_gradients(value: torch.Tensor, params: list[torch.Tensor]) -> None:
+    found = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+    assert all(g is None or torch.equal(g, torch.zeros_like(g)) for g in found), [
+        None if g is None else g.abs().max() for g in found]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("layer", [1, 3, 5])
+def test_non_finite_weights_give_an_exact_zero_gradient(bad: float, layer: int) -> None:
+    """A NaN or inf entry in any layer: the penalty is 0, its gradient w.r.t. every parameter exactly 0 (a bare
+    ``torch.where`` on the bound gives ``0 * inf = NaN`` to the other layers' factors and ``0 * NaN`` to the bad
+    layer's own weights), and an Adam step on it moves nothing: no NaN appears in the model or the optimiser."""
+    net, x = small_net(), example()
+    penalty = LipschitzPenalty(net, x, weight=1.0, kind="log")
+    penalty()
+    with torch.no_grad():
+        net.net[layer].weight[1, 2] = bad
+    before = [p.detach().clone() for p in net.parameters()]
+    value = penalty()
+    assert float(value.detach()) == 0.0 and not torch.isfinite(penalty.last_bound)
+    assert_zero_gradients(value, list(net.parameters()))
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
+    value.backward()
+    optimizer.step()
+    assert all(torch.allclose(p, q, rtol=0.0, atol=0.0, equal_nan=True) for p, q in zip(net.parameters(), before))
+    assert all(torch.isfinite(t).all() for state in optimizer.state.values() for t in state.values())
+    with pytest.warns(RuntimeWarning, match=rf"non-finite factors at \['net\.({layer - 1}\+net\.)?{layer}'\]"):
+        penalty.estimator.check_finite()
+
+
+def test_an_overflowing_bound_is_skipped_with_a_zero_gradient() -> None:
+    """Twelve layers of norm ~1e4 each: every factor is finite, their product overflows float32. The penalty is 0
+    with an exactly zero gradient (the partial products past the overflow are inf: ``0 * inf`` in their backward),
+    and the warning says the product overflows."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(4, 4) for _ in range(12)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.mul_(1e4 / torch.linalg.matrix_norm(layer.weight, ord=2))
+    net = torch.nn.Sequential(*[m for layer in layers for m in (layer, torch.nn.ReLU())])
+    penalty = LipschitzPenalty(net, torch.randn(2, 4), weight=1.0, kind="linear")
+    value = penalty()
+    assert torch.isinf(penalty.last_bound) and float(value.detach()) == 0.0
+    assert_zero_gradients(value, list(net.parameters()))
+    with pytest.warns(RuntimeWarning, match="every factor is finite, so their product overflows"):
+        factors = penalty.estimator.layer_bounds()
+    assert all(math.isfinite(f) for f in factors.values())
+
+
+def test_a_nan_inside_a_fused_operator_spares_the_other_operators() -> None:
+    """The one case the gate cannot reach (``lipreg.finite``): in a fused ``conv + bn`` operator with a NaN conv
+    weight, the batch norm's scale meets the NaN conv output. Every other operator's parameters, and the NaN conv
+    weight itself, still get an exactly zero gradient, and the penalty is 0."""
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
+    penalty = LipschitzPenalty(cnn, torch.randn(2, 1, 4, 4), weight=1.0)
+    penalty()
+    with torch.no_grad():
+        cnn[0].weight[0, 0, 0, 0] = math.nan
+    value = penalty()
+    assert float(value.detach()) == 0.0
+    assert_zero_gradients(value, [cnn[0].weight, cnn[5].weight, cnn[5].bias])
+
+
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_non_finite_margin_has_an_exact_zero_gradient(pairwise: bool) -> None:
+    """``LipschitzMarginLoss`` with a NaN first layer: the loss equals the plain cross-entropy, and the margin
+    term's gradient w.r.t. every parameter is exactly 0 (pairwise: the head's ``||w_y - w_j||`` meets ``L = NaN``)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3))
+    x, y = torch.randn(8, 1, 4, 4), torch.arange(8) % 3
+    margin = LipschitzMarginLoss(net, x, eps=0.3, warmup=0, pairwise=pairwise)
+    logits = net(x).detach().requires_grad_(True)  # the task forward is not this test's concern
+    margin(logits, y)
+    with torch.no_grad():
+        net[1].weight[0, 0] = math.nan
+    loss = margin(logits, y)
+    plain = F.cross_entropy(logits, y)
+    assert torch.equal(loss.detach(), plain.detach())
+    assert torch.equal(torch.autograd.grad(loss, logits, retain_graph=True)[0], torch.autograd.grad(plain, logits)[0])
+    assert_zero_gradients(loss, list(net.parameters()))

@@ -1,0 +1,136 @@
+"""Issue 12, target (d): the training hot path (``est()``, ``LipschitzPenalty()`` and their backward) never makes the
+host wait for the device, NaN weights included.
+
+* Every way a tensor's value reaches Python (``item``, ``__bool__``, ``__float__``, ``__int__``, ``__index__``,
+  ``tolist``, ``cpu``, ``numpy``) is counted over a few training steps of ``method="autolip"`` on an MLP and on a CNN
+  (conv + batch norm + pooling): there must be none. On a GPU the same steps run under
+  ``torch.cuda.set_sync_debug_mode("error")``, which raises at any synchronising CUDA call.
+* The non-finite record is read every ``check_finite_every`` calls (one read, then the warning), and at
+  ``layer_bounds()``: those are the syncs there are.
+* SeqLip's vertex search is a host-driven combinatorial loop: it reads values on the host, and the last test says so.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from typing import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lipreg import LipschitzEstimator, LipschitzPenalty
+
+SYNCS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy")
+
+
+@contextlib.contextmanager
+def counted_syncs() -> Iterator[Counter]:
+    """Counts the calls of every method in ``SYNCS`` on any tensor while the block runs."""
+    counts: Counter = Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in SYNCS}
+
+    def counting(name: str):
+        def method(self, *args, **kwargs):
+            counts[name] += 1
+            return originals[name](self, *args, **kwargs)
+        return method
+
+    for name in SYNCS:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        yield counts
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
+
+
+def nets(device: str) -> list[tuple[str, nn.Module, torch.Tensor]]:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(16, 3)).eval()
+    return [(name, net.to(device), torch.randn(8, 1, 4, 4, device=device)) for name, net in
+            (("mlp", mlp), ("cnn", cnn))]
+
+
+class Training:
+    """Task loss + penalty + a bare differentiable ``est()``, and their backward (built outside the hot path)."""
+
+    def __init__(self, net: nn.Module, x: torch.Tensor, method: str = "autolip") -> None:
+        self.net, self.x, self.y = net, x, torch.arange(x.shape[0], device=x.device) % 3
+        self.est = LipschitzEstimator(net, x, method=method)
+        self.penalty = LipschitzPenalty(net, x, weight=0.1, method=method)
+
+    def step(self) -> None:
+        loss = F.cross_entropy(self.net(self.x), self.y) + self.penalty() + 1e-3 * self.est()
+        loss.backward()
+
+
+def first_weight(net: nn.Module) -> torch.Tensor:
+    return next(m.weight for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["mlp", "cnn"])
+def test_hot_path_reads_no_tensor_into_python(index: int) -> None:
+    """Three finite steps and a NaN one: no value is read on the host; the NaN is told at the next check."""
+    name, net, x = nets("cpu")[index]
+    training = Training(net, x)
+    training.step()  # the first call builds the record
+    with counted_syncs() as counts:
+        for _ in range(3):
+            training.step()
+        with torch.no_grad():
+            first_weight(net)[0, 0] = float("nan")
+        training.step()
+    assert not counts, f"{name}: host synchronisations {dict(counts)}"
+    with pytest.warns(RuntimeWarning, match="non-finite Lipschitz bound"):
+        assert training.penalty.estimator.check_finite()
+
+
+def test_the_record_is_read_every_check_finite_every_calls() -> None:
+    """``check_finite_every = 3``: calls 1 and 2 read nothing, call 3 reads the record once and warns there."""
+    _, net, x = nets("cpu")[0]
+    est = LipschitzEstimator(net, x)
+    est.check_finite_every = 3
+    est()
+    est.check_finite()  # the count starts here
+    with torch.no_grad():
+        net[1].weight[0, 0] = float("inf")
+    with counted_syncs() as counts:
+        est()
+        est()
+    assert not counts
+    with counted_syncs() as counts, pytest.warns(RuntimeWarning, match=r"non-finite factors at \['0\+1'\]"):
+        est()
+    assert counts == Counter(tolist=1)
+    assert not est.check_finite()  # told once
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_hot_path_does_not_synchronise_the_gpu() -> None:
+    for _, net, x in nets("cuda"):
+        training = Training(net, x)
+        training.step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            training.step()
+            with torch.no_grad():
+                first_weight(net)[0, 0] = float("nan")
+            training.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        with pytest.warns(RuntimeWarning, match="non-finite Lipschitz bound"):
+            training.penalty.estimator.check_finite()
+
+
+def test_seqlip_reads_values_on_the_host() -> None:
+    """Documents the exception: SeqLip's search over activation patterns runs on the host."""
+    _, net, x = nets("cpu")[0]
+    training = Training(net, x, method="seqlip")
+    training.step()
+    with counted_syncs() as counts:
+        training.step()
+    assert counts
