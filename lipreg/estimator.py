@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from .bounds.autolip import autolip_bound, chain_interiors, own_constant
 from .bounds.seqlip import SeqLip
-from .capture.graph import _LIBRARY_DIRS, LipGraph, LipNode
+from .capture.graph import LipGraph, LipNode
+from .capture.source import LIBRARY_DIRS
 from .linalg.certify import arithmetic_margin, certified_cast
 from .linalg.power import normalized, power_iterations, rayleigh_norm, rayleigh_norms_and_step
 from .operator import LinearOperator, linear_operators
@@ -306,7 +307,7 @@ def _user_stacklevel() -> int:
     """The ``stacklevel`` of a warning issued by the caller that points at the user's line: the frames of lipreg,
     torch (``nn.Module.__call__``) and contextlib in between are skipped."""
     frame, level = sys._getframe(1), 1  # the caller, at stacklevel 1
-    while frame.f_back is not None and (frame.f_code.co_filename.startswith(_LIBRARY_DIRS)
+    while frame.f_back is not None and (frame.f_code.co_filename.startswith(LIBRARY_DIRS)
                                         or frame.f_code.co_filename == contextlib.__file__):
         frame, level = frame.f_back, level + 1
     return level

@@ -11,11 +11,13 @@ r"""torchmetrics metrics around the Lipschitz constant of a network.
 * :func:`lipschitz_gap` — ratio ``upper / lower`` of the two brackets of :math:`L(f)` (logged as
   ``lipschitz/gap``).
 
-Only :mod:`lipreg.lower_bound` and :mod:`lipreg.margins` are imported from the package.
+Only :mod:`lipreg.lower_bound`, :mod:`lipreg.margins` and the eval-mode context manager of
+:mod:`lipreg.capture.trace` are imported from the package.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any, Callable
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lipreg.capture.trace import eval_mode
 from lipreg.lower_bound import lower_bound
 from lipreg.margins import global_constants
 
@@ -155,14 +158,8 @@ class EmpiricalLipschitz(Metric):
     def update(self, x: Tensor) -> None:
         """Lower-bound the Lipschitz constant on the batch ``x`` (B, *in) and keep the running max."""
         model = self.model
-        flags = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
-        try:
-            if isinstance(model, nn.Module):
-                model.eval()
+        with eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext():
             lb = lower_bound(model, x, ascent_steps=self.ascent_steps, lr=self.lr, n_iter=self.n_iter)
-        finally:
-            for m, training in flags:
-                m.training = training
         self.value = torch.maximum(self.value, lb.to(device=self.value.device, dtype=self.value.dtype))
 
     def compute(self) -> Tensor:
