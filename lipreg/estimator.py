@@ -268,12 +268,13 @@ class LipschitzEstimator(nn.Module):
         factors = {node: operators[node].closed_form_norm() for node in self._closed_form}
         nodes = self._iterated_nodes()
         applies = [operators[node].matvec for node in nodes]
+        adjoints = [operators[node].rmatvec if operators[node].explicit_adjoint else None for node in nodes]
         buffers = [self.get_buffer(self._buffer_names[node]) for node in nodes]
         if n_iter > 1:
             with torch.no_grad():
                 for apply, buffer in zip(applies, buffers):
                     buffer.copy_(power_iterations(apply, buffer, n_iter - 1))
-        sigmas, vs = rayleigh_norms_and_step(applies, buffers, step=n_iter > 0)
+        sigmas, vs = rayleigh_norms_and_step(applies, buffers, step=n_iter > 0, adjoints=adjoints)
         with torch.no_grad():
             for buffer, v in zip(buffers, vs):
                 buffer.copy_(v)

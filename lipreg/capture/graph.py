@@ -170,6 +170,8 @@ class LipGraph:
         self.infos = self._resolve()
         self._check_function(self.sample, concrete_args)
         self.nodes = self._build(fuse)
+        self.derived: dict[Any, Any] = {}
+        """What other modules build once from this graph (the operators of :mod:`lipreg.operator`), by builder."""
 
     def stale(self) -> str | None:
         """What changed in the model since it was traced (a replaced submodule, a changed hyper-parameter...),
