@@ -71,8 +71,10 @@ def rayleigh_norms_and_step(applies: Sequence[LinearFn], vs: Sequence[Tensor], s
     ones); under ``torch.no_grad`` they come back detached."""
     grad_enabled = torch.is_grad_enabled()
     adjoints = list(adjoints) if adjoints is not None else [None] * len(applies)
+    with torch.no_grad():  # copies: the caller may update its vectors in place before its backward
+        vs = [v.clone() for v in vs]
     with torch.enable_grad():
-        vs = [v.detach().clone().requires_grad_(step and adjoint is None) for v, adjoint in zip(vs, adjoints)]
+        vs = [v.requires_grad_(step and adjoint is None) for v, adjoint in zip(vs, adjoints)]
         outs = [apply(v) for apply, v in zip(applies, vs)]
         sigmas = [torch.linalg.vector_norm(out) for out in outs]
     if step and vs:
@@ -80,7 +82,7 @@ def rayleigh_norms_and_step(applies: Sequence[LinearFn], vs: Sequence[Tensor], s
         vs = _all_normalized_or_kept(ata_vs, [v.detach() for v in vs])
     if not grad_enabled:
         sigmas = [sigma.detach() for sigma in sigmas]
-    return sigmas, [v.detach() for v in vs]
+    return sigmas, [v.detach() if v.requires_grad else v for v in vs]
 
 
 def _gram_of_outputs(outs: list[Tensor], vs: list[Tensor], adjoints: list[LinearFn | None],
@@ -95,10 +97,10 @@ def _gram_of_outputs(outs: list[Tensor], vs: list[Tensor], adjoints: list[Linear
                                         grad_outputs=[outs[i].detach() for i in auto], retain_graph=retain_graph)
         for i, gram in zip(auto, found):
             grams[i] = gram
-    with torch.no_grad():
+    with torch.no_grad():  # no graph is built from the outputs here
         for i, adjoint in enumerate(adjoints):
             if adjoint is not None:
-                grams[i] = adjoint(outs[i].detach())
+                grams[i] = adjoint(outs[i])
     return grams  # type: ignore[return-value]
 
 

@@ -6,6 +6,7 @@ Lipschitz constant exists. Dropout (in :mod:`.structural`) is likewise taken at 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import torch
@@ -88,11 +89,18 @@ def conv_adjoint(u: Tensor, weight: Tensor, in_spatial: Sequence[int], stride: A
     ``(i + 2p - d (k - 1) - 1) mod s`` per dimension restores the input rows the strided windows never reach
     (the convolution's output size floors them away), so the result has exactly the input's size."""
     n = weight.dim() - 2
-    padding = (0,) * n if padding == "valid" else _per_dim(padding, n)
-    stride, dilation = _per_dim(stride, n), _per_dim(dilation, n)
+    params = _transposed_params(tuple(in_spatial), tuple(weight.shape[2:]), _per_dim(stride, n),
+                                (0,) * n if padding == "valid" else _per_dim(padding, n), _per_dim(dilation, n))
+    return _CONV_TRANSPOSE[n](u, weight, None, *params[:3], groups, params[3])
+
+
+@functools.lru_cache(maxsize=1024)
+def _transposed_params(in_spatial: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...],
+                       padding: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """``(stride, padding, output_padding, dilation)`` of the transposed convolution in :func:`conv_adjoint`."""
     output_padding = tuple((i + 2 * p - d * (k - 1) - 1) % s
-                           for i, k, s, p, d in zip(in_spatial, weight.shape[2:], stride, padding, dilation))
-    return _CONV_TRANSPOSE[n](u, weight, None, stride, padding, output_padding, groups, dilation)
+                           for i, k, s, p, d in zip(in_spatial, kernel, stride, padding, dilation))
+    return stride, padding, output_padding, dilation
 
 
 def conv_transpose_adjoint(u: Tensor, weight: Tensor, in_spatial: Sequence[int], stride: Any, padding: Any,
