@@ -13,8 +13,9 @@ Variants, timed interleaved in one run (ratios to the plain step; the machine is
 
 Run: ``python -m experiments.bench.bench_training [--threads N] [--cpu-time] [--profile]``; ``--cpu-time`` times on
 the process's CPU clock instead of the wall clock (on a loaded shared machine the wall clock mostly measures waiting
-for a core); ``--profile`` adds a cProfile of the penalty's share of the step. One thread by default: the penalty works on single samples and gains nothing from
-threads, while two threads on a shared two-core machine make the plain step's time (the denominator) swing 2-4x.
+for a core); ``--profile`` adds a cProfile of the penalty's share of the step. One thread by default: the penalty
+works on single samples and gains nothing from threads, while two threads on a shared two-core machine make the
+plain step's time (the denominator) swing 2-4x.
 """
 from __future__ import annotations
 

@@ -5,11 +5,11 @@ parameters, and every bound is recomputed from them, so gradients reach the mode
 
 The model is traced in eval mode (:mod:`lipreg.capture.trace`: ``if self.training:`` branches and
 ``training=self.training`` flags take their eval values; every flag is restored afterwards). Shapes and
-non-tensor values (``x.size(0)``...) are recorded by running the graph once on one sample in eval mode (an ``fx.Interpreter``, as ``ShapeProp``). Every node that
-depends on the input is resolved to a rule through the registry (:mod:`lipreg.ops`); consecutive linear nodes
-with no nonlinearity between them (conv -> batch norm, conv -> avg pool -> flatten -> linear) are then *fused* into
-one :class:`LipNode`, whose operator norm is taken as a whole: ``||A_2 A_1|| <= ||A_2|| ||A_1||``, and one power
-method instead of two.
+non-tensor values (``x.size(0)``...) are recorded by running the graph once on one sample in eval mode (an
+``fx.Interpreter``, as ``ShapeProp``). Every node that depends on the input is resolved to a rule through the
+registry (:mod:`lipreg.ops`); consecutive linear nodes with no nonlinearity between them (conv -> batch norm,
+conv -> avg pool -> flatten -> linear) are then *fused* into one :class:`LipNode`, whose operator norm is taken as
+a whole: ``||A_2 A_1|| <= ||A_2|| ||A_1||``, and one power method instead of two.
 """
 from __future__ import annotations
 
