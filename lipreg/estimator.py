@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from .bounds.autolip import autolip_bound, chain_interiors, own_constant
 from .bounds.naming import buffer_name
 from .bounds.seqlip import SeqLip
-from .capture.graph import _LIBRARY_DIRS, LipGraph, LipNode
+from .capture.graph import LipGraph, LipNode
+from .capture.source import LIBRARY_DIRS
 from .finite import NonFiniteRecord, finite_bound, zero_gradient_unless
 from .linalg.certify import arithmetic_margin, certified_cast
 from .linalg.krylov import lanczos_top_singular, vjp_adjoint
@@ -301,12 +302,13 @@ class LipschitzEstimator(nn.Module):
         factors = {node: operators[node].closed_form_norm() for node in self._closed_form}
         nodes = self._iterated_nodes()
         applies = [operators[node].matvec for node in nodes]
+        adjoints = [operators[node].rmatvec if operators[node].explicit_adjoint else None for node in nodes]
         buffers = [self.get_buffer(self._buffer_names[node]) for node in nodes]
         if n_iter > 1:
             with torch.no_grad():
                 for apply, buffer in zip(applies, buffers):
                     buffer.copy_(power_iterations(apply, buffer, n_iter - 1))
-        sigmas, vs = rayleigh_norms_and_step(applies, buffers, step=n_iter > 0)
+        sigmas, vs = rayleigh_norms_and_step(applies, buffers, step=n_iter > 0, adjoints=adjoints)
         with torch.no_grad():
             for buffer, v in zip(buffers, vs):
                 buffer.copy_(v)
@@ -349,7 +351,7 @@ def _user_stacklevel() -> int:
     """The ``stacklevel`` of a warning issued by the caller that points at the user's line: the frames of lipreg,
     torch (``nn.Module.__call__``) and contextlib in between are skipped."""
     frame, level = sys._getframe(1), 1  # the caller, at stacklevel 1
-    while frame.f_back is not None and (frame.f_code.co_filename.startswith(_LIBRARY_DIRS)
+    while frame.f_back is not None and (frame.f_code.co_filename.startswith(LIBRARY_DIRS)
                                         or frame.f_code.co_filename == contextlib.__file__):
         frame, level = frame.f_back, level + 1
     return level

@@ -5,23 +5,29 @@ flatten...). Its operator is ``A = A_m ... A_1``, the ops' linear parts (biases 
 per-sample shape ``in_shape``; vectors carry a leading batch dimension of 1, blocks of vectors one of ``k``.
 Everything the bounds need from a node goes through this class:
 
-* ``matvec(v) = A v`` and ``rmatvec(u) = A^T u`` (through autograd: one backward of ``A``), ``gram(v) = A^T A v``
-  (one forward and one backward, paper Alg. 2), ``matmat`` / ``rmatmat`` on blocks;
+* ``matvec(v) = A v`` and ``rmatvec(u) = A^T u``: the chain of the ops' explicit adjoints in reverse order
+  (``W^T``, transposed convolutions, diagonals, inverse reshapes) when every op has one
+  (:meth:`~lipreg.ops.LinearOp.adjoint`), else one autograd backward of ``A``; ``gram(v) = A^T A v``
+  (paper Alg. 2), ``matmat`` / ``rmatmat`` on blocks;
 * ``dense()``, the ``n_out x n_in`` matrix, built from the smaller side;
 * ``closed_form_norm()``, the exact norm when the ops know it (isometries, a single diagonal op);
 * ``certified_norm()``, a guaranteed upper bound on ``sigma_1(A)``, from float64 weights, rounded upwards.
 
 The constants (weights, buffers, what is computed from them) are read from the model once per evaluation
 (:func:`linear_operators`), with their autograd history, so ``||A v||`` is differentiable w.r.t. the weights.
+They are computed by :class:`_Evaluator`, an ``fx.Interpreter`` over the traced graph that runs the constant
+nodes on demand and the rules' node calls with the input-dependent arguments given. The operators, their
+evaluator and the rules' calls are fixed by the graph: built once per (graph, dtype, device), and each
+evaluation starts by emptying the evaluator's values.
 """
 from __future__ import annotations
 
 import operator as _operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, fx
 
 from .capture.graph import LipGraph, LipNode
 from .errors import UnsupportedOpError
@@ -40,9 +46,12 @@ _POINTWISE_ISOMETRIES = (Identity, SignedIdentity)  # v -> +-v: a diagonal op's 
 class LinearOperator:
     """``A`` of one (fused) linear node (see the module docstring), evaluated in ``dtype`` on ``device``."""
 
-    def __init__(self, node: LipNode, constants: _Constants) -> None:
+    def __init__(self, node: LipNode, evaluator: _Evaluator) -> None:
         self.node = node
-        self._constants = constants
+        self._evaluator = evaluator
+        self._steps = [(info, rule, evaluator.call(info.node)) for info, rule in zip(node.ops, node.rules)]
+        self.explicit_adjoint = all(rule.has_adjoint(info) for info, rule in zip(node.ops, node.rules))
+        """Whether :meth:`rmatvec` chains the ops' explicit adjoints (else it takes one autograd backward)."""
 
     @property
     def name(self) -> str:
@@ -50,11 +59,11 @@ class LinearOperator:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._constants.dtype
+        return self._evaluator.dtype
 
     @property
     def device(self) -> torch.device:
-        return self._constants.device
+        return self._evaluator.device
 
     @property
     def in_shape(self) -> torch.Size:
@@ -68,20 +77,29 @@ class LinearOperator:
     # ------------------------------------------------------------ actions
     def matvec(self, v: Tensor) -> Tensor:
         """``A v`` for ``v`` of shape :attr:`in_shape`, differentiable w.r.t. ``v`` and the weights."""
-        for info, rule in zip(self.node.ops, self.node.rules):
-            v = rule.apply(info, _NodeCall(info.node, self._constants), v)
+        for info, rule, call in self._steps:
+            v = rule.apply(info, call, v)
         return v
 
     def rmatvec(self, u: Tensor) -> Tensor:
-        """``A^T u`` for ``u`` of shape :attr:`out_shape`, by one backward pass of :meth:`matvec` (no grad to the
-        weights)."""
+        """``A^T u`` for ``u`` of shape :attr:`out_shape` (no grad to the weights): ``A_1^T ... A_m^T u`` from the
+        ops' explicit adjoints when :attr:`explicit_adjoint`, else one backward pass of :meth:`matvec`."""
+        if self.explicit_adjoint:
+            with torch.no_grad():
+                for info, rule, call in reversed(self._steps):
+                    u = rule.adjoint(info, call, u)
+            return u
         with torch.enable_grad():
             probe = torch.zeros(self.in_shape, dtype=u.dtype, device=u.device, requires_grad=True)
             (at_u,) = torch.autograd.grad(self.matvec(probe), probe, u)
         return at_u
 
     def gram(self, v: Tensor) -> Tensor:
-        """``A^T A v`` from one forward and one backward pass (paper Alg. 2), with no grad to the weights."""
+        """``A^T A v`` (paper Alg. 2), with no grad to the weights: :meth:`rmatvec` of :meth:`matvec` with explicit
+        adjoints, else one forward and one backward pass."""
+        if self.explicit_adjoint:
+            with torch.no_grad():
+                return self.rmatvec(self.matvec(v))
         with torch.enable_grad():
             v = v.detach().requires_grad_(True)
             av = self.matvec(v)
@@ -120,7 +138,7 @@ class LinearOperator:
         if len(rest) != 1:
             return None
         info, rule = rest[0]
-        norm = rule.closed_form_norm(info, _NodeCall(info.node, self._constants), self.dtype)
+        norm = rule.closed_form_norm(info, self._evaluator.call(info.node), self.dtype)
         return None if norm is None else norm.to(self.device)
 
     def certified_norm(self, policy: BoundPolicy = BoundPolicy()) -> Tensor:
@@ -154,27 +172,27 @@ class LinearOperator:
             return False
         return all(isinstance(rule, WeightedOp)
                    or (rule.isometry and info.in_shapes[0].numel() == info.out_shape.numel())
-                   or rule.multiplier(info, _NodeCall(info.node, self._constants), self.dtype) is not None
+                   or rule.multiplier(info, self._evaluator.call(info.node), self.dtype) is not None
                    for info, rule in ops)
 
     def in_float64(self) -> LinearOperator:
         """The same operator evaluated from the weights in float64 (for certificates)."""
-        return LinearOperator(self.node, _Constants(self._constants.graph, torch.float64, self.device))
+        return linear_operators(self._evaluator.lip_graph, torch.float64, self.device)[self.node]
 
     def check_kernels(self) -> None:
         """Apply every op once, as the bounds will: an op whose kernel does not exist in this dtype and device
         (``avg_pool3d`` in bfloat16 on CPU) is refused now, with its node and the fix. An op that fails in float64
         too is not a dtype matter: its own error is raised."""
-        reference = _Constants(self._constants.graph, torch.float64, self.device)
+        reference = self.in_float64()._evaluator
         with torch.no_grad():
             v = torch.zeros(self.in_shape, dtype=self.dtype, device=self.device)
-            for info, rule in zip(self.node.ops, self.node.rules):
+            for info, rule, call in self._steps:
                 try:
-                    v = rule.apply(info, _NodeCall(info.node, self._constants), v)
+                    v = rule.apply(info, call, v)
                 except Exception as err:
-                    rule.apply(info, _NodeCall(info.node, reference), v.to(torch.float64))  # raises if not dtype
+                    rule.apply(info, reference.call(info.node), v.to(torch.float64))  # raises if not dtype
                     raise UnsupportedOpError(
-                        f"{self._constants.graph.locate(info.node)} cannot be computed in {self.dtype} on "
+                        f"{self._evaluator.lip_graph.locate(info.node)} cannot be computed in {self.dtype} on "
                         f"{self.device}: {type(err).__name__}: {err}. Build the estimator with dtype=torch.float32 "
                         "(or torch.float64); certified_bound() is computed in float64 whatever the dtype"
                     ) from err
@@ -183,7 +201,7 @@ class LinearOperator:
         """Certified norms (float64) whose product bounds the node: one per weighted op, with the diagonal ops
         around it folded in (:class:`~lipreg.ops.linear.WeightedOp`), and one per remaining non-isometric op."""
         ops = list(zip(self.node.ops, self.node.rules))
-        calls = [_NodeCall(info.node, self._constants) for info, _ in ops]
+        calls = [call for _, _, call in self._steps]
         multipliers = [rule.multiplier(info, call, self.dtype) for (info, rule), call in zip(ops, calls)]
         folded: set[int] = set()
         norms = []
@@ -213,9 +231,17 @@ class LinearOperator:
 
 
 def linear_operators(graph: LipGraph, dtype: torch.dtype, device: torch.device) -> dict[LipNode, LinearOperator]:
-    """The operator of every linear node, sharing one fresh read of the model's constants (for one bound)."""
-    constants = _Constants(graph, dtype, device)
-    return {node: LinearOperator(node, constants) for node in graph.linear_nodes()}
+    """The operator of every linear node, sharing one fresh read of the model's constants (for one bound).
+    The evaluator and operators are fixed by the graph: built on the first call for a (dtype, device), kept in
+    ``graph.derived``."""
+    built = graph.derived.setdefault(linear_operators, {})
+    key = (dtype, torch.device(device))
+    if key not in built:
+        evaluator = _Evaluator(graph, dtype, key[1])
+        built[key] = evaluator, {node: LinearOperator(node, evaluator) for node in graph.linear_nodes()}
+    evaluator, operators = built[key]
+    evaluator.reset()  # a fresh read of the model's constants
+    return dict(operators)
 
 
 def _fold(rule: WeightedOp, ops: list[tuple[NodeInfo, Rule]], multipliers: list[Tensor | None],
@@ -236,65 +262,95 @@ def _fold(rule: WeightedOp, ops: list[tuple[NodeInfo, Rule]], multipliers: list[
     return gains
 
 
-class _Constants:
-    """Values of the constant nodes for one evaluation: parameters and buffers read from the model now (so they
-    carry autograd history), floating tensors cast to ``dtype``, non-tensors as traced."""
+class _Evaluator(fx.Interpreter):
+    """The traced graph as an interpreter for the operators' node calls, in ``dtype`` on ``device``.
+
+    Constant nodes (parameters and buffers, what the graph computes from them alone) are run on demand by
+    :meth:`constant` and kept in ``env`` until the next evaluation: parameters and buffers are read from the
+    model now (so they carry autograd history), floating tensors cast to ``dtype``, non-tensor values as traced.
+    :meth:`run_call` runs one node with its input-dependent arguments given (the rules' :class:`lipreg.ops.Call`);
+    a module whose floating parameters or buffers are of another dtype runs on them cast, through
+    ``torch.func.functional_call``.
+    """
 
     def __init__(self, graph: LipGraph, dtype: torch.dtype, device: torch.device) -> None:
-        self.graph = graph
+        super().__init__(graph.graph_module, garbage_collect_values=False)
+        self.lip_graph = graph
         self.dtype = dtype
         self.device = device
-        self.cache: dict[fx.Node, Any] = {}
+        self._calls: dict[fx.Node, _NodeCall] = {}
+        self.memos: dict[tuple[fx.Node, Hashable], Tensor] = {}
 
-    def value(self, node: fx.Node) -> Any:
-        if node in self.graph.static_values:
-            return self.graph.static_values[node]
-        if node in self.graph.depends:
+    def reset(self) -> None:
+        """Forget every value: the next use reads the model's constants again."""
+        self.env.clear()
+        self.memos.clear()
+
+    def call(self, node: fx.Node) -> _NodeCall:
+        """The :class:`lipreg.ops.Call` of ``node`` (one per node)."""
+        if node not in self._calls:
+            self._calls[node] = _NodeCall(node, self)
+        return self._calls[node]
+
+    def constant(self, node: fx.Node) -> Any:
+        """The value of a node that does not depend on the input, computed once per evaluation."""
+        graph = self.lip_graph
+        if node in graph.static_values:
+            return graph.static_values[node]
+        if node in self.env:
+            return self.env[node]
+        if node in graph.depends:
             raise UnsupportedOpError(f"node {display_name(node)!r} depends on the input where a constant was expected")
-        if node not in self.cache:
-            self.cache[node] = self._evaluate(node)
-        return self.cache[node]
-
-    def _evaluate(self, node: fx.Node) -> Any:
-        if node.op == "get_attr":  # read now from the model, but for the constants only the GraphModule holds
-            owner = self.graph.graph_module if node.target in self.graph.tracer_constants else self.graph.root
-            result = _operator.attrgetter(node.target)(owner)
-        else:
-            result = _run_node(node, self.graph.modules, self.value)
+        result = self.run_node(node)
         if isinstance(result, Tensor) and result.is_floating_point():
             result = result.to(self.dtype)
+        self.env[node] = result
         return result
+
+    def run_call(self, node: fx.Node, x_values: Mapping[fx.Node, Tensor]) -> Any:
+        """``node`` applied with its input-dependent arguments replaced by ``x_values``, constants by their value."""
+        lookup = lambda n: x_values[n] if n in x_values else self.constant(n)  # noqa: E731
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lookup)
+        return getattr(self, node.op)(node.target, args, kwargs)
+
+    # ----------------------------------------------------- fx.Interpreter hooks
+    def map_nodes_to_values(self, args: Any, n: fx.Node) -> Any:
+        """A constant node's arguments: constants themselves, computed on demand."""
+        return fx.node.map_arg(args, self.constant)
+
+    def get_attr(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Read now from the model, except the constants only the ``GraphModule`` holds (``_tensor_constant0``)."""
+        graph = self.lip_graph
+        owner = graph.graph_module if target in graph.tracer_constants else graph.root
+        return _operator.attrgetter(target)(owner)
+
+    def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        module = self.submodules[target]
+        cast = {name: t.to(self.dtype) for name, t in [*module.named_parameters(), *module.named_buffers()]
+                if t.is_floating_point() and t.dtype != self.dtype}
+        if cast:
+            return torch.func.functional_call(module, cast, args, kwargs)
+        return module(*args, **kwargs)
 
 
 class _NodeCall:
-    """:class:`lipreg.ops.Call` for one node: input-dependent arguments from a mapping, constants from the model."""
+    """:class:`lipreg.ops.Call` for one node of an :class:`_Evaluator`."""
 
-    def __init__(self, node: fx.Node, constants: _Constants) -> None:
+    __slots__ = ("node", "evaluator", "device")
+
+    def __init__(self, node: fx.Node, evaluator: _Evaluator) -> None:
         self.node = node
-        self.constants = constants
-        self.device = constants.device
+        self.evaluator = evaluator
+        self.device = evaluator.device
 
     def __call__(self, x_values: Mapping[fx.Node, Tensor]) -> Tensor:
-        lookup = lambda n: x_values[n] if n in x_values else self.constants.value(n)  # noqa: E731
-        if self.node.op == "call_module":  # its own floating parameters and buffers in the dtype too
-            module = self.constants.graph.modules[self.node.target]
-            dtype = self.constants.dtype
-            cast = {name: t.to(dtype) for name, t in [*module.named_parameters(), *module.named_buffers()]
-                    if t.is_floating_point() and t.dtype != dtype}
-            if cast:
-                args, kwargs = fx.node.map_arg((self.node.args, self.node.kwargs), lookup)
-                return torch.func.functional_call(module, cast, args, kwargs)
-        return _run_node(self.node, self.constants.graph.modules, lookup)
+        return self.evaluator.run_call(self.node, x_values)
 
     def arg_value(self, index: int, name: str, default: Any = None) -> Any:
-        return fx.node.map_arg(raw_argument(self.node, index, name, default), self.constants.value)
+        return fx.node.map_arg(raw_argument(self.node, index, name, default), self.evaluator.constant)
 
-
-def _run_node(node: fx.Node, modules: Mapping[str, nn.Module], value: Callable[[fx.Node], Any]) -> Any:
-    """Execute one ``call_module`` / ``call_method`` / ``call_function`` node, its argument nodes read by ``value``."""
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
-    if node.op == "call_module":
-        return modules[node.target](*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    return node.target(*args, **kwargs)
+    def memo(self, key: Hashable, compute: Callable[[], Tensor]) -> Tensor:
+        memos, key = self.evaluator.memos, (self.node, key)
+        if torch.is_grad_enabled() or key not in memos:
+            memos[key] = compute()
+        return memos[key]

@@ -11,9 +11,11 @@ Variants, timed interleaved in one run (ratios to the plain step; the machine is
   note it bounds the reshaped kernel, not the convolution operator);
 * ``naive 20 cold``: 20 power iterations from a fresh random vector per operator, every step.
 
-Run: ``python -m experiments.bench.bench_training [--threads N] [--profile]``; ``--profile`` adds a cProfile of the
-penalty's share of the step. One thread by default: the penalty works on single samples and gains nothing from
-threads, while two threads on a shared two-core machine make the plain step's time (the denominator) swing 2-4x.
+Run: ``python -m experiments.bench.bench_training [--threads N] [--cpu-time] [--profile]``; ``--cpu-time`` times on
+the process's CPU clock instead of the wall clock (on a loaded shared machine the wall clock mostly measures waiting
+for a core); ``--profile`` adds a cProfile of the penalty's share of the step. One thread by default: the penalty
+works on single samples and gains nothing from threads, while two threads on a shared two-core machine make the
+plain step's time (the denominator) swing 2-4x.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import argparse
 import cProfile
 import copy
 import pstats
+import time
 from typing import Callable
 
 import torch
@@ -85,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--cpu-time", action="store_true")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -109,11 +113,14 @@ def main() -> None:
         "spectral_norm": train_step_fn(spectral_normed(base), x, y),
         "naive 20 cold": train_step_fn(models["cold20"], x, y, HandWrittenPenalty(models["cold20"], x, 20, False)),
     }
-    times = median_times(steps, rounds=args.rounds, repeat=5)
-    print(f"CNN on digits, batch {len(x)}, {args.threads} thread(s); median of {args.rounds} rounds x 5 steps")
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    times = median_times(steps, rounds=args.rounds, repeat=5, clock=clock)
+    print(f"CNN on digits, batch {len(x)}, {args.threads} thread(s); median of {args.rounds} rounds x 5 steps"
+          f"{' (CPU time)' if args.cpu_time else ''}")
     print(f"{'variant':22s} {'step':>9s} {'x plain':>8s}")
     for name, seconds in times.items():
         print(f"{name:22s} {seconds * 1e3:7.2f}ms {seconds / times['plain']:8.3f}")
+    print(f"target (a): autolip penalty / spectral_norm = {times['autolip penalty'] / times['spectral_norm']:.3f}")
     if args.profile:
         profile_penalty(penalty)
 

@@ -47,15 +47,18 @@ def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return step
 
 
-def median_times(fns: dict[str, Callable[[], object]], rounds: int = 7, repeat: int = 5) -> dict[str, float]:
-    """Median seconds per call of each function, the functions interleaved round by round."""
+def median_times(fns: dict[str, Callable[[], object]], rounds: int = 7, repeat: int = 5,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds per call of each function, the functions interleaved round by round, read on ``clock``
+    (wall time by default; ``time.process_time`` counts only this process's CPU time, steadier on a shared
+    machine)."""
     for fn in fns.values():
         fn()  # warm up
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             for _ in range(repeat):
                 fn()
-            samples[name].append((time.perf_counter() - start) / repeat)
+            samples[name].append((clock() - start) / repeat)
     return {name: statistics.median(values) for name, values in samples.items()}

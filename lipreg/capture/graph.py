@@ -3,21 +3,16 @@
 The user's model is neither modified nor copied: the fx ``GraphModule`` shares the model's submodules and
 parameters, and every bound is recomputed from them, so gradients reach the model's own parameters.
 
-The model is traced in eval mode (``if self.training:`` branches and ``training=self.training`` flags take their
-eval values; every flag is restored afterwards). Shapes and non-tensor values (``x.size(0)``...) are recorded by
-running the graph once on one sample in eval mode (an ``fx.Interpreter``, as ``ShapeProp``). Every node that
-depends on the input is resolved to a rule through the registry (:mod:`lipreg.ops`); consecutive linear nodes
-with no nonlinearity between them (conv -> batch norm, conv -> avg pool -> flatten -> linear) are then *fused* into
-one :class:`LipNode`, whose operator norm is taken as a whole: ``||A_2 A_1|| <= ||A_2|| ||A_1||``, and one power
-method instead of two.
+The model is traced in eval mode (:mod:`lipreg.capture.trace`: ``if self.training:`` branches and
+``training=self.training`` flags take their eval values; every flag is restored afterwards). Shapes and
+non-tensor values (``x.size(0)``...) are recorded by running the graph once on one sample in eval mode (an
+``fx.Interpreter``, as ``ShapeProp``). Every node that depends on the input is resolved to a rule through the
+registry (:mod:`lipreg.ops`); consecutive linear nodes with no nonlinearity between them (conv -> batch norm,
+conv -> avg pool -> flatten -> linear) are then *fused* into one :class:`LipNode`, whose operator norm is taken as
+a whole: ``||A_2 A_1|| <= ||A_2|| ||A_1||``, and one power method instead of two.
 """
 from __future__ import annotations
 
-import operator
-import os
-import re
-import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
@@ -25,12 +20,13 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
-from .effects import check_hooks, check_traced_function, resolve_in_place, storages
 from ..errors import REGISTER_HINT, UnsupportedOpError
-from .fingerprint import ModelFingerprint
+from ..ops import Activation, Concat, LinearOp, NodeInfo, Refuse, Rule, describe_target, rule_factory
 from ..ops.base import broadcast_guard, display_name
-from ..ops import (Activation, Concat, LinearOp, NodeInfo, Refuse, Rule, describe_target, is_registered_module,
-                    rule_factory)
+from .effects import check_hooks, check_traced_function, resolve_in_place, storages
+from .fingerprint import ModelFingerprint
+from .source import node_location, source_line
+from .trace import eval_mode, trace
 
 
 @dataclass(eq=False)
@@ -54,17 +50,6 @@ class LipNode:
     @property
     def out_shape(self) -> torch.Size:
         return self.ops[-1].out_shape
-
-
-class _Tracer(fx.Tracer):
-    """Keeps ``torch.nn`` modules and every module class with a registered rule whole; records source lines."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.record_stack_traces = True
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_registered_module(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _holds_tensor(value: Any) -> bool:
@@ -113,34 +98,6 @@ class _ValueProp(fx.Interpreter):
         return result
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(file)) + os.sep for file in (torch.__file__, __file__))
-_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<function>\S+)(?:\n {4}(?P<code>[^\n]*))?')
-
-
-def source_line(node: fx.Node) -> str:
-    """Where the user's code created an fx node (``File "model.py", line 12, in forward`` and the code): the
-    innermost frame of the stack fx recorded that lies outside torch (module calls, the tracer) and lipreg."""
-    frames = [f for f in _FRAME.finditer(node.stack_trace or "")
-              if not os.path.abspath(f["file"]).startswith(_LIBRARY_DIRS)]
-    if not frames:
-        return "(source line unknown)"
-    frame = frames[-1]
-    code = f", `{frame['code'].strip()}`" if frame["code"] else ""
-    return f'File "{frame["file"]}", line {frame["line"]}, in {frame["function"]}{code}'
-
-
 _SHAPE_QUERIES = {"size", "dim", "ndimension", "numel", "nelement", "shape", "ndim", "dtype", "device", "is_cuda",
                   "is_floating_point", "is_complex", "is_contiguous", "requires_grad"}
 
@@ -152,10 +109,6 @@ def _reads_shape(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in _SHAPE_QUERIES
     return node.op == "call_function" and node.target is torch.numel
-
-
-def _where(node: fx.Node, target: str) -> str:
-    return f"node {display_name(node)!r} ({node.op} {target}) at {source_line(node)}"
 
 
 def _refusal(node: fx.Node, module: nn.Module | None, static_values: Mapping[fx.Node, Any]) -> str | None:
@@ -193,7 +146,7 @@ class LipGraph:
             raise TypeError(f"example_input must be a tensor with a batch dimension, got {type(example_input)!r}")
         self.model = model
         with eval_mode(model):  # the function bounded is the eval-mode one: `if self.training` branches too
-            self.root, self.graph_module, self.tracer_constants = _trace(model, concrete_args)
+            self.root, self.graph_module, self.tracer_constants = trace(model, concrete_args)
         self.fingerprint = ModelFingerprint(self.root, self.graph_module)
         self.modules = dict(self.graph_module.named_modules())
         placeholders = [n for n in self.graph_module.graph.nodes if n.op == "placeholder"]
@@ -217,6 +170,8 @@ class LipGraph:
         self.infos = self._resolve()
         self._check_function(self.sample, concrete_args)
         self.nodes = self._build(fuse)
+        self.derived: dict[Any, Any] = {}
+        """What other modules build once from this graph (the operators of :mod:`lipreg.operator`), by builder."""
 
     def stale(self) -> str | None:
         """What changed in the model since it was traced (a replaced submodule, a changed hyper-parameter...),
@@ -230,7 +185,7 @@ class LipGraph:
         module = self.modules.get(node.target) if node.op == "call_module" else None
         target = describe_target(node, module)
         reason = _refusal(node, module, prop.static_values)
-        where, cause = _where(node, target), f"{type(err).__name__}: {err}"
+        where, cause = node_location(node, target), f"{type(err).__name__}: {err}"
         if reason is not None:
             return UnsupportedOpError(f"{target} cannot be bounded, used by {where}: {reason}. Running the traced "
                                       f"model on one sample already fails there: {cause}")
@@ -239,9 +194,10 @@ class LipGraph:
 
     # ---------------------------------------------------------------- capture
     def locate(self, node: fx.Node) -> str:
-        """Where a node of this graph is, for messages (:func:`_where` with its op described)."""
-        return _where(node, describe_target(node, self.modules.get(node.target)) if node.op.startswith("call")
-                      else str(node.target))
+        """Where a node of this graph is, for messages (:func:`~lipreg.capture.source.node_location`, its op
+        described)."""
+        target = describe_target(node, self.modules.get(node.target)) if node.op.startswith("call") else node.target
+        return node_location(node, str(target))
 
     def _check_effects(self, aliases: Mapping[fx.Node, frozenset[int]]) -> None:
         """What fx does not record and the rules would miss (:mod:`lipreg.capture.effects`): hooks are refused; reads after
@@ -288,7 +244,7 @@ class LipGraph:
         node, module = info.node, info.module
         target = describe_target(node, module)
         factory = rule_factory(node, module)
-        where = _where(node, target)
+        where = node_location(node, target)
         if factory is None:
             raise UnsupportedOpError(
                 f"lipreg has no Lipschitz rule for {target}, used by {where}.\n" + REGISTER_HINT.format(target=target)
@@ -344,85 +300,4 @@ class LipGraph:
     def linear_nodes(self) -> list[LipNode]:
         return [n for n in self.nodes if n.is_linear]
 
-
-class _Whole(nn.Module):
-    """A holder for a model whose own class has a rule (a bare ``nn.Conv2d``...): fx always traces through its
-    root, so the model is traced as the single leaf ``model`` of this holder and keeps its rule."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
-
-
-def _trace(model: nn.Module, concrete_args: dict[str, Any] | None) -> tuple[nn.Module, fx.GraphModule, set[str]]:
-    """The module traced (the model, or a :class:`_Whole` holding it), its ``GraphModule``, and the names of the
-    constants the tracer stowed on the root (``_tensor_constant0`` for a tensor created in ``forward``): those are
-    kept by the ``GraphModule`` only, and the user's model is left as it was."""
-    _refuse_wrappers(model)
-    tracer = _Tracer()
-    root = _Whole(model) if is_registered_module(model) and not concrete_args else model
-    own_attributes = set(vars(root))
-    try:
-        try:
-            graph = tracer.trace(root, concrete_args=concrete_args)
-        except Exception as err:
-            raise UnsupportedOpError(
-                f"torch.fx could not trace {type(model).__name__}: {type(err).__name__}: {err}\n"
-                "fx traces symbolically, so Python control flow that depends on tensor values (if x.sum() > 0, "
-                "loops over x.shape read as tensors...) cannot be traced. Make the branch static, pass "
-                "concrete_args={'flag': True} for plain bool/int arguments, or wrap the offending submodule in a "
-                "class with a registered rule (lipreg.register_rule(MyBlock, ...)) so it is kept whole."
-            ) from err
-        if concrete_args:
-            _drop_guarded_placeholders(graph, set(concrete_args))
-        return root, fx.GraphModule(root, graph), set(vars(root)) - own_attributes
-    finally:
-        for name in set(vars(root)) - own_attributes:
-            delattr(root, name)
-
-
-def _wrapper_advice(module: nn.Module) -> str | None:
-    """What to pass instead of a wrapper fx cannot trace (its forward is not the model's Python code)."""
-    if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return f"{type(module).__name__} only dispatches to the model it wraps: pass its `.module`"
-    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # loaded by torch.compile: no compiled module without it
-    if dynamo is not None and isinstance(module, dynamo.OptimizedModule):
-        return ("torch.compile returns a compiled wrapper, not Python code fx can trace: pass the module given to "
-                "torch.compile, its `._orig_mod` (the bound is the same: compilation does not change the function)")
-    if isinstance(module, torch.jit.ScriptModule):
-        return ("A TorchScript module (torch.jit.script / torch.jit.trace) runs compiled code fx cannot trace: "
-                "pass the original eager nn.Module that was scripted or traced")
-    return None
-
-
-def _refuse_wrappers(model: nn.Module) -> None:
-    """Refuse a model that is, or holds, a wrapper of another module (DataParallel, torch.compile, TorchScript)."""
-    for path, module in model.named_modules():
-        advice = _wrapper_advice(module)
-        if advice is not None:
-            what = f"its submodule {path!r}" if path else "the model itself"
-            raise UnsupportedOpError(f"lipreg cannot trace this model: {what} is a wrapper "
-                                     f"({type(module).__module__}.{type(module).__qualname__}). {advice}.")
-
-
-_GUARDS = (operator.eq, torch._assert, fx._symbolic_trace._assert_is_none)
-
-
-def _drop_guarded_placeholders(graph: fx.Graph, names: set[str]) -> None:
-    """fx keeps a placeholder ``name_1`` for each concrete argument ``name``, used only by a guard that checks, when
-    the graph is called, that the argument still has the traced value (``torch._assert(name_1 == True)``); the
-    traced code holds the value itself. Drop placeholder and guard, so the graph's one input is the tensor."""
-    for node in list(graph.nodes):
-        if node.op != "placeholder" or str(node.target).rsplit("_", 1)[0] not in names:
-            continue
-        closure, frontier = [node], [node]
-        while frontier:
-            frontier = [user for n in frontier for user in n.users]
-            closure.extend(frontier)
-        if all(n.op == "call_function" and n.target in _GUARDS for n in closure[1:]):
-            for dead in sorted(set(closure), key=list(graph.nodes).index, reverse=True):
-                graph.erase_node(dead)
 

@@ -83,26 +83,55 @@ def ritz_residuals(apply: LinearFn, vs: Tensor) -> tuple[Tensor, Tensor]:
     return sigmas, residuals.detach()
 
 
-def rayleigh_norms_and_step(applies: Sequence[LinearFn], vs: Sequence[Tensor],
-                            step: bool = True) -> tuple[list[Tensor], list[Tensor]]:
+def _all_normalized_or_kept(ws: list[Tensor], vs: list[Tensor]) -> list[Tensor]:
+    """:func:`normalized_or_kept` for several vectors, their norms taken in one call and tested together."""
+    norms = torch.stack(torch._foreach_norm(ws))
+    usable = (norms > 0) & (norms < math.inf)
+    return [torch.where(ok, w / norm, v) for w, v, norm, ok in zip(ws, vs, norms.unbind(), usable.unbind())]
+
+
+def rayleigh_norms_and_step(applies: Sequence[LinearFn], vs: Sequence[Tensor], step: bool = True,
+                            adjoints: Sequence[LinearFn | None] | None = None) -> tuple[list[Tensor], list[Tensor]]:
     """``sigma_i = ||A_i v_i||`` for several operators, differentiable w.r.t. their weights, and from the same
-    forward passes one more power step ``v_i <- A_i^T A_i v_i / ||A_i^T A_i v_i||`` for all of them in a single
-    backward call (the graph is kept for the caller's own backward). This is how a training step pays for the
-    bound: one forward per operator and one joint backward, as ``spectral_norm`` pays one ``W v`` and ``W^T u``.
-    The returned sigmas belong to the vectors given (one step behind the updated ones); under ``torch.no_grad``
-    they come back detached."""
+    forward passes one more power step ``v_i <- A_i^T A_i v_i / ||A_i^T A_i v_i||`` for all of them. This is how a
+    training step pays for the bound: one forward per operator and one ``A_i^T``, as ``spectral_norm`` pays one
+    ``W v`` and ``W^T u``. ``adjoints[i]`` applies ``A_i^T`` explicitly (no grad); the operators without one
+    (``None``, or no ``adjoints``) take ``A_i^T A_i v_i`` from a single joint backward call (the graph is kept
+    for the caller's own backward). The returned sigmas belong to the vectors given (one step behind the updated
+    ones); under ``torch.no_grad`` they come back detached."""
     grad_enabled = torch.is_grad_enabled()
+    adjoints = list(adjoints) if adjoints is not None else [None] * len(applies)
+    with torch.no_grad():  # copies: the caller may update its vectors in place before its backward
+        vs = [v.clone() for v in vs]
     with torch.enable_grad():
-        vs = [v.detach().clone().requires_grad_(step) for v in vs]
+        vs = [v.requires_grad_(step and adjoint is None) for v, adjoint in zip(vs, adjoints)]
         outs = [apply(v) for apply, v in zip(applies, vs)]
         sigmas = [torch.linalg.vector_norm(out) for out in outs]
-        if step and vs:
-            ata_vs = torch.autograd.grad(outs, vs, grad_outputs=[out.detach() for out in outs],
-                                         retain_graph=grad_enabled)
-            vs = [normalized_or_kept(w, v.detach()) for w, v in zip(ata_vs, vs)]
+    if step and vs:
+        ata_vs = _gram_of_outputs(outs, vs, adjoints, retain_graph=grad_enabled)
+        vs = _all_normalized_or_kept(ata_vs, [v.detach() for v in vs])
     if not grad_enabled:
         sigmas = [sigma.detach() for sigma in sigmas]
-    return sigmas, [v.detach() for v in vs]
+    return sigmas, [v.detach() if v.requires_grad else v for v in vs]
+
+
+def _gram_of_outputs(outs: list[Tensor], vs: list[Tensor], adjoints: list[LinearFn | None],
+                     retain_graph: bool) -> list[Tensor]:
+    """``A_i^T (A_i v_i)`` from the outputs ``A_i v_i``: by the explicit adjoint where given, and for the others
+    by one joint backward to the ``v_i`` (which then require grad)."""
+    auto = [i for i, adjoint in enumerate(adjoints) if adjoint is None]
+    grams: list[Tensor | None] = [None] * len(outs)
+    if auto:
+        with torch.enable_grad():
+            found = torch.autograd.grad([outs[i] for i in auto], [vs[i] for i in auto],
+                                        grad_outputs=[outs[i].detach() for i in auto], retain_graph=retain_graph)
+        for i, gram in zip(auto, found):
+            grams[i] = gram
+    with torch.no_grad():  # no graph is built from the outputs here
+        for i, adjoint in enumerate(adjoints):
+            if adjoint is not None:
+                grams[i] = adjoint(outs[i])
+    return grams  # type: ignore[return-value]
 
 
 def rayleigh_norm(apply: LinearFn, v: Tensor) -> Tensor:

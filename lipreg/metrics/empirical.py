@@ -2,12 +2,15 @@ r"""``EmpiricalLipschitz``: the running maximum of local Jacobian norms, a torch
 :func:`~lipreg.metrics.functional.lower_bound` (a **lower** bound of :math:`L(f)`, Scaman & Virmaux 2018, Thm. 1)."""
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lipreg.capture.trace import eval_mode
 from lipreg.metrics.functional import lower_bound
 
 __all__ = ["EmpiricalLipschitz"]
@@ -68,14 +71,8 @@ class EmpiricalLipschitz(Metric):
     def update(self, x: Tensor) -> None:
         """Lower-bound the Lipschitz constant on the batch ``x`` (B, *in) and keep the running max."""
         model = self.model
-        flags = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
-        try:
-            if isinstance(model, nn.Module):
-                model.eval()
+        with eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext():
             lb = lower_bound(model, x, ascent_steps=self.ascent_steps, lr=self.lr, n_iter=self.n_iter)
-        finally:
-            for m, training in flags:
-                m.training = training
         self.value = torch.maximum(self.value, lb.to(device=self.value.device, dtype=self.value.dtype))
 
     def compute(self) -> Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Hashable, Mapping, Protocol
 
 import torch
 from torch import Tensor, fx, nn
@@ -89,6 +89,11 @@ class Call(Protocol):
     def arg_value(self, index: int, name: str, default: Any = None) -> Any:
         """A constant argument's current value (a model tensor keeps its autograd history)."""
 
+    def memo(self, key: Hashable, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()``, a value of the model's constants, computed once per evaluation for use without grad:
+        under grad it is computed afresh (so each use has its own autograd history) and kept; without grad the
+        value kept is reused (the adjoint reuses the gains its forward computed)."""
+
 
 class Rule:
     """Base class of every rule. ``describe`` is used in layer tables and errors."""
@@ -102,6 +107,9 @@ class LinearOp(Rule):
 
     :meth:`apply` must return ``A v`` (the bias dropped). The default evaluates the op on ``v`` and, unless
     ``homogeneous``, subtracts its value at 0 (one extra evaluation): right for any affine op.
+    :meth:`adjoint` returns ``A^T u`` where the rule knows it in closed form (:meth:`has_adjoint`): ``W^T`` of a
+    linear layer, the transposed convolution of a convolution, a diagonal op itself, the inverse of a reshape;
+    elsewhere the operator takes ``A^T u`` from autograd (one backward pass of :meth:`apply`).
     ``isometry`` marks reshapes and the like, whose norm is exactly 1; :meth:`closed_form_norm` may give the
     exact norm without iterations (batch norm, scalar multiplication).
     """
@@ -117,6 +125,15 @@ class LinearOp(Rule):
         if self.homogeneous:
             return out
         return out - call({x: torch.zeros_like(v)})
+
+    def has_adjoint(self, info: NodeInfo) -> bool:
+        """Whether :meth:`adjoint` is implemented for this call."""
+        return False
+
+    def adjoint(self, info: NodeInfo, call: Call, u: Tensor) -> Tensor:
+        """``A^T u`` for ``u`` shaped like the output (batch of one), exactly, for inputs of shape
+        ``info.in_shapes[0]``."""
+        raise NotImplementedError(f"{self.describe()} has no explicit adjoint")
 
     def closed_form_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor | None:
         return None

@@ -6,6 +6,9 @@ Lipschitz constant exists. Dropout (in :mod:`.structural`) is likewise taken at 
 """
 from __future__ import annotations
 
+import functools
+from typing import Any, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -51,6 +54,13 @@ class DenseLinear(WeightedOp):
     def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
         return F.linear(v, info.module.weight.to(v.dtype))
 
+    def has_adjoint(self, info: NodeInfo) -> bool:
+        return True
+
+    def adjoint(self, info: NodeInfo, call: Call, u: Tensor) -> Tensor:
+        """``W^T u``, as ``u W`` on the last axis."""
+        return u @ info.module.weight.to(u.dtype)
+
     def folded_norm(self, info: NodeInfo, dtype: torch.dtype, before: Tensor | None, after: Tensor | None,
                     policy: BoundPolicy = BoundPolicy()) -> Tensor:
         """``sigma_1(diag(after) W diag(before))`` exactly or by Gram iteration (an upper bound at every iterate)."""
@@ -63,12 +73,68 @@ def _spatial(info: NodeInfo) -> torch.Size:
     return info.in_shapes[0][2 - info.module.weight.dim():]
 
 
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _per_dim(value: int | Sequence[int], n: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def explicit_padding(padding: Any) -> bool:
+    """Whether a convolution's ``padding`` is a number per dimension (``'valid'`` is 0) rather than ``'same'``,
+    which may pad one side more than the other: then the adjoint is left to autograd."""
+    return not isinstance(padding, str) or padding == "valid"
+
+
+def conv_adjoint(u: Tensor, weight: Tensor, in_spatial: Sequence[int], stride: Any, padding: Any, dilation: Any,
+                 groups: int) -> Tensor:
+    """``A^T u`` of the zero-padded convolution ``A = conv(., weight, stride, padding, dilation, groups)`` on inputs
+    of spatial size ``in_spatial``: the transposed convolution with the same parameters, whose ``output_padding``
+    ``(i + 2p - d (k - 1) - 1) mod s`` per dimension restores the input rows the strided windows never reach
+    (the convolution's output size floors them away), so the result has exactly the input's size."""
+    n = weight.dim() - 2
+    params = _transposed_params(tuple(in_spatial), tuple(weight.shape[2:]), _per_dim(stride, n),
+                                (0,) * n if padding == "valid" else _per_dim(padding, n), _per_dim(dilation, n))
+    return _CONV_TRANSPOSE[n](u, weight, None, *params[:3], groups, params[3])
+
+
+@functools.lru_cache(maxsize=1024)
+def _transposed_params(in_spatial: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...],
+                       padding: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """``(stride, padding, output_padding, dilation)`` of the transposed convolution in :func:`conv_adjoint`."""
+    output_padding = tuple((i + 2 * p - d * (k - 1) - 1) % s
+                           for i, k, s, p, d in zip(in_spatial, kernel, stride, padding, dilation))
+    return stride, padding, output_padding, dilation
+
+
+def conv_transpose_adjoint(u: Tensor, weight: Tensor, in_spatial: Sequence[int], stride: Any, padding: Any,
+                           dilation: Any, groups: int) -> Tensor:
+    """``A^T u`` of the transposed convolution ``A = conv_transpose(., weight, ...)`` (any ``output_padding``) on
+    inputs of spatial size ``in_spatial``: the convolution with the same parameters. The rows ``output_padding``
+    adds past the last window take part in no window of the stride grid, so it drops them; where ``dilation``
+    exceeds ``stride`` the convolution may give extra trailing outputs, which belong to no input and are cut."""
+    n = weight.dim() - 2
+    out = _CONV[n](u, weight, None, stride, padding, dilation, groups)
+    for axis, size in zip(range(-n, 0), in_spatial):
+        out = out.narrow(axis, 0, size)
+    return out
+
+
 class Convolution(WeightedOp):
     """``nn.Conv{1,2,3}d`` with any stride, padding (all modes), dilation and groups: the conv without bias."""
 
     def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
         module = info.module
         return module._conv_forward(v, module.weight.to(v.dtype), None)
+
+    def has_adjoint(self, info: NodeInfo) -> bool:
+        """Zero padding by numbers: the other modes (reflect, replicate, circular) and ``'same'`` go to autograd."""
+        return info.module.padding_mode == "zeros" and explicit_padding(info.module.padding)
+
+    def adjoint(self, info: NodeInfo, call: Call, u: Tensor) -> Tensor:
+        m = info.module
+        return conv_adjoint(u, m.weight.to(u.dtype), _spatial(info), m.stride, m.padding, m.dilation, m.groups)
 
     def folded_norm(self, info: NodeInfo, dtype: torch.dtype, before: Tensor | None, after: Tensor | None,
                     policy: BoundPolicy = BoundPolicy()) -> Tensor:
@@ -80,9 +146,6 @@ class Convolution(WeightedOp):
                                    dense_max_entries=policy.conv_dense_entries)
 
 
-_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-
-
 class TransposedConvolution(WeightedOp):
     """``nn.ConvTranspose{1,2,3}d``: the adjoint of a convolution, with the module's ``output_padding``."""
 
@@ -90,6 +153,14 @@ class TransposedConvolution(WeightedOp):
         m = info.module
         conv_t = _CONV_TRANSPOSE[m.weight.dim() - 2]
         return conv_t(v, m.weight.to(v.dtype), None, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
+
+    def has_adjoint(self, info: NodeInfo) -> bool:
+        return True
+
+    def adjoint(self, info: NodeInfo, call: Call, u: Tensor) -> Tensor:
+        m = info.module
+        return conv_transpose_adjoint(u, m.weight.to(u.dtype), _spatial(info), m.stride, m.padding, m.dilation,
+                                      m.groups)
 
     def folded_norm(self, info: NodeInfo, dtype: torch.dtype, before: Tensor | None, after: Tensor | None,
                     policy: BoundPolicy = BoundPolicy()) -> Tensor:
@@ -120,10 +191,18 @@ class BatchNorm(LinearOp):
     ``max_c |gamma_c| / sqrt(var_c + eps)``."""
 
     def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
-        return v * _per_channel(batch_norm_scale(info.module, v.dtype), v.dim())
+        scale = call.memo((v.dtype, v.dim()), lambda: _per_channel(batch_norm_scale(info.module, v.dtype), v.dim()))
+        return v * scale
 
     def multiplier(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
         return _per_channel(batch_norm_scale(info.module, dtype), len(info.out_shape))
+
+    def has_adjoint(self, info: NodeInfo) -> bool:
+        return True
+
+    def adjoint(self, info: NodeInfo, call: Call, u: Tensor) -> Tensor:
+        """A diagonal map is its own adjoint."""
+        return self.apply(info, call, u)
 
     def closed_form_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
         return batch_norm_scale(info.module, dtype).abs().max()
@@ -136,6 +215,62 @@ def _batch_norm_rule(info: NodeInfo) -> LinearOp | Refuse:
             "of one sample depends on the others and there is no per-sample Lipschitz constant"
         )
     return BatchNorm()
+
+
+class FunctionalLinear(LinearOp):
+    """``F.linear(x, weight, bias)`` with a constant ``weight``: ``v -> W v``, adjoint ``u -> W^T u``."""
+
+    def __init__(self) -> None:
+        super().__init__(homogeneous=True)
+
+    def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
+        return F.linear(v, call.arg_value(1, "weight").to(v.dtype))
+
+    def has_adjoint(self, info: NodeInfo) -> bool:
+        return True
+
+    def adjoint(self, info: NodeInfo, call: Call, u: Tensor) -> Tensor:
+        return u @ call.arg_value(1, "weight").to(u.dtype)
+
+
+class FunctionalConvolution(LinearOp):
+    """``F.conv{1,2,3}d(x, weight, bias, stride, padding, dilation, groups)`` with a constant ``weight`` and numeric
+    padding: the convolution without bias, adjoint the transposed convolution (:func:`conv_adjoint`)."""
+
+    def __init__(self) -> None:
+        super().__init__(homogeneous=True)
+
+    def _params(self, info: NodeInfo) -> tuple[Any, Any, Any, int]:
+        return (info.arg(3, "stride", 1), info.arg(4, "padding", 0), info.arg(5, "dilation", 1),
+                int(info.arg(6, "groups", 1)))
+
+    def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
+        weight = call.arg_value(1, "weight").to(v.dtype)
+        return _CONV[weight.dim() - 2](v, weight, None, *self._params(info))
+
+    def has_adjoint(self, info: NodeInfo) -> bool:
+        return True
+
+    def adjoint(self, info: NodeInfo, call: Call, u: Tensor) -> Tensor:
+        weight = call.arg_value(1, "weight").to(u.dtype)
+        return conv_adjoint(u, weight, info.in_shapes[0][2 - weight.dim():], *self._params(info))
+
+
+_LINEAR_SIGNATURE = ("input", "weight", "bias")
+
+
+def _functional_linear(info: NodeInfo) -> LinearOp:
+    """``F.linear`` with the input in ``input`` (the weight a constant): :class:`FunctionalLinear`; otherwise the
+    generic affine rule."""
+    return FunctionalLinear() if info.x_positions(_LINEAR_SIGNATURE) == [0] else LinearOp()
+
+
+def _functional_convolution(info: NodeInfo) -> LinearOp:
+    """``F.conv*d`` with the input in ``input`` and numeric padding: :class:`FunctionalConvolution`; otherwise the
+    generic affine rule."""
+    if info.x_positions(_LINEAR_SIGNATURE) == [0] and explicit_padding(info.arg(4, "padding", 0)):
+        return FunctionalConvolution()
+    return LinearOp()
 
 
 def _functional_batch_norm(info: NodeInfo) -> LinearOp | Refuse:
@@ -162,8 +297,10 @@ for _target in (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm):  # SyncBatch
 register_rule(F.batch_norm, _functional_batch_norm)
 
 # Affine functions of one input-dependent argument; the generic rule subtracts the value at 0 (drops the bias).
-for _target in (F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
-                F.conv_transpose3d):
+register_rule(F.linear, _functional_linear)
+for _target in (F.conv1d, F.conv2d, F.conv3d):
+    register_rule(_target, _functional_convolution)
+for _target in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):
     register_rule(_target, LinearOp())
 
 # Padding (constant, reflect, replicate, circular) is affine; reflect/replicate/circular repeat entries, so the

@@ -24,11 +24,31 @@ class UnitNorm(LinearOp):
         super().__init__(homogeneous=True)
 
 
+class Reshape(UnitNorm):
+    """A reshape that keeps the order of the entries (``view``, ``flatten``, ``squeeze``...): a bijection of the
+    coordinates, ``A^T = A^{-1}``, the reshape back to the input's shape."""
+
+    def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
+        return v.reshape(info.out_shape)
+
+    def has_adjoint(self, info: NodeInfo) -> bool:
+        return True
+
+    def adjoint(self, info: NodeInfo, call: Call, u: Tensor) -> Tensor:
+        return u.reshape(info.in_shapes[0])
+
+
 class Identity(UnitNorm):
     """``v -> v``: ``nn.Identity``, and dropout, which is the identity at evaluation (the function bounded)."""
 
     def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
         return v
+
+    def has_adjoint(self, info: NodeInfo) -> bool:
+        return True
+
+    def adjoint(self, info: NodeInfo, call: Call, u: Tensor) -> Tensor:
+        return u
 
 
 class SignedIdentity(UnitNorm):
@@ -40,6 +60,12 @@ class SignedIdentity(UnitNorm):
 
     def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
         return v if self.sign > 0 else -v
+
+    def has_adjoint(self, info: NodeInfo) -> bool:
+        return True
+
+    def adjoint(self, info: NodeInfo, call: Call, u: Tensor) -> Tensor:
+        return self.apply(info, call, u)
 
 
 class Scale(LinearOp):
@@ -61,6 +87,13 @@ class Scale(LinearOp):
     def closed_form_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor | None:
         m = self.multiplier(info, call, dtype)
         return None if m is None else m.abs().max()
+
+    def has_adjoint(self, info: NodeInfo) -> bool:
+        """Diagonal (its own adjoint) when ``c`` does not enlarge the shape; a broadcast goes to autograd."""
+        return info.in_shapes[0] == info.out_shape
+
+    def adjoint(self, info: NodeInfo, call: Call, u: Tensor) -> Tensor:
+        return self.apply(info, call, u)
 
 
 _PRODUCT = (
@@ -182,9 +215,10 @@ def _dropout(info: NodeInfo) -> Rule:
     )
 
 
-for _target in ("view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-                "t", "movedim", "unflatten", torch.flatten, torch.reshape, torch.permute, torch.transpose,
-                torch.squeeze, torch.unsqueeze, torch.movedim, nn.Flatten, nn.Unflatten):
+for _target in ("view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze", "unflatten", torch.flatten,
+                torch.reshape, torch.squeeze, torch.unsqueeze, nn.Flatten, nn.Unflatten):
+    register_rule(_target, Reshape())
+for _target in ("permute", "transpose", "t", "movedim", torch.permute, torch.transpose, torch.movedim):
     register_rule(_target, UnitNorm())
 for _target in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                 nn.FeatureAlphaDropout, "clone", "detach"):
