@@ -203,31 +203,21 @@ def conv_spectral_bound(
     entries = c_in * math.prod(geometry.conv_in) * c_out * math.prod(geometry.conv_out)
     if entries > dense_max_entries:
         return certified_cast(_fourier_bound64(w64, groups, geometry.dilation, plans), weight.dtype)
-    layer = (w64, geometry, padding, groups, padding_mode, transposed, output_padding)
+    layer = _Layer(w64, geometry, padding, groups, padding_mode, transposed, output_padding)
     # (output, input) pixels and channels of the layer itself
     pixels = (math.prod(geometry.conv_in if transposed else geometry.conv_out), math.prod(geometry.input_shape))
     channels = (c_in, c_out) if transposed else (c_out, c_in)
     block = (channels[0] // groups * pixels[0], channels[1] // groups * pixels[1])
     if is_exact(block, weight.device):  # the Fourier bound, an upper bound of the same operator, cannot be tighter
-        kernel_gram = _kernel_gram(*layer, pixels, block)
+        kernel_gram = _kernel_gram(layer, pixels, block)
         if kernel_gram is not None:
             return certified_cast(sigma_from_gram64(kernel_gram).max(), weight.dtype)
-        return certified_cast(spectral_norm64(_dense_blocks(*layer), 10, None).max(), weight.dtype)
-    dense = spectral_norm64(_dense_blocks(*layer), 10, None).max()
+        return certified_cast(spectral_norm64(_dense_blocks(layer), 10, None).max(), weight.dtype)
+    dense = spectral_norm64(_dense_blocks(layer), 10, None).max()
     return certified_cast(torch.minimum(dense, _fourier_bound64(w64, groups, geometry.dilation, plans)), weight.dtype)
 
 
-def _kernel_gram(
-    w64: Tensor,
-    geometry: _ConvGeometry,
-    padding: str | int | Sequence[int],
-    groups: int,
-    padding_mode: str,
-    transposed: bool,
-    output_padding: int | Sequence[int],
-    pixels: tuple[int, int],
-    block: tuple[int, int],
-) -> Tensor | None:
+def _kernel_gram(layer: _Layer, pixels: tuple[int, int], block: tuple[int, int]) -> Tensor | None:
     """The Gram matrices of the layer's ``groups`` blocks on their smaller side, from the kernel's channel
     correlations; ``None`` when building the blocks and their Gram products is cheaper.
 
@@ -238,6 +228,7 @@ def _kernel_gram(
     instead of a product over all ``c_out P`` rows, cheaper whenever ``K^2 < c_out P`` (3x3 kernels on small
     images, many channels).  ``block`` is ``(rows, columns)`` of one block, ``pixels`` = ``(P, Q)`` of the layer.
     """
+    w64, groups, transposed, geometry = layer.w64, layer.groups, layer.transposed, layer.geometry
     a, b = w64.shape[:2]
     taps = math.prod(w64.shape[2:])
     weights = (w64.view(groups, a // groups, b, taps).transpose(1, 2) if transposed
@@ -253,7 +244,7 @@ def _kernel_gram(
         return None
     shape = (taps, 1, *w64.shape[2:]) if not transposed else (1, taps, *w64.shape[2:])
     one_hot = torch.eye(taps, dtype=w64.dtype, device=w64.device).view(shape)
-    op = _layer_op(one_hot, geometry, padding, 1, padding_mode, transposed, output_padding)
+    op = layer.op(one_hot, groups=1)
     maps = dense_matrix(op, (1, *geometry.input_shape), w64.device).view(taps, pixels[0], pixels[1])  # S_k[p, q]
     if input_side:
         correlation = torch.einsum("goik,gojl->gikjl", weights, weights)
@@ -264,15 +255,7 @@ def _kernel_gram(
     return gram.reshape(groups, side, side)
 
 
-def _dense_blocks(
-    w64: Tensor,
-    geometry: _ConvGeometry,
-    padding: str | int | Sequence[int],
-    groups: int,
-    padding_mode: str,
-    transposed: bool,
-    output_padding: int | Sequence[int],
-) -> Tensor:
+def _dense_blocks(layer: _Layer) -> Tensor:
     """The transposes of the layer's ``groups`` diagonal blocks, up to a permutation of their rows (which keeps the
     singular values): ``(groups, Q * c_in/groups, c_out/groups * P)`` for ``Q`` / ``P`` input / output pixels, rows
     ordered (input pixel, input channel), columns (output channel, output pixel).
@@ -283,6 +266,7 @@ def _dense_blocks(
     pixel basis (:func:`~lipreg.linalg.certify.dense_matrix`), about ``c_in / groups`` times fewer operations than
     the layer on the full identity basis; for one group the result is a view of the bank's output, no copy.
     """
+    w64, groups, transposed, geometry = layer.w64, layer.groups, layer.transposed, layer.geometry
     a, b = w64.shape[:2]  # conv: (c_out, c_in/g); transposed: (c_in, c_out/g), already ordered (group, i, o)
     kernel = w64.shape[2:]
     if transposed:
@@ -290,7 +274,7 @@ def _dense_blocks(
     else:
         c_in, c_out = b, a // groups
         bank = w64.view(groups, c_out, c_in, *kernel).transpose(1, 2).reshape(a * b, 1, *kernel)
-    op = _layer_op(bank, geometry, padding, 1, padding_mode, transposed, output_padding)
+    op = layer.op(bank, groups=1)
     slices = dense_matrix(op, (1, *geometry.input_shape), w64.device)  # (a * b * P, Q), rows (group, i, o, p)
     pixels_out, pixels_in = slices.shape[0] // (a * b), slices.shape[1]
     slices = slices.view(groups, c_in, c_out, pixels_out, pixels_in).permute(0, 4, 1, 2, 3)
@@ -354,24 +338,31 @@ def _conv_geometry(
     return _ConvGeometry(shape, stride_t, dilation_t, pad, conv_in, conv_out)
 
 
-def _layer_op(
-    w64: Tensor,
-    geometry: _ConvGeometry,
-    padding: str | int | Sequence[int],
-    groups: int,
-    padding_mode: str,
-    transposed: bool,
-    output_padding: int | Sequence[int],
-) -> Callable[[Tensor], Tensor]:
-    """The layer's linear part as a function of a batched float64 input, exactly as torch's
-    nn.Conv*/nn.ConvTranspose* modules compute it (non-zeros modes: F.pad, then a valid conv)."""
-    dims = w64.dim() - 2
-    stride, dilation = geometry.stride, geometry.dilation
-    if transposed:
-        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
-        return lambda x: fn(x, w64, None, stride, padding, output_padding, groups, dilation)
-    fn = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-    if padding_mode == "zeros":
-        return lambda x: fn(x, w64, None, stride, padding, dilation, groups)
-    torch_pad = tuple(p for pair in reversed(geometry.pad) for p in pair)
-    return lambda x: fn(F.pad(x, torch_pad, mode=padding_mode), w64, None, stride, 0, dilation, groups)
+@dataclass(frozen=True)
+class _Layer:
+    """A conv (or transposed conv) layer with float64 weight ``w64``, as torch's modules compute it."""
+
+    w64: Tensor
+    geometry: _ConvGeometry
+    padding: str | int | Sequence[int]
+    groups: int
+    padding_mode: str
+    transposed: bool
+    output_padding: int | Sequence[int]
+
+    def op(self, weight: Tensor | None = None, groups: int | None = None) -> Callable[[Tensor], Tensor]:
+        """The linear part (of this layer, or of the same geometry with another ``weight`` and ``groups``) as a
+        function of a batched float64 input, exactly as nn.Conv*/nn.ConvTranspose* compute it (non-zeros modes:
+        F.pad, then a valid conv)."""
+        w = self.w64 if weight is None else weight
+        g = self.groups if groups is None else groups
+        dims = w.dim() - 2
+        stride, dilation = self.geometry.stride, self.geometry.dilation
+        if self.transposed:
+            fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
+            return lambda x: fn(x, w, None, stride, self.padding, self.output_padding, g, dilation)
+        fn = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+        if self.padding_mode == "zeros":
+            return lambda x: fn(x, w, None, stride, self.padding, dilation, g)
+        torch_pad = tuple(p for pair in reversed(self.geometry.pad) for p in pair)
+        return lambda x: fn(F.pad(x, torch_pad, mode=self.padding_mode), w, None, stride, 0, dilation, g)
