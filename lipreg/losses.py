@@ -55,7 +55,7 @@ MarginKind = Literal["ce", "hinge", "lse"]
 DEFAULT_TEMPERATURE = {"ce": 1.0, "hinge": 1.0, "lse": 0.1}  # ce: logit units; lse: radius units; hinge: unused
 
 
-def margin_ce(logits: Tensor, target: Tensor, K_y: Tensor, eps: float, temperature: float) -> Tensor:
+def margin_ce(logits: Tensor, target: Tensor, K_y: Tensor, eps: float | Tensor, temperature: float) -> Tensor:
     """Eq. (2), averaged over the batch; ``K_y = K[target]`` ``(B, C)`` (0 at the target)."""
     shifted = logits + eps * K_y
     return temperature * F.cross_entropy(shifted / temperature, target)
@@ -68,12 +68,12 @@ def pair_radii(logits: Tensor, target: Tensor, K_y: Tensor) -> Tensor:
     return radii.scatter(1, target[:, None], math.inf)
 
 
-def margin_hinge(radii: Tensor, eps: float) -> Tensor:
+def margin_hinge(radii: Tensor, eps: float | Tensor) -> Tensor:
     """Eq. (3), averaged over the batch (the target's ``+inf`` radius adds 0)."""
     return F.relu(eps - radii).sum(1).mean()
 
 
-def margin_lse(radii: Tensor, eps: float, temperature: float) -> Tensor:
+def margin_lse(radii: Tensor, eps: float | Tensor, temperature: float) -> Tensor:
     """Eq. (4), averaged over the batch (the target's ``+inf`` radius adds ``exp(-inf) = 0``)."""
     return F.relu(temperature * torch.logsumexp((eps - radii) / temperature, dim=1)).mean()
 
@@ -129,28 +129,37 @@ class LipschitzMarginLoss(nn.Module):
                                              **estimator_options)
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
         self.last_bound: Tensor | None = None
-        self.last_eps = 0.0
+        self._last_eps: Tensor | float = 0.0
 
     @property
     def pairwise(self) -> bool:
         return self.certificate.pairwise
 
+    @property
+    def last_eps(self) -> float:
+        """The radius of the last call (a host read: for logs, not for the training step)."""
+        return float(self._last_eps)
+
     def current_eps(self) -> float:
-        """The ramped radius of the next call: ``eps * min(1, calls / warmup)``."""
+        """The ramped radius of the next call, :meth:`ramped_eps` read on the host."""
+        return float(self.ramped_eps())
+
+    def ramped_eps(self) -> Tensor | float:
+        """``eps * min(1, calls / warmup)``, on the device of the call count (no host synchronisation)."""
         if self.warmup == 0:
             return self.eps
-        return self.eps * min(1.0, int(self.calls) / self.warmup)
+        return self.eps * torch.clamp(self.calls / self.warmup, max=1.0)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         """The loss of ``kind`` on ``logits`` ``(B, C)`` of ``model`` and class indices ``target`` ``(B,)``."""
-        eps = self.current_eps()
+        eps = self.ramped_eps()
         if self.training:
             self.calls += 1
         K, bound = self.certificate()
         self.last_bound = bound.detach()
         finite = finite_bound(bound)  # on the device: a skipped step costs no host synchronisation
         zero_gradient_unless(finite, [K])  # d K / d head = 0 * L when L is not finite: exactly 0 instead
-        self.last_eps = eps
+        self._last_eps = eps.detach() if isinstance(eps, Tensor) else eps
         K_y = torch.where(finite, K, 1.0)[target].to(logits.dtype)  # any finite K on a skipped step
         if self.kind == "ce":
             loss = margin_ce(logits, target, K_y, eps, self.temperature)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lipreg import LipschitzEstimator, LipschitzPenalty
+from lipreg import LipschitzEstimator, LipschitzMarginLoss, LipschitzPenalty
 
 SYNCS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy")
 
@@ -87,6 +87,23 @@ def test_hot_path_reads_no_tensor_into_python(index: int) -> None:
     assert not counts, f"{name}: host synchronisations {dict(counts)}"
     with pytest.warns(RuntimeWarning, match="non-finite Lipschitz bound"):
         assert training.penalty.estimator.check_finite()
+
+
+@pytest.mark.parametrize("pairwise", [True, False], ids=["pairwise", "global"])
+def test_margin_loss_step_reads_no_tensor_into_python(pairwise: bool) -> None:
+    """The margin loss with its eps ramp (the ramp is computed on the device) and its backward, a NaN step too."""
+    _, net, x = nets("cpu")[0]
+    y = torch.arange(x.shape[0]) % 3
+    loss_fn = LipschitzMarginLoss(net, x, eps=0.3, pairwise=pairwise, warmup=10)
+    loss_fn(net(x), y).backward()  # the first call builds the record
+    with counted_syncs() as counts:
+        for _ in range(3):
+            loss_fn(net(x), y).backward()
+        with torch.no_grad():
+            first_weight(net)[0, 0] = float("nan")
+        loss_fn(net(x), y).backward()
+    assert not counts, f"host synchronisations {dict(counts)}"
+    assert loss_fn.current_eps() == pytest.approx(0.3 * 5 / 10)
 
 
 def test_the_record_is_read_every_check_finite_every_calls() -> None:
