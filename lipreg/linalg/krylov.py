@@ -63,6 +63,7 @@ class _Bases:
         self._P[0] = p1.reshape(-1)
         self._Q: Tensor | None = None  # allocated at the first A p, whose size it takes
         self.n_p, self.n_q, self.cols = 1, 0, 0  # cols: the leading vectors of P that A has been applied to
+        self._alpha = self._beta = 0.0  # the last alpha and beta: the recurrence's known coefficients
         self.B = torch.zeros(k, k + 1, dtype=_F64, device=p1.device)
 
     @property
@@ -79,7 +80,8 @@ class _Bases:
         w = w.reshape(-1)
         if self._Q is None:
             self._Q = w.new_empty(self.B.shape[0], w.numel())
-        coefficients, w, alpha = _orthogonalise(w, self.Q)
+        coefficients, w, alpha = _orthogonalise(w, self.Q, self._beta)
+        self._alpha = alpha
         m, self.cols = self.n_q, self.n_p
         self.B[:m, self.cols - 1] = coefficients.to(_F64)
         self.B[m, self.cols - 1] = alpha  # NaN for a non-finite A p: the caller checks B
@@ -91,7 +93,8 @@ class _Bases:
 
     def extend_p(self, r: Tensor) -> Tensor:
         """``p = (A^T q_last - P d) / beta``: appends ``p`` (unless ``beta = 0``) and returns ``beta``."""
-        _, r, beta = _orthogonalise(r.reshape(-1), self.P)
+        _, r, beta = _orthogonalise(r.reshape(-1), self.P, self._alpha)
+        self._beta = beta
         if beta > 0:
             torch.div(r, beta, out=self._P[self.n_p])
             self.n_p += 1
@@ -110,24 +113,32 @@ class _Bases:
         self._P[:keep] = Y[:, :keep].T.to(self._P) @ self._P[: self.cols]
         self._P[keep : keep + len(last)] = last
         self.n_q, self.n_p, self.cols = keep, keep + len(last), keep
+        self._beta = 0.0  # A p_last now couples to every kept q: the full pass finds the column
         self.B.zero_()
         self.B[range(keep), range(keep)] = S[:keep]
 
 
-def _orthogonalise(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor, float]:
+def _orthogonalise(w: Tensor, basis: Tensor, local: float = 0.0) -> tuple[Tensor, Tensor, float]:
     """``w`` minus its projection on the orthonormal rows of ``basis``, the projection's coefficients and the
-    remainder's norm. Classical Gram-Schmidt, repeated once when the first pass cancelled more than ``1 - 1/sqrt(2)``
-    of the norm (the criterion of Daniel, Gragg, Kaufman & Stewart, Math. Comp. 30 (1976): twice is enough). The
-    norm is 0 when the remainder is at the rounding level of ``w`` (numerically in the span), NaN when ``w`` is not
-    finite."""
-    scale = float(torch.linalg.vector_norm(w))
+    remainder's norm. ``local`` is the coefficient of the last row that the Golub-Kahan recurrence predicts
+    (``beta_{j-1}`` for ``A p_j`` on ``q_{j-1}``, ``alpha_j`` for ``A^T q_j`` on ``p_j``): it is subtracted first,
+    so the full classical Gram-Schmidt pass that follows only removes the rounding drift. That pass is repeated
+    once when it cancelled more than ``1 - 1/sqrt(2)`` of the norm (the criterion of Daniel, Gragg, Kaufman &
+    Stewart, Math. Comp. 30 (1976): twice is enough). The norm is 0 when the remainder is at the rounding level of
+    ``w`` (numerically in the span), NaN when ``w`` is not finite."""
+    scale = before = float(torch.linalg.vector_norm(w))
+    if local:
+        w = torch.add(w, basis[-1], alpha=-local)
+        before = float(torch.linalg.vector_norm(w))
     coefficients = basis @ w
-    w = w - coefficients @ basis
+    w = torch.addmv(w, basis.T, coefficients, alpha=-1)
     norm = float(torch.linalg.vector_norm(w))
-    if norm < scale / math.sqrt(2):
+    if norm < before / math.sqrt(2):
         correction = basis @ w
-        w = w - correction @ basis
+        w = torch.addmv(w, basis.T, correction, alpha=-1)
         coefficients, norm = coefficients + correction, float(torch.linalg.vector_norm(w))
+    if local:
+        coefficients[-1] += local
     if not scale < math.inf:
         norm = math.nan
     elif norm <= 4 * torch.finfo(w.dtype).eps * scale:
