@@ -74,9 +74,10 @@ class _Bases:
     def Q(self) -> Tensor:
         return self._Q[: self.n_q] if self._Q is not None else self._P[:0]
 
-    def extend_q(self, w: Tensor) -> bool:
-        """``q = (A p_last - Q c) / alpha``: appends ``q`` and the column ``(c, alpha)`` of ``B``; ``False`` on a
-        breakdown (``A p_last`` in the span of ``Q``: the bases span an invariant pair)."""
+    def extend_q(self, w: Tensor) -> float:
+        """``q = (A p_last - Q c) / alpha``: appends ``q`` and the column ``(c, alpha)`` of ``B``, returns
+        ``alpha``: 0 on a breakdown (``A p_last`` in the span of ``Q``: the bases span an invariant pair), NaN for a
+        non-finite ``A p_last``."""
         w = w.reshape(-1)
         if self._Q is None:
             self._Q = w.new_empty(self.B.shape[0], w.numel())
@@ -84,21 +85,20 @@ class _Bases:
         self._alpha = alpha
         m, self.cols = self.n_q, self.n_p
         self.B[:m, self.cols - 1] = coefficients.to(_F64)
-        self.B[m, self.cols - 1] = alpha  # NaN for a non-finite A p: the caller checks B
-        if not alpha > 0:
-            return False
-        torch.div(w, alpha, out=self._Q[m])
-        self.n_q += 1
-        return True
+        self.B[m, self.cols - 1] = alpha
+        if alpha > 0:
+            torch.div(w, alpha, out=self._Q[m])
+            self.n_q += 1
+        return alpha
 
-    def extend_p(self, r: Tensor) -> Tensor:
-        """``p = (A^T q_last - P d) / beta``: appends ``p`` (unless ``beta = 0``) and returns ``beta``."""
+    def extend_p(self, r: Tensor) -> float:
+        """``p = (A^T q_last - P d) / beta``: appends ``p`` (unless ``beta`` is 0 or NaN) and returns ``beta``."""
         _, r, beta = _orthogonalise(r.reshape(-1), self.P, self._alpha)
         self._beta = beta
         if beta > 0:
             torch.div(r, beta, out=self._P[self.n_p])
             self.n_p += 1
-        return torch.as_tensor(beta, dtype=_F64, device=self.B.device)
+        return beta
 
     def ritz(self) -> tuple[Tensor, Tensor, Tensor]:
         """``X, S, Y`` of the SVD ``B = X S Y^T`` (float64; ``Y`` over the first ``cols`` vectors of ``P``)."""
@@ -170,21 +170,21 @@ def lanczos_top_singular(matvec: LinearFn, rmatvec: LinearFn, v0: Tensor, tol: f
     nan, zero = (torch.full((), value, dtype=_F64, device=v0.device) for value in (float("nan"), 0.0))
     for step in range(1, max_iter + 1):
         av = matvec(bases.P[-1].reshape(shape))
-        invariant = not bases.extend_q(av)
-        if not bool(torch.isfinite(bases.B).all()):
+        alpha = bases.extend_q(av)  # host floats from here on: no tensor check per step
+        if math.isnan(alpha):
             return TopSingular(nan, v0, None, nan, False, step)
-        if bases.Q.shape[0] == 0:  # A v0 = 0 (a zero map, or v0 in its kernel)
+        if bases.n_q == 0:  # A v0 = 0 (a zero map, or v0 in its kernel)
             return TopSingular(zero, v0, None, zero, True, step)
-        beta = zero if invariant else bases.extend_p(rmatvec(bases.Q[-1].reshape(av.shape)))
-        if not bool(torch.isfinite(beta)):
+        beta = bases.extend_p(rmatvec(bases.Q[-1].reshape(av.shape))) if alpha > 0 else 0.0
+        if math.isnan(beta):
             return TopSingular(nan, v0, None, nan, False, step)
         X, S, Y = bases.ritz()
         cluster = S >= S[0] * (1 - tol)  # Ritz values within tol of the top: their joint residual decides
         residual = beta * torch.linalg.vector_norm(X[-1, cluster])
-        done = invariant or bool(beta == 0) or converged(residual, S[0], tol)
+        done = beta == 0 or converged(residual, S[0], tol)  # beta = 0 also when alpha = 0: invariant
         if done or step == max_iter:
             break
-        if bases.Q.shape[0] == k:
+        if bases.n_q == k:
             bases.restart(X, S, Y, keep=k // 2)
     return _triple(bases, X, S, Y, residual, done, step, shape, av.shape if left else None)
 
