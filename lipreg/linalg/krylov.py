@@ -19,8 +19,9 @@ sec. 10.4; Saad, Numerical Methods for Large Eigenvalue Problems, ch. 6).
 Both bases are reorthogonalised in full (the recurrence's known coefficient first, then one classical
 Gram-Schmidt pass, a second one only when it cancelled), so ``k`` (20-60) vectors per side are kept; when
 ``k`` steps are not enough, the ``k // 2`` leading Ritz pairs and ``p_{m+1}`` start the next cycle (thick restart,
-Baglama & Reichel, SIAM J. Sci. Comput. 27 (2005), the augmented Lanczos bidiagonalisation): ``B`` becomes ``diag(s_1..s_l)`` with the column ``beta_m x_i[m]`` next to it, which the next step's Gram-Schmidt
-coefficients reproduce.
+Baglama & Reichel, SIAM J. Sci. Comput. 27 (2005), the augmented Lanczos bidiagonalisation): ``B`` becomes
+``diag(s_1..s_l)`` with the column ``beta_m x_i[m]`` next to it, which the next step's Gram-Schmidt coefficients
+reproduce.
 
 ``s_1`` is the largest singular value of a compression ``Q^T A P`` of ``A`` (orthonormal ``Q``, ``P``), so it is
 a **lower estimate** of ``sigma_1(A)`` (up to rounding), like every power-method value: never a certificate.
