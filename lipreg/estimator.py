@@ -160,7 +160,8 @@ class LipschitzEstimator(nn.Module):
         (differentiable) bound. Still an **estimate from below**: each ``sigma`` is a Ritz value, at most
         ``sigma_1``, and within ``tol / 2`` of it whenever ``1 - sigma_2^2 / sigma_1^2 >= tol``
         (:func:`~lipreg.linalg.power.converged`). The residual test also bounds the vectors' error (by
-        ``tol sigma / gap``), which a stalled ``sigma`` does not. SeqLip's subspaces are iterated too. ``progress=True`` shows a bar over the operators."""
+        ``tol sigma / gap``), which a stalled ``sigma`` does not. SeqLip's subspaces are iterated too.
+        ``progress=True`` shows a bar over the operators."""
         with torch.no_grad(), self._evaluation() as operators:
             self._converge_operators(operators, tol, max_iter, progress)
         return self(n_iter=0)
