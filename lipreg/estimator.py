@@ -191,8 +191,10 @@ class LipschitzEstimator(nn.Module):
         :func:`~lipreg.linalg.krylov.lanczos_top_singular`) until ``||A^T u - sigma v|| <= tol * sigma``, or
         ``max_iter`` products by ``A`` each; store the right singular vectors as the warm vectors and return the
         (differentiable) bound. Still an **estimate from below**: each ``sigma`` is a Ritz value, at most
-        ``sigma_1``. The residual test also bounds the vectors' error (by ``tol sigma / gap``), which a stalled
-        ``sigma`` does not. SeqLip's subspaces are iterated too. ``progress=True`` shows a bar over the operators."""
+        ``sigma_1``, and within ``tol / 2`` of it whenever ``1 - sigma_2^2 / sigma_1^2 >= tol``
+        (:func:`~lipreg.linalg.power.converged`). The residual test also bounds the vectors' error (by
+        ``tol sigma / gap``), which a stalled ``sigma`` does not. SeqLip's subspaces are iterated too.
+        ``progress=True`` shows a bar over the operators."""
         with torch.no_grad(), self._evaluation() as operators:
             self._converge_operators(operators, tol, max_iter, progress)
         bound = self(n_iter=0)

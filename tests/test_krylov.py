@@ -52,6 +52,18 @@ def test_close_top_singular_values_converge_where_a_stalled_value_would_stop():
     assert_top_triple(W, top, rel=1e-12, vector_tol=1e-8)
 
 
+@pytest.mark.parametrize("relative_gap", [1e-6, 1e-4, 1e-2])
+def test_the_value_is_within_half_tol_whatever_the_gap(relative_gap):
+    """The guarantee documented in ``converged``: r <= tol sigma puts sigma within tol / 2 of sigma_1 (from below)
+    whenever 1 - sigma_2^2 / sigma_1^2 >= tol, the Kato-Temple inequality with no estimate of the gap."""
+    tol = 1e-6
+    spectrum = [1.0, (1 - relative_gap) ** 0.5, 0.95, 0.9] + [0.8 * 0.99**i for i in range(40)]
+    W = with_spectrum(spectrum, 70, 90, seed=10)
+    top = lanczos_top_singular(*matrix_maps(W), torch.randn(1, 90, dtype=DT), tol=tol)
+    assert top.converged
+    assert -1e-14 <= 1 - float(top.sigma) <= tol / 2
+
+
 def test_rank_deficient_and_invariant_start():
     """Rank 3: the Krylov space becomes invariant after a few steps and the triple is exact."""
     W = with_spectrum([3.0, 2.0, 1.0], 50, 70, seed=2)

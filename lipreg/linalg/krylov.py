@@ -16,11 +16,12 @@ rate ``(sigma_2 / sigma_1)^2`` per step; the Krylov space holds the Chebyshev po
 degree, which converge at about the square root of that rate (Golub & Van Loan, Matrix Computations, 4th ed.,
 sec. 10.4; Saad, Numerical Methods for Large Eigenvalue Problems, ch. 6).
 
-Both bases are reorthogonalised in full (classical Gram-Schmidt, a second pass when the first cancelled), so ``k`` (20-60) vectors per side are
-kept; when ``k`` steps are not enough, the ``k // 2`` leading Ritz pairs and ``p_{m+1}`` start the next cycle
-(thick restart, Baglama & Reichel, SIAM J. Sci. Comput. 27 (2005), the augmented Lanczos bidiagonalisation):
-``B`` becomes ``diag(s_1..s_l)`` with the column ``beta_m x_i[m]`` next to it, which the next step's Gram-Schmidt
-coefficients reproduce.
+Both bases are reorthogonalised in full (the recurrence's known coefficient first, then one classical
+Gram-Schmidt pass, a second one only when it cancelled), so ``k`` (20-60) vectors per side are kept; when
+``k`` steps are not enough, the ``k // 2`` leading Ritz pairs and ``p_{m+1}`` start the next cycle (thick restart,
+Baglama & Reichel, SIAM J. Sci. Comput. 27 (2005), the augmented Lanczos bidiagonalisation): ``B`` becomes
+``diag(s_1..s_l)`` with the column ``beta_m x_i[m]`` next to it, which the next step's Gram-Schmidt coefficients
+reproduce.
 
 ``s_1`` is the largest singular value of a compression ``Q^T A P`` of ``A`` (orthonormal ``Q``, ``P``), so it is
 a **lower estimate** of ``sigma_1(A)`` (up to rounding), like every power-method value: never a certificate.
@@ -63,6 +64,7 @@ class _Bases:
         self._P[0] = p1.reshape(-1)
         self._Q: Tensor | None = None  # allocated at the first A p, whose size it takes
         self.n_p, self.n_q, self.cols = 1, 0, 0  # cols: the leading vectors of P that A has been applied to
+        self._alpha = self._beta = 0.0  # the last alpha and beta: the recurrence's known coefficients
         self.B = torch.zeros(k, k + 1, dtype=_F64, device=p1.device)
 
     @property
@@ -73,29 +75,31 @@ class _Bases:
     def Q(self) -> Tensor:
         return self._Q[: self.n_q] if self._Q is not None else self._P[:0]
 
-    def extend_q(self, w: Tensor) -> bool:
-        """``q = (A p_last - Q c) / alpha``: appends ``q`` and the column ``(c, alpha)`` of ``B``; ``False`` on a
-        breakdown (``A p_last`` in the span of ``Q``: the bases span an invariant pair)."""
+    def extend_q(self, w: Tensor) -> float:
+        """``q = (A p_last - Q c) / alpha``: appends ``q`` and the column ``(c, alpha)`` of ``B``, returns
+        ``alpha``: 0 on a breakdown (``A p_last`` in the span of ``Q``: the bases span an invariant pair), NaN for a
+        non-finite ``A p_last``."""
         w = w.reshape(-1)
         if self._Q is None:
             self._Q = w.new_empty(self.B.shape[0], w.numel())
-        coefficients, w, alpha = _orthogonalise(w, self.Q)
+        coefficients, w, alpha = _orthogonalise(w, self.Q, self._beta)
+        self._alpha = alpha
         m, self.cols = self.n_q, self.n_p
         self.B[:m, self.cols - 1] = coefficients.to(_F64)
-        self.B[m, self.cols - 1] = alpha  # NaN for a non-finite A p: the caller checks B
-        if not alpha > 0:
-            return False
-        torch.div(w, alpha, out=self._Q[m])
-        self.n_q += 1
-        return True
+        self.B[m, self.cols - 1] = alpha
+        if alpha > 0:
+            torch.div(w, alpha, out=self._Q[m])
+            self.n_q += 1
+        return alpha
 
-    def extend_p(self, r: Tensor) -> Tensor:
-        """``p = (A^T q_last - P d) / beta``: appends ``p`` (unless ``beta = 0``) and returns ``beta``."""
-        _, r, beta = _orthogonalise(r.reshape(-1), self.P)
+    def extend_p(self, r: Tensor) -> float:
+        """``p = (A^T q_last - P d) / beta``: appends ``p`` (unless ``beta`` is 0 or NaN) and returns ``beta``."""
+        _, r, beta = _orthogonalise(r.reshape(-1), self.P, self._alpha)
+        self._beta = beta
         if beta > 0:
             torch.div(r, beta, out=self._P[self.n_p])
             self.n_p += 1
-        return torch.as_tensor(beta, dtype=_F64, device=self.B.device)
+        return beta
 
     def ritz(self) -> tuple[Tensor, Tensor, Tensor]:
         """``X, S, Y`` of the SVD ``B = X S Y^T`` (float64; ``Y`` over the first ``cols`` vectors of ``P``)."""
@@ -110,24 +114,32 @@ class _Bases:
         self._P[:keep] = Y[:, :keep].T.to(self._P) @ self._P[: self.cols]
         self._P[keep : keep + len(last)] = last
         self.n_q, self.n_p, self.cols = keep, keep + len(last), keep
+        self._beta = 0.0  # A p_last now couples to every kept q: the full pass finds the column
         self.B.zero_()
         self.B[range(keep), range(keep)] = S[:keep]
 
 
-def _orthogonalise(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor, float]:
+def _orthogonalise(w: Tensor, basis: Tensor, local: float = 0.0) -> tuple[Tensor, Tensor, float]:
     """``w`` minus its projection on the orthonormal rows of ``basis``, the projection's coefficients and the
-    remainder's norm. Classical Gram-Schmidt, repeated once when the first pass cancelled more than ``1 - 1/sqrt(2)``
-    of the norm (the criterion of Daniel, Gragg, Kaufman & Stewart, Math. Comp. 30 (1976): twice is enough). The
-    norm is 0 when the remainder is at the rounding level of ``w`` (numerically in the span), NaN when ``w`` is not
-    finite."""
-    scale = float(torch.linalg.vector_norm(w))
+    remainder's norm. ``local`` is the coefficient of the last row that the Golub-Kahan recurrence predicts
+    (``beta_{j-1}`` for ``A p_j`` on ``q_{j-1}``, ``alpha_j`` for ``A^T q_j`` on ``p_j``): it is subtracted first,
+    so the full classical Gram-Schmidt pass that follows only removes the rounding drift. That pass is repeated
+    once when it cancelled more than ``1 - 1/sqrt(2)`` of the norm (the criterion of Daniel, Gragg, Kaufman &
+    Stewart, Math. Comp. 30 (1976): twice is enough). The norm is 0 when the remainder is at the rounding level of
+    ``w`` (numerically in the span), NaN when ``w`` is not finite."""
+    scale = before = float(torch.linalg.vector_norm(w))
+    if local:
+        w = torch.add(w, basis[-1], alpha=-local)
+        before = float(torch.linalg.vector_norm(w))
     coefficients = basis @ w
-    w = w - coefficients @ basis
+    w = torch.addmv(w, basis.T, coefficients, alpha=-1)
     norm = float(torch.linalg.vector_norm(w))
-    if norm < scale / math.sqrt(2):
+    if norm < before / math.sqrt(2):
         correction = basis @ w
-        w = w - correction @ basis
+        w = torch.addmv(w, basis.T, correction, alpha=-1)
         coefficients, norm = coefficients + correction, float(torch.linalg.vector_norm(w))
+    if local:
+        coefficients[-1] += local
     if not scale < math.inf:
         norm = math.nan
     elif norm <= 4 * torch.finfo(w.dtype).eps * scale:
@@ -159,21 +171,21 @@ def lanczos_top_singular(matvec: LinearFn, rmatvec: LinearFn, v0: Tensor, tol: f
     nan, zero = (torch.full((), value, dtype=_F64, device=v0.device) for value in (float("nan"), 0.0))
     for step in range(1, max_iter + 1):
         av = matvec(bases.P[-1].reshape(shape))
-        invariant = not bases.extend_q(av)
-        if not bool(torch.isfinite(bases.B).all()):
+        alpha = bases.extend_q(av)  # host floats from here on: no tensor check per step
+        if math.isnan(alpha):
             return TopSingular(nan, v0, None, nan, False, step)
-        if bases.Q.shape[0] == 0:  # A v0 = 0 (a zero map, or v0 in its kernel)
+        if bases.n_q == 0:  # A v0 = 0 (a zero map, or v0 in its kernel)
             return TopSingular(zero, v0, None, zero, True, step)
-        beta = zero if invariant else bases.extend_p(rmatvec(bases.Q[-1].reshape(av.shape)))
-        if not bool(torch.isfinite(beta)):
+        beta = bases.extend_p(rmatvec(bases.Q[-1].reshape(av.shape))) if alpha > 0 else 0.0
+        if math.isnan(beta):
             return TopSingular(nan, v0, None, nan, False, step)
         X, S, Y = bases.ritz()
         cluster = S >= S[0] * (1 - tol)  # Ritz values within tol of the top: their joint residual decides
         residual = beta * torch.linalg.vector_norm(X[-1, cluster])
-        done = invariant or bool(beta == 0) or converged(residual, S[0], tol)
+        done = beta == 0 or converged(residual, S[0], tol)  # beta = 0 also when alpha = 0: invariant
         if done or step == max_iter:
             break
-        if bases.Q.shape[0] == k:
+        if bases.n_q == k:
             bases.restart(X, S, Y, keep=k // 2)
     return _triple(bases, X, S, Y, residual, done, step, shape, av.shape if left else None)
 

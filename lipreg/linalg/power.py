@@ -62,9 +62,19 @@ def normalized_or_kept(w: Tensor, v: Tensor, start_dim: int = 0) -> Tensor:
 
 def converged(residual: Tensor, sigma: Tensor, tol: float) -> bool:
     """The stopping test of every iteration here: ``||A^T u - sigma v|| <= tol * sigma`` for the estimated top
-    singular triple ``(sigma, u, v)`` (unit ``u``, ``v``). Unlike a stalled ``sigma``, a small residual also bounds
-    the error of ``v`` (by ``residual / (sigma_1 - sigma_2)``, Wedin's theorem) and of ``sigma^2`` (by
-    ``residual^2 / gap``). Elementwise for several triples: all must pass. Needs the host (a Python ``bool``)."""
+    singular triple ``(sigma, u, v)`` (unit ``u``, ``v``, ``A v = sigma u``). Elementwise for several triples: all
+    must pass. Needs the host (a Python ``bool``).
+
+    What it guarantees about the value: ``v`` is a Rayleigh-Ritz vector of ``A^T A`` with residual
+    ``sigma r``, so by the Kato-Temple inequality ``sigma_1^2 - sigma^2 <= sigma^2 r^2 / (sigma^2 - sigma_2^2)``,
+    and ``sigma_1 / sigma - 1 <= tol / 2`` whenever the relative gap ``1 - sigma_2^2 / sigma^2`` is at least
+    ``tol`` (a smaller gap puts ``sigma_2`` within ``tol`` of ``sigma_1``: the iterations then test such a cluster
+    jointly). No estimate of ``sigma_2`` is needed, and none is used: the next Ritz value is at most ``sigma_2``,
+    so a test on the gap it shows can stop early, far from ``sigma_1`` on the dense spectra of convolutions. The
+    test also bounds the error of ``v`` (by ``tol sigma / (sigma_1 - sigma_2)``, Wedin's theorem), which a stalled
+    ``sigma`` does not. The value stays an estimate **from below**: ``sigma`` is at most ``sigma_1``, and the
+    residual measures its distance to *a* singular value, ``sigma_1`` unless the start vector is numerically
+    orthogonal to the top singular vector."""
     return bool((residual <= tol * sigma).all())
 
 
