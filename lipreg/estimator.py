@@ -203,9 +203,10 @@ class LipschitzEstimator(nn.Module):
 
     def _converge_operators(self, operators: Operators, tol: float, max_iter: int, show: bool = False) -> None:
         for node in _progress(self._iterated_nodes(), show, "converge"):
-            matvec = operators[node].matvec
-            buffer = self.get_buffer(self._buffer_names[node])
-            top = lanczos_top_singular(matvec, vjp_adjoint(matvec, buffer), buffer, tol, max_iter)
+            operator, buffer = operators[node], self.get_buffer(self._buffer_names[node])
+            # the explicit adjoint where every op has one; else one recorded autograd graph, replayed per step
+            rmatvec = operator.rmatvec if operator.explicit_adjoint else vjp_adjoint(operator.matvec, buffer)
+            top = lanczos_top_singular(operator.matvec, rmatvec, buffer, tol, max_iter)
             buffer.copy_(top.v)
         if self.seqlip is not None:
             self.seqlip.converge(operators, tol, max_iter)
