@@ -3,10 +3,9 @@
 The algorithms (dense or iterative certificates, exact or greedy SeqLip search, full or low-rank factorisations)
 are chosen by the size of each operator or layer. Those thresholds live here and nowhere else: the estimator
 takes one policy (``LipschitzEstimator(..., policy=BoundPolicy(...))``) and hands it to every place that decides.
-The search functions of :mod:`lipreg.bounds.seqlip.search` take their defaults from the class attributes. The
-certificates of :mod:`lipreg.linalg.certify` form a leaf module (it imports nothing from lipreg), whose functions
-keep standalone defaults equal to this policy's (``tests/test_policy.py`` checks that they agree); the library
-always passes them the policy's values.
+The search functions of :mod:`lipreg.bounds.seqlip.search` and the certificates of :mod:`lipreg.linalg.certify`
+and :mod:`lipreg.linalg.conv` take the defaults of their direct calls from this class (so this module imports
+nothing of lipreg); the library always passes them the estimator's policy.
 
 Numeric types are not a setting: certificates are computed from the weights in float64 and rounded upwards, and
 the SeqLip searches run in float64, whatever the estimator's ``dtype`` (the computation dtype of the estimates).

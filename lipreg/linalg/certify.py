@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..policy import BoundPolicy
+
 __all__ = [
     "arithmetic_margin", "certified_cast", "dense_matrix", "dense_spectral_bound", "fold_channel_gains",
     "gram_spectral_bound", "is_exact", "sigma_from_gram64", "spectral_norm64",
@@ -33,16 +35,7 @@ __all__ = [
 _REL_MARGIN = 1e-6
 _TINY = torch.finfo(torch.float64).tiny
 
-# Largest min(m, n) for which dense_spectral_bound computes sigma_1 exactly, per device type.
-# CPU (measured, float64, 2 cores): the exact route sqrt(eigvalsh(W^H W)[-1]) costs about as much
-# as 6 Gram steps in the forward pass (512x512: 14 vs 13 ms, 1024: 74 vs 88 ms, 2048: 0.41 vs
-# 0.71 s) and less forward+backward (512: 25 vs 44 ms, 1024: 150 vs 290 ms, 2048: 1.1 vs 2.6 s;
-# batched 153 x (64x64 complex): 69 ms vs ~1 s), so on CPU it is always exact.  CUDA and other
-# devices (not measured here): cuSOLVER's batched eigensolver (syevjBatched) only covers matrices
-# up to 32x32, larger ones are solved one by one, while the Gram iteration is a handful of batched
-# matmuls, so Gram iteration is used beyond 32.
-_EXACT_MAX_DIM = {"cpu": math.inf}
-_EXACT_MAX_DIM_OTHER = 32
+_DEFAULT_POLICY = BoundPolicy()  # the limits of direct calls (the library passes its own policy's)
 
 
 # ----------------------------------------------------------------------------- numerics
@@ -138,7 +131,7 @@ def is_exact(shape: Sequence[int], device: torch.device, exact_max_dim: float | 
     Gram-iteration bound): when min(m, n) <= ``exact_max_dim``, by default the limit of the device type (see
     :func:`dense_spectral_bound`)."""
     if exact_max_dim is None:
-        exact_max_dim = _EXACT_MAX_DIM.get(device.type, _EXACT_MAX_DIM_OTHER)
+        exact_max_dim = _DEFAULT_POLICY.exact_eig_max_dim(device.type)
     return min(shape[-2:]) <= exact_max_dim
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..policy import BoundPolicy
 from .certify import certified_cast, dense_matrix, is_exact, sigma_from_gram64, spectral_norm64
 
 __all__ = ["conv_spectral_bound"]
@@ -152,7 +153,7 @@ def conv_spectral_bound(
     transposed: bool = False,
     output_padding: int | Sequence[int] = 0,
     *,
-    dense_max_entries: int = 2**20,
+    dense_max_entries: int = BoundPolicy.conv_dense_entries,
 ) -> Tensor:
     """Certified upper bound on the operator norm of the linear part (no bias) of torch's
     conv{1,2,3}d / conv_transpose{1,2,3}d with these hyper-parameters, on inputs of spatial shape
