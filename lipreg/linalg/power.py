@@ -55,13 +55,13 @@ def power_steps(gram: LinearFn, v: Tensor, n_iter: int, start_dim: int = 0) -> T
 def normalized_or_kept(w: Tensor, v: Tensor, start_dim: int = 0) -> Tensor:
     """``w / ||w||`` (the norm over the dimensions from ``start_dim`` on), or ``v`` wherever that norm is zero or
     not finite (chosen with ``torch.where``: no host synchronisation)."""
-    return _divided_or_kept(w, v, torch.linalg.vector_norm(w, dim=tuple(range(start_dim, w.dim())), keepdim=True))
+    norm = torch.linalg.vector_norm(w, dim=tuple(range(start_dim, w.dim())), keepdim=True)
+    return torch.where(_usable(norm), w / norm, v)
 
 
-def _divided_or_kept(w: Tensor, v: Tensor, norm: Tensor) -> Tensor:
-    """``w / norm``, or ``v`` where ``norm`` is zero or not finite."""
-    usable = (norm > 0) & (norm < math.inf)  # False for NaN too; cheaper than isfinite on this hot path
-    return torch.where(usable, w / norm, v)
+def _usable(norm: Tensor) -> Tensor:
+    """Where a norm can divide: positive and finite (False for NaN too; cheaper than isfinite on the hot path)."""
+    return (norm > 0) & (norm < math.inf)
 
 
 def converged(residual: Tensor, sigma: Tensor, tol: float) -> bool:
@@ -99,7 +99,9 @@ def ritz_residuals(apply: LinearFn, vs: Tensor) -> tuple[Tensor, Tensor]:
 
 def _all_normalized_or_kept(ws: list[Tensor], vs: list[Tensor]) -> list[Tensor]:
     """:func:`normalized_or_kept` for several vectors, their norms taken in one call."""
-    return [_divided_or_kept(w, v, norm) for w, v, norm in zip(ws, vs, torch._foreach_norm(ws))]
+    norms = torch.stack(torch._foreach_norm(ws))
+    usable = _usable(norms)  # one test for all the vectors
+    return [torch.where(ok, w / norm, v) for w, v, norm, ok in zip(ws, vs, norms.unbind(), usable.unbind())]
 
 
 def rayleigh_norms_and_step(applies: Sequence[LinearFn], vs: Sequence[Tensor], step: bool = True,
