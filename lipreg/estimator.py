@@ -18,7 +18,7 @@ from .capture.source import LIBRARY_DIRS
 from .finite import NonFiniteRecord, finite_bound, zero_gradient_unless
 from .linalg.certify import arithmetic_margin, certified_cast
 from .linalg.krylov import lanczos_top_singular, vjp_adjoint
-from .linalg.power import normalized, power_iterations, rayleigh_norms_and_step
+from .linalg.power import normalized, power_steps, rayleigh_norms_and_step
 from .operator import LinearOperator, linear_operators
 from .ops import Activation, Constant
 from .policy import BoundPolicy
@@ -309,8 +309,8 @@ class LipschitzEstimator(nn.Module):
         buffers = [self.get_buffer(self._buffer_names[node]) for node in nodes]
         if n_iter > 1:
             with torch.no_grad():
-                for apply, buffer in zip(applies, buffers):
-                    buffer.copy_(power_iterations(apply, buffer, n_iter - 1))
+                for node, buffer in zip(nodes, buffers):
+                    buffer.copy_(power_steps(operators[node].gram, buffer, n_iter - 1))
         sigmas, vs = rayleigh_norms_and_step(applies, buffers, step=n_iter > 0, adjoints=adjoints)
         with torch.no_grad():
             for buffer, v in zip(buffers, vs):

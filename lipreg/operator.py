@@ -8,7 +8,7 @@ Everything the bounds need from a node goes through this class:
 * ``matvec(v) = A v`` and ``rmatvec(u) = A^T u``: the chain of the ops' explicit adjoints in reverse order
   (``W^T``, transposed convolutions, diagonals, inverse reshapes) when every op has one
   (:meth:`~lipreg.ops.LinearOp.adjoint`), else one autograd backward of ``A``; ``gram(v) = A^T A v``
-  (paper Alg. 2), ``matmat`` / ``rmatmat`` on blocks;
+  (paper Alg. 2), ``matmat`` on blocks;
 * ``dense()``, the ``n_out x n_in`` matrix, built from the smaller side;
 * ``closed_form_norm()``, the exact norm when the ops know it (isometries, a single diagonal op);
 * ``certified_norm()``, a guaranteed upper bound on ``sigma_1(A)``, from float64 weights, rounded upwards.
@@ -32,6 +32,7 @@ from torch import Tensor, fx
 from .capture.graph import LipGraph, LipNode
 from .errors import UnsupportedOpError
 from .linalg.certify import arithmetic_margin, certified_cast, dense_matrix, dense_spectral_bound
+from .linalg.power import gram_step
 from .ops import NodeInfo, Rule
 from .ops.base import display_name, raw_argument
 from .ops.linear import WeightedOp
@@ -100,11 +101,7 @@ class LinearOperator:
         if self.explicit_adjoint:
             with torch.no_grad():
                 return self.rmatvec(self.matvec(v))
-        with torch.enable_grad():
-            v = v.detach().requires_grad_(True)
-            av = self.matvec(v)
-            (ata_v,) = torch.autograd.grad(av, v, grad_outputs=av.detach())
-        return ata_v
+        return gram_step(self.matvec, v)
 
     def matmat(self, vs: Tensor) -> Tensor:
         """:meth:`matvec` on a block ``(k, *in_shape[1:])`` -> ``(k, *out_shape[1:])``.
@@ -113,16 +110,6 @@ class LinearOperator:
         ``torch.func.vmap`` maps the one-sample function over the block instead of feeding a batch of k.
         """
         return torch.func.vmap(lambda v: self.matvec(v.unsqueeze(0)).squeeze(0))(vs)
-
-    def rmatmat(self, us: Tensor) -> Tensor:
-        """:meth:`rmatvec` on a block ``(k, *out_shape[1:])`` -> ``(k, *in_shape[1:])``; differentiable w.r.t. the
-        weights when grad is enabled."""
-        track_weights = torch.is_grad_enabled()
-        with torch.enable_grad():
-            probe = torch.zeros(self.in_shape, dtype=us.dtype, device=us.device, requires_grad=True)
-            (rows,) = torch.autograd.grad(self.matvec(probe), probe, us.unsqueeze(1), is_grads_batched=True,
-                                          create_graph=track_weights)
-        return rows.squeeze(1)
 
     def dense(self) -> Tensor:
         """The matrix ``A`` (``n_out x n_in``), from its action on the identity basis of the smaller side."""
