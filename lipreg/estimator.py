@@ -19,13 +19,12 @@ from .finite import NonFiniteRecord, finite_bound, zero_gradient_unless
 from .linalg.certify import arithmetic_margin, certified_cast
 from .linalg.krylov import lanczos_top_singular, vjp_adjoint
 from .linalg.power import normalized, power_steps, rayleigh_norms_and_step
-from .operator import LinearOperator, linear_operators
+from .operator import LinearOperator, Operators, linear_operators
 from .ops import Activation, Constant
 from .policy import BoundPolicy
 from .progress import progress as _progress
 
 METHODS = ("autolip", "seqlip")
-Operators = dict[LipNode, LinearOperator]
 Chains = dict[LipNode, tuple[LipNode, Tensor]]
 
 

@@ -217,6 +217,10 @@ class LinearOperator:
                 f"out_shape={tuple(self.out_shape[1:])}, dtype={self.dtype})")
 
 
+Operators = Mapping[LipNode, "LinearOperator"]
+"""The operators of one evaluation, by node (what :func:`linear_operators` returns)."""
+
+
 def linear_operators(graph: LipGraph, dtype: torch.dtype, device: torch.device) -> dict[LipNode, LinearOperator]:
     """The operator of every linear node, sharing one fresh read of the model's constants (for one bound).
     The evaluator and operators are fixed by the graph: built on the first call for a (dtype, device), kept in

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ...capture.graph import LipGraph, LipNode
-from ...operator import LinearOperator, linear_operators
+from ...operator import Operators, linear_operators
 from ...linalg.power import converged, ritz_residuals
 from ...policy import BoundPolicy
 from .chains import find_chains
@@ -23,7 +23,6 @@ from .plan import ChainPlan, OpPlan, PairPlan, plan_chain
 from .search import exact_search, greedy_local_max, pair_matrix, rounding_slack, top_singular, vertex_sigma
 
 SEARCHES = ("auto", "exact", "greedy", "lowrank")
-Operators = Mapping[LipNode, LinearOperator]
 
 
 class SeqLip(nn.Module):
