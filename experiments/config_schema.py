@@ -200,7 +200,7 @@ class LipregConf:
     to the loss that ``Classifier.training_step`` returns, so ``lipreg.penalty_weight=...`` is the only knob a
     sweep needs, and the same model class trains with or without it. ``estimator_options`` go to
     ``lipreg.LipschitzEstimator`` (e.g. ``{search: greedy}`` for SeqLip). The defaults are the callback's
-    (``tests/test_hydra.py`` checks each against its signature).
+    (``tests/experiments/test_hydra.py`` checks each against its signature).
     """
 
     _target_: str = "lipreg.LipschitzCallback"

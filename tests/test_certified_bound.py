@@ -81,7 +81,7 @@ def test_layer_bounds_certified_cover_every_layer():
     est.converge()
     estimates, certified = est.layer_bounds(), est.layer_bounds(certified=True)
     assert estimates.keys() == certified.keys()
-    assert certified["0"] == pytest.approx(exact_norm(model[0], x), rel=1e-6)
+    assert exact_norm(model[0], x) <= certified["0"] <= exact_norm(model[0], x) * (1 + 2e-6)  # the 1e-6 margin
     assert certified["2"] == 2.0 and certified["1"] == 1.0  # overlapping 3x3/2 max pool, ReLU
     assert all(certified[k] >= estimates[k] * (1 - 1e-9) for k in estimates)
 

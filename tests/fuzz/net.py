@@ -1,4 +1,4 @@
-"""The net, case and builder of the soundness fuzz's random architectures (``fuzz_arch``).
+"""The net, case and builder of the soundness fuzz's random architectures (:mod:`.arch`).
 
 A :class:`FuzzNet` runs a list of steps ``(net, h) -> h``; a :class:`Builder` registers the submodules,
 parameters and buffers the steps use and records the op kinds and registry targets drawn.

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lipreg
-from functional_model import Fn
+from tests.ops.functional_model import Fn
 
 DT = torch.float64
 

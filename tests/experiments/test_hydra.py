@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 from experiments import train
 from experiments.config_schema import register_configs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
 GROUPS = {
     "model": ["mlp", "cnn", "lipcnn", "alexnet", "resnet"],

@@ -1,8 +1,8 @@
 """Soundness fuzz: every number lipreg calls certified, on random architectures, against a float64 lower bound.
 
-For each architecture of :func:`experiments.bench.fuzz_arch.draw_case` (every registered op kind, module and
+For each architecture of :func:`tests.fuzz.arch.draw_case` (every registered op kind, module and
 functional forms, residual and concatenation structure, in-place variants, hooks, float32/float64/bfloat16
-estimators) it checks, against the independent lower bounds of :mod:`experiments.bench.fuzz_reference`:
+estimators) it checks, against the independent lower bounds of :mod:`tests.fuzz.reference`:
 
 * ``certified_bound()`` of AutoLip and of exact SeqLip (``method="seqlip", search="exact"``), whole model;
 * ``layer_bounds(certified=True)`` per node: linear nodes against the exact norm of their dense float64
@@ -15,8 +15,8 @@ A violation is a certified value below ``lower * (1 - 1e-9)``: a certificate mus
 lower bounds are exact up to float64 rounding (finite pairs carry their rounding error). A
 ``lipreg.UnsupportedOpError`` is a clean refusal; any other exception is a crash.
 
-    python -m experiments.bench.fuzz_soundness --n 1000 --seed 0 --threads 1
-    python -m experiments.bench.fuzz_soundness --seed 0 --case 17     # one case, with its description
+    python -m tests.fuzz.soundness --n 1000 --seed 0 --threads 1
+    python -m tests.fuzz.soundness --seed 0 --case 17     # one case, with its description
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ import lipreg
 from lipreg.metrics import CertifiedRobustAccuracy
 from lipreg.ops.registry import _RULES
 
-from .fuzz_arch import Case, describe, draw_case
-from .fuzz_reference import chain_fn, forward_values, jacobian_norm, lower_bound
+from .arch import Case, describe, draw_case
+from .reference import chain_fn, forward_values, jacobian_norm, lower_bound
 
 RTOL = 1e-9
 RTOL_FLOAT32_REFERENCE = 1e-5  # fake-quantized models are evaluated in float32 (no float64 kernel)

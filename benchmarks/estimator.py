@@ -1,5 +1,5 @@
 """Issue 2: the cost of one warm AutoLip call (``n_iter=1``) relative to one training step (batch 128,
-digits), and the time to converge to 1e-6.  Run: ``python -m experiments.bench.bench_estimator``."""
+digits), and the time to converge to 1e-6.  Run: ``python -m benchmarks.estimator``."""
 from __future__ import annotations
 
 import time
@@ -7,7 +7,7 @@ import time
 import torch
 
 import lipreg
-from experiments.bench.common import digits_batch, median_times, models, train_step_fn
+from benchmarks.common import digits_batch, median_times, models, train_step_fn
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ Rows (one run each, same seed, same data order):
   (``kind=``, eqs. 3 / 4 of :mod:`lipreg.losses`; ``_eps0.5`` / ``_eps0.6``: trained at that eps, evaluated at
   0.3), ``ce0.5`` / ``ce1`` / ``ce1.5`` (``ce_weight=``: plus that times the plain cross-entropy).
 
-Run: ``python -m experiments.bench.bench_certified_training --data fashion_mnist [--rows pairwise ...]
+Run: ``python -m benchmarks.certified_training --data fashion_mnist [--rows pairwise ...]
 [--epochs 6] [--out results.jsonl]``; ``--table results.jsonl`` prints the Markdown table of collected rows and
 ``--curve PNG`` draws their certified-accuracy-vs-radius curves; ``--overhead`` prints the time of one training step
 of each objective relative to plain cross-entropy (interleaved, medians: ``common.median_times``). One thread, as in
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from experiments.bench.common import median_times
+from benchmarks.common import median_times
 from experiments.data import DigitsDataModule, FashionMNISTDataModule
 from experiments.models import LipCNN
 from lipreg import LipschitzEstimator, LipschitzPenalty

@@ -1,7 +1,7 @@
 """Issue 3: the time of one warm Greedy SeqLip call (``est()``, ``n_iter=1``, after one training step changed the
 weights a little) relative to a cold one (the first call of a fresh estimator: all-ones patterns, random
 subspaces), on the trained digits MLP and CNN (and AlexNet-shaped net), next to one training step and one warm
-AutoLip call. Ratios from one run, medians over rounds. Run: ``python -m experiments.bench.bench_seqlip``."""
+AutoLip call. Ratios from one run, medians over rounds. Run: ``python -m benchmarks.seqlip``."""
 from __future__ import annotations
 
 import statistics

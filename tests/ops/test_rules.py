@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lipreg
-from functional_model import Fn
+from tests.ops.functional_model import Fn
 
 DT = torch.float64
 REL = 1e-4

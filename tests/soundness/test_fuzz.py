@@ -1,4 +1,4 @@
-"""A 200-architecture slice of the soundness fuzz (``experiments/bench/fuzz_soundness.py``): every number lipreg
+"""A 200-architecture slice of the soundness fuzz (``tests/fuzz/soundness.py``): every number lipreg
 calls certified must be >= a float64 lower bound of the true constant (local Jacobian norms, finite pairs), and
 every failure must be a clean ``UnsupportedOpError``."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import lipreg
-from experiments.bench.fuzz_arch import Case
-from experiments.bench.fuzz_soundness import CaseRun, run
+from tests.fuzz.arch import Case
+from tests.fuzz.soundness import CaseRun, run
 
 
 def test_fuzz_slice_has_no_violation_and_no_crash() -> None:

@@ -2,7 +2,7 @@
 
 Every statement runs in its own subprocess, interleaved with the others, several rounds; the median wall time is
 kept and the ratios to ``import torch`` are printed. Goal: ``import lipreg`` <= 1.3x ``import torch`` (the Lightning
-and metrics layers load on first use). Run: ``python -m experiments.bench.bench_import [rounds]``.
+and metrics layers load on first use). Run: ``python -m benchmarks.import_time [rounds]``.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 STATEMENTS = {
     "import torch": "import torch",
     "import lipreg": "import lipreg",

@@ -4,7 +4,7 @@ batch norm segments with spread-out BN scales (the per-channel gains folded into
 against the product of the two certificates (``unfolded``, what was computed before).  Issue 12 (c): the time of
 ``certified_bound()`` on a 6-conv CNN at 3x32x32 against one training step at batch 128, and its certified /
 converged ratio; and on a ResNet-18-shaped CIFAR network (BasicBlocks 64-128-256-512, 3x32x32, BN): its time, peak
-memory and certified / converged ratio.  Run: ``python -m experiments.bench.bench_certify`` (``--section
+memory and certified / converged ratio.  Run: ``python -m benchmarks.certify`` (``--section
 digits|folding|cnn6|resnet18`` for one part).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import lipreg
-from experiments.bench.common import BATCH, digits_batch, median_times, models, train_step_fn
+from benchmarks.common import BATCH, digits_batch, median_times, models, train_step_fn
 from experiments.models import CNN
 from lipreg.linalg.conv import conv_spectral_bound
 

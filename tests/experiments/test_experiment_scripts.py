@@ -1,5 +1,5 @@
 """The experiment scripts fail fast and clearly, in either Lightning namespace (fast tests; the end-to-end runs
-are in tests/test_hydra.py).
+are in tests/experiments/test_hydra.py).
 
 * a launcher or sweeper whose plugin is missing names the extra; a ``+key`` nothing reads is refused;
 * closed choices are enums in the schema; ``ckpt_path`` is a key;
@@ -25,7 +25,7 @@ import torch
 import yaml
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
-from test_hydra import _compose
+from tests.experiments.test_hydra import _compose
 
 from experiments import estimate, runtime, summarize, train
 from experiments.data import read_idx, read_idx_header
@@ -290,7 +290,7 @@ def test_train_py_refuses_an_added_key_in_one_line(tmp_path):
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(root / "experiments" / "train.py"), "+ckpt_pth=x.ckpt",
                            f"hydra.run.dir={tmp_path}"], cwd=root,
                           capture_output=True, text=True, timeout=120)

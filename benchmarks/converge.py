@@ -4,7 +4,7 @@ until ``sigma = ||A v||`` moves by less than ``tol`` (relative) in one step. Bot
 timed in one run (interleaved, median of the rounds), on (i) an MLP 784-500-500-10 and (ii) the 6-conv CNN
 (conv-BN-ReLU at 3x32x32, 64-128 channels, global average pool, linear head), random init, eval mode. The value
 compared is the AutoLip bound, the product of the layers' norms (ReLU has constant 1), and for the MLP also the
-exact float64 SVDs. Run: ``python -m experiments.bench.bench_converge`` (one thread; ``--rounds``)."""
+exact float64 SVDs. Run: ``python -m benchmarks.converge`` (one thread; ``--rounds``)."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import lipreg
-from experiments.bench.bench_certify import six_conv_cnn
+from benchmarks.certify import six_conv_cnn
 
 TOL = 1e-6
 

@@ -11,7 +11,7 @@ Variants, timed interleaved in one run (ratios to the plain step; the machine is
   note it bounds the reshaped kernel, not the convolution operator);
 * ``naive 20 cold``: 20 power iterations from a fresh random vector per operator, every step.
 
-Run: ``python -m experiments.bench.bench_training [--threads N] [--cpu-time] [--profile]``; ``--cpu-time`` times on
+Run: ``python -m benchmarks.training [--threads N] [--cpu-time] [--profile]``; ``--cpu-time`` times on
 the process's CPU clock instead of the wall clock (on a loaded shared machine the wall clock mostly measures waiting
 for a core); ``--profile`` adds a cProfile of the penalty's share of the step. One thread by default: the penalty
 works on single samples and gains nothing from threads, while two threads on a shared two-core machine make the
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from experiments.bench.common import digits_batch, median_times, train_step_fn
+from benchmarks.common import digits_batch, median_times, train_step_fn
 from experiments.models import CNN
 from lipreg.penalty import LipschitzPenalty
 

@@ -1,5 +1,5 @@
 """Fuzz generators of activations (and their in-place forms), reshapes, dropout, arithmetic with constants,
-indexing and refused ops. Same protocol as :mod:`.fuzz_layers`."""
+indexing and refused ops. Same protocol as :mod:`.layers`."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fuzz_net import Builder, Shape, Step, call
+from .net import Builder, Shape, Step, call
 
 
 # ----------------------------------------------------------------------------------------------- activations

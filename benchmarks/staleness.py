@@ -1,12 +1,12 @@
 """Issue 9: the cost of the staleness check (has the model changed since the estimator traced it?) that every
 ``est()`` call runs, relative to one warm ``est()`` call and one training step (batch 128, digits).
-Run: ``python -m experiments.bench.bench_staleness``."""
+Run: ``python -m benchmarks.staleness``."""
 from __future__ import annotations
 
 import torch
 
 import lipreg
-from experiments.bench.common import digits_batch, median_times, models, train_step_fn
+from benchmarks.common import digits_batch, median_times, models, train_step_fn
 
 
 def main() -> None:

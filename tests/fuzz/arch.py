@@ -1,6 +1,6 @@
-"""Random small architectures drawn from lipreg's whole rule set, for the soundness fuzz (``fuzz_soundness``).
+"""Random small architectures drawn from lipreg's whole rule set, for the soundness fuzz (:mod:`tests.fuzz.soundness`).
 
-Each step is drawn by one generator of :data:`GENERATORS` (:mod:`.fuzz_layers`, :mod:`.fuzz_ops`) for the
+Each step is drawn by one generator of :data:`GENERATORS` (:mod:`.layers`, :mod:`.ops`) for the
 current per-sample shape, in module or functional form, and may nest (residual branches, concatenations).
 Every case records the op kinds it uses (for the per-kind breakdown), the registry targets it calls (for
 coverage) and a one-line description (the reproducer).
@@ -16,10 +16,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .fuzz_layers import (g_avg_pool, g_batch_norm, g_big_operator, g_cancel, g_conv, g_conv_transpose, g_hooked,
+from .layers import (g_avg_pool, g_batch_norm, g_big_operator, g_cancel, g_conv, g_conv_transpose, g_hooked,
                           g_linear, g_max_pool, g_mean_sum, g_pad, g_qat, g_tenfold_conv)
-from .fuzz_net import Builder, Case, Shape, Step
-from .fuzz_ops import (g_activation, g_arith, g_clamp_tensor, g_dropout, g_getitem, g_inplace, g_refused, g_reshape)
+from .net import Builder, Case, Shape, Step
+from .ops import (g_activation, g_arith, g_clamp_tensor, g_dropout, g_getitem, g_inplace, g_refused, g_reshape)
 
 
 # --------------------------------------------------------------------------------------------- composition

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fuzz_net import Builder, Shape, Step, TenfoldConv2d, call, times_ten_hook, times_ten_pre_hook
+from .net import Builder, Shape, Step, TenfoldConv2d, call, times_ten_hook, times_ten_pre_hook
 
 
 # ---------------------------------------------------------------------------------------------- linear ops
