@@ -39,17 +39,18 @@ from enum import StrEnum
 from typing import Any, Dict, List, Optional, get_args
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import II, MISSING
 
 from experiments.estimate import evaluate_bounds, library_default
 from lipreg import keys, options
 from lipreg.losses import LipschitzMarginLoss
+from lipreg.penalty import LipschitzPenalty
 
 __all__ = [
-    "Method", "PenaltyKind", "Search", "Accelerator",
+    "Method", "PenaltyKind", "MarginKind", "Search", "Accelerator",
     "MLPConf", "CNNConf", "LipCNNConf", "AlexNetConf", "ResNetConf",
     "DigitsConf", "FashionMNISTConf", "MNIST1DConf", "SyntheticConf",
-    "LipregConf", "MarginConf", "TrainerConf", "TensorBoardLoggerConf", "CSVLoggerConf", "LoggersConf",
+    "LipregConf", "PenaltyConf", "MarginConf", "TrainerConf", "TensorBoardLoggerConf", "CSVLoggerConf", "LoggersConf",
     "ClassifierConf", "EvalConf", "ExperimentConf", "register_configs",
 ]
 
@@ -70,16 +71,11 @@ def literal_choices(name: str, literal: Any, doc: str) -> type[StrEnum]:
 
 Method = literal_choices("Method", options.Method, "``lipreg.method``: AutoLip (paper Alg. 1) or SeqLip (eq. 8).")
 PenaltyKind = literal_choices("PenaltyKind", options.PenaltyKind,
-                              "``lipreg.penalty_kind``: ``h`` in ``penalty_weight * h(bound)`` (the hinges need "
-                              "``target``).")
-
-
-class Search(StrEnum):
-    """SeqLip's search over activation patterns (``eval.seqlip``)."""
-
-    greedy = "greedy"
-    exact = "exact"
-    lowrank = "lowrank"
+                              "``lipreg.penalty.kind``: ``h`` in ``penalty_weight * h(bound)`` (the hinges need "
+                              "``threshold``).")
+MarginKind = literal_choices("MarginKind", options.MarginKind,
+                             "``lipreg.margin.kind``: eq. 2 / 3 / 4 of ``lipreg/losses.py``.")
+Search = literal_choices("Search", options.Search, "SeqLip's search over activation patterns (``eval.seqlip``).")
 
 
 class Accelerator(StrEnum):
@@ -177,6 +173,21 @@ class SyntheticConf(_SplitConf):
 
 # --------------------------------------------------------------------------------------------- lipreg
 @dataclass
+class PenaltyConf:
+    """``lipreg.LipschitzPenalty`` as a partial: ``experiments/train.py`` hands it to the Classifier, which builds it
+    on the network and adds it to the loss its ``training_step`` returns, whenever ``lipreg.penalty_weight > 0`` (any
+    ``lipreg`` option but ``off``). Its coefficient, method and ``n_iter`` are the ``lipreg`` node's, so
+    ``lipreg.penalty_weight=...`` is the knob a sweep turns."""
+    _target_: str = "lipreg.LipschitzPenalty"
+    _partial_: bool = True
+    coefficient: float = II("..penalty_weight")
+    kind: PenaltyKind = PenaltyKind(library_default(LipschitzPenalty, "kind"))
+    threshold: Optional[float] = library_default(LipschitzPenalty, "threshold")  # the hinges' relu(bound - threshold)
+    method: Method = II("..method")
+    n_iter: int = II("..n_iter")
+
+
+@dataclass
 class MarginConf:
     """``lipreg.LipschitzMarginLoss`` as a partial: ``experiments/train.py`` hands it to the Classifier, which
     builds it on the network (``lipreg=certified``). ``warmup`` is in training steps."""
@@ -184,23 +195,24 @@ class MarginConf:
     _partial_: bool = True
     eps: float = MISSING  # the L2 radius trained for: no library default
     pairwise: bool = library_default(LipschitzMarginLoss, "pairwise")
-    method: str = library_default(LipschitzMarginLoss, "method")
-    n_iter: int = library_default(LipschitzMarginLoss, "n_iter")
+    method: Method = II("..method")
+    n_iter: int = II("..n_iter")
     warmup: int = library_default(LipschitzMarginLoss, "warmup")
-    kind: str = library_default(LipschitzMarginLoss, "kind")  # "ce" | "hinge" | "lse" (lipreg.losses, eq. 2 / 3 / 4)
+    kind: MarginKind = MarginKind(library_default(LipschitzMarginLoss, "kind"))  # lipreg.losses, eq. 2 / 3 / 4
     temperature: Optional[float] = library_default(LipschitzMarginLoss, "temperature")  # None: the kind's default
     ce_weight: float = library_default(LipschitzMarginLoss, "ce_weight")
 
 
 @dataclass
 class LipregConf:
-    """``lipreg.LipschitzCallback``'s arguments, plus ``enabled`` (``lipreg=off`` sets it false: no callback).
+    """``lipreg.LipschitzCallback``'s arguments, ``enabled`` (``lipreg=off`` sets it false: no callback), and the
+    loss terms the Classifier builds on its network: ``penalty`` (when ``penalty_weight > 0``) and ``margin``.
 
-    The penalty rides in the callback (``penalty_weight > 0``): the callback adds ``penalty_weight * h(bound)``
-    to the loss that ``Classifier.training_step`` returns, so ``lipreg.penalty_weight=...`` is the only knob a
-    sweep needs, and the same model class trains with or without it. ``estimator_options`` go to
-    ``lipreg.LipschitzEstimator`` (e.g. ``{search: greedy}`` for SeqLip). The defaults are the callback's
-    (``tests/experiments/test_hydra.py`` checks each against its signature).
+    The callback observes; the loss penalises: ``penalty_weight > 0`` puts ``penalty_weight * h(bound)``
+    (:class:`PenaltyConf`) in the loss that ``Classifier.training_step`` returns, and the callback finds it there
+    and logs it. So ``lipreg.penalty_weight=...`` is the only knob a sweep needs, and the same model class trains with
+    or without it. ``estimator_options`` go to every ``lipreg.LipschitzEstimator`` of the run (e.g.
+    ``{search: greedy}`` for SeqLip). The defaults are the library's (:mod:`lipreg.options`).
     """
 
     _target_: str = "lipreg.LipschitzCallback"
@@ -208,8 +220,6 @@ class LipregConf:
     method: Method = Method(options.METHOD)
     module: Optional[str] = None
     penalty_weight: float = 0.0
-    penalty_kind: PenaltyKind = PenaltyKind(options.PENALTY_KIND)
-    target: Optional[float] = None
     n_iter: int = options.N_ITER
     log_every_n_steps: int = options.LOG_EVERY_N_STEPS
     per_layer: bool = False
@@ -220,6 +230,7 @@ class LipregConf:
     lower_bound_batches: int = options.LOWER_BOUND_BATCHES
     lower_bound_ascent_steps: int = options.LOWER_BOUND_ASCENT_STEPS
     estimator_options: Dict[str, Any] = field(default_factory=dict)
+    penalty: PenaltyConf = field(default_factory=PenaltyConf)  # built when penalty_weight > 0
     margin: Optional[MarginConf] = None  # the Lipschitz-margin training loss (instead of cross-entropy)
 
 

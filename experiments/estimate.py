@@ -52,7 +52,8 @@ from lipreg import options  # noqa: E402
 __all__ = ["evaluate_bounds", "find_checkpoint", "load_checkpoint", "load_weights", "load_run", "format_report",
            "main", "save_radius_curve"]
 
-SEARCHES = ("greedy", "exact")
+REPORTED_SEARCHES: tuple[options.Search, ...] = ("greedy", "exact")
+"""The SeqLip searches the command reports (of :data:`lipreg.options.Search`)."""
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -102,11 +103,12 @@ def _widest_activation(net: nn.Module, example: Tensor) -> int:
 
 
 def _certified_accuracy(logits: Tensor, y: Tensor, bound: float | Tensor, radii: Sequence[float]) -> dict[str, float]:
-    from lipreg.metrics import CertifiedRobustAccuracy
+    """``certified_acc@<eps>`` per radius, from :func:`lipreg.metrics.certified_accuracy` (the callback's kernel)."""
+    from lipreg import keys
+    from lipreg.metrics import certified_accuracy
 
-    metric = CertifiedRobustAccuracy(eps=tuple(float(r) for r in radii))
-    metric.update(logits, y, bound, certified=True)
-    return {k: float(v) for k, v in metric.compute().items()}
+    accuracy = certified_accuracy(logits, y, bound, [float(r) for r in radii])
+    return {keys.accuracy_at(eps): float(acc) for eps, acc in zip(radii, accuracy)}
 
 
 def _try(what: str, fn, errors: dict[str, str]):
@@ -213,7 +215,7 @@ def evaluate_bounds(
     if lower is not None:
         metrics[keys.LOWER] = lower
         upper = min(certificates.values(), default=metrics[keys.bound("autolip")])
-        ratio = _try(keys.UPPER_OVER_LOWER, lambda: upper_over_lower(upper, lower), errors) if lower > 0 else None
+        ratio = _try(keys.UPPER_OVER_LOWER, lambda: float(upper_over_lower(upper, lower)), errors) if lower > 0 else None
         if ratio is not None:
             metrics[keys.UPPER_OVER_LOWER] = ratio
 
@@ -246,11 +248,12 @@ def _pairwise_constants(net: nn.Module, example: Tensor) -> Tensor:
 
 
 def save_radius_curve(net: nn.Module, x: Tensor, y: Tensor, path: str | Path, max_radius: float = 1.5) -> None:
-    """PNG of the certified accuracy against the L2 radius: global (``sqrt(2) L``, certified AutoLip) and, when the
+    """PNG of the certified accuracy against the L2 radius (the callback's figure,
+    :func:`lipreg.lightning.figures.radius_curve`): global (``sqrt(2) L``, certified AutoLip) and, when the
     network ends in a linear layer, pairwise (GloRo)."""
     import lipreg
-    from lipreg.metrics import certified_accuracy_curve, certified_radius
-    from matplotlib.figure import Figure
+    from lipreg.lightning.figures import radius_curve
+    from lipreg.metrics import certified_radius
 
     logits = _logits(net, x)
     bounds = {"global": lipreg.LipschitzEstimator(net, x[:1]).certified_bound()}
@@ -260,16 +263,10 @@ def save_radius_curve(net: nn.Module, x: Tensor, y: Tensor, path: str | Path, ma
             bounds["pairwise"] = _pairwise_constants(net, x[:1])
         except ValueError:
             pass
-    grid = torch.linspace(0.0, max_radius, 61)
-    fig = Figure(figsize=(4.5, 3.2))
-    ax = fig.add_subplot()
-    for name, bound in bounds.items():
-        ax.plot(grid.tolist(), certified_accuracy_curve(certified_radius(logits, y, bound), grid).tolist(), label=name)
-    ax.set_xlabel("L2 radius")
-    ax.set_ylabel("certified accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    fig = radius_curve({kind: certified_radius(logits, y, bound) for kind, bound in bounds.items()}, max_radius,
+                       points=61)
+    if fig is None:
+        raise ValueError("--curve needs matplotlib (pip install 'lipreg[experiments]')")
     fig.savefig(path, dpi=120)
 
 
@@ -292,7 +289,7 @@ def format_report(report: dict[str, Any], splits: Sequence[str], radii: Sequence
     lines.append("Lipschitz constant (L2 -> L2, logits):")
     row("AutoLip estimate", keys.bound("autolip"), "power method, converged (approaches the bound from below)")
     row("AutoLip certified", keys.certified("autolip"), "guaranteed upper bound")
-    for search in SEARCHES:
+    for search in REPORTED_SEARCHES:
         row(f"SeqLip ({search})", keys.bound(f"seqlip_{search}"))
         row(f"SeqLip ({search}) certified", keys.certified(f"seqlip_{search}"), "guaranteed upper bound")
     row("lower bound", keys.LOWER, "max local Jacobian norm (true constant >= this)")
@@ -435,7 +432,7 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
     print()
     report = evaluate_bounds(
         net, datamodule, splits=[args.split], radii=radii, n_iter=args.n_iter,
-        seqlip=() if args.no_seqlip else SEARCHES, exact_max_units=args.exact_max_units,
+        seqlip=() if args.no_seqlip else REPORTED_SEARCHES, exact_max_units=args.exact_max_units,
         lower_bound_samples=args.lower_samples, lower_bound_ascent_steps=args.ascent_steps,
         seed=int(cfg.get("seed", 0)), progress=not args.no_progress,
     )

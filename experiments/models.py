@@ -291,10 +291,9 @@ class ClassifierSteps:
         net: the network; its ``input_shape``/``num_classes`` attributes are
             used unless given here.
         lr, weight_decay: Adam's.
-        lip_penalty: optional module called with no arguments that returns a
-            scalar tensor; when given, the training loss is
-            ``cross_entropy + lip_penalty()`` and ``train/lip_penalty`` and
-            ``train/task_loss`` are logged too.
+        lip_penalty: optional ``(net, example_input) -> penalty module`` (e.g. a partial of
+            :class:`lipreg.LipschitzPenalty`), built on ``net``; the training loss is then
+            ``task loss + lip_penalty()`` (a ``LipschitzCallback`` logs the penalty as ``lipschitz/penalty``).
         margin_loss: optional ``(net, example_input) -> loss module`` (e.g. a partial of
             :class:`lipreg.LipschitzMarginLoss`); when given, ``margin_loss(logits, y)`` replaces the training
             cross-entropy (validation and test still report the plain cross-entropy).
@@ -310,7 +309,7 @@ class ClassifierSteps:
         net: nn.Module,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
-        lip_penalty: nn.Module | None = None,
+        lip_penalty: Callable[[nn.Module, torch.Tensor], nn.Module] | None = None,
         input_shape: Sequence[int] | None = None,
         num_classes: int | None = None,
         margin_loss: Callable[[nn.Module, torch.Tensor], nn.Module] | None = None,
@@ -319,7 +318,6 @@ class ClassifierSteps:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "lip_penalty", "margin_loss"])
         self.net = net
-        self.lip_penalty = lip_penalty
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
         if lr_schedule not in (None, "cosine"):
@@ -335,6 +333,7 @@ class ClassifierSteps:
         self.hparams["num_classes"] = self.num_classes
         self.example_input_array = torch.zeros(1, *self.input_shape)
         self.margin_loss = margin_loss(net, self.example_input_array) if margin_loss is not None else None
+        self.lip_penalty = lip_penalty(net, self.example_input_array) if lip_penalty is not None else None
         self.train_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
@@ -345,13 +344,9 @@ class ClassifierSteps:
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        task_loss = self.margin_loss(logits, y) if self.margin_loss is not None else F.cross_entropy(logits, y)
-        loss = task_loss
+        loss = self.margin_loss(logits, y) if self.margin_loss is not None else F.cross_entropy(logits, y)
         if self.lip_penalty is not None:
-            penalty = self.lip_penalty()
-            loss = task_loss + penalty
-            self.log("train/lip_penalty", penalty, on_step=True, on_epoch=True)
-            self.log("train/task_loss", task_loss, on_step=False, on_epoch=True)
+            loss = loss + self.lip_penalty()
         self.train_acc(logits.detach(), y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)

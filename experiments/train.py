@@ -121,22 +121,39 @@ def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.Ligh
     net = instantiate(cfg.model, input_shape=list(datamodule.input_shape), num_classes=datamodule.num_classes)
     cls = rebase(get_class(cfg.classifier._target_), lightning_namespace(cfg))
     options: dict[str, Any] = OmegaConf.to_container(cfg.classifier, resolve=True)  # type: ignore[assignment]
-    return cls(net=net, margin_loss=build_margin_loss(cfg), **{k: v for k, v in options.items() if k != "_target_"})
+    return cls(net=net, lip_penalty=build_penalty(cfg), margin_loss=build_margin_loss(cfg),
+               **{k: v for k, v in options.items() if k != "_target_"})
+
+
+def build_penalty(cfg: DictConfig) -> Any:
+    """The ``lipreg.LipschitzPenalty`` partial of ``cfg.lipreg.penalty`` when ``lipreg.penalty_weight > 0``, else
+    ``None``: the Classifier builds it on its network and adds it to the loss (the callback only logs it)."""
+    if not cfg.lipreg.enabled or not cfg.lipreg.penalty_weight:
+        return None
+    return _loss_term(cfg, cfg.lipreg.penalty)
 
 
 def build_margin_loss(cfg: DictConfig) -> Any:
     """The ``lipreg.LipschitzMarginLoss`` partial of ``cfg.lipreg.margin`` (``lipreg=certified``), or ``None``."""
     if not cfg.lipreg.enabled or cfg.lipreg.margin is None:
         return None
-    options = OmegaConf.to_container(cfg.lipreg.estimator_options, resolve=True)
-    return instantiate(cfg.lipreg.margin, **options)
+    return _loss_term(cfg, cfg.lipreg.margin)
+
+
+def _loss_term(cfg: DictConfig, node: DictConfig) -> Any:
+    """A partial of a lipreg loss term, its enums as strings, with the run's ``estimator_options``."""
+    term: dict[str, Any] = OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # type: ignore[assignment]
+    estimator_options = OmegaConf.to_container(cfg.lipreg.estimator_options, resolve=True)
+    return instantiate({**term, **estimator_options})
 
 
 def build_lipreg_callback(cfg: DictConfig, hparams: dict[str, Any] | None = None) -> pl.Callback | None:
     """``lipreg.LipschitzCallback`` from ``cfg.lipreg``, or ``None`` for ``lipreg=off`` (``enabled: false``).
 
     ``estimator_options`` are spread into the callback's ``**estimator_options`` (they go to the estimator);
-    ``hparams`` (the job's choices and overrides) join the callback's hyper-parameters.
+    ``hparams`` (the job's choices and overrides) join the callback's hyper-parameters. The loss terms
+    (``penalty_weight``, ``penalty``, ``margin``) are the Classifier's (:func:`build_penalty`,
+    :func:`build_margin_loss`): the callback finds them on the module.
     """
     node: dict[str, Any] = OmegaConf.to_container(cfg.lipreg, resolve=True,  # type: ignore[assignment]
                                                   enum_to_str=True)
@@ -146,9 +163,12 @@ def build_lipreg_callback(cfg: DictConfig, hparams: dict[str, Any] | None = None
                              "penalty would be ignored; use lipreg=penalty (or lipreg=log) to penalise")
         return None
     options = node.pop("estimator_options") or {}
-    node.pop("margin", None)  # the margin loss is the Classifier's (build_margin_loss), not the callback's
-    if hparams:
-        node["hparams"] = hparams
+    for term in ("penalty_weight", "penalty", "margin"):  # the Classifier's loss terms, not the callback's options
+        node.pop(term, None)
+    from lipreg import keys
+
+    # the penalty is the module's, but its weight is what a sweep compares: logged with the callback's options
+    node["hparams"] = {**(hparams or {}), keys.hparam("penalty_weight"): cfg.lipreg.penalty_weight}
     return instantiate({**node, **options})
 
 
@@ -232,7 +252,7 @@ def _rel(path: str | Path) -> str:
 
 def format_summary(metrics: dict[str, float], report: dict, cfg: DictConfig, run_dir: str,
                    tensorboard_dir: str | None, sweep_dir: str | None) -> str:
-    from lipreg import keys
+    from lipreg import keys, options
 
     m = metrics
     lines = ["", "=" * 78, f"lipreg run summary   model={HydraConfig.get().runtime.choices.get('model', '?')}"
@@ -250,7 +270,7 @@ def format_summary(metrics: dict[str, float], report: dict, cfg: DictConfig, run
     row("val accuracy", keys.accuracy("val"))
     row("AutoLip estimate", keys.bound("autolip"), "converged power method (from below)")
     row("AutoLip certified", keys.certified("autolip"), "guaranteed upper bound")
-    for search in ("greedy", "exact", "lowrank"):
+    for search in options.SEARCHES:
         row(f"SeqLip ({search})", keys.bound(f"seqlip_{search}"))
         row(f"SeqLip ({search}) certified", keys.certified(f"seqlip_{search}"), "guaranteed upper bound")
     row("lower bound", keys.LOWER, "max local Jacobian norm on val inputs")

@@ -18,6 +18,7 @@ from .errors import UnsupportedOpError
 from .estimator import LipschitzEstimator
 from .penalty import LipschitzPenalty
 from .losses import LipschitzMarginLoss
+from .margins import MarginCertificate
 from .oneshot import autolip, seqlip
 from .operator import LinearOperator
 from .policy import BoundPolicy
@@ -33,8 +34,9 @@ _LAZY = {"LipschitzCallback": ("lipreg.lightning", "LipschitzCallback"), "metric
          "lightning": ("lipreg.lightning", None), "keys": ("lipreg.keys", None)}
 """Names loaded on first access: ``name -> (module, attribute or None for the module itself)``."""
 
-__all__ = ["BoundPolicy", "LipschitzCallback", "LipschitzEstimator", "LipschitzMarginLoss", "LipschitzPenalty", "LinearOperator", "UnsupportedOpError", "autolip", "metrics",
-           "power_method", "ops", "register_rule", "seqlip"]
+__all__ = ["BoundPolicy", "LinearOperator", "LipschitzCallback", "LipschitzEstimator", "LipschitzMarginLoss",
+           "LipschitzPenalty", "MarginCertificate", "UnsupportedOpError", "autolip", "metrics", "ops", "power_method",
+           "register_rule", "seqlip"]
 
 
 def __getattr__(name: str) -> Any:

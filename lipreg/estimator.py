@@ -21,10 +21,10 @@ from .linalg.krylov import lanczos_top_singular, vjp_adjoint
 from .linalg.power import normalized, power_steps, rayleigh_norms_and_step
 from .operator import LinearOperator, Operators, linear_operators
 from .ops import Activation, Constant
+from .options import Method, Search, checked_keywords, validate_method
 from .policy import BoundPolicy
 from .progress import progress as _progress
 
-METHODS = ("autolip", "seqlip")
 Chains = dict[LipNode, tuple[LipNode, Tensor]]
 
 
@@ -64,22 +64,26 @@ class LipschitzEstimator(nn.Module):
         concrete_args: passed to ``torch.fx.Tracer.trace`` to fix non-tensor arguments.
         policy: every size limit (dense or per-op certificates, exact or greedy SeqLip search, full or low-rank
             SeqLip factors) and the low-rank sizes; default ``BoundPolicy()``.
-        **seqlip_options: ``search`` for ``method="seqlip"``.
+        search: SeqLip's search over activation patterns (``method="seqlip"`` only; default ``"auto"``).
+
+    Every option after ``example_input`` is keyword-only; a misspelled one fails here, naming the closest valid one.
     """
 
     check_finite_every: int = 100
     """Calls of ``est()`` between two reads of the non-finite record (:meth:`check_finite`), each a host
     synchronisation: 1 warns at the call itself."""
 
-    def __init__(self, model: nn.Module, example_input: Tensor, method: str = "autolip", n_iter: int = 1,
+    certificate: str
+    """Whose certificate :meth:`certified_bound` gives: ``method``'s, or ``"autolip"`` when a SeqLip search is not
+    exact (greedy, low-rank) and the certificate falls back to AutoLip's. Set by the method's builder."""
+
+    @checked_keywords()
+    def __init__(self, model: nn.Module, example_input: Tensor, *, method: Method = "autolip", n_iter: int = 1,
                  fuse: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0,
                  concrete_args: dict[str, Any] | None = None, policy: BoundPolicy | None = None,
-                 **seqlip_options: Any) -> None:
+                 search: Search | None = None) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if method != "seqlip" and seqlip_options:
-            raise TypeError(f"options {sorted(seqlip_options)} only apply to method='seqlip'")
+        validate_method(method, search)
         object.__setattr__(self, "model", model)  # not a submodule: its weights are the user's, not our state
         self.method = method
         self.n_iter = n_iter
@@ -90,7 +94,7 @@ class LipschitzEstimator(nn.Module):
         self.policy = BoundPolicy() if policy is None else policy
         self._trace_options: dict[str, Any] = {"fuse": fuse, "concrete_args": concrete_args}
         self._seed = seed
-        self._seqlip_options = seqlip_options
+        self._seqlip_options = {} if search is None else {"search": search}
         self._buffer_names: dict[LipNode, str] = {}  # the warm vector of each iterated operator
         self._build(LipGraph(model, example_input, **self._trace_options))
 
@@ -113,6 +117,7 @@ class LipschitzEstimator(nn.Module):
             self.seqlip = SeqLip(self.graph, dtype=self.dtype, generator=generator, policy=self.policy,
                                  **self._seqlip_options)
             self._chained = chain_interiors(self.seqlip.endpoints) | set(self.seqlip.endpoints)
+        self.certificate = "autolip" if self.seqlip is not None and not self.seqlip.certified else self.method
         operators = linear_operators(self.graph, self.dtype, _model_device(self.model) or torch.device("cpu"))
         for operator in operators.values():
             operator.check_kernels()
@@ -265,6 +270,18 @@ class LipschitzEstimator(nn.Module):
             norms = {node: operator.certified_norm(self.policy) for node, operator in self._float64(operators).items()}
             bounds = {node.name: float(certified_cast(norm, self.dtype, margin=0.0)) for node, norm in norms.items()}
         return {**bounds, **self._constants}
+
+    def layer_factors(self) -> dict[str, float]:
+        """The factors of the last call that the weights set, in graph order: each (fused) linear operator's and, for
+        SeqLip, each pair's; without the constants of activations and pooling (fixed by the graph: a ReLU stays 1)."""
+        order = {node.name: i for i, node in enumerate(self.graph.nodes)}
+        factors = {k: v for k, v in self.layer_bounds().items() if k not in self._constants}
+        return dict(sorted(factors.items(), key=lambda item: order.get(item[0].split("~")[0], len(order))))
+
+    @property
+    def example_input(self) -> Tensor:
+        """The input the model was traced with: one sample (batch of 1) of the given example."""
+        return self.graph.sample
 
     @property
     def certified(self) -> bool:

@@ -21,10 +21,8 @@ UPPER_OVER_LOWER = f"{LIPSCHITZ}/upper_over_lower"
 """``certified / lower``: the bracket of the true constant (:func:`lipreg.metrics.upper_over_lower`)."""
 GAP_PERCENT = f"{LIPSCHITZ}/gap_percent"
 """``100 (certified / estimate - 1)``: how far the certificate lies above the estimate on the same weights."""
-TASK_LOSS = f"{LIPSCHITZ}/task_loss"
-"""The loss ``training_step`` returned, before the callback's penalty joined it."""
 PENALTY = f"{LIPSCHITZ}/penalty"
-"""The callback's penalty ``penalty_weight * h(bound)``."""
+"""The value ``coefficient * h(bound)`` of the :class:`~lipreg.LipschitzPenalty` on the module (its last call)."""
 LAYER_CHART = f"{LIPSCHITZ}/layers"
 """The bar chart of the linear layers' factors (an image)."""
 RADIUS_CURVE = f"{ROBUST}/certified_acc_vs_radius"
@@ -52,6 +50,12 @@ def certified(method: str) -> str:
 def layer(node: str) -> str:
     """The factor of one linear node: ``lipschitz/layer/<node>``."""
     return f"{LIPSCHITZ}/layer/{node}"
+
+
+def penalty(loss: str | None = None) -> str:
+    """The value of a :class:`~lipreg.LipschitzPenalty`: ``lipschitz/penalty``, or ``lipschitz/penalty/<loss>`` when the
+    module holds several (``loss`` is its module name)."""
+    return PENALTY if loss is None else f"{PENALTY}/{loss}"
 
 
 def margin(quantity: str, loss: str | None = None) -> str:

@@ -40,18 +40,18 @@ against certified accuracy).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .margins import MarginCertificate
-from .options import check_choice
+from .estimator import LipschitzEstimator
 from .finite import finite_bound, zero_gradient_unless
+from .margins import MarginCertificate
+from .options import METHOD, N_ITER, MarginKind, Method, check_choice, checked_keywords
 from .penalty import warn_batch_statistics
 
-MarginKind = Literal["ce", "hinge", "lse"]
 DEFAULT_TEMPERATURE = {"ce": 1.0, "hinge": 1.0, "lse": 0.1}  # ce: logit units; lse: radius units; hinge: unused
 
 
@@ -104,10 +104,14 @@ class LipschitzMarginLoss(nn.Module):
             ``"lse"``; the hinge has none.
         ce_weight: :math:`\lambda \ge 0` of the added plain cross-entropy :math:`\lambda\,\mathrm{CE}(z, y)`.
         **estimator_options: passed to :class:`~lipreg.LipschitzEstimator`.
+
+    Every option after ``example_input`` is keyword-only; a misspelled one fails here, naming the closest valid one.
+    The model must return one tensor of logits ``(B, C)``, ``C >= 2`` (else a ``ValueError`` says so).
     """
 
-    def __init__(self, model: nn.Module, example_input: Tensor, eps: float, pairwise: bool = True,
-                 method: str = "autolip", n_iter: int = 1, warmup: int = 1000, kind: MarginKind = "ce",
+    @checked_keywords(forwards_to=lambda: LipschitzEstimator)
+    def __init__(self, model: nn.Module, example_input: Tensor, *, eps: float, pairwise: bool = True,
+                 method: Method = METHOD, n_iter: int = N_ITER, warmup: int = 1000, kind: MarginKind = "ce",
                  temperature: float | None = None, ce_weight: float = 0.0, **estimator_options: Any) -> None:
         super().__init__()
         check_choice("margin loss kind", kind, MarginKind)

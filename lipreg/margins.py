@@ -26,11 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from .linalg.certify import certified_cast
-from .estimator import LipschitzEstimator
 from .capture.graph import LipGraph
+from .capture.trace import eval_mode
+from .estimator import LipschitzEstimator
+from .linalg.certify import certified_cast
+from .options import METHOD, N_ITER, Method, checked_keywords
 
-__all__ = ["MarginCertificate", "global_constants", "pairwise_constants", "split_linear_head"]
+__all__ = ["MarginCertificate", "global_constants", "logit_classes", "pairwise_constants", "split_linear_head"]
 
 
 def split_linear_head(model: nn.Module, example_input: Tensor,
@@ -65,6 +67,25 @@ def _split(graph: LipGraph) -> tuple[nn.Module, nn.Linear] | None:
     return body, head
 
 
+def logit_classes(graph: LipGraph) -> int:
+    """The number of classes ``C`` of a traced model that returns one tensor of logits ``(B, C)``, ``C >= 2`` (run
+    once on its sample, in eval mode); a ``ValueError`` that names the fix for any other output."""
+    with eval_mode(graph.root), torch.no_grad():
+        output = graph.graph_module(graph.sample)
+    name = type(graph.root).__name__
+    if not isinstance(output, Tensor):
+        kind = f"a {type(output).__name__} of {len(output)}" if isinstance(output, (tuple, list)) else \
+            f"a {type(output).__name__}"
+        raise ValueError(f"{name} returns {kind} outputs; margin certificates need one tensor of class logits "
+                         "(batch, classes). Give MarginCertificate / LipschitzMarginLoss a module that returns the logits "
+                         "alone: the submodule that computes them, or a wrapper whose forward returns model(x)[0]")
+    if output.ndim != 2 or output.shape[1] < 2:
+        raise ValueError(f"{name} returns a tensor of shape {tuple(output.shape)} on one sample; margin certificates "
+                         "need class logits of shape (batch, classes >= 2): flatten the output, or use "
+                         "LipschitzEstimator for a model that is not a classifier")
+    return int(output.shape[1])
+
+
 def global_constants(bound: Tensor, n_classes: int) -> Tensor:
     """Eq. (2): ``K_yj = sqrt(2) L`` off the diagonal, 0 on it, ``(C, C)``."""
     off_diagonal = 1.0 - torch.eye(n_classes, dtype=bound.dtype, device=bound.device)
@@ -95,20 +116,25 @@ class MarginCertificate(nn.Module):
         model, example_input: as for :class:`~lipreg.LipschitzEstimator`.
         pairwise: use eq. (3) when the graph ends in a ``nn.Linear`` on ``(B, features)``.
         method, n_iter, **estimator_options: passed to the estimator of the (body) bound.
+
+    Every option after ``example_input`` is keyword-only; a misspelled one fails here, naming the closest valid one.
+    The model must return one tensor of logits ``(B, C)``, ``C >= 2`` (else a ``ValueError`` says what to do).
     """
 
-    def __init__(self, model: nn.Module, example_input: Tensor, pairwise: bool = True, method: str = "autolip",
-                 n_iter: int = 1, **estimator_options: Any) -> None:
+    @checked_keywords(forwards_to=lambda: LipschitzEstimator)
+    def __init__(self, model: nn.Module, example_input: Tensor, *, pairwise: bool = True, method: Method = METHOD,
+                 n_iter: int = N_ITER, **estimator_options: Any) -> None:
         super().__init__()
         object.__setattr__(self, "model", model)  # the user's model, not our state
         self._options = dict(method=method, n_iter=n_iter, **estimator_options)
+        self._split_head = pairwise
         # the whole model's trace: its fingerprint says when the split (body, head) no longer describes the model
-        self._graph = LipGraph(model, example_input, fuse=False,
-                               concrete_args=estimator_options.get("concrete_args")) if pairwise else None
+        self._graph = LipGraph(model, example_input, fuse=False, concrete_args=estimator_options.get("concrete_args"))
         self._build(example_input, warn_global=pairwise)
 
     def _build(self, example_input: Tensor, warn_global: bool) -> None:
-        split = _split(self._graph) if self._graph is not None else None
+        self.n_classes = logit_classes(self._graph)
+        split = _split(self._graph) if self._split_head else None
         if warn_global and split is None:
             warnings.warn(f"{type(self.model).__name__} does not end in a plain nn.Linear on (batch, features): the "
                           "margin uses the global constant sqrt(2) L (eq. 2) instead of per-pair constants",
@@ -117,12 +143,11 @@ class MarginCertificate(nn.Module):
         bounded = split[0] if split is not None else self.model
         object.__setattr__(self, "head", split[1] if split is not None else None)  # the user's layer, not our state
         self.estimator = LipschitzEstimator(bounded, example_input, **self._options)
-        self.n_classes = self.head.out_features if self.head is not None else self.estimator.graph.output.out_shape.numel()
 
     def _refresh(self) -> None:
         """Split the model again when it changed since it was split (a replaced body module or head): the body's
         own estimator cannot see a change outside the body, nor the head a replacement of itself."""
-        change = self._graph.stale() if self._graph is not None else None
+        change = self._graph.stale()
         if change is None:
             return
         warnings.warn(f"the model changed since this MarginCertificate was built: {change}. It is split again into "
@@ -130,7 +155,7 @@ class MarginCertificate(nn.Module):
         params = list(self.model.parameters())
         sample = self._graph.sample.to(params[0].device) if params else self._graph.sample
         self._graph = LipGraph(self.model, sample, fuse=False, concrete_args=self._options.get("concrete_args"))
-        self._build(sample, warn_global=True)
+        self._build(sample, warn_global=self._split_head)
 
     def constants(self, bound: Tensor) -> Tensor:
         """``K`` (``(C, C)``, float64) from a bound of the body (pairwise) or of the whole model (global)."""

@@ -45,9 +45,22 @@ _POINTWISE_ISOMETRIES = (Identity, SignedIdentity)  # v -> +-v: a diagonal op's 
 
 
 class LinearOperator:
-    """``A`` of one (fused) linear node (see the module docstring), evaluated in ``dtype`` on ``device``."""
+    """``A`` of one (fused) linear node (see the module docstring), evaluated in ``dtype`` on ``device``.
 
-    def __init__(self, node: LipNode, evaluator: _Evaluator) -> None:
+    Public for typing; built only by :meth:`lipreg.LipschitzEstimator.linear_operators` (its parts are internal)."""
+
+    def __init__(self) -> None:
+        raise TypeError("LinearOperator is not built directly: use LipschitzEstimator(model, x).linear_operators(), "
+                        "which gives the operator of every linear node by name")
+
+    @classmethod
+    def _of(cls, node: LipNode, evaluator: _Evaluator) -> LinearOperator:
+        """The operator of ``node``, its constants computed by ``evaluator``."""
+        self = cls.__new__(cls)
+        self._init(node, evaluator)
+        return self
+
+    def _init(self, node: LipNode, evaluator: _Evaluator) -> None:
         self.node = node
         self._evaluator = evaluator
         self._steps = [(info, rule, evaluator.call(info.node)) for info, rule in zip(node.ops, node.rules)]
@@ -229,7 +242,7 @@ def linear_operators(graph: LipGraph, dtype: torch.dtype, device: torch.device) 
     key = (dtype, torch.device(device))
     if key not in built:
         evaluator = _Evaluator(graph, dtype, key[1])
-        built[key] = evaluator, {node: LinearOperator(node, evaluator) for node in graph.linear_nodes()}
+        built[key] = evaluator, {node: LinearOperator._of(node, evaluator) for node in graph.linear_nodes()}
     evaluator, operators = built[key]
     evaluator.reset()  # a fresh read of the model's constants
     return dict(operators)

@@ -16,31 +16,34 @@ from torch import Tensor, nn
 
 from .estimator import LipschitzEstimator
 from .finite import finite_bound, zero_gradient_unless
-from .options import Method, PenaltyKind, validate_method, validate_penalty
+from .options import (METHOD, N_ITER, PENALTY_KIND, PENALTY_KINDS, Method, PenaltyKind, checked_keywords,
+                      validate_penalty)
 
 
-def _linear(bound: Tensor, target: float | None) -> Tensor:
+def _linear(bound: Tensor, threshold: float | None) -> Tensor:
     return bound
 
 
-def _log(bound: Tensor, target: float | None) -> Tensor:
+def _log(bound: Tensor, threshold: float | None) -> Tensor:
     return torch.log(bound)
 
 
-def _hinge(bound: Tensor, target: float | None) -> Tensor:
-    return F.relu(bound - target)
+def _hinge(bound: Tensor, threshold: float | None) -> Tensor:
+    return F.relu(bound - threshold)
 
 
-def _squared_hinge(bound: Tensor, target: float | None) -> Tensor:
-    return F.relu(bound - target) ** 2
+def _squared_hinge(bound: Tensor, threshold: float | None) -> Tensor:
+    return F.relu(bound - threshold) ** 2
 
 
-PENALTY_KINDS: dict[str, Callable[[Tensor, float | None], Tensor]] = {
+PENALTY_FUNCTIONS: dict[str, Callable[[Tensor, float | None], Tensor]] = {
     "linear": _linear, "log": _log, "hinge": _hinge, "squared_hinge": _squared_hinge,
 }
-"""``h`` in ``weight * h(L)``: ``L``, ``log L`` (scale-free: the gradient is ``dL / L``, so deep nets whose bound
-spans orders of magnitude are penalised evenly), ``relu(L - target)`` and ``relu(L - target)^2`` (only push
-the bound down to a target, e.g. the constant a certified radius needs)."""
+"""``h`` in ``coefficient * h(L)``, one per :data:`~lipreg.options.PenaltyKind`: ``L``, ``log L`` (scale-free: the
+gradient is ``dL / L``, so deep nets whose bound spans orders of magnitude are penalised evenly),
+``relu(L - threshold)`` and ``relu(L - threshold)^2`` (only push the bound down to a threshold, e.g. the constant a
+certified radius needs)."""
+assert tuple(PENALTY_FUNCTIONS) == PENALTY_KINDS, "one function per PenaltyKind"
 
 
 def warn_batch_statistics(model: nn.Module, who: str) -> None:
@@ -80,37 +83,49 @@ def skip_non_finite(value: Tensor, bound: Tensor, through: Sequence[Tensor] = ()
 
 
 class LipschitzPenalty(nn.Module):
-    """``weight * h(L)`` with ``L`` the estimator's bound after ``n_iter`` warm iterations (default 1).
+    """``coefficient * h(L)`` with ``L`` the estimator's bound after ``n_iter`` warm iterations (default 1).
 
-    Put it on your LightningModule (``self.lip_penalty = LipschitzPenalty(self.net, example)``): its warm vectors
-    are buffers, so they are checkpointed with the module, follow ``.to()``, and are broadcast by DDP.
-    A non-finite bound (NaN or inf weights, an overflow) skips the penalty for that step: it returns 0 with a
+    Put it on your LightningModule (``self.lip_penalty = LipschitzPenalty(self.net, example)``) and add it to the
+    loss ``training_step`` returns: its warm vectors are buffers, so they are checkpointed with the module, follow
+    ``.to()``, and are broadcast by DDP; a :class:`~lipreg.LipschitzCallback` finds it there and logs its bound and
+    value. A non-finite bound (NaN or inf weights, an overflow) skips the penalty for that step: it returns 0 with a
     gradient of exactly 0 w.r.t. every parameter, and the warm vectors stay finite (a non-finite operator keeps its
     vector; the others iterate as usual). No host synchronisation: the warning comes at the estimator's next
     :meth:`~lipreg.LipschitzEstimator.check_finite` (every ``check_finite_every`` calls, or ``layer_bounds()``).
 
-    ``last_bound`` holds the (detached) bound of the last call.
+    Args:
+        model, example_input: as for :class:`~lipreg.LipschitzEstimator`.
+        coefficient: the factor of ``h(L)`` in the loss (``weight=`` before; the old name still works, deprecated).
+        kind: ``h``, one of :data:`~lipreg.options.PenaltyKind`.
+        threshold: the hinges' ``relu(L - threshold)``: the largest bound that is not penalised (``target=`` before).
+        method, n_iter, **estimator_options: of the :class:`~lipreg.LipschitzEstimator` (``fuse``, ``search``...).
+
+    ``last_bound`` and ``last_value`` hold the (detached) bound and penalty of the last call.
     """
 
-    def __init__(self, model: nn.Module, example_input: Tensor, weight: float = 1e-3, kind: PenaltyKind = "log",
-                 target: float | None = None, method: Method = "autolip", n_iter: int = 1,
-                 **estimator_options: Any) -> None:
+    @checked_keywords(forwards_to=lambda: LipschitzEstimator, renamed={"weight": "coefficient", "target": "threshold"})
+    def __init__(self, model: nn.Module, example_input: Tensor, *, coefficient: float = 1e-3,
+                 kind: PenaltyKind = PENALTY_KIND, threshold: float | None = None, method: Method = METHOD,
+                 n_iter: int = N_ITER, **estimator_options: Any) -> None:
         super().__init__()
-        if weight:
+        validate_penalty(kind, threshold)
+        if not coefficient >= 0:
+            raise ValueError(f"coefficient must be >= 0, got {coefficient}")
+        if coefficient:
             warn_batch_statistics(model, "LipschitzPenalty")
-        validate_penalty(kind, target)
-        validate_method(method, estimator_options)
-        self.weight = float(weight)
+        self.coefficient = float(coefficient)
         self.kind = kind
-        self.target = target
+        self.threshold = threshold
         self.estimator = LipschitzEstimator(model, example_input, method=method, n_iter=n_iter, **estimator_options)
         self.last_bound: Tensor | None = None
+        self.last_value: Tensor | None = None
 
     def forward(self) -> Tensor:
         bound = self.estimator()
-        self.last_bound = bound.detach()
-        return skip_non_finite(self.weight * PENALTY_KINDS[self.kind](bound, self.target), bound)
+        value = skip_non_finite(self.coefficient * PENALTY_FUNCTIONS[self.kind](bound, self.threshold), bound)
+        self.last_bound, self.last_value = bound.detach(), value.detach()
+        return value
 
     def extra_repr(self) -> str:
-        target = f", target={self.target}" if self.target is not None else ""
-        return f"weight={self.weight}, kind={self.kind!r}{target}, method={self.estimator.method!r}"
+        threshold = f", threshold={self.threshold}" if self.threshold is not None else ""
+        return f"coefficient={self.coefficient}, kind={self.kind!r}{threshold}, method={self.estimator.method!r}"

@@ -16,7 +16,8 @@ def test_bound_and_certificate_keys() -> None:
     assert keys.layer("0~2") == "lipschitz/layer/0~2"
     assert (keys.LOWER, keys.UPPER_OVER_LOWER, keys.GAP_PERCENT) == (
         "lipschitz/lower", "lipschitz/upper_over_lower", "lipschitz/gap_percent")
-    assert (keys.TASK_LOSS, keys.PENALTY, keys.PROG_BAR) == ("lipschitz/task_loss", "lipschitz/penalty", "lip")
+    assert (keys.PENALTY, keys.PROG_BAR) == ("lipschitz/penalty", "lip")
+    assert (keys.penalty(), keys.penalty("lip_a")) == ("lipschitz/penalty", "lipschitz/penalty/lip_a")
     assert (keys.LAYER_CHART, keys.RADIUS_CURVE) == ("lipschitz/layers", "robust/certified_acc_vs_radius")
     assert keys.margin("bound") == "lipschitz/margin_bound"
     assert keys.margin("eps", "loss_a") == "lipschitz/margin/loss_a_eps"

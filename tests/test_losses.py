@@ -6,31 +6,27 @@
 * the per-sample certified radius against a loop over pairs; non-linear heads fall back to the global constant;
 * a network trained with the loss: no PGD attack (written here) flips a prediction inside its certified radius;
 * the batch-norm warning (margin loss and penalty), the eps ramp, state_dict / ``.to()``;
-* the ``lipreg=certified`` preset through ``experiments/train.py`` (digits, 1 epoch, a few batches).
+* a model of two outputs: a ``ValueError`` that names the fix, not an ``IndexError``.
+
+(The ``lipreg=certified`` preset through ``experiments/train.py`` is tested in ``tests/experiments``.)
 """
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.models import CNN, LipCNN
-from lipreg import LipschitzEstimator, LipschitzMarginLoss
-from lipreg.margins import MarginCertificate, split_linear_head
+from lipreg import LipschitzEstimator, LipschitzMarginLoss, MarginCertificate
+from lipreg.margins import split_linear_head
 from lipreg.metrics import CertifiedRobustAccuracy, certified_radius
 from lipreg.penalty import LipschitzPenalty
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.classifiers import CNN, LipCNN
 
 
 def mlp(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
@@ -198,7 +194,7 @@ def test_pairwise_constants_against_brute_force() -> None:
 
 
 def test_split_shares_the_weights_and_leaves_the_model_alone() -> None:
-    net = LipCNN((1, 8, 8), 10)
+    net = LipCNN()
     names = set(vars(net))
     x = torch.rand(3, 1, 8, 8)
     body, head = split_linear_head(net, x)
@@ -287,35 +283,45 @@ def test_trained_network_survives_pgd_inside_its_certified_radii() -> None:
 
 # ------------------------------------------------------------------------------ batch norm
 def test_batch_norm_warning() -> None:
-    net = CNN((1, 8, 8), 10, channels=(4,), hidden=8)
+    net = CNN(channels=(4,), hidden=8)
     x = torch.rand(2, 1, 8, 8)
     with pytest.warns(UserWarning, match=r"batch norm layers \['features.1'\].*ill-posed"):
         LipschitzMarginLoss(net, x, eps=0.1)
     with pytest.warns(UserWarning, match="batch statistics"):
-        LipschitzPenalty(net, x, weight=1e-2)
+        LipschitzPenalty(net, x, coefficient=1e-2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        LipschitzPenalty(net, x, weight=0.0)  # logging only: no loss on the bound, nothing to warn about
+        LipschitzPenalty(net, x, coefficient=0.0)  # logging only: no loss on the bound, nothing to warn about
         LipschitzMarginLoss(net.eval(), x, eps=0.1)  # frozen statistics: the bound is that of the training function
-        LipschitzMarginLoss(LipCNN((1, 8, 8), 10), x, eps=0.1)
+        LipschitzMarginLoss(LipCNN(), x, eps=0.1)
 
 
-# ------------------------------------------------------------------------------ the preset, end to end
-@pytest.mark.slow
-def test_certified_preset_through_train_py(tmp_path: Path) -> None:
-    args = ["lipreg=certified", "model=lipcnn", "data=digits", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
-            "trainer.limit_val_batches=2", "eval.n_iter=10", "eval.lower_bound_samples=8", "lipreg.margin.warmup=2", "lipreg.margin.kind=lse", "lipreg.log_every_n_steps=2",
-            "progress_bar=false", "logger=csv", f"hydra.run.dir={tmp_path}"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    for eps in ("0.1", "0.3", "0.5", "1"):
-        assert 0.0 <= metrics[f"test/pairwise_certified_acc@{eps}"] <= metrics["test/acc"]
-    assert 0.0 <= metrics["robust/pairwise_certified_acc@0.3"] <= 1.0  # the callback's, at validation
-    logged = next(tmp_path.glob("csv/**/metrics.csv")).read_text().splitlines()[0].split(",")
-    assert {"lipschitz/margin_bound", "lipschitz/margin_eps"} <= set(logged)
+# ------------------------------------------------------------------------------ what is not a classifier
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.body(x))
+        return self.a(h), self.b(h)
+
+
+BUILDERS = {"certificate": lambda m, x: MarginCertificate(m, x),
+            "global": lambda m, x: MarginCertificate(m, x, pairwise=False),
+            "loss": lambda m, x: LipschitzMarginLoss(m, x, eps=0.1)}
+
+
+@pytest.mark.parametrize("build", list(BUILDERS.values()), ids=list(BUILDERS))
+def test_a_model_of_two_outputs_is_a_clear_error(build: Any) -> None:
+    """It was an ``IndexError`` from inside the graph (issue 16)."""
+    with pytest.raises(ValueError, match=r"TwoHeads returns a tuple of 2 outputs.*returns the logits alone"):
+        build(TwoHeads(), torch.randn(2, 4))
+
+
+def test_logits_of_one_class_are_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"shape \(1, 1\).*classes >= 2"):
+        MarginCertificate(nn.Linear(4, 1), torch.randn(2, 4))
 
 
 @pytest.mark.parametrize("replaced", [0, 2], ids=["body module", "head"])

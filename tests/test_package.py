@@ -17,10 +17,7 @@ import torch
 from torch import nn
 
 import lipreg
-from lipreg.estimator import METHODS
-from lipreg.options import Method, PenaltyKind, Search
-from lipreg.penalty import PENALTY_KINDS
-from lipreg.bounds.seqlip import SEARCHES
+from lipreg.options import MarginKind, Method, PenaltyKind, Search
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("lightning", "pytorch_lightning", "torchmetrics", "matplotlib", "tensorboard", "hydra", "sklearn")
@@ -73,7 +70,63 @@ def test_progress_bars_are_optional_and_change_nothing(capsys: pytest.CaptureFix
     assert [float(v) for v in got] == [float(v) for v in expected]
 
 
-def test_option_types_match_what_the_code_accepts() -> None:
-    assert get_args(Method) == METHODS
-    assert get_args(Search) == SEARCHES
-    assert set(get_args(PenaltyKind)) == set(PENALTY_KINDS)
+def small_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+ENTRY_POINTS = {
+    "LipschitzEstimator": lambda **kw: lipreg.LipschitzEstimator(small_net(), torch.zeros(1, 4), **kw),
+    "LipschitzPenalty": lambda **kw: lipreg.LipschitzPenalty(small_net(), torch.zeros(1, 4), **kw),
+    "LipschitzMarginLoss": lambda **kw: lipreg.LipschitzMarginLoss(small_net(), torch.zeros(1, 4), eps=0.1, **kw),
+    "MarginCertificate": lambda **kw: lipreg.MarginCertificate(small_net(), torch.zeros(1, 4), **kw),
+    "LipschitzCallback": lambda **kw: lipreg.LipschitzCallback(**kw),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize(("typo", "closest"), [("fusee", "fuse"), ("n_iters", "n_iter"), ("serch", "search")])
+def test_every_entry_point_refuses_a_misspelled_option_naming_the_closest(entry: str, typo: str,
+                                                                          closest: str) -> None:
+    with pytest.raises(TypeError, match=rf"{entry}\(\) got an unknown option '{typo}'; did you mean {closest}="):
+        ENTRY_POINTS[entry](**{typo: True})
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_every_method_of_the_literal_is_accepted_and_another_refused(entry: str) -> None:
+    for method in get_args(Method):
+        ENTRY_POINTS[entry](method=method)
+    with pytest.raises(ValueError, match="method must be one of 'autolip', 'seqlip'.*did you mean 'seqlip'"):
+        ENTRY_POINTS[entry](method="seqlp")
+
+
+def test_every_search_penalty_kind_and_margin_kind_of_the_literals_is_accepted() -> None:
+    for search in get_args(Search):
+        lipreg.LipschitzEstimator(small_net(), torch.zeros(1, 4), method="seqlip", search=search)
+    for kind in get_args(PenaltyKind):
+        lipreg.LipschitzPenalty(small_net(), torch.zeros(1, 4), kind=kind, threshold=1.0)()
+    for kind in get_args(MarginKind):
+        lipreg.LipschitzMarginLoss(small_net(), torch.zeros(1, 4), eps=0.1, kind=kind)(torch.randn(2, 3),
+                                                                                       torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="search must be one of"):
+        lipreg.LipschitzEstimator(small_net(), torch.zeros(1, 4), method="seqlip", search="greedyy")
+    with pytest.raises(ValueError, match="search='exact' is a SeqLip option"):
+        lipreg.LipschitzEstimator(small_net(), torch.zeros(1, 4), search="exact")
+
+
+def test_linear_operators_are_built_by_the_estimator_only() -> None:
+    est = lipreg.LipschitzEstimator(small_net(), torch.zeros(1, 4))
+    operators = est.linear_operators()
+    assert list(operators) == ["0", "2"] and all(isinstance(op, lipreg.LinearOperator) for op in operators.values())
+    with pytest.raises(TypeError, match=r"use LipschitzEstimator\(model, x\).linear_operators\(\)"):
+        lipreg.LinearOperator()
+
+
+def test_the_estimator_answers_what_the_library_layers_above_it_need() -> None:
+    net = small_net()
+    est = lipreg.LipschitzEstimator(net, torch.ones(5, 4))
+    est()
+    assert list(est.layer_factors()) == ["0", "2"]  # the ReLU's constant 1 is left out
+    assert torch.equal(est.example_input, torch.ones(1, 4))
+    assert est.certificate == "autolip"
+    assert lipreg.LipschitzEstimator(net, torch.ones(1, 4), method="seqlip", search="exact").certificate == "seqlip"
+    assert lipreg.LipschitzEstimator(net, torch.ones(1, 4), method="seqlip", search="lowrank").certificate == "autolip"

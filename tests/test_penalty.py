@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import get_args
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from experiments.models import MLP, Classifier
 from lipreg import LipschitzEstimator, LipschitzMarginLoss
-from lipreg.penalty import PENALTY_KINDS, LipschitzPenalty
+from lipreg.options import PenaltyKind
+from lipreg.penalty import LipschitzPenalty
+from tests.classifiers import MLP, Classifier
 
 
 def small_net(seed: int = 0) -> MLP:
     torch.manual_seed(seed)
-    return MLP((1, 8, 8), 10, hidden=(16, 16))
+    return MLP(hidden=(16, 16))
 
 
 def example() -> torch.Tensor:
@@ -28,7 +30,7 @@ def example() -> torch.Tensor:
 
 
 def formula(kind: str, bound: torch.Tensor, target: float | None) -> torch.Tensor:
-    """``h`` written out independently of ``PENALTY_KINDS``."""
+    """``h`` written out independently of ``lipreg.penalty.PENALTY_FUNCTIONS``."""
     if kind == "linear":
         return bound
     if kind == "log":
@@ -44,7 +46,8 @@ def grads(value: torch.Tensor, net: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def test_every_kind_is_tested() -> None:
-    assert set(PENALTY_KINDS) == {"linear", "log", "hinge", "squared_hinge"}
+    """The parametrisation below covers every kind of the library's choice set."""
+    assert set(get_args(PenaltyKind)) == {"linear", "log", "hinge", "squared_hinge"}
 
 
 @pytest.mark.parametrize(("kind", "target_scale"), [("linear", None), ("log", None), ("hinge", 0.5),
@@ -55,7 +58,7 @@ def test_kind_matches_its_formula_value_and_gradient(kind: str, target_scale: fl
     net, x = small_net(), example()
     reference = LipschitzEstimator(net, x)
     target = None if target_scale is None else target_scale * LipschitzEstimator(net, x).converge().item()
-    penalty = LipschitzPenalty(net, x, weight=0.3, kind=kind, target=target)
+    penalty = LipschitzPenalty(net, x, coefficient=0.3, kind=kind, threshold=target)
     for _ in range(3):
         value = penalty()
         bound = reference()
@@ -71,7 +74,7 @@ def test_kind_matches_its_formula_value_and_gradient(kind: str, target_scale: fl
 
 def test_n_iter_warm_iterations_per_call() -> None:
     net, x = small_net(), example()
-    penalty = LipschitzPenalty(net, x, weight=1.0, kind="linear", n_iter=3)
+    penalty = LipschitzPenalty(net, x, coefficient=1.0, kind="linear", n_iter=3)
     reference = LipschitzEstimator(net, x)
     assert torch.equal(penalty(), reference(n_iter=3))
     assert torch.equal(penalty(), reference(n_iter=3))
@@ -79,9 +82,25 @@ def test_n_iter_warm_iterations_per_call() -> None:
 
 @pytest.mark.parametrize("kind", ["hinge", "squared_hinge"])
 @pytest.mark.parametrize("target", [None, math.inf, math.nan])
-def test_hinge_needs_a_finite_target(kind: str, target: float | None) -> None:
-    with pytest.raises(ValueError, match="needs a finite target"):
-        LipschitzPenalty(small_net(), example(), kind=kind, target=target)
+def test_hinge_needs_a_finite_threshold(kind: str, target: float | None) -> None:
+    with pytest.raises(ValueError, match="needs a finite threshold"):
+        LipschitzPenalty(small_net(), example(), kind=kind, threshold=target)
+
+
+def test_the_old_keywords_weight_and_target_still_work_with_a_deprecation_warning() -> None:
+    net, x = small_net(), example()
+    with pytest.warns(DeprecationWarning, match=r"weight=...\) is renamed coefficient="):
+        old = LipschitzPenalty(net, x, weight=0.3, kind="hinge", threshold=1.0)
+    with pytest.warns(DeprecationWarning, match=r"target=...\) is renamed threshold="):
+        LipschitzPenalty(net, x, kind="hinge", target=1.0)
+    assert (old.coefficient, old.threshold) == (0.3, 1.0)
+    with pytest.raises(TypeError, match="got both weight= .* and coefficient="):
+        LipschitzPenalty(net, x, weight=0.3, coefficient=0.3)
+
+
+def test_a_negative_coefficient_is_refused() -> None:
+    with pytest.raises(ValueError, match="coefficient must be >= 0"):
+        LipschitzPenalty(small_net(), example(), coefficient=-1.0)
 
 
 def test_unknown_kind_is_refused() -> None:
@@ -91,7 +110,7 @@ def test_unknown_kind_is_refused() -> None:
 
 def test_last_bound() -> None:
     net, x = small_net(), example()
-    penalty = LipschitzPenalty(net, x, weight=0.5, kind="linear")
+    penalty = LipschitzPenalty(net, x, coefficient=0.5, kind="linear")
     assert penalty.last_bound is None
     value = penalty()
     assert value.requires_grad and not penalty.last_bound.requires_grad
@@ -100,7 +119,7 @@ def test_last_bound() -> None:
 
 def classifier_with_penalty(seed: int = 0) -> Classifier:
     net = small_net(seed)
-    return Classifier(net, lip_penalty=LipschitzPenalty(net, example(), weight=1e-2))
+    return Classifier(net, lip_penalty=LipschitzPenalty(net, example(), coefficient=1e-2))
 
 
 def test_warm_state_is_in_the_lightning_modules_state_dict_and_restores() -> None:
@@ -142,8 +161,8 @@ def test_penalty_on_cuda_matches_cpu() -> None:
 def test_bf16_autocast_computes_in_float32() -> None:
     """Under autocast the bound is computed as without it (float32): the same value, bitwise."""
     net, x = small_net(), example()
-    plain = LipschitzPenalty(net, x, weight=1.0, kind="log")
-    mixed = LipschitzPenalty(net, x, weight=1.0, kind="log")
+    plain = LipschitzPenalty(net, x, coefficient=1.0, kind="log")
+    mixed = LipschitzPenalty(net, x, coefficient=1.0, kind="log")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         value = mixed()
     assert value.dtype == torch.float32
@@ -155,7 +174,7 @@ def test_non_finite_bound_skips_the_penalty() -> None:
     stay finite), a NaN ``last_bound``, finite warm vectors (the NaN operator keeps its vector), and a RuntimeWarning
     at the next check (``layer_bounds()``) naming the NaN operator; once the weight is repaired the penalty is back."""
     net, x = small_net(), example()
-    penalty = LipschitzPenalty(net, x, weight=1.0, kind="log")
+    penalty = LipschitzPenalty(net, x, coefficient=1.0, kind="log")
     penalty()
     warm = {k: v.clone() for k, v in penalty.state_dict().items()}
     first = net.net[1].weight
@@ -204,7 +223,7 @@ def test_non_finite_weights_give_an_exact_zero_gradient(bad: float, layer: int) 
     ``torch.where`` on the bound gives ``0 * inf = NaN`` to the other layers' factors and ``0 * NaN`` to the bad
     layer's own weights), and an Adam step on it moves nothing: no NaN appears in the model or the optimiser."""
     net, x = small_net(), example()
-    penalty = LipschitzPenalty(net, x, weight=1.0, kind="log")
+    penalty = LipschitzPenalty(net, x, coefficient=1.0, kind="log")
     penalty()
     with torch.no_grad():
         net.net[layer].weight[1, 2] = bad
@@ -231,7 +250,7 @@ def test_an_overflowing_bound_is_skipped_with_a_zero_gradient() -> None:
         for layer in layers:
             layer.weight.mul_(1e4 / torch.linalg.matrix_norm(layer.weight, ord=2))
     net = torch.nn.Sequential(*[m for layer in layers for m in (layer, torch.nn.ReLU())])
-    penalty = LipschitzPenalty(net, torch.randn(2, 4), weight=1.0, kind="linear")
+    penalty = LipschitzPenalty(net, torch.randn(2, 4), coefficient=1.0, kind="linear")
     value = penalty()
     assert torch.isinf(penalty.last_bound) and float(value.detach()) == 0.0
     assert_zero_gradients(value, list(net.parameters()))
@@ -247,7 +266,7 @@ def test_a_nan_inside_a_fused_operator_spares_the_other_operators() -> None:
     torch.manual_seed(0)
     cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                               torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
-    penalty = LipschitzPenalty(cnn, torch.randn(2, 1, 4, 4), weight=1.0)
+    penalty = LipschitzPenalty(cnn, torch.randn(2, 1, 4, 4), coefficient=1.0)
     penalty()
     with torch.no_grad():
         cnn[0].weight[0, 0, 0, 0] = math.nan

@@ -1,9 +1,15 @@
-"""``LipschitzCallback``: log (and optionally penalise) the Lipschitz bound of a LightningModule while it trains.
+"""``LipschitzCallback``: log and certify the Lipschitz bound of a LightningModule while it trains.
+
+The callback observes; the loss penalises. It never touches the module's steps or its loss: a penalty belongs in
+the loss ``training_step`` returns (:class:`~lipreg.LipschitzPenalty`, :class:`~lipreg.LipschitzMarginLoss` on the
+module), where gradient accumulation, AMP and DDP treat it as any other term. The callback finds those terms on the
+module and logs their last values.
 
 The class holds the options and the hooks; each concern is a module of :mod:`lipreg.lightning`: finding or
-building the estimator and its checkpointed warm state (``source``), the penalty in the loss
-(``penalised_step``), the step-level logs and certificates (``steps``), the validation-epoch metrics
-(``validation``, ``robust``), and what TensorBoard shows besides scalars (``tensorboard``). The key names are
+building the estimator and its checkpointed warm state (``source``), the step-level logs and certificates
+(``steps``), the loss terms on the module (``loss_terms``), the validation-epoch evaluation (``validation``) and its
+optional jobs, each small and named for what it does: the certified accuracy (``certified_accuracy``), the lower
+bound (``lower_bound``) and the figures (``figures``); the HPARAMS session (``tensorboard``). The key names are
 those of :mod:`lipreg.keys`.
 
 One class, a proper callback under ``lightning.pytorch`` and ``pytorch_lightning`` alike (it derives from the
@@ -13,28 +19,24 @@ One class, a proper callback under ``lightning.pytorch`` and ``pytorch_lightning
   (the module's and datamodule's hparams, this callback's options and ``hparams=``), so TensorBoard takes the
   metric columns from the scalars: the certified bound and accuracy, validation and ``trainer.test`` metrics.
 * ``on_fit_start``: finds the module to bound (the LightningModule, or ``module=`` a submodule name) and reuses the
-  estimator of a :class:`~lipreg.LipschitzPenalty` already on it (one warm state, not two; with ``penalty_weight > 0``
-  such a penalty is an error: it would penalise twice). Otherwise it builds an estimator from ``example_input=``,
-  ``pl_module.example_input_array``, ``batch_to_input`` of the first batch, or the first input the module sees
-  (a forward pre-hook). No estimator by the end of the first training batch is an error that says what to pass.
-  With ``penalty_weight > 0`` it wraps ``training_step`` so that the returned loss is ``loss + penalty()``:
-  gradient accumulation, AMP scaling and DDP averaging then apply to the penalty exactly as to an explicit loss
-  term; the task loss and the penalty are logged apart (``lipschitz/task_loss``, ``lipschitz/penalty``).
-* every optimizer step: ``n_iter`` warm power iterations (inside the penalty when there is one); every
-  ``log_every_n_steps`` steps the bound is written to the loggers as ``lipschitz/<method>`` (and the factor of
-  each linear layer under ``lipschitz/layer/<node>`` with ``per_layer=True``), at the step Lightning uses for its
-  own metrics, and for the weights after that step's optimizer step (those a checkpoint then holds). Every
-  ``certify_every_n_steps`` steps it also logs ``lipschitz/<method>_certified`` (a guaranteed upper bound;
-  AutoLip's, tagged so, for a SeqLip search that is not exact) and ``lipschitz/gap_percent`` =
-  ``100 (certified / estimate - 1)``, on the same weights, so the estimate never exceeds the certificate; a ratio
-  ``certified / estimate`` above ``reconverge_gap`` re-converges the warm vectors first.
+  estimator of a :class:`~lipreg.LipschitzPenalty` on it (one warm state, not two). Otherwise it builds an estimator
+  from ``example_input=``, ``pl_module.example_input_array``, ``batch_to_input`` of the first batch, or the first
+  input the module sees (a forward pre-hook). No estimator by the end of the first training batch is an error that
+  says what to pass.
+* every optimizer step: ``n_iter`` warm power iterations (none when the estimator is a penalty's: ``training_step``
+  iterated it); every ``log_every_n_steps`` steps the bound is written to the loggers as ``lipschitz/<method>``
+  (and the factor of each linear layer under ``lipschitz/layer/<node>`` with ``per_layer=True``, the penalty's value
+  ``lipschitz/penalty``, a margin loss's ``lipschitz/margin_bound`` and ``lipschitz/margin_eps``), at the step
+  Lightning uses for its own metrics, and for the weights after that step's optimizer step (those a checkpoint then
+  holds). Every ``certify_every_n_steps`` steps it also logs ``lipschitz/<certificate>_certified`` (a guaranteed upper
+  bound; AutoLip's, tagged so, for a SeqLip search that is not exact) and ``lipschitz/gap_percent`` =
+  ``100 (certified / estimate - 1)``, on the same weights; a ratio ``certified / estimate`` above ``reconverge_gap``
+  re-converges the warm vectors first.
 * each validation epoch: converges the estimate (``eval_n_iter``), and logs it, the certified bound, the empirical
   lower bound (``lipschitz/lower``), their ratio ``lipschitz/upper_over_lower``, the certified robust accuracy at
-  each radius (``robust/certified_acc@<eps>``, from the certified bound; off with ``robust_eps=None``), the per-pair
-  (GloRo) certified accuracy when the network ends in a linear layer (``robust/pairwise_certified_acc@<eps>``, from
-  the certified bound of the body), the certified accuracy against the radius and a bar chart of the linear
-  layers' factors in graph order (TensorBoard's IMAGES tab). With a :class:`~lipreg.LipschitzMarginLoss` on the
-  module, the step-level logs add its bound and radius (``lipschitz/margin_bound``, ``lipschitz/margin_eps``).
+  each radius (``robust/certified_acc@<eps>``; off with ``robust_eps=None``), the per-pair (GloRo) certified
+  accuracy when the network ends in a linear layer (``robust/pairwise_certified_acc@<eps>``), the certified accuracy
+  against the radius and a bar chart of the linear layers' factors in graph order (TensorBoard's IMAGES tab).
 * ``state_dict`` / ``load_state_dict``: the warm state of an estimator the callback owns (one on the module is
   checkpointed with the module), so ``trainer.fit(ckpt_path=...)`` resumes exactly. Under DDP the state is
   broadcast from rank 0 once built or restored; loggers write on rank 0 only.
@@ -48,14 +50,10 @@ from torch import Tensor, nn
 
 from .. import keys, options
 from ..estimator import LipschitzEstimator
-from ..metrics import EmpiricalLipschitz
-from ..options import (Method, OnUnsupported, PenaltyKind, check_choice, robust_radii, validate_method,
-                       validate_penalty)
-from ..penalty import LipschitzPenalty
+from ..options import (Method, OnUnsupported, check_choice, check_keywords, keyword_names, robust_radii,
+                       validate_method)
 from .batches import default_batch_input, default_batch_target
 from .compat import callback_bases
-from .penalised_step import PenalisedStep
-from .robust import RobustEpoch
 from .source import EstimatorSource
 from .steps import StepLogger
 from .tensorboard import flatten_params, log_hparams_once
@@ -65,14 +63,33 @@ if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
 
 
-class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
-    """Log, certify and optionally penalise the Lipschitz bound during ``trainer.fit``.
+PENALTY_OPTIONS = ("penalty_weight", "penalty_kind", "target", "penalty", "coefficient", "threshold", "weight")
+"""Options of a penalty, which the callback refuses: the penalty belongs in the loss (:func:`refuse_penalty`)."""
 
-    Args:
-        method: ``"autolip"`` or ``"seqlip"``.
+
+def refuse_penalty(given: dict[str, Any]) -> None:
+    """A ``TypeError`` that shows the two lines to write instead of a penalty option given to the callback."""
+    named = [name for name in PENALTY_OPTIONS if name in given]
+    if not named:
+        return
+    coefficient = given.get("penalty_weight", given.get("coefficient", given.get("weight", 1e-2)))
+    kind = given.get("penalty_kind", given.get("kind"))
+    extra = f", kind={kind!r}" if kind is not None else ""
+    raise TypeError(
+        f"LipschitzCallback({named[0]}=...): the callback observes, the loss penalises. Put the penalty in the loss "
+        "your LightningModule returns:\n"
+        f"    self.lip_penalty = lipreg.LipschitzPenalty(self.net, example_input, coefficient={coefficient!r}{extra})"
+        "   # in __init__\n"
+        "    return loss + self.lip_penalty()   # in training_step\n"
+        "The callback finds the penalty on the module, shares its estimator and logs its value (lipschitz/penalty).")
+
+
+class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
+    """Log and certify the Lipschitz bound during ``trainer.fit``; log the Lipschitz terms of the module's loss.
+
+    Args (keyword-only; a misspelled one fails here, naming the closest valid option):
+        method: ``"autolip"`` or ``"seqlip"`` (:data:`~lipreg.options.Method`).
         module: name of the submodule to bound (``"net"``); the LightningModule itself when ``None``.
-        penalty_weight: ``> 0`` adds ``penalty_weight * h(bound)`` to the training loss.
-        penalty_kind, target: ``h`` and its target, as in :class:`~lipreg.LipschitzPenalty`.
         n_iter: warm power iterations per training step.
         log_every_n_steps: how often the step-level bound is logged.
         per_layer: also log each linear layer's factor.
@@ -91,13 +108,15 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
             fit (``"raise"``), or is reported once and training goes on without the bound (``"warn"``).
         prog_bar: also show the bound on the progress bar (as ``lip``).
         hparams: extra hyper-parameters written in the single HPARAMS session (e.g. a Hydra config's choices).
-        **estimator_options: passed to :class:`~lipreg.LipschitzEstimator` (``fuse``, ``search``...).
+        **estimator_options: the keyword-only options of :class:`~lipreg.LipschitzEstimator` (``fuse``, ``search``...).
+
+    A penalty option (``penalty_weight``...) is a ``TypeError`` that shows the two lines to write instead: the
+    penalty is a :class:`~lipreg.LipschitzPenalty` in the loss ``training_step`` returns.
     """
 
-    def __init__(self, method: Method = options.METHOD, module: str | None = None, penalty_weight: float = 0.0,
-                 penalty_kind: PenaltyKind = options.PENALTY_KIND, target: float | None = None,
-                 n_iter: int = options.N_ITER, log_every_n_steps: int = options.LOG_EVERY_N_STEPS,
-                 per_layer: bool = False, certify_every_n_steps: int = options.CERTIFY_EVERY_N_STEPS,
+    def __init__(self, *, method: Method = options.METHOD, module: str | None = None, n_iter: int = options.N_ITER,
+                 log_every_n_steps: int = options.LOG_EVERY_N_STEPS, per_layer: bool = False,
+                 certify_every_n_steps: int = options.CERTIFY_EVERY_N_STEPS,
                  reconverge_gap: float = options.RECONVERGE_GAP, eval_n_iter: int = options.EVAL_N_ITER,
                  robust_eps: float | Sequence[float] | None = options.ROBUST_EPS,
                  lower_bound_batches: int = options.LOWER_BOUND_BATCHES,
@@ -107,19 +126,16 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
                  prog_bar: bool = False, hparams: Mapping[str, Any] | None = None,
                  **estimator_options: Any) -> None:
         super().__init__()
-        validate_method(method, estimator_options)
-        validate_penalty(penalty_kind, target)
+        refuse_penalty(estimator_options)
+        check_keywords("LipschitzCallback", estimator_options,
+                       (*keyword_names(LipschitzCallback.__init__), *keyword_names(LipschitzEstimator, True)))
+        validate_method(method, estimator_options.get("search"))
         check_choice("on_unsupported", on_unsupported, OnUnsupported)
-        if penalty_weight < 0:
-            raise ValueError(f"penalty_weight must be >= 0, got {penalty_weight}")
         if log_every_n_steps < 1 or certify_every_n_steps < 0:
             raise ValueError(f"log_every_n_steps must be >= 1 and certify_every_n_steps >= 0, got "
                              f"{log_every_n_steps} and {certify_every_n_steps}")
         self.method = method
         self.module_name = module
-        self.penalty_weight = float(penalty_weight)
-        self.penalty_kind = penalty_kind
-        self.target = target
         self.n_iter = n_iter
         self.log_every_n_steps = log_every_n_steps
         self.per_layer = per_layer
@@ -136,10 +152,9 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
         self.prog_bar = prog_bar
         self.hparams = dict(hparams or {})
         self.estimator_options = estimator_options
-        self._source = EstimatorSource(module, self._make_penalty, on_unsupported)
+        self._source = EstimatorSource(module, self._make_estimator, on_unsupported)
         self._steps: StepLogger | None = None  # per fit
         self._validation: ValidationEvaluation | None = None  # per fit
-        self._penalised_step: PenalisedStep | None = None  # while a fit with penalty_weight > 0 runs
         self._autolog_hparams: bool | None = None  # the trainer's setting, restored at teardown
         self._hparams_written: set[str] = set()  # the log dirs that have our HPARAMS session
 
@@ -152,25 +167,14 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
         """The estimator of the bounded module (``None`` until it is found or built)."""
         return self._source.estimator
 
-    # the parts of this fit's state that tests inspect
     @property
-    def _penalty(self) -> LipschitzPenalty | None:
-        return self._source.penalty
+    def validation(self) -> ValidationEvaluation | None:
+        """This fit's validation-epoch evaluation (``None`` before the fit starts)."""
+        return self._validation
 
-    @property
-    def _robust(self) -> RobustEpoch | None:
-        return self._validation.robust if self._validation is not None else None
-
-    @property
-    def _lower(self) -> EmpiricalLipschitz | None:
-        return self._validation.lower if self._validation is not None else None
-
-    def _varying_layer_bounds(self) -> dict[str, float]:
-        return self._source.varying_layer_bounds()
-
-    def _make_penalty(self, target: nn.Module, example_input: Tensor) -> LipschitzPenalty:
-        return LipschitzPenalty(target, example_input, weight=self.penalty_weight, kind=self.penalty_kind,
-                                target=self.target, method=self.method, n_iter=self.n_iter, **self.estimator_options)
+    def _make_estimator(self, target: nn.Module, example_input: Tensor) -> LipschitzEstimator:
+        return LipschitzEstimator(target, example_input, method=self.method, n_iter=self.n_iter,
+                                  **self.estimator_options)
 
     # ------------------------------------------------------------ hparams
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -185,8 +189,7 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
         log_hparams_once(trainer.loggers, params, self._hparams_written)
 
     def _own_hparams(self) -> dict[str, Any]:
-        own = {"method": self.method, "penalty_weight": self.penalty_weight, "penalty_kind": self.penalty_kind,
-               "target": self.target, **self.estimator_options}
+        own = {"method": self.method, **self.estimator_options}
         return {keys.hparam(k): v for k, v in own.items()}
 
     # ------------------------------------------------------------ fit
@@ -199,17 +202,11 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
             self._source, self.method, eval_n_iter=self.eval_n_iter, robust_eps=self.robust_eps,
             lower_bound_batches=self.lower_bound_batches, lower_bound_ascent_steps=self.lower_bound_ascent_steps,
             batch_to_input=self.batch_to_input, batch_to_target=self.batch_to_target)
-        self._source.start(trainer, pl_module, self.example_input, penalise=self.penalty_weight > 0,
-                           capture=self.batch_to_input is default_batch_input)
-        if self.penalty_weight > 0:
-            self._penalised_step = PenalisedStep(pl_module, self._source)
+        self._source.start(trainer, pl_module, self.example_input, capture=self.batch_to_input is default_batch_input)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._autolog_hparams is not None:
             trainer.enable_autolog_hparams = self._autolog_hparams
-        if self._penalised_step is not None:
-            self._penalised_step.remove()
-            self._penalised_step = None
         self._source.remove_hook()
 
     # ------------------------------------------------------------- training
@@ -225,8 +222,8 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
         if self._source.unsupported:
             return
         self._source.require()
-        # a penalty (the callback's or the module's) iterated the warm state in training_step
-        self._steps.after_step(trainer, pl_module, penalised=self.penalty_weight > 0 or not self._source.owned)
+        # a penalty on the module iterated the warm state in training_step
+        self._steps.after_step(trainer, pl_module, penalised=not self._source.owned)
 
     # ----------------------------------------------------------- validation
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

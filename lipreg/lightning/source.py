@@ -1,8 +1,9 @@
 """Where the callback's estimator comes from, and the state it keeps across fits and checkpoints.
 
 The estimator bounds the LightningModule, or ``module=`` a submodule of it. It is, in this order of preference:
-the estimator of a :class:`~lipreg.LipschitzPenalty` already on the module (one warm state, not two), the one
-this source built in an earlier fit of the same module, or a new one built from an example input: ``example_input=``,
+the estimator of a :class:`~lipreg.LipschitzPenalty` on the module that bounds it (one warm state, not two: the
+penalty iterates it in ``training_step``), the one this source built in an earlier fit of the same module, or a new
+one built from an example input: ``example_input=``,
 the module's ``example_input_array``, ``batch_to_input`` of the first batch, or the first input the bounded module
 sees (captured by a forward pre-hook). The warm state of an estimator the source owns is its checkpoint state
 (one on the module is checkpointed with the module); once built or restored it is broadcast from rank 0, so every
@@ -19,7 +20,6 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedOpError
 from ..estimator import LipschitzEstimator
-from ..ops import Activation, Constant
 from ..options import OnUnsupported
 from ..penalty import LipschitzPenalty
 
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 NOT_EXACT_WARNING = "this SeqLip search is not exact"
 """The start of the estimator's warning that a SeqLip certificate is AutoLip's: shown once per callback."""
 
-PenaltyFactory = Callable[[nn.Module, Tensor], LipschitzPenalty]
-"""Builds the callback's :class:`~lipreg.LipschitzPenalty` (its estimator, and its weight) on a module."""
+EstimatorFactory = Callable[[nn.Module, Tensor], LipschitzEstimator]
+"""Builds the callback's own :class:`~lipreg.LipschitzEstimator` of a module from an example input."""
 
 
 class EstimatorSource:
@@ -38,17 +38,17 @@ class EstimatorSource:
 
     Args:
         module_name: the submodule to bound (``"net"``); the LightningModule itself when ``None``.
-        make_penalty: builds the penalty (and so the estimator) on the bounded module from an example input.
+        make_estimator: builds the estimator of the bounded module from an example input.
         on_unsupported: ``"raise"`` an :class:`~lipreg.UnsupportedOpError`, or ``"warn"`` once and go on without a
             bound (then :attr:`unsupported` is true and nothing more is logged).
     """
 
-    def __init__(self, module_name: str | None, make_penalty: PenaltyFactory, on_unsupported: OnUnsupported) -> None:
+    def __init__(self, module_name: str | None, make_estimator: EstimatorFactory,
+                 on_unsupported: OnUnsupported) -> None:
         self.module_name = module_name
-        self.make_penalty = make_penalty
+        self.make_estimator = make_estimator
         self.on_unsupported = on_unsupported
         self.estimator: LipschitzEstimator | None = None
-        self.penalty: LipschitzPenalty | None = None  # the penalty whose estimator this is
         self.owned = False  # built here (its warm state is checkpointed here), not a penalty's on the module
         self.unsupported = False  # an unsupported op was reported (on_unsupported="warn"): nothing to log
         self._pending_state: dict[str, Tensor] | None = None  # restored before the estimator was built
@@ -62,25 +62,19 @@ class EstimatorSource:
         return pl_module if self.module_name is None else pl_module.get_submodule(self.module_name)
 
     def start(self, trainer: Trainer, pl_module: LightningModule, example_input: Tensor | None,
-              penalise: bool, capture: bool) -> None:
-        """At fit start: reuse a penalty's estimator, keep this source's own, build one from an example input, or
-        (``capture``) wait for the first input of the bounded module. ``penalise``: the callback adds its own
-        penalty, so a :class:`~lipreg.LipschitzPenalty` already on the module is an error (it would penalise twice).
-        """
+              capture: bool) -> None:
+        """At fit start: reuse the estimator of a penalty on the module, keep this source's own, build one from an
+        example input, or (``capture``) wait for the first input of the bounded module."""
         target = self.target(pl_module)
-        penalties = [m for m in pl_module.modules() if isinstance(m, LipschitzPenalty)]
-        if penalties and penalise:  # whatever it bounds: a second penalty is never what was meant
-            bounded = type(penalties[0].estimator.model).__name__
-            raise ValueError(f"the module already has a LipschitzPenalty (on {bounded}) that it adds to its loss; use "
-                             "LipschitzCallback(penalty_weight=0.0) to log its bound, not to penalise twice")
-        existing = [m for m in penalties if m.estimator.model is target or self.module_name is None]
-        if len(existing) > 1:
-            raise ValueError(f"the module holds {len(existing)} LipschitzPenalty modules; name the submodule to log "
+        penalties = [m for m in pl_module.modules() if isinstance(m, LipschitzPenalty)
+                     and (m.estimator.model is target or self.module_name is None)]
+        if len(penalties) > 1:
+            raise ValueError(f"the module holds {len(penalties)} LipschitzPenalty modules; name the submodule to log "
                              "with LipschitzCallback(module=...)")
-        if existing:
-            self._attach(trainer, existing[0], owned=False)
+        if penalties:
+            self._attach(trainer, penalties[0].estimator, owned=False)
         elif self.owned and self.estimator.model is target:
-            self._attach(trainer, self.penalty, owned=True)  # a second fit with this callback: keep the warm state
+            self._attach(trainer, self.estimator, owned=True)  # a second fit with this callback: keep the warm state
         elif example_input is not None:
             self.build(trainer, pl_module, example_input.to(pl_module.device))
         elif getattr(pl_module, "example_input_array", None) is not None and target is pl_module:
@@ -103,14 +97,14 @@ class EstimatorSource:
     def build(self, trainer: Trainer, pl_module: LightningModule, example_input: Tensor) -> None:
         """A new estimator of the bounded module from ``example_input`` (an unsupported op: reported)."""
         try:
-            penalty = self.make_penalty(self.target(pl_module), example_input)
+            estimator = self.make_estimator(self.target(pl_module), example_input)
         except UnsupportedOpError as error:
             self.report_unsupported(error)
             return
-        self._attach(trainer, penalty, owned=True)
+        self._attach(trainer, estimator, owned=True)
 
-    def _attach(self, trainer: Trainer, penalty: LipschitzPenalty, owned: bool) -> None:
-        self.penalty, self.estimator, self.owned = penalty, penalty.estimator, owned
+    def _attach(self, trainer: Trainer, estimator: LipschitzEstimator, owned: bool) -> None:
+        self.estimator, self.owned = estimator, owned
         if owned and self._pending_state is not None:
             self.estimator.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -141,12 +135,6 @@ class EstimatorSource:
             self._hook = None
 
     # ------------------------------------------------------------ what the callback reads
-    def certified_method(self, method: str) -> str:
-        """Whose certificate ``certified_bound()`` gives: ``method``'s, or AutoLip's when a SeqLip search is not
-        exact (greedy, low-rank): then it is tagged ``autolip_certified``, never passed off as a SeqLip value."""
-        seqlip = self.estimator.seqlip
-        return "autolip" if seqlip is not None and not seqlip.certified else method
-
     def certified_bound(self) -> Tensor | None:
         """``certified_bound()``, with its SeqLip-not-exact warning shown once per callback; ``None`` when an op has
         no certified norm and ``on_unsupported="warn"`` (reported once, then no more certificates)."""
@@ -161,15 +149,6 @@ class EstimatorSource:
             except UnsupportedOpError as error:
                 self.report_unsupported(error)
                 return None
-
-    def varying_layer_bounds(self) -> dict[str, float]:
-        """Each layer's factor from the last call, in graph order, without the constant ones (activations and
-        pooling, fixed by the graph: a ReLU stays at 1)."""
-        nodes = self.estimator.graph.nodes
-        constant = {node.name for node in nodes if isinstance(node.rule, (Activation, Constant))}
-        order = {node.name: i for i, node in enumerate(nodes)}
-        layers = {k: v for k, v in self.estimator.layer_bounds().items() if k not in constant}
-        return dict(sorted(layers.items(), key=lambda item: order.get(item[0].split("~")[0], len(order))))
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

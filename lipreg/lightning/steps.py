@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import keys
-from .robust import margin_metrics
+from .loss_terms import loss_term_metrics
 from .source import EstimatorSource
 
 if TYPE_CHECKING:
@@ -54,8 +54,9 @@ class StepLogger:
     last_global_step: int = 0
 
     def after_step(self, trainer: Trainer, pl_module: LightningModule, penalised: bool) -> None:
-        """After a training batch: log what is due if the optimizer stepped. ``penalised``: ``training_step``
-        already iterated the warm state (on the weights before the step), so the bound is only re-evaluated."""
+        """After a training batch: log what is due if the optimizer stepped. ``penalised``: the estimator is a
+        penalty's, which ``training_step`` already iterated (on the weights before the step), so the bound is only
+        re-evaluated."""
         if trainer.global_step == self.last_global_step:
             return  # accumulating gradients: no optimizer step, the weights did not change
         self.last_global_step = trainer.global_step
@@ -70,8 +71,8 @@ class StepLogger:
         if log_now:
             metrics[keys.bound(self.method)] = float(bound)
             if self.per_layer:
-                metrics.update({keys.layer(k): v for k, v in self.source.varying_layer_bounds().items()})
-            metrics.update(margin_metrics(pl_module))
+                metrics.update({keys.layer(k): v for k, v in self.source.estimator.layer_factors().items()})
+            metrics.update(loss_term_metrics(pl_module))
             if self.prog_bar:
                 pl_module.log(keys.PROG_BAR, bound, prog_bar=True, logger=False, on_step=True, on_epoch=False)
         if certify_now and torch.isfinite(bound):  # non-finite weights (warned about) have no certificate
@@ -86,7 +87,7 @@ class StepLogger:
         certified = self.source.certified_bound()
         if certified is None:
             return {}
-        certified_method = self.source.certified_method(self.method)
+        certified_method = self.source.estimator.certificate
         ratio = certified_over_estimate(certified, estimate)
         if ratio > self.reconverge_gap and certified_method == self.method:
             estimate = self.source.estimator.converge(max_iter=self.eval_n_iter).detach()

@@ -1,4 +1,5 @@
-"""What the callback writes to TensorBoard besides scalars: the per-layer bar chart and the HPARAMS session.
+"""What the callback writes to TensorBoard besides scalars and figures (:mod:`lipreg.lightning.figures`): the
+HPARAMS session.
 
 Loggers are recognised by what they can do (an ``experiment`` that adds figures and summaries: Lightning's
 ``TensorBoardLogger`` under either namespace), not by their class.
@@ -10,7 +11,7 @@ hyper-parameters are written once, with no experiment summary and no metric copi
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 HParamValue = bool | int | float | str
@@ -22,15 +23,6 @@ def summary_writer(logger: Any) -> Any | None:
     experiment = getattr(logger, "experiment", None)
     capable = all(hasattr(experiment, name) for name in ("add_figure", "add_scalar", "file_writer"))
     return experiment if capable else None
-
-
-def log_figure(loggers: Sequence[Any], tag: str, draw: Callable[[], Any | None], step: int) -> None:
-    """The figure ``draw()`` (drawn once, only if a logger can show it; ``None``: nothing to show) added under
-    ``tag`` to every TensorBoard logger (their IMAGES tab). Call it on rank 0 only."""
-    writers = [w for w in map(summary_writer, loggers) if w is not None]
-    fig = draw() if writers else None
-    for writer in writers if fig is not None else ():
-        writer.add_figure(tag, fig, global_step=step, close=False)
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, HParamValue]:
@@ -71,23 +63,3 @@ def log_hparams_once(loggers: Sequence[Any], params: Mapping[str, HParamValue], 
         write_hparams(writer, params)
         if isinstance(getattr(logger, "hparams", None), dict):  # TensorBoardLogger's hparams.yaml
             logger.hparams.update(params)
-
-
-def layer_chart(layers: Mapping[str, float]) -> Any | None:
-    """A bar chart of each layer's factor (log scale), in the order given, each bar labelled with its value;
-    ``None`` without matplotlib (an optional dependency). A bare ``Figure`` (no pyplot): nothing global, such as
-    the user's matplotlib backend, is touched."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-
-    fig = Figure(figsize=(max(4.0, 0.6 * len(layers)), 3.2))
-    ax = fig.add_subplot()
-    bars = ax.bar(range(len(layers)), list(layers.values()))
-    ax.bar_label(bars, fmt="%.3g", fontsize=7)
-    ax.set_xticks(range(len(layers)), list(layers), rotation=60, ha="right", fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("Lipschitz factor")
-    fig.tight_layout()
-    return fig

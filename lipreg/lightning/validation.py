@@ -1,11 +1,12 @@
 """What the callback measures at each validation epoch.
 
 At the epoch start the estimate is converged (``eval_n_iter`` iterations at most) and certified; during the epoch
-the certified robust accuracy (global and, with a linear head, per pair: :mod:`lipreg.lightning.robust`) and the
-empirical lower bound (:class:`~lipreg.metrics.EmpiricalLipschitz`, on the first ``lower_bound_batches`` batches)
-accumulate; at the end the estimate, the certificate, the lower bound, their ratio ``upper_over_lower`` and the
-accuracies are logged through ``pl_module.log`` (torchmetrics states are synced across ranks), with two figures on
-rank 0: the linear layers' factors and the certified accuracy against the radius.
+the optional jobs accumulate, each its own small piece: the certified robust accuracy
+(:class:`~lipreg.lightning.certified_accuracy.CertifiedAccuracyEpoch`, off with ``robust_eps=None``) and the empirical
+lower bound (:class:`~lipreg.lightning.lower_bound.LowerBoundEpoch`); at the end the estimate, the certificate and
+the jobs' metrics are logged through ``pl_module.log`` (torchmetrics states are synced across ranks), with the
+figures on rank 0 (:mod:`lipreg.lightning.figures`): the linear layers' factors and the certified accuracy against
+the radius.
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from torch import Tensor
 
 from .. import keys
 from ..margins import MarginCertificate
-from ..metrics import EmpiricalLipschitz, upper_over_lower
-from .robust import RobustEpoch, radius_curve
+from .certified_accuracy import CertifiedAccuracyEpoch
+from .figures import layer_chart, log_figure, radius_curve
+from .lower_bound import LowerBoundEpoch
 from .source import EstimatorSource
-from .tensorboard import layer_chart, log_figure
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
@@ -41,8 +42,8 @@ class ValidationEvaluation:
     batch_to_input: Callable[[Any], Tensor]
     batch_to_target: Callable[[Any], Tensor]
     bound: Tensor | None = None  # the certified bound of this epoch, None when nothing is measured
-    robust: RobustEpoch | None = None
-    lower: EmpiricalLipschitz | None = None
+    robust: CertifiedAccuracyEpoch | None = None
+    lower: LowerBoundEpoch | None = None
     _pair_certificate: MarginCertificate | None = field(default=None, repr=False)  # built at the first epoch
 
     def start(self, pl_module: LightningModule) -> None:
@@ -54,47 +55,49 @@ class ValidationEvaluation:
         if self.bound is None:
             return
         device = pl_module.device
-        self.robust = RobustEpoch(self.bound, self._pairwise(), self.robust_eps, device) if self.robust_eps else None
-        self.lower = EmpiricalLipschitz(estimator.model, ascent_steps=self.lower_bound_ascent_steps).to(device)
+        self.robust = (CertifiedAccuracyEpoch(self.bound, self._pairwise(), self.robust_eps, device)
+                       if self.robust_eps else None)
+        self.lower = LowerBoundEpoch(estimator.model, self.lower_bound_batches, self.lower_bound_ascent_steps, device)
 
     def update(self, batch: Any, batch_idx: int) -> None:
         x = self.batch_to_input(batch)
         if self.robust is not None:
             with torch.no_grad():
                 logits = self.source.estimator.model(x)  # the logits of the very map the bound is for
-            if logits.ndim != 2 or logits.shape[1] < 2:
-                raise ValueError(f"LipschitzCallback: the certified robust accuracy needs class logits of shape "
-                                 f"(batch, classes >= 2), got {tuple(logits.shape)}; pass robust_eps=None to turn "
-                                 "the robust metrics off (e.g. for a regression net)")
             self.robust.update(logits, self.batch_to_target(batch))
-        if batch_idx < self.lower_bound_batches:
-            self.lower.update(x)
+        self.lower.update(x, batch_idx)
 
     def end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        estimator = self.source.estimator
         with torch.no_grad():
-            estimate = self.source.estimator(n_iter=0)
-        lower, certified = self.lower.compute(), self.bound
-        metrics = {keys.bound(self.method): estimate, keys.certified(self.source.certified_method(self.method)):
-                   certified, keys.LOWER: lower, keys.UPPER_OVER_LOWER: upper_over_lower(certified, lower)}
+            estimate = estimator(n_iter=0)
+        metrics = {keys.bound(self.method): estimate, keys.certified(estimator.certificate): self.bound,
+                   **self.lower.compute(self.bound)}
         if self.robust is not None:
             metrics.update(self.robust.compute())
         for name, value in metrics.items():  # identical on every rank (synced metrics, broadcast warm state)
             pl_module.log(name, value, on_step=False, on_epoch=True)
         self.bound = None
         if trainer.is_global_zero:
-            log_figure(trainer.loggers, keys.LAYER_CHART, lambda: layer_chart(self.source.varying_layer_bounds()),
+            self._log_figures(trainer)
+
+    def _log_figures(self, trainer: Trainer) -> None:
+        log_figure(trainer.loggers, keys.LAYER_CHART, lambda: layer_chart(self.source.estimator.layer_factors()),
+                   trainer.global_step)
+        if self.robust is not None:
+            robust, max_radius = self.robust, 2.0 * max(self.robust_eps)
+            log_figure(trainer.loggers, keys.RADIUS_CURVE, lambda: radius_curve(robust.radii(), max_radius),
                        trainer.global_step)
-            if self.robust is not None:
-                robust = self.robust
-                log_figure(trainer.loggers, keys.RADIUS_CURVE,
-                           lambda: radius_curve(robust.radii(), 2.0 * max(self.robust_eps), robust.kind),
-                           trainer.global_step)
 
     def _pairwise(self) -> MarginCertificate | None:
-        """The per-pair certificate of the bounded model (built once per fit), or ``None`` without a linear head."""
+        """The per-pair certificate of the bounded model (built once per fit), or ``None`` without a linear head or
+        without class logits (the global accuracy then says what is wrong)."""
         if self._pair_certificate is None:
             estimator = self.source.estimator
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # no linear head: the global metric says it all
-                self._pair_certificate = MarginCertificate(estimator.model, estimator.graph.sample)
+                try:
+                    self._pair_certificate = MarginCertificate(estimator.model, estimator.example_input)
+                except ValueError:  # not a classifier's logits: CertifiedAccuracyEpoch.update says what to do
+                    return None
         return self._pair_certificate if self._pair_certificate.pairwise else None

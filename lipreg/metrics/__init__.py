@@ -6,7 +6,7 @@ torchmetrics classes over them, as torchmetrics itself is laid out.
   :func:`lower_bound` / :func:`local_jacobian_norm`.
 * :class:`CertifiedRobustAccuracy` — fraction of samples whose prediction is provably constant on an
   :math:`\ell_2` ball, from the logit margin and an upper bound of :math:`L(f)` (Tsuzuku, Sato & Sugiyama 2018,
-  "Lipschitz-margin training", NeurIPS, arXiv:1802.04034), from :func:`certified_radius`.
+  "Lipschitz-margin training", NeurIPS, arXiv:1802.04034), over the kernel :func:`certified_accuracy`.
 * :func:`certified_accuracy_curve` — the accuracy-vs-radius curve; :func:`upper_over_lower` — the ratio of the two
   brackets of :math:`L(f)`.
 """
@@ -16,12 +16,12 @@ import warnings
 from typing import Any
 
 from lipreg.metrics.empirical import EmpiricalLipschitz
-from lipreg.metrics.functional import (certified_accuracy_curve, certified_radius, local_jacobian_norm, lower_bound,
-                                       upper_over_lower)
+from lipreg.metrics.functional import (certified_accuracy, certified_accuracy_curve, certified_radius,
+                                       local_jacobian_norm, lower_bound, upper_over_lower)
 from lipreg.metrics.robust import CertifiedRobustAccuracy
 
-__all__ = ["CertifiedRobustAccuracy", "EmpiricalLipschitz", "certified_accuracy_curve", "certified_radius",
-           "local_jacobian_norm", "lower_bound", "upper_over_lower"]
+__all__ = ["CertifiedRobustAccuracy", "EmpiricalLipschitz", "certified_accuracy", "certified_accuracy_curve",
+           "certified_radius", "local_jacobian_norm", "lower_bound", "upper_over_lower"]
 
 _RENAMED = {"lipschitz_gap": "upper_over_lower"}
 """Old public names: ``old -> new``, still served with a ``DeprecationWarning``."""

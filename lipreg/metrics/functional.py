@@ -4,8 +4,9 @@ r"""Functional kernels of the metrics: plain functions of tensors, no state (the
 * :func:`local_jacobian_norm`, :func:`lower_bound` — local Jacobian norms, each a valid **lower** bound of
   :math:`L(f)=\sup_x\|J_f(x)\|_2` (Scaman & Virmaux 2018, Thm. 1), see :mod:`lipreg.metrics.jacobian`.
 * :func:`certified_radius` — per-sample certified :math:`\ell_2` radius from a global bound or per-pair
-  constants (:mod:`lipreg.margins`), and :func:`certified_accuracy_curve`, the accuracy-vs-radius curve
-  (Tsuzuku, Sato & Sugiyama 2018, "Lipschitz-margin training", Prop. 1).
+  constants (:mod:`lipreg.margins`); :func:`certified_accuracy`, the certified robust accuracy at given radii
+  (the kernel of :class:`~lipreg.metrics.CertifiedRobustAccuracy`), and :func:`certified_accuracy_curve`, the
+  accuracy-vs-radius curve (Tsuzuku, Sato & Sugiyama 2018, "Lipschitz-margin training", Prop. 1).
 * :func:`upper_over_lower` — the ratio ``upper / lower`` of the two brackets of :math:`L(f)` (logged as
   ``lipschitz/upper_over_lower``).
 
@@ -23,7 +24,8 @@ from torch import Tensor
 from lipreg.margins import global_constants
 from lipreg.metrics.jacobian import local_jacobian_norm, lower_bound
 
-__all__ = ["certified_accuracy_curve", "certified_radius", "local_jacobian_norm", "lower_bound", "upper_over_lower"]
+__all__ = ["certified_accuracy", "certified_accuracy_curve", "certified_counts", "certified_radius",
+           "local_jacobian_norm", "lower_bound", "upper_over_lower"]
 
 
 def _as_float(x: float | Tensor, name: str) -> float:
@@ -34,8 +36,9 @@ def _as_float(x: float | Tensor, name: str) -> float:
     return float(x)
 
 
-def upper_over_lower(upper: float | Tensor, lower: float | Tensor) -> float:
-    r"""Ratio :math:`\bar L / \underline L \ge 1` between an upper and a lower bound of :math:`L(f)`.
+def upper_over_lower(upper: float | Tensor, lower: float | Tensor) -> Tensor:
+    r"""Ratio :math:`\bar L / \underline L \ge 1` between an upper and a lower bound of :math:`L(f)`, a float64
+    0-dim tensor.
 
     The true constant lies in :math:`[\underline L, \bar L]`, so the ratio bounds the relative
     looseness of either bracket (logged as ``lipschitz/upper_over_lower``).  Returns ``inf`` when
@@ -50,8 +53,8 @@ def upper_over_lower(upper: float | Tensor, lower: float | Tensor) -> float:
     if math.isnan(u) or math.isnan(lo) or u < 0 or lo < 0:
         raise ValueError(f"bounds must be non-negative numbers, got upper={u}, lower={lo}")
     if lo == 0.0:
-        return 1.0 if u == 0.0 else math.inf
-    return u / lo
+        return torch.tensor(1.0 if u == 0.0 else math.inf, dtype=torch.float64)
+    return torch.tensor(u / lo, dtype=torch.float64)
 
 
 def _margin_constants(bound: float | Tensor, n_classes: int) -> Tensor:
@@ -88,8 +91,27 @@ def certified_radius(logits: Tensor, target: Tensor, bound: float | Tensor) -> T
     return torch.nextafter(radius, torch.zeros_like(radius)).clamp_min(0.0)
 
 
+def certified_counts(radii: Tensor, eps: Sequence[float] | Tensor) -> Tensor:
+    """How many samples have a certified radius above each radius of ``eps``: ``(len(eps),)`` long (a strict
+    inequality: a radius of exactly ``eps`` is not certified at ``eps``)."""
+    eps_t = torch.as_tensor(eps, dtype=torch.float64, device=radii.device).reshape(-1)
+    return (radii.to(torch.float64)[None, :] > eps_t[:, None]).sum(dim=1)
+
+
 def certified_accuracy_curve(radii: Tensor, grid: Sequence[float] | Tensor) -> Tensor:
-    """Fraction of the samples whose certified radius exceeds each radius of ``grid`` (the accuracy-vs-radius
-    curve; at 0, the accuracy with ties counted as errors)."""
-    grid_t = torch.as_tensor(grid, dtype=torch.float64, device=radii.device)
-    return (radii.to(torch.float64)[None, :] > grid_t[:, None]).to(torch.float64).mean(dim=1)
+    """Fraction of the samples whose certified radius exceeds each radius of ``grid``, ``(len(grid),)`` float64
+    (the accuracy-vs-radius curve; at 0, the accuracy with ties counted as errors; 0 without samples)."""
+    return certified_counts(radii, grid).to(torch.float64) / max(radii.numel(), 1)
+
+
+def certified_accuracy(logits: Tensor, target: Tensor, bound: float | Tensor,
+                       eps: float | Sequence[float]) -> Tensor:
+    r"""The certified robust accuracy at each :math:`\ell_2` radius of ``eps``, ``(len(eps),)`` float64: the fraction
+    of samples whose :func:`certified_radius` exceeds it (correctly classified, with a margin that beats
+    ``K_yj eps`` for every other class). The kernel of :class:`~lipreg.metrics.CertifiedRobustAccuracy`.
+
+    ``bound`` must be certified (a scalar ``L`` or per-pair constants ``(C, C)``): an estimate from below gives an
+    unsound accuracy.
+    """
+    grid = (eps,) if isinstance(eps, (int, float)) else tuple(eps)
+    return certified_accuracy_curve(certified_radius(logits, target, bound), grid)

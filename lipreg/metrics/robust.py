@@ -1,5 +1,6 @@
 r"""``CertifiedRobustAccuracy``: the fraction of samples certified robust at each :math:`\ell_2` radius, a
-torchmetrics ``Metric`` over :func:`~lipreg.metrics.functional.certified_radius` (Tsuzuku, Sato & Sugiyama 2018,
+torchmetrics ``Metric`` over the kernels of :func:`~lipreg.metrics.functional.certified_accuracy`
+(:func:`~lipreg.metrics.functional.certified_radius`, counted by ``certified_counts``) (Tsuzuku, Sato & Sugiyama 2018,
 "Lipschitz-margin training", Prop. 1; per pair: GloRo, Leino et al. 2021)."""
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lipreg import keys
-from lipreg.metrics.functional import certified_radius
+from lipreg.metrics.functional import certified_counts, certified_radius
 
 __all__ = ["CertifiedRobustAccuracy"]
 
@@ -121,9 +122,7 @@ class CertifiedRobustAccuracy(Metric):
             raise ValueError(f"target values must lie in [0, {n_classes}), got range [{int(target.min())}, {int(target.max())}]")
 
         radius = certified_radius(logits, target, lipschitz_bound)  # (B,); 0 when misclassified, tied or NaN
-        eps = torch.tensor(self.eps, dtype=torch.float64, device=radius.device)
-        ok = radius[None, :] > eps[:, None]  # (K, B)
-        self.correct_certified += ok.sum(dim=1).to(self.correct_certified)
+        self.correct_certified += certified_counts(radius, self.eps).to(self.correct_certified)
         self.total += target.shape[0]
         if not certified:
             self.n_estimated += target.shape[0]

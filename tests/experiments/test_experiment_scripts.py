@@ -71,7 +71,7 @@ def test_ckpt_path_is_a_key():
 
 
 @pytest.mark.parametrize("override, valid", [("lipreg.method=seqlipp", "autolip"),
-                                             ("lipreg.penalty_kind=hinj", "squared_hinge"),
+                                             ("lipreg.penalty.kind=hinj", "squared_hinge"),
                                              ("eval.seqlip=gredy", "greedy"),
                                              ("trainer.accelerator=gpuu", "cuda")])
 def test_closed_choices_fail_at_composition(override, valid):
@@ -80,10 +80,13 @@ def test_closed_choices_fail_at_composition(override, valid):
     assert valid in str(info.value.__cause__)  # OmegaConf lists the valid values
 
 
-def test_enum_choices_reach_the_callback_as_strings():
-    callback = train.build_lipreg_callback(_compose(["lipreg=seqlip", "lipreg.penalty_kind=linear"]))
+def test_enum_choices_reach_the_callback_and_the_penalty_as_strings():
+    cfg = _compose(["lipreg=seqlip", "lipreg.penalty_weight=0.1", "lipreg.penalty.kind=linear"])
+    callback = train.build_lipreg_callback(cfg)
     assert callback.method == "seqlip" and not isinstance(callback.method, Enum)
-    assert callback.penalty_kind == "linear" and not isinstance(callback.penalty_kind, Enum)
+    penalty = train.build_penalty(cfg)(torch.nn.Linear(4, 3), torch.zeros(1, 4))
+    assert penalty.kind == "linear" and not isinstance(penalty.kind, Enum)
+    assert penalty.estimator.method == "seqlip" and not isinstance(penalty.estimator.method, Enum)
     assert f"{_compose(['eval.seqlip=exact']).eval.seqlip}" == "exact"  # f-strings build metric names
 
 
@@ -100,7 +103,7 @@ def test_hparams_are_the_choices_and_overrides():
 
 def test_hparams_reach_the_callback():
     callback = train.build_lipreg_callback(_compose([]), {"model": "mlp", "lipreg.penalty_weight": 0.01})
-    assert callback.hparams == {"model": "mlp", "lipreg.penalty_weight": 0.01}
+    assert callback.hparams == {"model": "mlp", "lipreg.penalty_weight": 0.01, "lipreg/penalty_weight": 0.0}
 
 
 def test_run_name_is_the_overrides():

@@ -114,7 +114,11 @@ def test_lipreg_options(option):
     assert type(callback).__name__ == "LipschitzCallback"
     assert callback.method == ("seqlip" if option == "seqlip" else "autolip")
     assert callback.module_name == "net"
-    assert callback.penalty_weight == (1e-2 if option == "penalty" else 0.0)
+    penalty = train.build_penalty(cfg)
+    assert (penalty is None) == (option != "penalty")
+    if penalty is not None:
+        built = penalty(torch.nn.Linear(4, 3), torch.zeros(1, 4))
+        assert (built.coefficient, built.kind, built.estimator.method) == (1e-2, "log", "autolip")
     assert list(callback.robust_eps) == ([0.1, 0.3, 0.5, 1.0] if option == "certified" else [0.1])
     if option == "seqlip":
         assert callback.estimator_options == {"search": "greedy"}
@@ -126,10 +130,17 @@ def test_penalty_with_lipreg_off_is_refused():
         train.build_lipreg_callback(cfg)
 
 
-def test_penalty_weight_override_reaches_the_callback():
-    cfg = _compose(["lipreg.penalty_weight=1e-3", "lipreg.penalty_kind=linear"])
+def test_penalty_weight_override_puts_the_penalty_in_the_module():
+    """``lipreg.penalty_weight=...`` (what a sweep turns) builds the penalty on the Classifier's net, in its loss; the
+    callback only observes."""
+    cfg = _compose(["lipreg.penalty_weight=1e-3", "lipreg.penalty.kind=hinge", "lipreg.penalty.threshold=2.0",
+                    "model.hidden=[8]"])
+    module = train.build_module(cfg, train.build_datamodule(cfg))
+    penalty = module.lip_penalty
+    assert (penalty.coefficient, penalty.kind, penalty.threshold) == (1e-3, "hinge", 2.0)
+    assert penalty.estimator.model is module.net
     callback = train.build_lipreg_callback(cfg)
-    assert callback.penalty_weight == 1e-3 and callback.penalty_kind == "linear"
+    assert not hasattr(callback, "penalty_weight")
 
 
 @pytest.mark.parametrize("option", GROUPS["trainer"])
@@ -414,3 +425,28 @@ def test_optuna_preset_two_trials(tmp_path):
     assert results["best_params"]["lipreg.penalty_weight"] in weights
     best = max(json.loads((sweep / j / "metrics.json").read_text())["objective_value"] for j in ("0", "1"))
     assert results["best_value"] == pytest.approx(best)
+
+
+@pytest.mark.slow
+def test_certified_preset_through_train_py(tmp_path: Path) -> None:
+    """``lipreg=certified``: the Classifier trains on the margin loss; the callback logs its bound and radius and the
+    per-pair certified accuracy; the final evaluation certifies every radius."""
+    _run("train.py", "lipreg=certified", "model=lipcnn", "data=digits", "trainer.max_epochs=1",
+         "trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "eval.n_iter=10", "eval.lower_bound_samples=8",
+         "lipreg.margin.warmup=2", "lipreg.margin.kind=lse", "lipreg.log_every_n_steps=2", "progress_bar=false",
+         "logger=csv", f"hydra.run.dir={tmp_path}")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for eps in ("0.1", "0.3", "0.5", "1"):
+        assert 0.0 <= metrics[f"test/pairwise_certified_acc@{eps}"] <= metrics["test/acc"]
+    assert 0.0 <= metrics["robust/pairwise_certified_acc@0.3"] <= 1.0  # the callback's, at validation
+    logged = next(tmp_path.glob("csv/**/metrics.csv")).read_text().splitlines()[0].split(",")
+    assert {"lipschitz/margin_bound", "lipschitz/margin_eps"} <= set(logged)
+
+
+@pytest.mark.slow
+def test_penalty_preset_puts_the_penalty_in_the_loss_and_the_callback_logs_it(tmp_path: Path) -> None:
+    _run("train.py", "lipreg=penalty", "model.hidden=[16]", "trainer.max_epochs=1", "trainer.limit_train_batches=4",
+         "trainer.limit_val_batches=1", "eval.n_iter=10", "eval.lower_bound_samples=8", "lipreg.log_every_n_steps=2",
+         "progress_bar=false", "logger=csv", f"hydra.run.dir={tmp_path}")
+    logged = next(tmp_path.glob("csv/**/metrics.csv")).read_text().splitlines()[0].split(",")
+    assert "lipschitz/penalty" in logged and "lipschitz/task_loss" not in logged

@@ -1,7 +1,7 @@
-"""``LipschitzCallback`` wiring, each with a tiny real ``pl.Trainer`` fit on the digits data (CPU): which estimator it
-uses (one on the module, one built from ``example_input_array``, or lazily from the first batch), the clear error
-on a double penalty, what it leaves behind, its checkpoint state, and that the certified robust accuracy it logs
-is computed from the certified bound.
+"""``LipschitzCallback`` wiring, each with a tiny real ``pl.Trainer`` fit on the blobs data (CPU): which estimator it
+uses (one on the module, one built from ``example_input_array``, or lazily from the first batch), the error that
+shows where a penalty goes instead, what it leaves behind (the module's steps untouched), its checkpoint state, and
+that the certified robust accuracy it logs is computed from the certified bound.
 """
 from __future__ import annotations
 
@@ -17,24 +17,23 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from experiments.data import DigitsDataModule
-from experiments.models import MLP, Classifier
 from lipreg import LipschitzEstimator
 from lipreg.lightning import LipschitzCallback
 from lipreg.metrics import CertifiedRobustAccuracy
 from lipreg.penalty import LipschitzPenalty
+from tests.classifiers import EXAMPLE, MLP, BlobsData, Classifier
 
 pytestmark = pytest.mark.slow
 
 
-def digits() -> DigitsDataModule:
-    return DigitsDataModule(batch_size=32, seed=0, limit_train=128, limit_eval=64)
+def blobs() -> BlobsData:
+    return BlobsData(batch_size=32, train=128, evaluation=64)
 
 
 def classifier(seed: int = 0, with_penalty: bool = False) -> Classifier:
     torch.manual_seed(seed)
-    net = MLP((1, 8, 8), 10, hidden=(16,))
-    penalty = LipschitzPenalty(net, torch.zeros(1, 1, 8, 8), weight=1e-2) if with_penalty else None
+    net = MLP(hidden=(16,))
+    penalty = LipschitzPenalty(net, EXAMPLE, coefficient=1e-2) if with_penalty else None
     return Classifier(net, lr=1e-2, lip_penalty=penalty)
 
 
@@ -45,7 +44,7 @@ def fit(tmp_path: Path, module: pl.LightningModule, callbacks: list[Callback], *
         logger=TensorBoardLogger(tmp_path, name="", version=0), log_every_n_steps=1)
     options.update(overrides)
     trainer = pl.Trainer(callbacks=callbacks, **options)
-    trainer.fit(module, digits())
+    trainer.fit(module, blobs())
     return trainer
 
 
@@ -75,9 +74,23 @@ def test_reuses_the_penalty_already_on_the_module(tmp_path: Path, module_name: s
         assert float(trainer.callback_metrics["lipschitz/autolip"]) == model.lip_penalty.estimator(n_iter=0).item()
 
 
-def test_penalty_weight_with_a_penalty_on_the_module_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="penalise twice"):
-        fit(tmp_path, classifier(with_penalty=True), [LipschitzCallback(penalty_weight=0.1)])
+def test_logs_the_penalty_on_the_module_and_leaves_its_steps_alone(tmp_path: Path) -> None:
+    model = classifier(with_penalty=True)
+    trainer = fit(tmp_path, model, [LipschitzCallback(module="net", log_every_n_steps=1)], limit_val_batches=0)
+    assert "training_step" not in vars(model)  # the module's own step ran, never a wrapper
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [e.value for e in events.Scalars("lipschitz/penalty")]
+    assert len(logged) == 3 and logged[-1] == pytest.approx(float(model.lip_penalty.last_value), rel=1e-6)
+    assert "lipschitz/task_loss" not in events.Tags()["scalars"]
+
+
+@pytest.mark.parametrize("option", ["penalty_weight", "penalty_kind", "target"])
+def test_a_penalty_option_is_an_error_that_shows_the_two_lines_to_write(option: str) -> None:
+    value = "hinge" if option == "penalty_kind" else 0.1
+    with pytest.raises(TypeError, match=r"(?s)the loss penalises.*LipschitzPenalty\(self.net, example_input, "
+                                        r"coefficient=.*return loss \+ self.lip_penalty\(\)"):
+        LipschitzCallback(**{option: value})
 
 
 def test_builds_from_example_input_array_at_fit_start(tmp_path: Path) -> None:
@@ -90,20 +103,18 @@ def test_builds_from_example_input_array_at_fit_start(tmp_path: Path) -> None:
     assert set(lip.state_dict()["estimator"]) == set(estimator.state_dict())
 
 
-@pytest.mark.parametrize("penalty_weight", [0.0, 0.1])
-def test_builds_lazily_from_the_first_batch(tmp_path: Path, penalty_weight: float) -> None:
+def test_builds_lazily_from_the_first_batch(tmp_path: Path) -> None:
     """No ``example_input_array`` and ``module="net"``: the forward pre-hook captures the first training batch's
     input, builds the estimator for ``net``, and removes itself."""
     model = classifier()
     model.example_input_array = None
-    lip = LipschitzCallback(module="net", penalty_weight=penalty_weight, log_every_n_steps=1)
+    lip = LipschitzCallback(module="net", log_every_n_steps=1)
     probe = EstimatorAtFitStart(lip)
     trainer = fit(tmp_path, model, [lip, probe])
     assert probe.seen == [None]
     assert lip.estimator is not None and lip.estimator.model is model.net
-    assert tuple(lip.estimator.graph.input_shape) == (1, 1, 8, 8)
+    assert tuple(lip.estimator.example_input.shape) == (1, 1, 8, 8)
     assert not model.net._forward_pre_hooks
-    assert "training_step" not in vars(model)  # teardown removed the wrapper
     assert trainer.callback_metrics["lipschitz/autolip"] > 0
     assert set(lip.state_dict()["estimator"]) == set(lip.estimator.state_dict())
 
@@ -111,7 +122,7 @@ def test_builds_lazily_from_the_first_batch(tmp_path: Path, penalty_weight: floa
 def test_restored_state_waits_for_a_lazy_build_and_is_checkpointed_meanwhile(tmp_path: Path) -> None:
     model = classifier()
     model.example_input_array = None
-    reference = LipschitzEstimator(model.net, torch.zeros(1, 1, 8, 8))
+    reference = LipschitzEstimator(model.net, EXAMPLE)
     reference(n_iter=7)
     state = {k: v.clone() for k, v in reference.state_dict().items()}
     lip = LipschitzCallback(module="net", log_every_n_steps=100, certify_every_n_steps=0)
@@ -119,7 +130,7 @@ def test_restored_state_waits_for_a_lazy_build_and_is_checkpointed_meanwhile(tmp
     assert lip.state_dict() == {"estimator": state}
     fit(tmp_path, model, [lip], limit_train_batches=1, limit_val_batches=0)
     # built on the first batch from the restored vectors, then one warm iteration on the updated weights
-    expected = LipschitzEstimator(model.net, torch.zeros(1, 1, 8, 8))
+    expected = LipschitzEstimator(model.net, EXAMPLE)
     expected.load_state_dict(state)
     expected()
     for name, buffer in lip.estimator.state_dict().items():
@@ -134,7 +145,7 @@ def test_a_second_fit_with_the_same_callback_keeps_the_warm_state(tmp_path: Path
     before = {k: v.clone() for k, v in estimator.state_dict().items()}
     fit(tmp_path / "again", model, [lip], limit_val_batches=0, limit_train_batches=1)
     assert lip.estimator is estimator
-    expected = LipschitzEstimator(model, torch.zeros(1, 1, 8, 8))
+    expected = LipschitzEstimator(model, EXAMPLE)
     expected.load_state_dict(before)
     expected()  # one more warm step, on the weights after the second fit
     for name, buffer in estimator.state_dict().items():
@@ -161,12 +172,10 @@ def test_certified_robust_accuracy_is_fed_the_certified_bound(tmp_path: Path, mo
     lip = LipschitzCallback(robust_eps=eps, log_every_n_steps=100, certify_every_n_steps=0)
     trainer = fit(tmp_path, model, [lip], max_epochs=2, limit_val_batches=2)
 
-    certified = original(LipschitzEstimator(model, torch.zeros(1, 1, 8, 8))).item()
+    certified = original(LipschitzEstimator(model, EXAMPLE)).item()
     assert len(fed) == 4 and all(flag for _, flag in fed)
     assert fed[-1][0] == pytest.approx(3.0 * certified, rel=1e-6)
-    data = digits()
-    data.setup("fit")
-    x, y = data.val_set.tensors
+    x, y = blobs().sets["val"].tensors
     model.eval()
     with torch.no_grad():
         logits = model(x)
@@ -197,7 +206,7 @@ def test_seqlip_logs_under_its_tag_and_names_whose_certificate_it_is(tmp_path: P
 
     monkeypatch.setattr(LipschitzEstimator, "converge", counted)
     torch.manual_seed(0)
-    model = Classifier(MLP((1, 8, 8), 10, hidden=(8, 8)), lr=1e-2)
+    model = Classifier(MLP(hidden=(8, 8)), lr=1e-2)
     lip = LipschitzCallback(method="seqlip", search=search, log_every_n_steps=1, certify_every_n_steps=1,
                             reconverge_gap=1.0001)
     with pytest.warns(UserWarning) if search == "greedy" else contextlib.nullcontext():

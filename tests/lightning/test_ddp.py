@@ -1,4 +1,4 @@
-"""DDP on CPU: ``strategy="ddp_fork"``, two processes (gloo), the callback penalising and logging.
+"""DDP on CPU: ``strategy="ddp_fork"``, two processes (gloo), the callback building its estimator lazily and logging.
 
 Each rank writes what it holds to a file in ``tmp_path``; the parent compares: training completes on both, the
 warm state, bounds and weights are bitwise identical across ranks (the ranks start from *different* warm vectors,
@@ -19,9 +19,8 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from experiments.data import DigitsDataModule
-from experiments.models import MLP, Classifier
 from lipreg.lightning import LipschitzCallback
+from tests.classifiers import MLP, BlobsData, Classifier
 
 pytestmark = pytest.mark.slow
 EPS = 0.05
@@ -48,7 +47,7 @@ class PerRank(Callback):
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after the LipschitzCallback's compute(): torchmetrics has restored each rank's own (unsynced) states
-        robust, lower = self.lip._robust.global_acc, self.lip._lower
+        robust, lower = self.lip.validation.robust.global_acc, self.lip.validation.lower.metric
         self.local = {"correct": robust.correct_certified.clone(), "total": robust.total.clone(),
                       "lower": lower.value.clone()}
 
@@ -61,23 +60,24 @@ class PerRank(Callback):
                     "warm": {k: v.clone() for k, v in estimator.state_dict().items()},
                     "seed": self.lip.estimator_options["seed"], "bound": bound, "certified": certified,
                     "final": {k: float(v) for k, v in trainer.callback_metrics.items()
-                              if k.startswith(("lipschitz/", "robust/")) and k != "lipschitz/task_loss"}, "local": self.local, "batches": self.batches},
+                              if k.startswith(("lipschitz/", "robust/"))},
+                    "local": self.local, "batches": self.batches},
                    self.out / f"rank{trainer.global_rank}.pt")
 
 
 def test_ddp_fork_two_cpu_processes(tmp_path: Path) -> None:
     pl.seed_everything(0)
     torch.manual_seed(0)
-    model = Classifier(MLP((1, 8, 8), 10, hidden=(32,)), lr=1e-2)
+    model = Classifier(MLP(hidden=(32,)), lr=1e-2)
     model.example_input_array = None  # lazily built from the first batch, inside the DDP forward
-    lip = LipschitzCallback(module="net", penalty_weight=0.1, log_every_n_steps=2, certify_every_n_steps=2,
+    lip = LipschitzCallback(module="net", log_every_n_steps=2, certify_every_n_steps=2,
                             robust_eps=(EPS,), lower_bound_batches=1)
     trainer = pl.Trainer(strategy="ddp_fork", accelerator="cpu", devices=2, max_epochs=2, limit_train_batches=4,
                          limit_val_batches=2, num_sanity_val_steps=0, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=2,
                          logger=TensorBoardLogger(tmp_path, name="", version=0),
                          callbacks=[lip, PerRank(lip, tmp_path)])
-    trainer.fit(model, DigitsDataModule(batch_size=32, seed=0))
+    trainer.fit(model, BlobsData(batch_size=32, train=512, evaluation=128))
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
@@ -100,7 +100,7 @@ def test_ddp_fork_two_cpu_processes(tmp_path: Path) -> None:
     assert zero["final"][f"robust/certified_acc@{EPS:g}"] == pytest.approx(float(correct[0]) / 128, abs=1e-6)
     assert zero["final"]["lipschitz/lower"] == pytest.approx(max(float(r["local"]["lower"]) for r in ranks), rel=1e-6)
     # recomputed from the final weights and both shards: the certified accuracy at the certified bound
-    net = MLP((1, 8, 8), 10, hidden=(32,))
+    net = MLP(hidden=(32,))
     net.load_state_dict({k.removeprefix("net."): v for k, v in zero["params"].items() if k.startswith("net.")})
     net.eval()
     hits = 0

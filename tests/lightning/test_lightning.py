@@ -1,7 +1,7 @@
 """``LipschitzCallback`` as a Lightning user meets it: a real fit under ``lightning.pytorch`` and under
 ``pytorch_lightning`` (the per-layer chart and the HPARAMS session in the TensorBoard event files, test metrics among
 the HPARAMS columns), the misuse errors and their fixes, dict batches, regression nets, unsupported ops, the logged
-penalty, the SeqLip not-exact warning shown once, and the constructor's validation.
+penalty of the module, the SeqLip not-exact warning shown once, and the constructor's validation.
 """
 from __future__ import annotations
 
@@ -39,14 +39,16 @@ def loaders(n: int = 64, dict_batches: bool = False, outputs: int = 10) -> DataL
     return DataLoader(TensorDataset(x, y), batch_size=16)
 
 
-def make_module(ns: ModuleType, outputs: int = 10, dict_batches: bool = False) -> Any:
-    """A LightningModule of namespace ``ns`` whose steps call ``self.net`` directly (no ``forward``)."""
+def make_module(ns: ModuleType, outputs: int = 10, dict_batches: bool = False, penalty: float = 0.0) -> Any:
+    """A LightningModule of namespace ``ns`` whose steps call ``self.net`` directly (no ``forward``), with a
+    ``LipschitzPenalty`` of coefficient ``penalty`` in its training loss when ``penalty > 0``."""
 
     class Module(ns.LightningModule):
         def __init__(self, lr: float = 0.05) -> None:
             super().__init__()
             self.save_hyperparameters()
             self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, outputs))
+            self.lip = lipreg.LipschitzPenalty(self.net, torch.zeros(1, 8), coefficient=penalty) if penalty else None
 
         def _xy(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
             return (batch["image"], batch["label"]) if dict_batches else (batch[0], batch[1])
@@ -59,7 +61,7 @@ def make_module(ns: ModuleType, outputs: int = 10, dict_batches: bool = False) -
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             loss = self._loss(batch)
             self.log("train/loss", loss)
-            return loss
+            return loss + self.lip() if self.lip is not None else loss
 
         def validation_step(self, batch: Any, batch_idx: int) -> None:
             self.log("val/loss", self._loss(batch))
@@ -118,9 +120,7 @@ def test_fit_and_test_under_each_namespace(tmp_path: Path, namespace: str) -> No
     assert [e.step for e in events.Images("lipschitz/layers")] == [3]
     assert metadata.EXPERIMENT_TAG not in events.Tags()["tensors"]  # no declared columns: TB reads the scalars
     params, columns = hparams_tab(logdir)
-    assert params == {"lr": 0.05, "lipreg/method": "autolip", "lipreg/penalty_weight": 0.0,
-                      "lipreg/penalty_kind": "log", "lipreg/target": "None", "experiment": "namespaces",
-                      "data/batch": 16}
+    assert params == {"lr": 0.05, "lipreg/method": "autolip", "experiment": "namespaces", "data/batch": 16}
     assert {"lipschitz/autolip", "lipschitz/autolip_certified", "robust/certified_acc@0.1", "val/loss",
             "test/loss"} <= set(columns)
     assert not [c for c in columns if c.startswith(("hp/", "hp_metric", "final/"))]
@@ -133,7 +133,7 @@ def test_per_layer_factors_skip_constants_in_graph_order(tmp_path: Path) -> None
     callback = LipschitzCallback(module="net", log_every_n_steps=1, per_layer=True, certify_every_n_steps=0)
     fit = trainer(ns, tmp_path, callback, limit_val_batches=0)
     fit.fit(make_module(ns), loaders())
-    layers = callback._varying_layer_bounds()
+    layers = callback.estimator.layer_factors()
     assert list(layers) == ["0", "2", "4"]  # node names of the bounded module, net
     events = EventAccumulator(fit.logger.log_dir, size_guidance={"scalars": 0})
     events.Reload()
@@ -191,7 +191,7 @@ def test_on_unsupported(tmp_path: Path, on_unsupported: str) -> None:
     ns = importlib.import_module("pytorch_lightning")
     module = make_module(ns)
     module.net.append(Exp())
-    lip = LipschitzCallback(module="net", on_unsupported=on_unsupported, penalty_weight=0.1)
+    lip = LipschitzCallback(module="net", on_unsupported=on_unsupported)
     fit = trainer(ns, tmp_path, lip)
     if on_unsupported == "raise":
         with pytest.raises(lipreg.UnsupportedOpError, match="exp"):
@@ -203,19 +203,19 @@ def test_on_unsupported(tmp_path: Path, on_unsupported: str) -> None:
     assert not [k for k in fit.callback_metrics if k.startswith(("lipschitz/", "robust/"))]
 
 
-def test_penalty_and_task_loss_logged_apart_and_bound_on_the_progress_bar(tmp_path: Path) -> None:
+def test_the_penalty_on_the_module_is_logged_once_and_the_bound_on_the_progress_bar(tmp_path: Path) -> None:
     ns = importlib.import_module("lightning.pytorch")
-    lip = LipschitzCallback(module="net", penalty_weight=0.3, log_every_n_steps=1, prog_bar=True)
+    lip = LipschitzCallback(module="net", log_every_n_steps=1, prog_bar=True)
     fit = trainer(ns, tmp_path, lip, limit_val_batches=0)
-    module = make_module(ns)
+    module = make_module(ns, penalty=0.3)
     fit.fit(module, loaders())
+    assert lip.estimator is module.lip.estimator  # one warm state, iterated by the penalty in training_step
     events = EventAccumulator(fit.logger.log_dir, size_guidance={"scalars": 0})
     events.Reload()
     penalties = [e.value for e in events.Scalars("lipschitz/penalty")]
-    task = [e.value for e in events.Scalars("lipschitz/task_loss")]
-    assert len(penalties) == len(task) == 3
-    assert penalties[-1] == pytest.approx(0.3 * math.log(float(lip._penalty.last_bound)), rel=1e-5)
-    assert task == pytest.approx([e.value for e in events.Scalars("train/loss")], rel=1e-6)
+    assert len(penalties) == 3
+    assert penalties[-1] == pytest.approx(0.3 * math.log(float(module.lip.last_bound)), rel=1e-5)
+    assert "lipschitz/task_loss" not in events.Tags()["scalars"]  # the module's own loss is logged by the module
     assert "lip" in fit.progress_bar_metrics and "lip" not in events.Tags()["scalars"]
 
 
@@ -231,13 +231,11 @@ def test_seqlip_not_exact_warning_shown_once(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"method": "seqlipp"}, "method must be one of 'autolip', 'seqlip'; got 'seqlipp'"),
-    ({"penalty_kind": "hinge"}, "needs a finite target"),
-    ({"penalty_kind": "hing", "target": 1.0}, "penalty kind must be one of"),
     ({"search": "greedy"}, "search='greedy' is a SeqLip option"),
     ({"method": "seqlip", "search": "greedyy"}, "search must be one of"),
     ({"on_unsupported": "ignore"}, "on_unsupported must be one of 'raise', 'warn'"),
     ({"robust_eps": (0.1, -1.0)}, "robust_eps must hold positive radii"),
-    ({"penalty_weight": -1.0}, "penalty_weight must be >= 0"),
+    ({"log_every_n_steps": 0}, "log_every_n_steps must be >= 1"),
 ])
 def test_constructor_validation(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -1,10 +1,11 @@
-"""End to end: real ``pl.Trainer`` fits on the digits data (CPU) with ``LipschitzCallback`` / ``LipschitzPenalty``.
+"""End to end: real ``pl.Trainer`` fits on the blobs data (CPU) with ``LipschitzCallback`` / ``LipschitzPenalty``.
 
 * the scalars in the TensorBoard event files equal an independent recomputation from the weights saved at each
   step (converged values within 1e-4; certified >= the exact product of dense-Jacobian norms >= the estimate);
-* the penalty's measured effect (bound at least 2x lower, certified accuracy higher);
-* the callback's penalty and the explicit loss term give bitwise the same updates (accumulation, bf16 autocast);
-* kill-and-resume is bitwise (weights and warm state), and the digits loader's data order on resume;
+* the penalty's measured effect (bound at least 2x lower at the same accuracy);
+* the callback observes: with it, a penalised fit gives bitwise the same weights and warm state as without it
+  (accumulation, bf16 autocast);
+* kill-and-resume is bitwise (weights and warm state);
 * a NaN weight mid-training: warning, penalty skipped, no NaN gradient, training goes on.
 """
 from __future__ import annotations
@@ -22,14 +23,12 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from experiments.data import DigitsDataModule
-from experiments.models import CNN, MLP, Classifier
 from lipreg import LipschitzEstimator
 from lipreg.lightning import LipschitzCallback
 from lipreg.penalty import LipschitzPenalty
+from tests.classifiers import CNN, EXAMPLE, MLP, BlobsData, Classifier
 
 pytestmark = pytest.mark.slow
-EXAMPLE = torch.zeros(1, 1, 8, 8)
 
 
 def trainer_for(tmp_path: Path | None, callbacks: list[Callback], **overrides: Any) -> pl.Trainer:
@@ -43,7 +42,7 @@ def trainer_for(tmp_path: Path | None, callbacks: list[Callback], **overrides: A
 
 def make_net(kind: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return MLP((1, 8, 8), 10, hidden=(32, 32)) if kind == "mlp" else CNN((1, 8, 8), 10, channels=(8, 16), hidden=32)
+    return MLP(hidden=(32, 32)) if kind == "mlp" else CNN(channels=(8, 16), hidden=32)
 
 
 def segments(net: nn.Module) -> list[nn.Module]:
@@ -133,7 +132,7 @@ def test_logged_bounds_equal_an_independent_recomputation(tmp_path: Path, kind: 
     snapshots = Snapshots()
     trainer = trainer_for(tmp_path, [lip, snapshots], max_epochs=2, limit_train_batches=5, limit_val_batches=2,
                           log_every_n_steps=3)
-    trainer.fit(model, DigitsDataModule(batch_size=64, seed=0, limit_eval=128))
+    trainer.fit(model, BlobsData(batch_size=64))
     scalars = read_scalars(trainer.logger.log_dir)
     exact = {step: exact_autolip(loaded(kind, w)) for step, w in snapshots.weights.items()}
     val_steps, last = (4, 9), 9
@@ -141,7 +140,7 @@ def test_logged_bounds_equal_an_independent_recomputation(tmp_path: Path, kind: 
     # at the step Lightning logs its own metrics under (per-layer values: only at the log steps)
     layer_tags = [tag for tag in scalars if tag.startswith("lipschitz/layer/")]
     assert layer_tags and all({s for s, _ in scalars[tag]} == {2, 5, 8} for tag in layer_tags)
-    assert {s for s, _ in scalars["train/loss_step"]} == {2, 5, 8}
+    assert {s for s, _ in scalars["train/loss"]} == {2, 5, 8}
     assert {s for s, _ in scalars["lipschitz/autolip"]} == {2, 5, 8} | {1, 3, 5, 7, 9} | set(val_steps)
     # every certified value (step-level every 2 steps, and at each validation) is >= the exact one, and tight
     certified = scalars["lipschitz/autolip_certified"]
@@ -158,7 +157,7 @@ def test_logged_bounds_equal_an_independent_recomputation(tmp_path: Path, kind: 
         assert 0.0 <= gap_percent <= 100.0 * (lip.reconverge_gap * (1 + 1e-6) - 1.0)
     # per layer: the linear factors are power-method values of their operator (the constant ones, 1 here, not logged)
     layers = {tag.removeprefix("lipschitz/layer/"): scalars[tag] for tag in layer_tags}
-    assert set(layers) == {node.name for node in lip.estimator.graph.linear_nodes()}
+    assert set(layers) == set(lip.estimator.linear_operators())
     assert math.prod(v for name, values in layers.items() for s, v in values if s == 2) == pytest.approx(
         dict(scalars["lipschitz/autolip"])[2], rel=1e-5)
 
@@ -183,63 +182,52 @@ def test_logged_bounds_equal_an_independent_recomputation(tmp_path: Path, kind: 
 
 
 # --------------------------------------------------------------------------- the penalty's effect
-def train_for_effect(penalty_weight: float) -> dict[str, float]:
+def train_for_effect(coefficient: float) -> dict[str, float]:
     pl.seed_everything(0)
-    model = Classifier(MLP((1, 8, 8), 10, hidden=(64, 64)), lr=1e-2)
-    lip = LipschitzCallback(penalty_weight=penalty_weight, penalty_kind="log", log_every_n_steps=1000,
-                            certify_every_n_steps=0, robust_eps=(0.1,))
+    net = MLP(hidden=(64, 64))
+    penalty = LipschitzPenalty(net, EXAMPLE, coefficient=coefficient, kind="log") if coefficient else None
+    model = Classifier(net, lr=1e-2, lip_penalty=penalty)
+    lip = LipschitzCallback(module="net", log_every_n_steps=1000, certify_every_n_steps=0, robust_eps=(0.1,))
     trainer = trainer_for(None, [lip], max_epochs=8, check_val_every_n_epoch=8)
-    trainer.fit(model, DigitsDataModule(batch_size=64, seed=0))
+    trainer.fit(model, BlobsData(batch_size=64))
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
-def test_penalty_lowers_the_bound_and_raises_certified_accuracy() -> None:
-    """Same seed, data order and budget (8 epochs, MLP 64-64 on digits); ``log`` penalty of weight 0.3."""
+def test_penalty_lowers_the_bound_at_the_same_accuracy() -> None:
+    """Same seed, data order and budget (8 epochs, MLP 64-64 on blobs); ``log`` penalty of coefficient 0.3. (Its
+    effect on the certified accuracy is measured on real digits: ``tests/experiments/test_penalty_effect.py``.)"""
     plain, penalised = train_for_effect(0.0), train_for_effect(0.3)
-    bound, acc = "lipschitz/autolip_certified", "robust/certified_acc@0.1"
-    print(f"\ncertified bound: {plain[bound]:.2f} without penalty, {penalised[bound]:.2f} with "
-          f"({plain[bound] / penalised[bound]:.2f}x lower)"
-          f"\ncertified accuracy at eps=0.1: {plain[acc]:.3f} without, {penalised[acc]:.3f} with"
-          f"\nval accuracy: {plain['val/acc']:.3f} without, {penalised['val/acc']:.3f} with")
+    bound = "lipschitz/autolip_certified"
     assert penalised[bound] * 2 <= plain[bound]
-    assert penalised[acc] > plain[acc]
-    assert penalised["val/acc"] > 0.9
+    assert penalised["val/acc"] >= plain["val/acc"] - 0.02 and penalised["val/acc"] > 0.9
 
 
-# --------------------------------------------------------------------------- explicit term == callback penalty
-def fit_with_penalty(how: str, **trainer_options: Any) -> tuple[Classifier, dict[str, torch.Tensor]]:
+# --------------------------------------------------------------------------- the callback only observes
+def fit_penalised(observed: bool, **trainer_options: Any) -> tuple[Classifier, dict[str, torch.Tensor]]:
     pl.seed_everything(0)
     net = make_net("mlp")
-    if how == "explicit":
-        model = Classifier(net, lr=1e-2, lip_penalty=LipschitzPenalty(net, EXAMPLE, weight=0.5, kind="log"))
-        callbacks: list[Callback] = []
-    else:
-        model = Classifier(net, lr=1e-2)
-        weight = 0.5 if how == "callback" else 0.0
-        callbacks = [LipschitzCallback(module="net", penalty_weight=weight, penalty_kind="log",
-                                       log_every_n_steps=1000, certify_every_n_steps=0)]
+    model = Classifier(net, lr=1e-2, lip_penalty=LipschitzPenalty(net, EXAMPLE, coefficient=0.5, kind="log"))
+    callbacks = [LipschitzCallback(module="net", log_every_n_steps=1, per_layer=True, certify_every_n_steps=0)
+                 ] if observed else []
     trainer = trainer_for(None, callbacks, limit_train_batches=6, limit_val_batches=0, **trainer_options)
-    trainer.fit(model, DigitsDataModule(batch_size=32, seed=0))
-    if how == "explicit":
-        warm = model.lip_penalty.estimator.state_dict()
-    else:
-        warm = callbacks[0].estimator.state_dict()
-    return model, warm
+    trainer.fit(model, BlobsData(batch_size=32))
+    return model, model.lip_penalty.estimator.state_dict()
 
 
 @pytest.mark.parametrize("options", [{"accumulate_grad_batches": 2}, {"precision": "bf16-mixed"},
                                      {"accumulate_grad_batches": 2, "precision": "bf16-mixed"}],
                          ids=["accumulate2", "bf16", "accumulate2-bf16"])
-def test_callback_penalty_equals_the_explicit_loss_term(options: dict[str, Any]) -> None:
-    explicit, explicit_warm = fit_with_penalty("explicit", **options)
-    callback, callback_warm = fit_with_penalty("callback", **options)
-    plain, _ = fit_with_penalty("none", **options)
-    for name, value in explicit.net.state_dict().items():
-        assert torch.equal(value, callback.net.state_dict()[name]), name
-    assert any(not torch.equal(v, plain.net.state_dict()[k]) for k, v in explicit.net.state_dict().items())
-    assert explicit_warm.keys() == callback_warm.keys()
-    for name, value in explicit_warm.items():
-        assert torch.equal(value, callback_warm[name]), name
+def test_the_callback_changes_no_update_of_a_penalised_fit(options: dict[str, Any]) -> None:
+    """The callback shares the penalty's estimator and logs its bound at every step, yet the weights and the warm
+    state are bitwise those of the same fit without it: it never iterates a penalty's warm state when it logs (only
+    a re-convergence before a certificate or a validation epoch moves it, to the top singular vectors)."""
+    alone, alone_warm = fit_penalised(False, **options)
+    observed, observed_warm = fit_penalised(True, **options)
+    for name, value in alone.net.state_dict().items():
+        assert torch.equal(value, observed.net.state_dict()[name]), name
+    assert alone_warm.keys() == observed_warm.keys()
+    for name, value in alone_warm.items():
+        assert torch.equal(value, observed_warm[name]), name
 
 
 # --------------------------------------------------------------------------- kill and resume
@@ -252,14 +240,13 @@ class BatchOrder(Callback):
         self.labels.setdefault(trainer.current_epoch, []).append(batch[1].tolist())
 
 
-def fit_for_resume(tmp_path: Path, data: DigitsDataModule, penalty_on_module: bool, ckpt_path: str | None = None,
+def fit_for_resume(tmp_path: Path, data: BlobsData, penalty_on_module: bool, ckpt_path: str | None = None,
                    ) -> tuple[Classifier, LipschitzCallback, BatchOrder]:
     pl.seed_everything(0 if ckpt_path is None else 123)  # a resumed run gets everything from the checkpoint
     net = make_net("mlp", seed=0 if ckpt_path is None else 123)
-    penalty = LipschitzPenalty(net, EXAMPLE, weight=0.3) if penalty_on_module else None
+    penalty = LipschitzPenalty(net, EXAMPLE, coefficient=0.3) if penalty_on_module else None
     model = Classifier(net, lr=1e-2, lip_penalty=penalty)
-    lip = LipschitzCallback(penalty_weight=0.0 if penalty_on_module else 0.3, log_every_n_steps=2,
-                            certify_every_n_steps=3, reconverge_gap=1.0001)
+    lip = LipschitzCallback(module="net", log_every_n_steps=2, certify_every_n_steps=3, reconverge_gap=1.0001)
     order = BatchOrder()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     trainer = trainer_for(tmp_path, [lip, order, checkpoints], max_epochs=2, limit_train_batches=4,
@@ -269,14 +256,14 @@ def fit_for_resume(tmp_path: Path, data: DigitsDataModule, penalty_on_module: bo
 
 
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")
-@pytest.mark.parametrize("penalty_on_module", [False, True], ids=["callback-penalty", "module-penalty"])
+@pytest.mark.parametrize("penalty_on_module", [False, True], ids=["callback-estimator", "module-penalty"])
 def test_kill_and_resume_is_bitwise(tmp_path: Path, penalty_on_module: bool) -> None:
     """2 epochs straight vs resuming the same run's end-of-epoch-1 checkpoint into fresh objects (another seed):
     bitwise the same weights, optimizer-driven updates, warm vectors (in the module or in the callback's state)."""
-    straight, straight_lip, straight_order = fit_for_resume(tmp_path / "a", DigitsDataModule(batch_size=64),
+    straight, straight_lip, straight_order = fit_for_resume(tmp_path / "a", BlobsData(batch_size=64),
                                                             penalty_on_module)
     resumed, resumed_lip, resumed_order = fit_for_resume(
-        tmp_path / "b", DigitsDataModule(batch_size=64), penalty_on_module,
+        tmp_path / "b", BlobsData(batch_size=64), penalty_on_module,
         ckpt_path=str(tmp_path / "a" / "ckpt" / "epoch=0.ckpt"))
     assert resumed_order.labels[1] == straight_order.labels[1] and list(resumed_order.labels) == [1]
     straight_state, resumed_state = straight.state_dict(), resumed.state_dict()
@@ -290,14 +277,6 @@ def test_kill_and_resume_is_bitwise(tmp_path: Path, penalty_on_module: bool) -> 
     assert straight_lip.state_dict().keys() == resumed_lip.state_dict().keys()
     for name, value in straight_lip.state_dict().get("estimator", {}).items():
         assert torch.equal(value, resumed_lip.state_dict()["estimator"][name]), name
-
-
-@pytest.mark.filterwarnings("ignore:The dirpath has changed")
-def test_digits_data_order_survives_a_resume(tmp_path: Path) -> None:
-    _, _, straight = fit_for_resume(tmp_path / "a", DigitsDataModule(batch_size=64), False)
-    _, _, resumed = fit_for_resume(tmp_path / "b", DigitsDataModule(batch_size=64), False,
-                                   ckpt_path=str(tmp_path / "a" / "ckpt" / "epoch=0.ckpt"))
-    assert resumed.labels[1] == straight.labels[1]
 
 
 # --------------------------------------------------------------------------- NaN weight mid-training
@@ -346,20 +325,17 @@ class InjectNaN(Callback):
             pl_module.clean = None
 
 
-@pytest.mark.parametrize("where", ["callback", "module"])
-def test_nan_weight_skips_the_penalty_and_training_goes_on(tmp_path: Path, where: str) -> None:
+def test_nan_weight_skips_the_penalty_and_training_goes_on(tmp_path: Path) -> None:
     pl.seed_everything(0)
     net = make_net("mlp")
-    penalty = LipschitzPenalty(net, EXAMPLE, weight=0.3) if where == "module" else None
-    model = CleanTaskClassifier(net, lr=1e-2, lip_penalty=penalty)
+    model = CleanTaskClassifier(net, lr=1e-2, lip_penalty=LipschitzPenalty(net, EXAMPLE, coefficient=0.3))
     # module="net": the bounded map is the net with its (NaN) weights; the classifier's forward, which swaps in the
     # clean weight, is not what the penalty bounds (and the capture refuses it: its graph does not compute it)
-    lip = LipschitzCallback(module="net", penalty_weight=0.3 if where == "callback" else 0.0, log_every_n_steps=1,
-                            certify_every_n_steps=1)
+    lip = LipschitzCallback(module="net", log_every_n_steps=1, certify_every_n_steps=1)
     inject = InjectNaN(step=3)
     trainer = trainer_for(tmp_path, [lip, inject], max_epochs=1, limit_train_batches=6, limit_val_batches=1)
     with pytest.warns(RuntimeWarning) as record:
-        trainer.fit(model, DigitsDataModule(batch_size=32, seed=0))
+        trainer.fit(model, BlobsData(batch_size=32))
     assert any("penalty is skipped" in str(w.message) for w in record)
 
     assert trainer.global_step == 6  # training went on

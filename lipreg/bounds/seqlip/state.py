@@ -15,14 +15,13 @@ from torch import Tensor, nn
 from ...capture.graph import LipGraph, LipNode
 from ...operator import Operators, linear_operators
 from ...linalg.power import converged, ritz_residuals
+from ...options import SEARCHES, Search, check_choice
 from ...policy import BoundPolicy
 from .chains import find_chains
 from .factors import Factor, dense_factor, lowrank_factor, random_subspace, ritz, subspace_step
 from .gradient import Pair, gradient_surrogate
 from .plan import ChainPlan, OpPlan, PairPlan, plan_chain
 from .search import exact_search, greedy_local_max, pair_matrix, rounding_slack, top_singular, vertex_sigma
-
-SEARCHES = ("auto", "exact", "greedy", "lowrank")
 
 
 class SeqLip(nn.Module):
@@ -42,10 +41,9 @@ class SeqLip(nn.Module):
     """
 
     def __init__(self, graph: LipGraph, dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None,
-                 search: str = "auto", policy: BoundPolicy = BoundPolicy()) -> None:
+                 search: Search = "auto", policy: BoundPolicy = BoundPolicy()) -> None:
         super().__init__()
-        if search not in SEARCHES:
-            raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+        check_choice("search", search, Search)
         object.__setattr__(self, "graph", graph)  # not a module: plain attribute
         self.dtype = dtype
         self.search = search

@@ -1,26 +1,25 @@
-"""The certified robust accuracy of one validation epoch, as the callback logs it.
+"""The callback's certified robust accuracy of one validation epoch.
 
 Global: a prediction ``y`` is certified at radius ``eps`` when ``z_y - z_j > sqrt(2) L eps`` for every ``j``, with
 ``L`` the certified bound of the whole network (eq. 2 of :mod:`lipreg.margins`). Per pair (GloRo, Leino et al.
 2021), when the network ends in a linear layer: ``z_y - z_j > ||w_y - w_j|| L(body) eps`` (eq. 3), with the
-certified bound of everything before the head. Both come from certificates, never from estimates. Each sample's
-certified radius (the tightest of the two) feeds the certified-accuracy-vs-radius curve.
+certified bound of everything before the head. Both come from certificates, never from estimates, and both are
+:class:`~lipreg.metrics.CertifiedRobustAccuracy` (synced across DDP ranks). Each sample's certified radius (the
+tightest of the two) is kept for the accuracy-vs-radius figure.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import keys
-from ..losses import LipschitzMarginLoss
 from ..margins import MarginCertificate
-from ..metrics import CertifiedRobustAccuracy, certified_accuracy_curve, certified_radius
+from ..metrics import CertifiedRobustAccuracy, certified_radius
 
 
-class RobustEpoch:
+class CertifiedAccuracyEpoch:
     """Global and (with a linear head) pairwise certified accuracy at each radius, and every sample's radius.
 
     Args:
@@ -45,6 +44,10 @@ class RobustEpoch:
 
     @torch.no_grad()
     def update(self, logits: Tensor, target: Tensor) -> None:
+        if logits.ndim != 2 or logits.shape[1] < 2:
+            raise ValueError(f"LipschitzCallback: the certified robust accuracy needs class logits of shape "
+                             f"(batch, classes >= 2), got {tuple(logits.shape)}; pass robust_eps=None to turn "
+                             "the robust metrics off (e.g. for a regression net)")
         self.global_acc.update(logits, target, self.bound, certified=True)
         tightest = self.bound if self.pair_constants is None else self.pair_constants
         if self.pair_acc is not None:
@@ -58,39 +61,6 @@ class RobustEpoch:
             metrics.update({keys.in_group(k, pairwise=True): v for k, v in self.pair_acc.compute().items()})
         return metrics
 
-    def radii(self) -> Tensor:
-        """This process's certified radii so far (float64, on the CPU)."""
-        return torch.cat(self._radii) if self._radii else torch.empty(0, dtype=torch.float64)
-
-
-def radius_curve(radii: Tensor, max_radius: float, kind: str) -> Any | None:
-    """The certified accuracy against the radius on ``[0, max_radius]`` as a bare matplotlib ``Figure`` (no pyplot:
-    nothing global is touched); ``None`` without matplotlib (an optional dependency) or without samples."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    if not len(radii):
-        return None
-    grid = torch.linspace(0.0, max_radius, 41, dtype=torch.float64)
-    fig = Figure(figsize=(4.0, 3.0))
-    ax = fig.add_subplot()
-    ax.plot(grid.tolist(), certified_accuracy_curve(radii, grid).tolist())
-    ax.set_xlabel("L2 radius")
-    ax.set_ylabel(f"certified accuracy ({kind})")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def margin_metrics(module: nn.Module) -> dict[str, float]:
-    """The bound (an estimate) and the current radius of each :class:`~lipreg.LipschitzMarginLoss` on ``module``:
-    ``lipschitz/margin_bound`` and ``lipschitz/margin_eps`` (``lipschitz/margin/<name>_...`` for several)."""
-    losses = [(name, m) for name, m in module.named_modules() if isinstance(m, LipschitzMarginLoss)]
-    metrics: dict[str, float] = {}
-    for name, loss in losses:
-        if loss.last_bound is not None:
-            tag = None if len(losses) == 1 else name
-            metrics[keys.margin("bound", tag)] = float(loss.last_bound)
-            metrics[keys.margin("eps", tag)] = loss.last_eps
-    return metrics
+    def radii(self) -> dict[str, Tensor]:
+        """This process's certified radii so far (float64, on the CPU), under the certificate's kind."""
+        return {self.kind: torch.cat(self._radii) if self._radii else torch.empty(0, dtype=torch.float64)}
