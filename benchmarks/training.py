@@ -3,9 +3,9 @@
 Variants, timed interleaved in one run (ratios to the plain step; the machine is noisy, see ``common.median_times``):
 
 * ``plain``: no lipreg;
-* ``callback (log only)``: what ``LipschitzCallback(penalty_weight=0)`` adds to a step: one warm iteration of the
+* ``callback (log only)``: what ``LipschitzCallback()`` adds to a step: one warm iteration of the
   estimator, without grad, after the optimizer step (the logging itself, every ``log_every_n_steps``, is not timed);
-* ``autolip penalty``: ``loss + LipschitzPenalty(model, x, n_iter=1)()`` (what the callback's penalty also runs);
+* ``autolip penalty``: ``loss + LipschitzPenalty(model, x, n_iter=1)()`` (the penalty a module adds to its loss);
 * ``hand-written 1 warm``: a minimal hand-written penalty, one warm power iteration per operator (the floor);
 * ``spectral_norm``: ``torch.nn.utils.parametrizations.spectral_norm`` on every conv and linear layer (the anchor;
   note it bounds the reshaped kernel, not the convolution operator);
@@ -96,7 +96,7 @@ def main() -> None:
     torch.manual_seed(0)
     base = CNN((1, 8, 8), 10)
     models = {name: copy.deepcopy(base) for name in ("plain", "log", "autolip", "hand1", "cold20")}
-    penalty = LipschitzPenalty(models["autolip"], x, weight=WEIGHT, kind="log", n_iter=1)
+    penalty = LipschitzPenalty(models["autolip"], x, coefficient=WEIGHT, kind="log", n_iter=1)
     logger = LipschitzPenalty(models["log"], x, n_iter=1)
     plain_log_step = train_step_fn(models["log"], x, y)
 

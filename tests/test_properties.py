@@ -6,6 +6,7 @@ autodiff, then gradient ascent on the inputs), which shares no code with the est
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -110,6 +111,7 @@ def build(conv, mlp, seed: int) -> tuple[nn.Module, tuple[int, ...]]:
     return nn.Sequential(*layers).to(DT).eval(), in_shape
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(conv=convs, mlp=st.lists(blocks, max_size=4), seed=st.integers(0, 2**16), fuse=st.booleans())
 def test_bound_is_never_below_a_local_jacobian_norm(conv, mlp, seed, fuse):
