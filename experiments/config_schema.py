@@ -198,6 +198,7 @@ class MarginConf:
     method: Method = II("..method")
     n_iter: int = II("..n_iter")
     warmup: int = library_default(LipschitzMarginLoss, "warmup")
+    warmup_fraction: Optional[float] = library_default(LipschitzMarginLoss, "warmup_fraction")  # instead of warmup
     kind: MarginKind = MarginKind(library_default(LipschitzMarginLoss, "kind"))  # lipreg.losses, eq. 2 / 3 / 4
     temperature: Optional[float] = library_default(LipschitzMarginLoss, "temperature")  # None: the kind's default
     ce_weight: float = library_default(LipschitzMarginLoss, "ce_weight")

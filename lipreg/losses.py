@@ -87,7 +87,10 @@ class LipschitzMarginLoss(nn.Module):
     differentiably, so the loss also pulls the bound down where the margin needs it. The bound is an estimate
     (from below): certify a trained model with :meth:`certified_constants`, never with ``last_bound``.
 
-    ``eps`` ramps linearly from 0 over the first ``warmup`` calls in training mode (0: no ramp); the call count is a
+    ``eps`` ramps linearly from 0 over the first ``warmup`` calls in training mode (0: no ramp), or over the first
+    ``warmup_fraction`` of the run's training calls: :meth:`plan_warmup` fixes them from the run's length (a
+    :class:`~lipreg.LipschitzCallback` does it at fit start, from the trainer), and a training call before that is an
+    error. The call count is a
     buffer, so with the warm vectors it is checkpointed, follows ``.to()`` and is identical on every DDP rank.
     ``last_bound`` holds the (detached) bound used by the last call (of the body when pairwise), ``last_eps`` its
     radius. A non-finite bound (NaN weights) gives the plain cross-entropy for that step, with a warning.
@@ -99,6 +102,7 @@ class LipschitzMarginLoss(nn.Module):
         pairwise: per-pair constants when the head is linear.
         method, n_iter: of the estimator (``"autolip"`` or ``"seqlip"``).
         warmup: number of training calls over which ``eps`` ramps up from 0.
+        warmup_fraction: instead of ``warmup``, the fraction of the run (in ``[0, 1]``) over which it ramps up.
         kind: ``"ce"`` (eq. 2), ``"hinge"`` (eq. 3) or ``"lse"`` (eq. 4).
         temperature: ``T`` of eq. (2) (logit units) or (4) (radius units); ``None``: 1 for ``"ce"``, 0.1 for
             ``"lse"``; the hinge has none.
@@ -111,8 +115,9 @@ class LipschitzMarginLoss(nn.Module):
 
     @checked_keywords(forwards_to=lambda: LipschitzEstimator)
     def __init__(self, model: nn.Module, example_input: Tensor, *, eps: float, pairwise: bool = True,
-                 method: Method = METHOD, n_iter: int = N_ITER, warmup: int = 1000, kind: MarginKind = "ce",
-                 temperature: float | None = None, ce_weight: float = 0.0, **estimator_options: Any) -> None:
+                 method: Method = METHOD, n_iter: int = N_ITER, warmup: int = 1000,
+                 warmup_fraction: float | None = None, kind: MarginKind = "ce", temperature: float | None = None,
+                 ce_weight: float = 0.0, **estimator_options: Any) -> None:
         super().__init__()
         check_choice("margin loss kind", kind, MarginKind)
         if temperature is None:
@@ -123,9 +128,12 @@ class LipschitzMarginLoss(nn.Module):
         if not eps >= 0 or not temperature > 0 or warmup < 0 or not ce_weight >= 0:
             raise ValueError(f"need eps >= 0, temperature > 0, warmup >= 0, ce_weight >= 0; got {eps}, "
                              f"{temperature}, {warmup}, {ce_weight}")
+        if warmup_fraction is not None and not 0.0 <= warmup_fraction <= 1.0:
+            raise ValueError(f"warmup_fraction must lie in [0, 1] (a fraction of the run), got {warmup_fraction}")
         warn_batch_statistics(model, "LipschitzMarginLoss")
         self.eps = float(eps)
-        self.warmup = int(warmup)
+        self.warmup: int | None = int(warmup) if warmup_fraction is None else None  # None: until plan_warmup
+        self.warmup_fraction = warmup_fraction
         self.kind = kind
         self.temperature = float(temperature)
         self.ce_weight = float(ce_weight)
@@ -148,8 +156,18 @@ class LipschitzMarginLoss(nn.Module):
         """The ramped radius of the next call, :meth:`ramped_eps` read on the host."""
         return float(self.ramped_eps())
 
+    def plan_warmup(self, total_calls: int) -> None:
+        """With ``warmup_fraction``: ramp over that fraction of a run of ``total_calls`` training calls (one per
+        ``training_step``; with gradient accumulation, optimizer steps times the accumulation). No-op otherwise."""
+        if self.warmup_fraction is not None:
+            self.warmup = round(self.warmup_fraction * total_calls)
+
     def ramped_eps(self) -> Tensor | float:
         """``eps * min(1, calls / warmup)``, on the device of the call count (no host synchronisation)."""
+        if self.warmup is None:
+            raise RuntimeError("LipschitzMarginLoss(warmup_fraction=...) does not know the run's length yet: call "
+                               "loss.plan_warmup(total_training_calls) before training, or let a LipschitzCallback "
+                               "do it (it reads the trainer's estimated_stepping_batches at fit start)")
         if self.warmup == 0:
             return self.eps
         return self.eps * torch.clamp(self.calls / self.warmup, max=1.0)

@@ -343,3 +343,17 @@ def test_pair_constants_follow_a_model_changed_after_the_build(replaced: int) ->
         J = torch.func.jacrev(lambda v: model(v[None])[0])(point)  # (3, 4)
         lower = torch.linalg.vector_norm(J[:, None, :] - J[None, :, :], dim=-1)
         assert bool((K >= lower * (1 - 1e-9)).all())
+
+
+def test_a_warmup_fraction_ramps_over_that_fraction_of_the_planned_run() -> None:
+    net, x, y = mlp(), torch.randn(4, 4), torch.arange(4) % 3
+    loss_fn = LipschitzMarginLoss(net, x, eps=0.4, warmup_fraction=0.25)
+    with pytest.raises(RuntimeError, match=r"plan_warmup\(total_training_calls\)"):
+        loss_fn(net(x), y)
+    loss_fn.plan_warmup(40)  # 10 calls of ramp
+    assert loss_fn.warmup == 10
+    for _ in range(5):
+        loss_fn(net(x), y)
+    assert loss_fn.current_eps() == pytest.approx(0.2)
+    with pytest.raises(ValueError, match=r"warmup_fraction must lie in \[0, 1\]"):
+        LipschitzMarginLoss(net, x, eps=0.4, warmup_fraction=1.5)

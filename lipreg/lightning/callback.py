@@ -22,7 +22,8 @@ One class, a proper callback under ``lightning.pytorch`` and ``pytorch_lightning
   estimator of a :class:`~lipreg.LipschitzPenalty` on it (one warm state, not two). Otherwise it builds an estimator
   from ``example_input=``, ``pl_module.example_input_array``, ``batch_to_input`` of the first batch, or the first
   input the module sees (a forward pre-hook). No estimator by the end of the first training batch is an error that
-  says what to pass.
+  says what to pass. A :class:`~lipreg.LipschitzMarginLoss` whose warm-up is a fraction of the run
+  (``warmup_fraction``) is told the run's length in training calls (``trainer.estimated_stepping_batches``).
 * every optimizer step: ``n_iter`` warm power iterations (none when the estimator is a penalty's: ``training_step``
   iterated it); every ``log_every_n_steps`` steps the bound is written to the loggers as ``lipschitz/<method>``
   (and the factor of each linear layer under ``lipschitz/layer/<node>`` with ``per_layer=True``, the penalty's value
@@ -54,6 +55,7 @@ from ..options import (Method, OnUnsupported, check_choice, check_keywords, keyw
                        validate_method)
 from .batches import default_batch_input, default_batch_target
 from .compat import callback_bases
+from .loss_terms import plan_warmups
 from .source import EstimatorSource
 from .steps import StepLogger
 from .tensorboard import flatten_params, log_hparams_once
@@ -203,6 +205,7 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
             lower_bound_batches=self.lower_bound_batches, lower_bound_ascent_steps=self.lower_bound_ascent_steps,
             batch_to_input=self.batch_to_input, batch_to_target=self.batch_to_target)
         self._source.start(trainer, pl_module, self.example_input, capture=self.batch_to_input is default_batch_input)
+        plan_warmups(pl_module, trainer)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._autolog_hparams is not None:

@@ -17,7 +17,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lipreg import LipschitzEstimator
+from lipreg import LipschitzEstimator, LipschitzMarginLoss
 from lipreg.lightning import LipschitzCallback
 from lipreg.metrics import CertifiedRobustAccuracy
 from lipreg.penalty import LipschitzPenalty
@@ -222,3 +222,12 @@ def test_seqlip_logs_under_its_tag_and_names_whose_certificate_it_is(tmp_path: P
     assert all(e <= c for e, c in zip(estimates, certificates))
     if search == "greedy":
         assert not calls
+
+
+def test_a_margin_loss_warmup_fraction_is_planned_from_the_trainer(tmp_path: Path) -> None:
+    """3 training batches a epoch, 2 epochs, accumulating 1: 6 calls; a quarter of them ramp eps."""
+    model = classifier()
+    model.margin = LipschitzMarginLoss(model.net, EXAMPLE, eps=0.3, warmup_fraction=0.25)
+    fit(tmp_path, model, [LipschitzCallback(module="net", log_every_n_steps=100)], max_epochs=2,
+        limit_val_batches=0)
+    assert model.margin.warmup == round(0.25 * 6)
