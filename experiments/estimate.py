@@ -215,7 +215,8 @@ def evaluate_bounds(
     if lower is not None:
         metrics[keys.LOWER] = lower
         upper = min(certificates.values(), default=metrics[keys.bound("autolip")])
-        ratio = _try(keys.UPPER_OVER_LOWER, lambda: float(upper_over_lower(upper, lower)), errors) if lower > 0 else None
+        ratio = (_try(keys.UPPER_OVER_LOWER, lambda: float(upper_over_lower(upper, lower)), errors) if lower > 0
+                 else None)
         if ratio is not None:
             metrics[keys.UPPER_OVER_LOWER] = ratio
 

@@ -77,8 +77,9 @@ def logit_classes(graph: LipGraph) -> int:
         kind = f"a {type(output).__name__} of {len(output)}" if isinstance(output, (tuple, list)) else \
             f"a {type(output).__name__}"
         raise ValueError(f"{name} returns {kind} outputs; margin certificates need one tensor of class logits "
-                         "(batch, classes). Give MarginCertificate / LipschitzMarginLoss a module that returns the logits "
-                         "alone: the submodule that computes them, or a wrapper whose forward returns model(x)[0]")
+                         "(batch, classes). Give MarginCertificate / LipschitzMarginLoss a module that returns the "
+                         "logits alone: the submodule that computes them, or a wrapper whose forward returns "
+                         "model(x)[0]")
     if output.ndim != 2 or output.shape[1] < 2:
         raise ValueError(f"{name} returns a tensor of shape {tuple(output.shape)} on one sample; margin certificates "
                          "need class logits of shape (batch, classes >= 2): flatten the output, or use "

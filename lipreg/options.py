@@ -72,7 +72,9 @@ def check_choice(name: str, value: Any, choices: Any) -> None:
 def keyword_names(fn: Callable[..., Any], keyword_only: bool = False) -> tuple[str, ...]:
     """The names ``fn`` takes as keywords (its ``**kwargs`` excluded), or only its keyword-only ones (the options
     after the positional ``model, example_input``)."""
-    kinds = {inspect.Parameter.KEYWORD_ONLY} | ({inspect.Parameter.POSITIONAL_OR_KEYWORD} if not keyword_only else set())
+    kinds = {inspect.Parameter.KEYWORD_ONLY}
+    if not keyword_only:
+        kinds.add(inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return tuple(name for name, p in inspect.signature(fn).parameters.items() if p.kind in kinds and name != "self")
 
 

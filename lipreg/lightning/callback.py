@@ -196,12 +196,12 @@ class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
 
     # ------------------------------------------------------------ fit
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._steps = StepLogger(self._source, self.method, log_every_n_steps=self.log_every_n_steps,
+        self._steps = StepLogger(self._source, log_every_n_steps=self.log_every_n_steps,
                                  certify_every_n_steps=self.certify_every_n_steps, reconverge_gap=self.reconverge_gap,
                                  eval_n_iter=self.eval_n_iter, per_layer=self.per_layer, prog_bar=self.prog_bar,
                                  last_global_step=trainer.global_step)
         self._validation = ValidationEvaluation(
-            self._source, self.method, eval_n_iter=self.eval_n_iter, robust_eps=self.robust_eps,
+            self._source, eval_n_iter=self.eval_n_iter, robust_eps=self.robust_eps,
             lower_bound_batches=self.lower_bound_batches, lower_bound_ascent_steps=self.lower_bound_ascent_steps,
             batch_to_input=self.batch_to_input, batch_to_target=self.batch_to_target)
         self._source.start(trainer, pl_module, self.example_input, capture=self.batch_to_input is default_batch_input)

@@ -44,7 +44,6 @@ class StepLogger:
     """The step-level schedule of one fit (the options are the callback's, see :class:`LipschitzCallback`)."""
 
     source: EstimatorSource
-    method: str
     log_every_n_steps: int
     certify_every_n_steps: int
     reconverge_gap: float
@@ -69,7 +68,7 @@ class StepLogger:
             bound = self.source.estimator(n_iter=0 if penalised else None)
         metrics: dict[str, float] = {}
         if log_now:
-            metrics[keys.bound(self.method)] = float(bound)
+            metrics[keys.bound(self.source.estimator.method)] = float(bound)
             if self.per_layer:
                 metrics.update({keys.layer(k): v for k, v in self.source.estimator.layer_factors().items()})
             metrics.update(loss_term_metrics(pl_module))
@@ -87,10 +86,10 @@ class StepLogger:
         certified = self.source.certified_bound()
         if certified is None:
             return {}
-        certified_method = self.source.estimator.certificate
+        estimator = self.source.estimator
         ratio = certified_over_estimate(certified, estimate)
-        if ratio > self.reconverge_gap and certified_method == self.method:
-            estimate = self.source.estimator.converge(max_iter=self.eval_n_iter).detach()
+        if ratio > self.reconverge_gap and estimator.certificate == estimator.method:
+            estimate = estimator.converge(max_iter=self.eval_n_iter).detach()
             ratio = certified_over_estimate(certified, estimate)
-        return {keys.bound(self.method): float(estimate), keys.certified(certified_method): float(certified),
+        return {keys.bound(estimator.method): float(estimate), keys.certified(estimator.certificate): float(certified),
                 keys.GAP_PERCENT: gap_percent(ratio)}

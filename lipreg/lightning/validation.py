@@ -34,7 +34,6 @@ class ValidationEvaluation:
     """The validation-epoch metrics of one fit (the options are the callback's, see :class:`LipschitzCallback`)."""
 
     source: EstimatorSource
-    method: str
     eval_n_iter: int
     robust_eps: Sequence[float]
     lower_bound_batches: int
@@ -71,7 +70,7 @@ class ValidationEvaluation:
         estimator = self.source.estimator
         with torch.no_grad():
             estimate = estimator(n_iter=0)
-        metrics = {keys.bound(self.method): estimate, keys.certified(estimator.certificate): self.bound,
+        metrics = {keys.bound(estimator.method): estimate, keys.certified(estimator.certificate): self.bound,
                    **self.lower.compute(self.bound)}
         if self.robust is not None:
             metrics.update(self.robust.compute())
