@@ -32,10 +32,8 @@ MarginKind = Literal["ce", "hinge", "lse"]
 OnUnsupported = Literal["raise", "warn"]
 """What the callback does with an op without a known Lipschitz constant."""
 
-METHODS: tuple[str, ...] = get_args(Method)
 SEARCHES: tuple[str, ...] = get_args(Search)
 PENALTY_KINDS: tuple[str, ...] = get_args(PenaltyKind)
-MARGIN_KINDS: tuple[str, ...] = get_args(MarginKind)
 
 METHOD: Method = "autolip"
 """The bound: AutoLip (paper Alg. 1) unless SeqLip (eq. 8) is asked for."""
