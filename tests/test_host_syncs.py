@@ -8,7 +8,8 @@ host wait for the device, NaN weights included.
 * The non-finite record is read every ``check_finite_every`` calls (one read, then the warning), and at
   ``layer_bounds()``: those are the syncs there are.
 * SeqLip's vertex search is a host-driven combinatorial loop that reads values on the host; the last test checks
-  that every read of a SeqLip step is inside that search (``lipreg/bounds/seqlip/search.py``), none in the
+  that every read of a SeqLip step is inside SeqLip (``lipreg/bounds/seqlip/``: the search, the pair factors and
+  the gradient surrogate), none in the
   estimator, the penalty, the AutoLip part or the backward, and that their number does not grow with the steps.
 """
 from __future__ import annotations
