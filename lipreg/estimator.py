@@ -139,7 +139,7 @@ class LipschitzEstimator(nn.Module):
         warnings.warn(f"the model changed since this LipschitzEstimator was built: {change}. It is traced again, "
                       "and the bound is that of the model as it is now", stacklevel=_user_stacklevel())
         warm = {name: tensor.clone() for name, tensor in self.state_dict().items()}
-        old, sample = self.graph, self.graph.sample.to(_model_device(self.model) or self.graph.sample.device)
+        old, sample = self.graph, self.graph.current_sample()
         try:
             self._build(LipGraph(self.model, sample, **self._trace_options))
         except Exception:  # never leave a half-built estimator: the old one, still stale, raises again next call
