@@ -23,7 +23,9 @@ model's device itself.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
+import types
 from typing import Any
 
 import torch
@@ -33,7 +35,6 @@ from torch.nn.modules import module as _module_globals
 from .trace import BOOKKEEPING, Reads, shadowed_methods
 
 _PLAIN = (bool, int, float, complex, str, type(None), torch.dtype, torch.device)
-_CONTAINERS = (tuple, list, dict, set, frozenset)
 _DEPTH = 8  # containers nested deeper than this are compared by identity
 _MODULE_NAMES = frozenset(dir(nn.Module))  # read by fx and nn.Module itself on every module
 
@@ -66,35 +67,55 @@ class _Same:
         return repr(self.obj) if self.obj is ABSENT else f"<{type(self.obj).__name__} object at {id(self.obj):#x}>"
 
 
-def _frozen(value: Any, depth: int = 0) -> Any:
-    """A value as the fingerprint compares it: plain values as they are, containers by their contents, tensors by
-    shape and dtype, other objects by identity."""
+def _data_object(value: Any) -> bool:
+    """A plain record of values (``SimpleNamespace``, a dataclass instance): compared by its attributes."""
+    return isinstance(value, types.SimpleNamespace) or (dataclasses.is_dataclass(value) and not isinstance(value, type))
+
+
+def _items(value: Any) -> Any:
+    """The entries of a container or record compared by content: dict and record items, others' elements."""
+    if isinstance(value, dict):
+        return value.items()
+    return vars(value).items() if _data_object(value) else value
+
+
+def _frozen(value: Any, deep: bool = True, depth: int = 0) -> Any:
+    """A value as the fingerprint compares it: plain values as they are, tensors by shape and dtype, tuples by
+    their contents; with ``deep``, mutable containers (lists, dicts, sets) and records by their contents too;
+    other objects by identity."""
     if type(value) in _PLAIN:
         return value
     if isinstance(value, Tensor):
         return ("tensor", tuple(value.shape), value.dtype)
-    if isinstance(value, _CONTAINERS) and depth < _DEPTH:
-        if isinstance(value, dict):
-            return {key: _frozen(item, depth + 1) for key, item in value.items()}
-        if isinstance(value, (set, frozenset)):
-            return frozenset(_frozen(item, depth + 1) for item in value)
-        return tuple(_frozen(item, depth + 1) for item in value)  # torch.Size included
+    if depth >= _DEPTH:
+        return _Same(value)
+    if isinstance(value, tuple):  # torch.Size included
+        return tuple(_frozen(item, deep, depth + 1) for item in value)
+    if deep and isinstance(value, (set, frozenset)):
+        return frozenset(_frozen(item, deep, depth + 1) for item in value)
+    if deep and isinstance(value, list):
+        return [_frozen(item, deep, depth + 1) for item in value]
+    if deep and isinstance(value, dict):
+        return {key: _frozen(item, deep, depth + 1) for key, item in value.items()}
+    if deep and _data_object(value):
+        return (type(value), {key: _frozen(item, deep, depth + 1) for key, item in vars(value).items()})
     return _Same(value)
 
 
 def _mutable(value: Any, depth: int = 0) -> bool:
-    """Whether a container may change in place (a list, dict or set, or a tuple holding one): only those need
+    """Whether a value may change in place (a list, dict, set or record, or a tuple holding one): only those need
     their contents compared on the fast path; a tuple of plain values is compared by identity."""
-    if isinstance(value, (list, dict, set)):
+    if isinstance(value, (list, dict, set)) or _data_object(value):
         return True
     return isinstance(value, tuple) and depth < _DEPTH and any(_mutable(item, depth + 1) for item in value)
 
 
 def _leaves(value: Any, out: list[Any], depth: int = 0) -> None:
-    """The objects inside a container, uncopied, for the identity comparison of the fast path."""
-    if isinstance(value, _CONTAINERS) and depth < _DEPTH:
-        out.append(len(value))
-        for item in (value.items() if isinstance(value, dict) else value):
+    """The objects inside a container or record, uncopied, for the identity comparison of the fast path."""
+    if depth < _DEPTH and (isinstance(value, (tuple, list, dict, set, frozenset)) or _data_object(value)):
+        items = list(_items(value))
+        out.append(len(items))
+        for item in items:
             _leaves(item, out, depth + 1)
     else:
         out.append(value)
@@ -103,15 +124,24 @@ def _leaves(value: Any, out: list[Any], depth: int = 0) -> None:
 class _ModuleEntry:
     """One used module: which of its attributes the graph depends on (``whole``: all of them)."""
 
-    __slots__ = ("path", "module", "whole", "names", "traced", "containers")
+    __slots__ = ("path", "module", "whole", "names", "read", "traced", "containers", "class_names")
 
     def __init__(self, path: str, module: nn.Module, whole: bool, read: set[str]) -> None:
         self.path, self.module = path, module
         self.whole = whole
         self.traced = frozenset(vars(module))
+        self.read = frozenset(read) - BOOKKEEPING - _MODULE_NAMES
         public = {name for name in vars(module) if name[0] != "_"}
-        self.names = sorted((read | public) - BOOKKEEPING - _MODULE_NAMES)
-        self.containers = [name for name in self._attribute_names() if _mutable(vars(module).get(name))]
+        self.names = sorted(self.read | public - BOOKKEEPING)
+        self.containers = [name for name in self._attribute_names()
+                           if self._deep(name) and _mutable(vars(module).get(name))]
+        held = {*vars(module), *module._parameters, *module._buffers, *module._modules}
+        self.class_names = sorted(self.read - held)  # read from the class: a default value, a helper method
+
+    def _deep(self, name: str) -> bool:
+        """Whether an attribute's contents are compared (what the forward read), or only its identity (a public
+        attribute of a module traced through that its forward did not read: a list of logged outputs...)."""
+        return self.whole or name in self.read
 
     def _attribute_names(self) -> list[str]:
         """Those of :attr:`names`; of a module kept whole, every instance attribute but a function added since
@@ -128,7 +158,8 @@ class _ModuleEntry:
         attribute of the same shape (``torch.func``-style calls) changes nothing the graph relies on."""
         module, values = self.module, vars(self.module)
         attributes = {name: _static(module, values, name) for name in self._attribute_names()}
-        state = {name: _frozen(value) for name, value in attributes.items() if not isinstance(value, Tensor)}
+        state = {name: _frozen(value, self._deep(name)) for name, value in attributes.items()
+                 if not isinstance(value, Tensor)}
         tensors = {**module._parameters, **module._buffers,
                    **{name: value for name, value in attributes.items() if isinstance(value, Tensor)}}
         state["class"] = type(module)
@@ -140,7 +171,8 @@ class _ModuleEntry:
 
     def raw(self) -> tuple[Any, ...] | list[Any]:
         """The objects :meth:`state` reads, uncopied, with the shape and dtype of every tensor (``.double()``
-        converts a parameter in place) and the contents of container attributes (mutated in place): unchanged
+        converts a parameter in place), the class attributes read (a default changed on the class) and the
+        contents of container attributes (mutated in place): unchanged
         objects compare by identity, which is cheap. A private attribute or the ``training`` flag that changes
         only costs one full comparison (which ignores them)."""
         module = self.module
@@ -148,6 +180,8 @@ class _ModuleEntry:
         tensors = (*module._parameters.values(), *module._buffers.values())
         raw = (tuple(values.values()), tensors, tuple(module._modules.values()), tuple(module._forward_pre_hooks),
                tuple(module._forward_hooks), tuple([(t.dtype, t.shape) for t in tensors if t is not None]))
+        if self.class_names:
+            raw += tuple(_static(module, values, name) for name in self.class_names)
         if not self.containers:
             return raw
         out = list(raw)

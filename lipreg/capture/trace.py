@@ -6,8 +6,8 @@ the model's Python code (DataParallel, ``torch.compile``, TorchScript) are refus
 the guards fx adds for ``concrete_args`` are dropped so that the graph has one tensor input.
 
 A module whose instance shadows a method of its class (``module.forward = ...``, ``module._conv_forward = ...``, as
-accelerate's hooks do) no longer computes what its class's rule bounds: it is traced through, so the graph records
-what the instance really calls. Every attribute a traced ``forward`` reads from a module is recorded
+accelerate's hooks do), or whose torch class had a method replaced from outside torch, no longer computes what its
+class's rule bounds: it is traced through, so the graph records what the instance really calls. Every attribute a traced ``forward`` reads from a module is recorded
 (:class:`_Tracer`), for the fingerprint of :mod:`lipreg.capture.fingerprint`.
 """
 from __future__ import annotations
@@ -40,6 +40,20 @@ def shadowed_methods(module: nn.Module) -> list[str]:
     cls = type(module)
     return [name for name in vars(module) if name not in BOOKKEEPING and not name.startswith("__")
             and _is_method(inspect.getattr_static(cls, name, None))]
+
+
+def patched_methods(cls: type) -> list[str]:
+    """The methods of torch's own layer classes in ``cls``'s MRO (``nn.Conv2d``, ``_ConvNd``..., not ``nn.Module``)
+    defined outside torch: a class-level monkeypatch (``nn.Conv2d._conv_forward = ...``), which the class's rule
+    does not know."""
+    return [f"{klass.__qualname__}.{name}" for klass in cls.__mro__
+            if klass not in (nn.Module, object) and klass.__module__.startswith("torch.")
+            for name, value in vars(klass).items() if _defined_outside_torch(value)]
+
+
+def _defined_outside_torch(value: Any) -> bool:
+    function = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+    return inspect.isfunction(function) and not function.__module__.startswith("torch")
 
 
 def _is_method(value: Any) -> bool:
@@ -99,7 +113,7 @@ class _Tracer(fx.Tracer):
         return recorded, args
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if shadowed_methods(m):  # its rule bounds the class's computation, not the instance's: traced through
+        if shadowed_methods(m) or patched_methods(type(m)):  # its rule bounds the class's own computation
             return False
         return is_registered_module(m) or super().is_leaf_module(m, module_qualified_name)
 

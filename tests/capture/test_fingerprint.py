@@ -3,6 +3,7 @@ or raises when the new model is refused): modules appended or added, a dtype con
 ``forward``, a container attribute mutated in place; and changes that must not cost a retrace."""
 from __future__ import annotations
 
+import types
 import warnings
 
 import pytest
@@ -162,3 +163,59 @@ def test_training_state_does_not_retrace():
             model._cache[step] = step
             model.eval()
     assert est.graph is graph
+
+
+def test_a_record_read_in_forward_is_compared_by_content():
+    class Configured(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = nn.Linear(4, 3, dtype=DT)
+            self.cfg = types.SimpleNamespace(scale=1.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) * self.cfg.scale
+
+    model = Configured()
+    xs = inputs((4,))
+    est = lipreg.LipschitzEstimator(model, xs, dtype=DT)
+    est()
+    model.cfg.scale = 1e3
+    with pytest.warns(UserWarning, match="cfg changed"):
+        assert certified(est) >= exact_lipschitz(model, xs)
+
+
+def test_an_unread_public_list_that_grows_does_not_retrace():
+    """Lightning's pattern: outputs collected in a public list the forward never reads."""
+    model = Scaled()
+    model.outputs = []
+    xs = inputs((4,))
+    est = lipreg.LipschitzEstimator(model, xs, dtype=DT)
+    graph = est.graph
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            model.outputs.append(model(xs))
+            est()
+    assert est.graph is graph
+
+
+def test_a_class_default_changed_on_the_class_is_seen():
+    class Tempered(nn.Module):
+        temperature = 1.0
+
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = nn.Linear(4, 3, dtype=DT)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) / self.temperature
+
+    model = Tempered()
+    xs = inputs((4,))
+    est = lipreg.LipschitzEstimator(model, xs, dtype=DT)
+    est()
+    Tempered.temperature = 1e-3
+    with pytest.warns(UserWarning, match="temperature changed from 1.0 to 0.001"):
+        assert certified(est) >= exact_lipschitz(model, xs)

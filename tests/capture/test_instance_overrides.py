@@ -128,3 +128,12 @@ def test_functions_set_on_the_instance_that_shadow_nothing_change_nothing():
         warnings.simplefilter("error")
         est()
     assert est.graph is graph
+
+
+def test_method_patched_on_a_torch_class_is_bounded(monkeypatch):
+    """The same override on the class (``nn.Conv2d._conv_forward = ...``) before the build."""
+    original = nn.Conv2d._conv_forward
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", lambda self, x, w, b: original(self, x, 10 * w, b))
+    model = conv_net()
+    xs = inputs((1, 5, 5))
+    assert certified(lipreg.LipschitzEstimator(model, xs, dtype=DT)) >= exact_lipschitz(model, xs)
