@@ -124,13 +124,14 @@ def _leaves(value: Any, out: list[Any], depth: int = 0) -> None:
 class _ModuleEntry:
     """One used module: which of its attributes the graph depends on (``whole``: all of them)."""
 
-    __slots__ = ("path", "module", "whole", "names", "read", "traced", "containers", "class_names")
+    __slots__ = ("path", "module", "whole", "names", "read", "calls", "traced", "containers", "class_names")
 
     def __init__(self, path: str, module: nn.Module, whole: bool, read: set[str]) -> None:
         self.path, self.module = path, module
         self.whole = whole
         self.traced = frozenset(vars(module))
         self.read = frozenset(read) - BOOKKEEPING - _MODULE_NAMES
+        self.calls = frozenset(read) | {"forward"}  # methods it may run: a shadow of another one changes nothing
         public = {name for name in vars(module) if name[0] != "_"}
         self.names = sorted(self.read | public - BOOKKEEPING)
         self.containers = [name for name in self._attribute_names()
@@ -163,7 +164,8 @@ class _ModuleEntry:
         tensors = {**module._parameters, **module._buffers,
                    **{name: value for name, value in attributes.items() if isinstance(value, Tensor)}}
         state["class"] = type(module)
-        state["methods set on the instance"] = tuple((name, _Same(values[name])) for name in shadowed_methods(module))
+        state["methods set on the instance"] = tuple((name, _Same(values[name])) for name in shadowed_methods(module)
+                                                     if self.whole or name in self.calls)
         state["children"] = tuple((name, _Same(child)) for name, child in module._modules.items())
         state["tensors"] = tuple(sorted((name, None if t is None else _frozen(t)) for name, t in tensors.items()))
         state["hooks"] = (tuple(module._forward_pre_hooks), tuple(module._forward_hooks))

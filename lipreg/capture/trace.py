@@ -36,10 +36,21 @@ Reads = dict[int, set[str]]
 
 def shadowed_methods(module: nn.Module) -> list[str]:
     """The instance attributes of ``module`` that shadow a method (or property) of its class: ``forward``,
-    ``_conv_forward``... set on the instance. Dunder names are looked up on the class by Python, never shadowed."""
+    ``_conv_forward``... set on the instance. Dunder names are looked up on the class by Python, never shadowed;
+    the class's own method bound to this instance (Lightning's forward redirection leaves
+    ``module.forward = module.forward``) shadows nothing."""
     cls = type(module)
-    return [name for name in vars(module) if name not in BOOKKEEPING and not name.startswith("__")
-            and _is_method(inspect.getattr_static(cls, name, None))]
+    shadows = []
+    for name, value in vars(module).items():
+        if name in BOOKKEEPING or name.startswith("__"):
+            continue
+        original = inspect.getattr_static(cls, name, None)
+        if not _is_method(original):
+            continue
+        if getattr(value, "__self__", None) is module and getattr(value, "__func__", None) is original:
+            continue
+        shadows.append(name)
+    return shadows
 
 
 def patched_methods(cls: type) -> list[str]:
@@ -139,11 +150,11 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None
     traced ``forward`` read (:attr:`_Tracer.reads`)."""
     _refuse_wrappers(model)
     tracer = _Tracer()
-    overridden = shadowed_methods(model)
+    overridden = "forward" in shadowed_methods(model)  # fx traces a root with its class's forward
     if overridden and concrete_args:
         raise UnsupportedOpError(
-            f"the model ({type(model).__name__}) has {overridden} set on the instance, shadowing its class's "
-            "methods, and concrete_args were given: lipreg can follow an instance override only for a forward of "
+            f"the model ({type(model).__name__}) has `forward` set on the instance, shadowing its class's "
+            "forward, and concrete_args were given: lipreg can follow an instance override only for a forward of "
             "one tensor argument. Fix the other arguments in a wrapper module, or remove the override."
         )
     root = _Whole(model) if (is_registered_module(model) or overridden) and not concrete_args else model

@@ -116,13 +116,23 @@ def test_untraceable_override_names_the_module_and_the_line():
     assert "test_instance_overrides.py" in message and "x.sum() > 0" in message
 
 
-def test_functions_set_on_the_instance_that_shadow_nothing_change_nothing():
-    """A callback set on the model (Lightning's ``training_step``) is no method of the traced class: no rebuild."""
-    model = mlp()
+class Steps(nn.Sequential):
+    def training_step(self, batch: torch.Tensor) -> torch.Tensor:
+        return self(batch).sum()
+
+
+def test_functions_set_on_the_instance_that_forward_does_not_run_change_nothing():
+    """A callback set on the model, a method forward never calls replaced (Lightning's strategies wrap
+    ``training_step``), or a module's own bound forward stored on it (Lightning's forward redirection leaves
+    ``module.forward = module.forward``): no rebuild."""
+    torch.manual_seed(0)
+    model = Steps(nn.Linear(5, 6, dtype=DT), nn.Tanh(), nn.Linear(6, 4, dtype=DT))
     xs = inputs((5,))
     est = lipreg.LipschitzEstimator(model, xs, dtype=DT)
     graph = est.graph
     model.training_step = lambda *args: None
+    model.forward = model.forward
+    model[0].forward = model[0].forward
     model[0].on_fit_start = lambda: None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
