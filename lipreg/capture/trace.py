@@ -97,11 +97,21 @@ class _Tracer(fx.Tracer):
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         reads, read = self.reads, object.__getattribute__
+        proxies: dict[str, fx.Proxy] = {}
 
         def __getattribute__(module: nn.Module, name: str) -> Any:
-            if self._recording:
-                reads.setdefault(id(module), set()).add(name)
-            return read(module, name)
+            value = read(module, name)
+            if not self._recording:
+                return value
+            reads.setdefault(id(module), set()).add(name)
+            if type(value) is Tensor and name in read(module, "__dict__") and value in self.tensor_attrs:
+                # a plain tensor attribute, as fx proxies parameters and buffers: its reads are graph nodes (a
+                # `.item()` of it is seen), read anew at every evaluation
+                path = self.tensor_attrs[value]
+                if path not in proxies:
+                    proxies[path] = self.create_proxy("get_attr", path, (), {})
+                return proxies[path]
+            return value
 
         nn.Module.__getattribute__ = __getattribute__  # type: ignore[method-assign]
         try:
@@ -124,8 +134,8 @@ class _Tracer(fx.Tracer):
         return recorded, args
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if shadowed_methods(m) or patched_methods(type(m)):  # its rule bounds the class's own computation
-            return False
+        if any(shadowed_methods(s) or patched_methods(type(s)) for s in m.modules()):
+            return False  # its rule bounds its classes' own computation
         return is_registered_module(m) or super().is_leaf_module(m, module_qualified_name)
 
 

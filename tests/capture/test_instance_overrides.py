@@ -12,6 +12,7 @@ from torch import nn
 
 import lipreg
 from lipreg.margins import MarginCertificate
+from lipreg.ops import registry
 from tests.capture.reference import DT, exact_lipschitz, exact_pair_constants, inputs
 
 
@@ -147,3 +148,29 @@ def test_method_patched_on_a_torch_class_is_bounded(monkeypatch):
     model = conv_net()
     xs = inputs((1, 5, 5))
     assert certified(lipreg.LipschitzEstimator(model, xs, dtype=DT)) >= exact_lipschitz(model, xs)
+
+
+class Squash(nn.Module):
+    """``tanh(inner(x))`` with ``inner`` of norm at most 1: a registered constant of 1 holds for the class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4, bias=False, dtype=DT)
+        nn.init.eye_(self.inner.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.inner(x))
+
+
+def test_override_inside_a_module_kept_whole_is_followed():
+    """A module kept whole by its rule is traced through when a module inside it is overridden."""
+    saved = dict(registry._RULES)
+    try:
+        lipreg.register_rule(Squash, 1.0)
+        model = nn.Sequential(Squash())
+        tenfold_forward(model[0].inner)
+        xs = inputs((4,)) / 100  # near 0, where tanh' = 1
+        assert certified(lipreg.LipschitzEstimator(model, xs, dtype=DT)) >= exact_lipschitz(model, xs)
+    finally:
+        registry._RULES.clear()
+        registry._RULES.update(saved)

@@ -66,3 +66,35 @@ def test_shape_and_dtype_of_a_parameter_are_not_values():
     model = Sized()
     xs = inputs((3,))
     assert float(lipreg.LipschitzEstimator(model, xs, dtype=DT).certified_bound().detach()) >= exact_lipschitz(model, xs)
+
+
+class PlainTensor(nn.Module):
+    """A tensor attribute that is neither a parameter nor a buffer."""
+
+    def __init__(self, read: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3, dtype=DT)
+        self.gain = torch.tensor(1.0, dtype=DT)
+        self.read = read
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.read == "item":
+            return self.lin(x) * self.gain.item()
+        return self.lin(x) * self.gain
+
+
+def test_plain_tensor_attribute_read_into_python_is_refused():
+    with pytest.raises(lipreg.UnsupportedOpError, match=r"gain into Python"):
+        lipreg.LipschitzEstimator(PlainTensor("item"), inputs((3,)), dtype=DT)
+
+
+def test_plain_tensor_attribute_is_read_anew():
+    torch.manual_seed(0)
+    model = PlainTensor("tensor")
+    xs = inputs((3,))
+    est = lipreg.LipschitzEstimator(model, xs, dtype=DT)
+    est.certified_bound()
+    model.gain.fill_(40.0)
+    assert float(est.certified_bound().detach()) >= exact_lipschitz(model, xs)
+    model.gain = torch.tensor(-90.0, dtype=DT)
+    assert float(est.certified_bound().detach()) >= exact_lipschitz(model, xs)
