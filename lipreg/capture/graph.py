@@ -232,9 +232,12 @@ class LipGraph:
         model was traced, while every bound reads the weights anew at each evaluation. Metadata (``w.shape``,
         ``w.dtype``) is no value, and tensors the forward creates itself (``_tensor_constant0``) are constants."""
         state: dict[fx.Node, list[str]] = {}  # node -> the parameters and buffers its value is computed from
+        on_input = {self.input_node}  # an input-dependent read is refused by _resolve, with its own reason
         for node in self.graph_module.graph.nodes:
             if node in self.static_values and _reads_shape(node):
                 continue  # metadata, not values
+            if any(n in on_input for n in node.all_input_nodes):
+                on_input.add(node)
             if node.op == "get_attr" and str(node.target) not in self.tracer_constants:
                 state[node] = [str(node.target)]
             elif node.op == "call_module":
@@ -243,7 +246,7 @@ class LipGraph:
                 sources = [name for n in node.all_input_nodes if n in state for name in state[n]]
                 if sources:
                     state[node] = list(dict.fromkeys(sources))
-            if node in self.static_values and node in state:
+            if node in self.static_values and node in state and node not in on_input:
                 raise UnsupportedOpError(
                     f"{self.locate(node)} reads the values of {', '.join(state[node][:3])} into Python: the graph "
                     "would keep the value it had when the model was traced, while the weights are read anew at "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
+import re
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -182,11 +183,14 @@ def trace(model: nn.Module, concrete_args: dict[str, Any] | None
             delattr(root, name)
 
 
+_PYTHON_NUMBER = re.compile(r"(float|int|complex)\(\) argument .*'Proxy'|'Proxy' object cannot be interpreted as an")
+
+
 def _trace_failure(model: nn.Module, err: Exception) -> UnsupportedOpError:
     """The error for a forward fx cannot trace: where (the user's line, the module whose forward it is) and why."""
     where = user_frame(err.__traceback__, model)
     cause = f"{type(err).__name__}: {err}"
-    if isinstance(err, TypeError) and "Proxy" in str(err):  # float(t), int(t), complex(t), range(t)... of a tensor
+    if isinstance(err, TypeError) and _PYTHON_NUMBER.search(str(err)):  # float(t), int(t), range(t)... of a tensor
         return UnsupportedOpError(
             f"{where} reads a tensor's value into a Python number ({cause}). A parameter or buffer read this way "
             "would be frozen at its value when the model was traced, and an input-dependent one is not Lipschitz "
