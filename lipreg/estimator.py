@@ -43,8 +43,9 @@ class LipschitzEstimator(nn.Module):
     (float32 by default) with autocast disabled; certificates (:meth:`certified_bound`, and ``est()`` when
     ``est.certified``) are computed from the weights in float64 and rounded upwards into ``dtype``. Every call
     first checks that the model is still the one traced (:class:`lipreg.capture.fingerprint.ModelFingerprint`: the
-    modules the graph uses, their hyper-parameters, tensor shapes and hooks); if not, it is traced again,
-    with a warning, keeping the warm state that still fits.
+    modules the graph uses and their children, every attribute the traced forward read, methods set on the
+    instance, tensor shapes and dtypes, and hooks); if not, it is traced again (in the model's dtype now), with a
+    warning, keeping the warm state that still fits.
 
     Non-finite weights (NaN or inf), or a bound that overflows ``dtype``, give a non-finite bound whose gradient is
     exactly 0 (see :mod:`lipreg.finite` for the one case it cannot reach), and the operators concerned keep their
@@ -144,7 +145,7 @@ class LipschitzEstimator(nn.Module):
         warnings.warn(f"the model changed since this LipschitzEstimator was built: {change}. It is traced again, "
                       "and the bound is that of the model as it is now", stacklevel=_user_stacklevel())
         warm = {name: tensor.clone() for name, tensor in self.state_dict().items()}
-        old, sample = self.graph, self.graph.sample.to(_model_device(self.model) or self.graph.sample.device)
+        old, sample = self.graph, self.graph.current_sample()
         try:
             self._build(LipGraph(self.model, sample, **self._trace_options))
         except Exception:  # never leave a half-built estimator: the old one, still stale, raises again next call

@@ -153,8 +153,7 @@ class MarginCertificate(nn.Module):
             return
         warnings.warn(f"the model changed since this MarginCertificate was built: {change}. It is split again into "
                       "body and head, and the constants are those of the model as it is now", UserWarning, stacklevel=4)
-        params = list(self.model.parameters())
-        sample = self._graph.sample.to(params[0].device) if params else self._graph.sample
+        sample = self._graph.current_sample()
         self._graph = LipGraph(self.model, sample, fuse=False, concrete_args=self._options.get("concrete_args"))
         self._build(sample, warn_global=self._split_head)
 

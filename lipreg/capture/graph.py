@@ -99,7 +99,8 @@ class _ValueProp(fx.Interpreter):
 
 
 _SHAPE_QUERIES = {"size", "dim", "ndimension", "numel", "nelement", "shape", "ndim", "dtype", "device", "is_cuda",
-                  "is_floating_point", "is_complex", "is_contiguous", "requires_grad"}
+                  "is_floating_point", "is_complex", "is_contiguous", "requires_grad", "stride", "element_size",
+                  "layout", "get_device", "is_sparse"}
 
 
 def _reads_shape(node: fx.Node) -> bool:
@@ -134,6 +135,11 @@ def _x_args(node: fx.Node, depends: set[fx.Node]) -> list[fx.Node]:
     return found
 
 
+def _floating_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating parameter or buffer."""
+    return next((t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
+
+
 class LipGraph:
     """The traced model: fx graph, shapes, rules and the reduced (fused) DAG of :class:`LipNode`.
 
@@ -146,8 +152,8 @@ class LipGraph:
             raise TypeError(f"example_input must be a tensor with a batch dimension, got {type(example_input)!r}")
         self.model = model
         with eval_mode(model):  # the function bounded is the eval-mode one: `if self.training` branches too
-            self.root, self.graph_module, self.tracer_constants = trace(model, concrete_args)
-        self.fingerprint = ModelFingerprint(self.root, self.graph_module)
+            self.root, self.graph_module, self.tracer_constants, reads = trace(model, concrete_args)
+        self.fingerprint = ModelFingerprint(self.root, self.graph_module, reads)
         self.modules = dict(self.graph_module.named_modules())
         placeholders = [n for n in self.graph_module.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
@@ -158,6 +164,7 @@ class LipGraph:
         self.input_node = placeholders[0]
         # kept: a rebuild after the model changed runs it again; a copy: an in-place op must not write into the user's
         self.sample = example_input[:1].detach().clone()
+        self._traced_dtype = _floating_dtype(model)
         with eval_mode(model), torch.no_grad():
             prop = _ValueProp(self.graph_module)
             try:
@@ -167,6 +174,7 @@ class LipGraph:
         self.static_values = prop.static_values
         self.input_shape = self.sample.shape
         self._check_effects(prop.storages)
+        self._refuse_state_read_into_python()
         self.infos = self._resolve()
         self._check_function(self.sample, concrete_args)
         self.nodes = self._build(fuse)
@@ -177,6 +185,14 @@ class LipGraph:
         """What changed in the model since it was traced (a replaced submodule, a changed hyper-parameter...),
         or ``None`` while the graph still describes it."""
         return self.fingerprint.change(self.root)
+
+    def current_sample(self) -> Tensor:
+        """The example to trace the model again with: on the model's device now, and in its floating dtype now
+        when it had the model's dtype when traced (``model.double()`` after the build)."""
+        device = next((t.device for t in (*self.model.parameters(), *self.model.buffers())), self.sample.device)
+        dtype = _floating_dtype(self.model)
+        follows = self.sample.dtype == self._traced_dtype and dtype is not None
+        return self.sample.to(device=device, dtype=dtype if follows else self.sample.dtype)
 
     def _run_failure(self, prop: _ValueProp, err: Exception) -> UnsupportedOpError:
         """The error for a model that fails on its example: the rule's refusal of the failing op when it has one
@@ -209,6 +225,34 @@ class LipGraph:
         """The graph, read as dataflow, computes the model (in eval mode) on the example and a perturbation."""
         with eval_mode(self.model), torch.no_grad():
             check_traced_function(self.graph_module, lambda x: self.model(x, **(concrete_args or {})), sample)
+
+    def _refuse_state_read_into_python(self) -> None:
+        """Refuse a node that turns the values of a parameter or buffer (or of a tensor computed from them) into a
+        Python value (``w.item()``, ``w.tolist()``, ``w.numpy()``): the graph would hold the value it had when the
+        model was traced, while every bound reads the weights anew at each evaluation. Metadata (``w.shape``,
+        ``w.dtype``) is no value, and tensors the forward creates itself (``_tensor_constant0``) are constants."""
+        state: dict[fx.Node, list[str]] = {}  # node -> the parameters and buffers its value is computed from
+        on_input = {self.input_node}  # an input-dependent read is refused by _resolve, with its own reason
+        for node in self.graph_module.graph.nodes:
+            if node in self.static_values and _reads_shape(node):
+                continue  # metadata, not values
+            if any(n in on_input for n in node.all_input_nodes):
+                on_input.add(node)
+            if node.op == "get_attr" and str(node.target) not in self.tracer_constants:
+                state[node] = [str(node.target)]
+            elif node.op == "call_module":
+                state[node] = [f"{node.target}.{name}" for name, _ in self.modules[node.target].named_parameters()]
+            else:
+                sources = [name for n in node.all_input_nodes if n in state for name in state[n]]
+                if sources:
+                    state[node] = list(dict.fromkeys(sources))
+            if node in self.static_values and node in state and node not in on_input:
+                raise UnsupportedOpError(
+                    f"{self.locate(node)} reads the values of {', '.join(state[node][:3])} into Python: the graph "
+                    "would keep the value it had when the model was traced, while the weights are read anew at "
+                    "every evaluation, so the bound would miss every later update. Keep it a tensor (x * self.w "
+                    "instead of x * self.w.item()), or make it a plain Python attribute set outside forward."
+                )
 
     def _resolve(self) -> dict[fx.Node, tuple[NodeInfo, Rule]]:
         depends = {self.input_node}

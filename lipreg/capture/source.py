@@ -6,11 +6,13 @@ should skip to point at the user's call (:data:`LIBRARY_DIRS`).
 """
 from __future__ import annotations
 
+import linecache
 import os
 import re
+from types import TracebackType
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from ..ops.base import display_name
 
@@ -35,3 +37,25 @@ def source_line(node: fx.Node) -> str:
 def node_location(node: fx.Node, target: str) -> str:
     """A node in messages: its name, op, target and source line."""
     return f"node {display_name(node)!r} ({node.op} {target}) at {source_line(node)}"
+
+
+def user_frame(tb: TracebackType | None, model: nn.Module) -> str:
+    """Where in the user's code an exception raised while tracing ``model`` came from: the innermost frame
+    outside torch and lipreg, with the module whose method it runs (``module 'block.0' (Linear), File ...``)."""
+    frames = []
+    while tb is not None:
+        if not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(LIBRARY_DIRS):
+            frames.append((tb.tb_frame, tb.tb_lineno))
+        tb = tb.tb_next
+    if not frames:
+        return "(source line unknown)"
+    frame, line = frames[-1]
+    code = linecache.getline(frame.f_code.co_filename, line).strip()
+    where = f'File "{frame.f_code.co_filename}", line {line}, in {frame.f_code.co_name}' + (f", `{code}`" if code else "")
+    paths = {id(m): p for p, m in model.named_modules()}
+    owners = [f.f_locals.get("self") for f, _ in reversed(frames)]  # the innermost method of a module of the model
+    owner = next((o for o in owners if isinstance(o, nn.Module) and id(o) in paths), None)
+    if owner is None:
+        return where
+    path = paths[id(owner)]
+    return f"{f'module {path!r}' if path else 'the model'} ({type(owner).__name__}), {where}"

@@ -4,10 +4,18 @@ Every ``torch.nn`` module and every module class with a registered rule is kept 
 model whose own class has a rule is traced inside a holder (:class:`_Whole`). Wrappers whose ``forward`` is not
 the model's Python code (DataParallel, ``torch.compile``, TorchScript) are refused with what to pass instead, and
 the guards fx adds for ``concrete_args`` are dropped so that the graph has one tensor input.
+
+A module whose instance shadows a method of its class (``module.forward = ...``, ``module._conv_forward = ...``, as
+accelerate's hooks do), or whose torch class had a method replaced from outside torch, no longer computes what its
+class's rule bounds: it is traced through, so the graph records what the instance really calls. Every attribute a traced ``forward`` reads from a module is recorded
+(:class:`_Tracer`), for the fingerprint of :mod:`lipreg.capture.fingerprint`.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
+import re
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -17,6 +25,51 @@ from torch import Tensor, fx, nn
 
 from ..errors import UnsupportedOpError
 from ..ops import is_registered_module
+from .source import user_frame
+
+BOOKKEEPING = frozenset(vars(nn.Module())) | {"_compiled_call_impl"}
+"""``nn.Module``'s own instance attributes (parameters, buffers, children, hooks, the ``training`` flag, the
+``Module.compile`` cache): what they hold is compared on its own, or changes no value the forward computes."""
+
+Reads = dict[int, set[str]]
+"""The attribute names read from each module (by ``id``) while its ``forward`` was traced."""
+
+
+def shadowed_methods(module: nn.Module) -> list[str]:
+    """The instance attributes of ``module`` that shadow a method (or property) of its class: ``forward``,
+    ``_conv_forward``... set on the instance. Dunder names are looked up on the class by Python, never shadowed;
+    the class's own method bound to this instance (Lightning's forward redirection leaves
+    ``module.forward = module.forward``) shadows nothing."""
+    cls = type(module)
+    shadows = []
+    for name, value in vars(module).items():
+        if name in BOOKKEEPING or name.startswith("__"):
+            continue
+        original = inspect.getattr_static(cls, name, None)
+        if not _is_method(original):
+            continue
+        if getattr(value, "__self__", None) is module and getattr(value, "__func__", None) is original:
+            continue
+        shadows.append(name)
+    return shadows
+
+
+def patched_methods(cls: type) -> list[str]:
+    """The methods of torch's own layer classes in ``cls``'s MRO (``nn.Conv2d``, ``_ConvNd``..., not ``nn.Module``)
+    defined outside torch: a class-level monkeypatch (``nn.Conv2d._conv_forward = ...``), which the class's rule
+    does not know."""
+    return [f"{klass.__qualname__}.{name}" for klass in cls.__mro__
+            if klass not in (nn.Module, object) and klass.__module__.startswith("torch.")
+            for name, value in vars(klass).items() if _defined_outside_torch(value)]
+
+
+def _defined_outside_torch(value: Any) -> bool:
+    function = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+    return inspect.isfunction(function) and not function.__module__.startswith("torch")
+
+
+def _is_method(value: Any) -> bool:
+    return callable(value) or isinstance(value, (property, classmethod, staticmethod))
 
 
 @contextmanager
@@ -32,19 +85,65 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 class _Tracer(fx.Tracer):
-    """Keeps ``torch.nn`` modules and every module class with a registered rule whole; records source lines."""
+    """Keeps ``torch.nn`` modules and every module class with a registered rule whole; records source lines, and
+    the attributes read from every module while the root's ``forward`` runs (:attr:`reads`): ``nn.Module``'s
+    ``__getattribute__`` is patched for the trace, as fx patches ``__getattr__`` and ``__call__``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.record_stack_traces = True
+        self.proxy_buffer_attributes = True  # a buffer read in forward is a graph node, as a parameter is
+        self.reads: Reads = {}
+        self._recording = False
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        reads, read = self.reads, object.__getattribute__
+        proxies: dict[str, fx.Proxy] = {}
+
+        def __getattribute__(module: nn.Module, name: str) -> Any:
+            value = read(module, name)
+            if not self._recording:
+                return value
+            reads.setdefault(id(module), set()).add(name)
+            if type(value) is Tensor and name in read(module, "__dict__") and value in self.tensor_attrs:
+                # a plain tensor attribute, as fx proxies parameters and buffers: its reads are graph nodes (a
+                # `.item()` of it is seen), read anew at every evaluation
+                path = self.tensor_attrs[value]
+                if path not in proxies:
+                    proxies[path] = self.create_proxy("get_attr", path, (), {})
+                return proxies[path]
+            return value
+
+        nn.Module.__getattribute__ = __getattribute__  # type: ignore[method-assign]
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            del nn.Module.__getattribute__
+
+    def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> tuple[Any, Any]:
+        """The root's forward, recording reads while it runs (not while fx collects the model's tensors)."""
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+
+        @functools.wraps(fn)
+        def recorded(*inputs: Any) -> Any:
+            self._recording = True
+            try:
+                return fn(*inputs)
+            finally:
+                self._recording = False
+
+        return recorded, args
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if any(shadowed_methods(s) or patched_methods(type(s)) for s in m.modules()):
+            return False  # its rule bounds its classes' own computation
         return is_registered_module(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 class _Whole(nn.Module):
-    """A holder for a model whose own class has a rule (a bare ``nn.Conv2d``...): fx always traces through its
-    root, so the model is traced as the single leaf ``model`` of this holder and keeps its rule."""
+    """A holder for a model whose own class has a rule (a bare ``nn.Conv2d``...), or whose instance shadows a
+    method: fx always traces through its root, with the forward of the root's class, so the model is traced as the
+    submodule ``model`` of this holder: a leaf that keeps its rule, or traced through what the instance calls."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -54,31 +153,57 @@ class _Whole(nn.Module):
         return self.model(x)
 
 
-def trace(model: nn.Module, concrete_args: dict[str, Any] | None) -> tuple[nn.Module, fx.GraphModule, set[str]]:
-    """The module traced (the model, or a :class:`_Whole` holding it), its ``GraphModule``, and the names of the
+def trace(model: nn.Module, concrete_args: dict[str, Any] | None
+          ) -> tuple[nn.Module, fx.GraphModule, set[str], Reads]:
+    """The module traced (the model, or a :class:`_Whole` holding it), its ``GraphModule``, the names of the
     constants the tracer stowed on the root (``_tensor_constant0`` for a tensor created in ``forward``): those are
-    kept by the ``GraphModule`` only, and the user's model is left as it was."""
+    kept by the ``GraphModule`` only, and the user's model is left as it was; and the attributes each module's
+    traced ``forward`` read (:attr:`_Tracer.reads`)."""
     _refuse_wrappers(model)
     tracer = _Tracer()
-    root = _Whole(model) if is_registered_module(model) and not concrete_args else model
+    overridden = "forward" in shadowed_methods(model)  # fx traces a root with its class's forward
+    if overridden and concrete_args:
+        raise UnsupportedOpError(
+            f"the model ({type(model).__name__}) has `forward` set on the instance, shadowing its class's "
+            "forward, and concrete_args were given: lipreg can follow an instance override only for a forward of "
+            "one tensor argument. Fix the other arguments in a wrapper module, or remove the override."
+        )
+    root = _Whole(model) if (is_registered_module(model) or overridden) and not concrete_args else model
     own_attributes = set(vars(root))
     try:
         try:
             graph = tracer.trace(root, concrete_args=concrete_args)
         except Exception as err:
-            raise UnsupportedOpError(
-                f"torch.fx could not trace {type(model).__name__}: {type(err).__name__}: {err}\n"
-                "fx traces symbolically, so Python control flow that depends on tensor values (if x.sum() > 0, "
-                "loops over x.shape read as tensors...) cannot be traced. Make the branch static, pass "
-                "concrete_args={'flag': True} for plain bool/int arguments, or wrap the offending submodule in a "
-                "class with a registered rule (lipreg.register_rule(MyBlock, ...)) so it is kept whole."
-            ) from err
+            raise _trace_failure(model, err) from err
         if concrete_args:
             _drop_guarded_placeholders(graph, set(concrete_args))
-        return root, fx.GraphModule(root, graph), set(vars(root)) - own_attributes
+        return root, fx.GraphModule(root, graph), set(vars(root)) - own_attributes, tracer.reads
     finally:
         for name in set(vars(root)) - own_attributes:
             delattr(root, name)
+
+
+_PYTHON_NUMBER = re.compile(r"(float|int|complex)\(\) argument .*'Proxy'|'Proxy' object cannot be interpreted as an")
+
+
+def _trace_failure(model: nn.Module, err: Exception) -> UnsupportedOpError:
+    """The error for a forward fx cannot trace: where (the user's line, the module whose forward it is) and why."""
+    where = user_frame(err.__traceback__, model)
+    cause = f"{type(err).__name__}: {err}"
+    if isinstance(err, TypeError) and _PYTHON_NUMBER.search(str(err)):  # float(t), int(t), range(t)... of a tensor
+        return UnsupportedOpError(
+            f"{where} reads a tensor's value into a Python number ({cause}). A parameter or buffer read this way "
+            "would be frozen at its value when the model was traced, and an input-dependent one is not Lipschitz "
+            "in the input: keep it a tensor (x * self.scale instead of x * float(self.scale)), or make it a plain "
+            "Python attribute set outside forward."
+        )
+    return UnsupportedOpError(
+        f"torch.fx could not trace {type(model).__name__} at {where}: {cause}\n"
+        "fx traces symbolically, so Python control flow that depends on tensor values (if x.sum() > 0, "
+        "loops over x.shape read as tensors...) cannot be traced. Make the branch static, pass "
+        "concrete_args={'flag': True} for plain bool/int arguments, or wrap the offending submodule in a "
+        "class with a registered rule (lipreg.register_rule(MyBlock, ...)) so it is kept whole."
+    )
 
 
 def _wrapper_advice(module: nn.Module) -> str | None:
