@@ -109,6 +109,13 @@ for _target in (torch.abs, operator.abs, "abs", "__abs__"):
 for _target in (nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid"):
     register_rule(_target, Activation(0.0, 0.25))  # sigma' = sigma (1 - sigma) <= 1/4
 
+# hardsigmoid(x) = relu6(x + 3) / 6: slope 1/6 on (-3, 3), 0 outside (1/6 rounded upwards).
+for _target in (nn.Hardsigmoid, F.hardsigmoid):
+    register_rule(_target, Activation(0.0, math.nextafter(1.0 / 6.0, math.inf)))
+# hardswish(x) = x relu6(x + 3) / 6: slope 0 below -3, (2x + 3) / 6 in (-1/2, 3/2) on (-3, 3), 1 above 3.
+for _target in (nn.Hardswish, F.hardswish):
+    register_rule(_target, Activation(-0.5, 1.5))
+
 register_rule(nn.LeakyReLU, lambda info: _leaky_relu(float(info.module.negative_slope)))
 register_rule(F.leaky_relu, lambda info: _leaky_relu(float(info.arg(1, "negative_slope", 0.01))))
 register_rule(nn.ELU, lambda info: _elu(float(info.module.alpha)))
