@@ -109,9 +109,11 @@ for _target in (torch.abs, operator.abs, "abs", "__abs__"):
 for _target in (nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid"):
     register_rule(_target, Activation(0.0, 0.25))  # sigma' = sigma (1 - sigma) <= 1/4
 
-# hardsigmoid(x) = relu6(x + 3) / 6: slope 1/6 on (-3, 3), 0 outside (1/6 rounded upwards).
+# hardsigmoid(x) = relu6(x + 3) / 6: slope 1/6 on (-3, 3), 0 outside. Taken as float32's 1/6 (0.1666666716...),
+# above 1/6: torch's backward multiplies by that constant, so the derivative autograd reports (what a Jacobian
+# lower bound reads) stays under the bound too.
 for _target in (nn.Hardsigmoid, F.hardsigmoid):
-    register_rule(_target, Activation(0.0, math.nextafter(1.0 / 6.0, math.inf)))
+    register_rule(_target, Activation(0.0, float(torch.tensor(1.0 / 6.0, dtype=torch.float32))))
 # hardswish(x) = x relu6(x + 3) / 6: slope 0 below -3, (2x + 3) / 6 in (-1/2, 3/2) on (-3, 3), 1 above 3.
 for _target in (nn.Hardswish, F.hardswish):
     register_rule(_target, Activation(-0.5, 1.5))

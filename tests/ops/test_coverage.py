@@ -1,0 +1,187 @@
+"""The ops real model definitions use (torchvision's shufflenet_v2, mobilenet_v3, efficientnet, U-Nets,
+segmentation heads, timm's affine layers), each rule against an independent exact reference: the largest singular
+value of the float64 ``torch.func.jacrev`` Jacobian.
+
+Every linear op is checked alone (its closed form), between two convolutions (fused into one operator) and
+unfused (the product of per-op certificates): the certified bound is at least the exact norm, and the converged
+estimate is within 1e-4 of it. The call patterns mirror the model sources without importing them (:mod:`tests.ops.model_parts`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lipreg
+from tests.ops.model_parts import Affine, Lambda, ShuffleUnit, StochasticDepth, unet_pad
+from tests.ops.test_rules import jacobian_norm
+
+DT = torch.float64
+REL = 1e-4
+
+
+# (name, op on (1, 4, 6, 6) maps)
+LINEAR_OPS: list[tuple[str, Callable[[], nn.Module]]] = [
+    ("chunk 0", lambda: Lambda(lambda x: x.chunk(2, dim=1)[0])),
+    ("chunk 1", lambda: Lambda(lambda x: x.chunk(2, dim=1)[1])),
+    ("torch.chunk", lambda: Lambda(lambda x: torch.chunk(x, 3, 2)[-1])),
+    ("split sizes", lambda: Lambda(lambda x: torch.split(x, [1, 3], dim=1)[1])),
+    ("split method", lambda: Lambda(lambda x: x.split(4, dim=3)[1])),
+    ("unbind", lambda: Lambda(lambda x: x.unbind(1)[2].unsqueeze(1))),
+    ("tensor_split indices", lambda: Lambda(lambda x: x.tensor_split([1, 4], dim=2)[1])),
+    ("tensor_split uneven", lambda: Lambda(lambda x: torch.tensor_split(x, 4, dim=3)[0])),
+    ("upsample nearest x2", lambda: nn.Upsample(scale_factor=2)),
+    ("upsample nearest 1.5", lambda: Lambda(lambda x: F.interpolate(x, scale_factor=1.5))),
+    ("nearest size", lambda: Lambda(lambda x: F.interpolate(x, size=(7, 4)))),
+    ("nearest-exact", lambda: Lambda(lambda x: F.interpolate(x, scale_factor=(1.7, 0.6), mode="nearest-exact"))),
+    ("UpsamplingNearest2d", lambda: nn.UpsamplingNearest2d(scale_factor=3)),
+    ("bilinear align_corners (U-Net)", lambda: nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)),
+    ("bilinear", lambda: Lambda(lambda x: F.interpolate(x, scale_factor=1.7, mode="bilinear"))),
+    ("bilinear size", lambda: Lambda(lambda x: F.interpolate(x, size=(9, 5), mode="bilinear"))),
+    ("bilinear recompute", lambda: Lambda(lambda x: F.interpolate(x, scale_factor=1.3, mode="bilinear",
+                                                                 recompute_scale_factor=True))),
+    ("bilinear antialias down", lambda: Lambda(lambda x: F.interpolate(x, size=(4, 3), mode="bilinear",
+                                                                      antialias=True))),
+    ("UpsamplingBilinear2d", lambda: nn.UpsamplingBilinear2d(size=(8, 11))),
+    ("bicubic", lambda: Lambda(lambda x: F.interpolate(x, scale_factor=2, mode="bicubic"))),
+    ("area down", lambda: Lambda(lambda x: F.interpolate(x, size=(4, 5), mode="area"))),
+    ("pad constant value", lambda: Lambda(lambda x: F.pad(x, (1, 2, 0, 3), value=2.5))),
+    ("pad crop", lambda: Lambda(lambda x: F.pad(x, (-1, 2, 1, -2)))),
+    ("pad U-Net", lambda: Lambda(unet_pad)),
+    ("pad reflect", lambda: Lambda(lambda x: F.pad(x, (2, 1, 1, 3), mode="reflect"))),
+    ("pad replicate", lambda: Lambda(lambda x: F.pad(x, (3, 0, 2, 2), mode="replicate"))),
+    ("pad circular", lambda: Lambda(lambda x: F.pad(x, (2, 1, 0, 4), mode="circular"))),
+    ("ZeroPad2d", lambda: nn.ZeroPad2d((1, 0, 2, 1))),
+    ("ReflectionPad2d", lambda: nn.ReflectionPad2d(2)),
+    ("ReplicationPad2d", lambda: nn.ReplicationPad2d((1, 3, 0, 2))),
+    ("CircularPad2d", lambda: nn.CircularPad2d(3)),
+    ("ChannelShuffle", lambda: nn.ChannelShuffle(2)),
+    ("F.channel_shuffle", lambda: Lambda(lambda x: F.channel_shuffle(x, 4))),
+    ("PixelShuffle", lambda: nn.PixelShuffle(2)),
+    ("PixelUnshuffle", lambda: nn.PixelUnshuffle(2)),
+    ("pixel_unshuffle", lambda: Lambda(lambda x: F.pixel_shuffle(F.pixel_unshuffle(x, 3), 3))),
+    ("addcmul affine", lambda: Affine(4)),
+    ("addcmul shift", lambda: Lambda(lambda x: x.addcmul(torch.ones(4, 1, 1, dtype=DT), torch.full((6,), 2.0, dtype=DT)))),
+    ("stochastic_depth eval", lambda: StochasticDepth(0.2, "row")),
+]
+
+
+class Sandwich(nn.Module):
+    """conv -> op -> conv: the op is fused with a convolution on each side."""
+
+    def __init__(self, op: nn.Module, channels: int = 4, size: int = 6) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(channels, channels, 3, padding=1)
+        self.op = op
+        with torch.no_grad():
+            mid = op.to(DT)(torch.zeros(1, channels, size, size, dtype=DT))
+        self.last = nn.Conv2d(mid.shape[1], 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.op(self.first(x)))
+
+
+def bounds(model: nn.Module, x: torch.Tensor, fuse: bool = True) -> tuple[float, float, float]:
+    """(certified, converged, exact) in float64."""
+    est = lipreg.LipschitzEstimator(model, x, dtype=DT, fuse=fuse)
+    certified = float(est.certified_bound().detach())
+    converged = float(est.converge(tol=1e-12).detach())
+    return certified, converged, jacobian_norm(model, x)
+
+
+@pytest.mark.parametrize("name, make", LINEAR_OPS, ids=[c[0] for c in LINEAR_OPS])
+def test_linear_op_alone_and_fused(name, make):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 6, dtype=DT)
+    for model in (make().to(DT).eval(), Sandwich(make()).to(DT).eval()):
+        certified, converged, exact = bounds(model, x)
+        assert certified >= exact, (certified, exact)
+        assert converged == pytest.approx(exact, rel=REL), (converged, exact)
+    unfused, _, exact = bounds(model, x, fuse=False)
+    assert unfused >= exact
+
+
+@pytest.mark.parametrize("make, scale, dims", [
+    (lambda: nn.Upsample(scale_factor=2), 4, 2),
+    (lambda: nn.Upsample(scale_factor=3), 3, 1),
+    (lambda: nn.Upsample(scale_factor=(2, 3, 2)), 12, 3),
+    (lambda: nn.Upsample(scale_factor=2, mode="trilinear"), None, 3),
+    (lambda: nn.Upsample(scale_factor=2.5, mode="linear", align_corners=True), None, 1),
+])
+def test_upsampling_in_every_dimension(make, scale, dims):
+    """Nearest upsampling by integer factors: sqrt(prod_d s_d) exactly (``scale`` is the product); linear and
+    trilinear against jacrev."""
+    x = torch.randn(2, 2, *[4] * dims, dtype=DT)
+    certified, converged, exact = bounds(make().to(DT), x)
+    if scale is not None:
+        assert exact == pytest.approx(math.sqrt(scale), rel=1e-12)
+    assert certified >= exact and converged == pytest.approx(exact, rel=REL)
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("dims", [1, 3])
+def test_pad_in_1d_and_3d(mode, dims):
+    pad = (2, 1, 0, 3, 1, 1)[: 2 * dims]
+    model = Lambda(lambda x: F.pad(x, pad, mode=mode))
+    certified, converged, exact = bounds(model, torch.randn(2, 2, *[4] * dims, dtype=DT))
+    assert certified >= exact and converged == pytest.approx(exact, rel=REL)
+
+
+EXPLICIT_ADJOINTS = [("pad constant", lambda: Lambda(lambda x: F.pad(x, (1, -2, 3, 0), value=1.0))),
+                     ("ChannelShuffle", lambda: nn.ChannelShuffle(2)),
+                     ("PixelShuffle", lambda: nn.PixelShuffle(2)),
+                     ("PixelUnshuffle", lambda: nn.PixelUnshuffle(2))]
+
+
+@pytest.mark.parametrize("name, make", EXPLICIT_ADJOINTS, ids=[c[0] for c in EXPLICIT_ADJOINTS])
+def test_explicit_adjoints_pass_the_dot_test(name, make):
+    est = lipreg.LipschitzEstimator(make().to(DT), torch.randn(2, 4, 6, 6, dtype=DT), dtype=DT)
+    (operator,) = est.linear_operators().values()
+    assert operator.explicit_adjoint
+    generator = torch.Generator().manual_seed(1)
+    v = torch.randn(operator.in_shape, generator=generator, dtype=DT)
+    u = torch.randn(operator.out_shape, generator=generator, dtype=DT)
+    (reference,) = torch.func.vjp(operator.matvec, v)[1](u)
+    torch.testing.assert_close(operator.rmatvec(u), reference, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ nonlinear
+def slope_range(fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
+    x = torch.linspace(-8.0, 8.0, 1_600_001, dtype=DT, requires_grad=True)
+    (slope,) = torch.autograd.grad(fn(x).sum(), x)
+    return float(slope.min()), float(slope.max())
+
+
+@pytest.mark.parametrize("fn, module, interval", [(F.hardswish, nn.Hardswish, (-0.5, 1.5)),
+                                                  (F.hardsigmoid, nn.Hardsigmoid, (0.0, 1.0 / 6.0))])
+def test_hard_activations_slopes_are_exact(fn, module, interval):
+    """The rule's slope interval contains every derivative on a dense grid, and the grid reaches its ends."""
+    low, high = slope_range(fn)
+    assert low == pytest.approx(interval[0], abs=1e-5) and high == pytest.approx(interval[1], abs=1e-5)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5), module(), nn.Linear(5, 3)).to(DT)
+    est = lipreg.LipschitzEstimator(model, torch.randn(2, 5, dtype=DT), dtype=DT)
+    (rule,) = [node.rule for node in est.graph.nodes if isinstance(node.rule, lipreg.ops.Activation)]
+    assert rule.a <= low and rule.b >= high
+    certified = float(est.certified_bound().detach())
+    assert all(certified >= jacobian_norm(model, 4 * torch.randn(1, 5, dtype=DT)) for _ in range(20))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_shufflenet_unit(relu):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ShuffleUnit(8, relu), ShuffleUnit(8, relu)).to(DT).eval()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 5, 5, dtype=DT)
+    est = lipreg.LipschitzEstimator(model, x, dtype=DT)
+    certified = float(est.certified_bound().detach())
+    samples = [jacobian_norm(model, torch.randn(1, 3, 5, 5, dtype=DT)) for _ in range(3)]
+    assert certified >= max(samples)
+    if not relu:  # linear: the sum over the two paths is an upper bound, exact on each path
+        assert float(est.converge(tol=1e-12).detach()) >= samples[0] * (1 - REL)
