@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lipreg
@@ -61,6 +62,8 @@ def test_ops_without_a_rule_get_a_hint_with_no_made_up_constant():
     (lambda x: torch.addcmul(x, x, torch.ones(5, dtype=DT)), ["addcmul", "a + value * (b * c)"]),
     (lambda x: torch.addcmul(torch.ones(5, dtype=DT), x, x), ["addcmul", "product of two input-dependent"]),
     (lambda x: torch.cat(x.chunk(5, 1)[::-1], 1), ["'chunk'", "used whole"]),
+    (lambda x: F.hardshrink(x, 0.5), ["hardshrink", "jumps by 0.5"]),
+    (lambda x: F.threshold(x, 0.1, 0.0), ["threshold", "jumps by 0.1"]),
 ])
 def test_refused_ops_name_the_op_and_the_reason(fn, words):
     message = refusal(nn.Sequential(nn.Linear(5, 5), Lambda(fn)).to(DT), torch.randn(2, 5, dtype=DT))
