@@ -1,5 +1,6 @@
-"""Structure and arithmetic: reshapes, dropout (and eval-mode stochastic depth), identity, slicing, add/sub/neg,
-products and quotients by constants (``addcmul`` included), concatenation."""
+"""Structure and arithmetic: reshapes, permutations (transposes, flips, rolls, channel and pixel shuffles), copies
+(``expand``, ``repeat``), dropout (and eval-mode stochastic depth), identity, slicing, add/sub/neg, products and
+quotients by constants (``addcmul`` included), concatenation."""
 from __future__ import annotations
 
 import inspect
@@ -265,6 +266,18 @@ def _channel_shuffle(info: NodeInfo, groups: int) -> Shuffle:
     return Shuffle(F.channel_shuffle, (channels // groups,))
 
 
+class Copies(LinearOp):
+    """``expand`` / ``broadcast_to`` / ``repeat``: every entry copied the same number ``k = n_out / n_in`` of
+    times, so ``A^T A = k I`` and the norm is ``sqrt(k)`` exactly."""
+
+    def __init__(self) -> None:
+        super().__init__(homogeneous=True)
+
+    def closed_form_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
+        copies = info.out_shape.numel() / info.in_shapes[0].numel()
+        return torch.tensor(copies, dtype=dtype, device=call.device).sqrt()
+
+
 def _dropout(info: NodeInfo) -> Rule:
     """Functional dropout: the identity when inactive (``training=False``, which ``training=self.training`` is in
     the traced eval mode) or when ``p = 0``. Active, every call draws a fresh random mask and scales what it keeps
@@ -289,8 +302,11 @@ register_rule("view", _view)
 for _target in ("reshape", "flatten", "contiguous", "squeeze", "unsqueeze", "unflatten", torch.flatten,
                 torch.reshape, torch.squeeze, torch.unsqueeze, nn.Flatten, nn.Unflatten):
     register_rule(_target, Reshape())
-for _target in ("permute", "transpose", "t", "movedim", torch.permute, torch.transpose, torch.movedim):
+for _target in ("permute", "transpose", "t", "movedim", torch.permute, torch.transpose, torch.movedim, "flip",
+                torch.flip, "roll", torch.roll):
     register_rule(_target, UnitNorm())
+for _target in ("expand", "broadcast_to", torch.broadcast_to, "repeat"):
+    register_rule(_target, Copies())
 for _target in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                 nn.FeatureAlphaDropout, "clone", "detach"):
     register_rule(_target, Identity())

@@ -67,6 +67,11 @@ LINEAR_OPS: list[tuple[str, Callable[[], nn.Module]]] = [
     ("addcmul affine", lambda: Affine(4)),
     ("addcmul shift", lambda: Lambda(lambda x: x.addcmul(torch.ones(4, 1, 1, dtype=DT), torch.full((6,), 2.0, dtype=DT)))),
     ("stochastic_depth eval", lambda: StochasticDepth(0.2, "row")),
+    ("flip", lambda: Lambda(lambda x: x.flip(2, 3))),
+    ("roll", lambda: Lambda(lambda x: torch.roll(x, (1, -2), (2, 3)))),
+    ("expand", lambda: Lambda(lambda x: x.unsqueeze(2).expand(-1, -1, 3, -1, -1).flatten(2, 3))),
+    ("repeat", lambda: Lambda(lambda x: x.repeat(1, 2, 1, 1))),
+    ("broadcast_to", lambda: Lambda(lambda x: torch.broadcast_to(x[:, :1], (x.size(0), 4, 6, 6)))),
 ]
 
 
