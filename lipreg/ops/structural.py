@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .base import Call, Concat, LinearOp, NodeInfo, Refuse, Rule, Sum, display_name
@@ -224,7 +224,8 @@ def _getitem(info: NodeInfo) -> Rule:
 def _view(info: NodeInfo) -> Rule:
     """``x.view(*shape)`` is a reshape; ``x.view(dtype)`` reinterprets the bits of each entry as another dtype (an
     integer, or a float of another width): a discontinuous function of the values, refused."""
-    arguments = [info.arg(i, "") for i in range(1, len(info.node.args))] + [info.arg(len(info.node.args), "dtype")]
+    arguments = fx.node.map_arg([*info.node.args[1:], *info.node.kwargs.values()],
+                                lambda n: info.static_values.get(n, n))  # x.view(y.dtype): the traced value
     if any(isinstance(a, torch.dtype) for a in arguments):
         return Refuse(f"{info.name} views the bits of the input as another dtype (Tensor.view(dtype)): the values it "
                       "gives jump as the input's bits change, so they are no Lipschitz function of the input. Use "

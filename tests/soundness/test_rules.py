@@ -282,6 +282,7 @@ BIT_CASTS = {
     "float64 bits as int64": (lambda x: x.view(torch.int64) * 1.0, torch.float64, "'view'"),
     "float32 bits as float16": (lambda x: x.view(torch.float16) * 1.0, torch.float32, "'view'"),
     "view(dtype=...)": (lambda x: x.view(dtype=torch.int16) * 1.0, torch.float32, "'view'"),
+    "view(y.dtype)": (lambda x: x.view(torch.zeros(1, dtype=torch.int32).dtype) * 1.0, torch.float32, "'view'"),
     "integer sum": (lambda x: x.sum(1, dtype=torch.int64) * 1.0, torch.float64, "'sum'"),
 }
 
