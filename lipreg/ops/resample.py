@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +91,7 @@ def _functional_pad(info: NodeInfo) -> Pad:
     return Pad(info.arg(1, "pad"), str(info.arg(2, "mode", "constant")))
 
 
-def _pad_module(mode: str) -> Any:
+def _pad_module(mode: str) -> Callable[[NodeInfo], Pad]:
     return lambda info: Pad(info.module.padding, mode)
 
 
