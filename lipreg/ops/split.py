@@ -2,7 +2,7 @@
 of tensors, and the graph takes its elements with ``getitem``.
 
 A tuple has no place in a chain of linear operators (whose values are tensors), so capture rewrites each element
-taken, ``split(x, ...)[i]``, as one node :func:`split_part` ``(op, i, x, ...)`` (:func:`inline_split_parts`),
+taken, ``split(x, ...)[i]``, as one node :func:`split_part` (:func:`inline_split_parts`),
 whose rule is :class:`~lipreg.ops.structural.UnitNorm`: the part is a selection of distinct entries of ``x``,
 norm 1 (0 if empty), so consecutive linear ops fuse across it. A tuple used otherwise (passed whole to another
 op) is refused with what to write instead.
@@ -22,12 +22,14 @@ from .structural import UnitNorm
 _SPLITS = {"split": torch.split, "chunk": torch.chunk, "unbind": torch.unbind, "tensor_split": torch.tensor_split,
            "split_with_sizes": torch.split_with_sizes, "hsplit": torch.hsplit, "vsplit": torch.vsplit,
            "dsplit": torch.dsplit}
-"""The split ops by name: each ``Tensor`` method of that name computes what the function does."""
+"""The split ops by name, as functions; each is also a ``Tensor`` method of that name."""
 
 
-def split_part(op: str, index: int, tensor: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    """Element ``index`` of the tuple ``torch.<op>(tensor, *args, **kwargs)`` returns."""
-    return _SPLITS[op](tensor, *args, **kwargs)[index]
+def split_part(op: str, method: bool, index: int, tensor: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """Element ``index`` of the tuple that ``tensor.<op>(*args, **kwargs)`` (``method``) or ``torch.<op>(tensor,
+    *args, **kwargs)`` returns: the call as written, keyword names included."""
+    parts = getattr(tensor, op)(*args, **kwargs) if method else _SPLITS[op](tensor, *args, **kwargs)
+    return parts[index]
 
 
 def _split_name(node: fx.Node) -> str | None:
@@ -53,7 +55,8 @@ def inline_split_parts(module: fx.GraphModule) -> None:
         for user in list(node.users):
             index = user.args[1]
             with graph.inserting_before(user):
-                part = graph.create_node("call_function", split_part, (name, index, *node.args), dict(node.kwargs),
+                part = graph.create_node("call_function", split_part,
+                                         (name, node.op == "call_method", index, *node.args), dict(node.kwargs),
                                          name=f"{node.name}_{str(index).replace('-', 'm')}")
             part.meta = {**node.meta}
             user.replace_all_uses_with(part)

@@ -31,6 +31,8 @@ LINEAR_OPS: list[tuple[str, Callable[[], nn.Module]]] = [
     ("torch.chunk", lambda: Lambda(lambda x: torch.chunk(x, 3, 2)[-1])),
     ("split sizes", lambda: Lambda(lambda x: torch.split(x, [1, 3], dim=1)[1])),
     ("split method", lambda: Lambda(lambda x: x.split(4, dim=3)[1])),
+    ("torch.split keywords", lambda: Lambda(lambda x: torch.split(x, split_size_or_sections=[1, 3], dim=1)[1])),
+    ("split method keywords", lambda: Lambda(lambda x: x.split(split_size=2, dim=1)[1])),
     ("unbind", lambda: Lambda(lambda x: x.unbind(1)[2].unsqueeze(1))),
     ("tensor_split indices", lambda: Lambda(lambda x: x.tensor_split([1, 4], dim=2)[1])),
     ("tensor_split uneven", lambda: Lambda(lambda x: torch.tensor_split(x, 4, dim=3)[0])),
