@@ -221,6 +221,38 @@ def _getitem(info: NodeInfo) -> Rule:
     return LinearOp(homogeneous=True)
 
 
+_ATTRIBUTES: dict[str, Rule] = {"T": UnitNorm(), "mT": UnitNorm(), "data": Identity()}
+"""Attributes of a tensor that are linear maps of it: transposes (permutations) and ``data`` (its values)."""
+
+
+def _attribute(info: NodeInfo) -> Rule:
+    """``getattr`` on an input-dependent value: ``.values`` / ``.indices`` of the named tuple an op returns
+    (``torch.max(x, dim)``) are its elements 0 and 1 (:func:`_tuple_element`); ``x.T``, ``x.mT`` and ``x.data``
+    are in :data:`_ATTRIBUTES`; any other attribute is refused."""
+    name = info.arg(1, "name")
+    elements = info.x_inputs[0].meta.get("tensor_meta")
+    if name in ("values", "indices") and isinstance(elements, tuple) and not isinstance(elements, TensorMetadata):
+        return _tuple_element(info, 0 if name == "values" else 1, elements)
+    if name in _ATTRIBUTES:
+        return _ATTRIBUTES[name]
+    return Refuse(f"{info.name} reads the attribute {name!r} of an input-dependent tensor, which lipreg has no rule "
+                  "for: compute it with a tensor op instead")
+
+
+class FirstOnly(Sum):
+    """An op whose value is its first argument's, converted: the other input-dependent arguments give only their
+    dtype or device (``y.type_as(x)``, ``y.to(x)``), coefficient 0."""
+
+    def coefficients(self, info: NodeInfo) -> list[float]:
+        return [1.0 if position == 0 else 0.0 for position in info.x_positions(("self", "other"))]
+
+
+def _conversion(info: NodeInfo) -> Rule:
+    """A conversion between floating dtypes or devices (``x.float()``, ``x.to(y)``...): the identity on the real
+    values it rounds. A cast to an integer dtype is refused by capture, as every integer-valued result is."""
+    return Identity() if len(info.x_inputs) == 1 else FirstOnly()
+
+
 def _view(info: NodeInfo) -> Rule:
     """``x.view(*shape)`` is a reshape; ``x.view(dtype)`` reinterprets the bits of each entry as another dtype (an
     integer, or a float of another width): a discontinuous function of the values, refused."""
@@ -311,6 +343,8 @@ for _target in ("expand", "broadcast_to", torch.broadcast_to, "repeat"):
 for _target in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                 nn.FeatureAlphaDropout, "clone", "detach"):
     register_rule(_target, Identity())
+for _target in ("to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda"):
+    register_rule(_target, _conversion)
 for _target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
                 torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout):
     register_rule(_target, _dropout)
@@ -327,6 +361,7 @@ for _target in (operator.truediv, torch.div, "div", "__truediv__"):
 for _target in (operator.matmul, torch.matmul, "matmul", "__matmul__"):
     register_rule(_target, _matmul)
 register_rule(operator.getitem, _getitem)
+register_rule(getattr, _attribute)
 for _target in (torch.addcmul, "addcmul"):
     register_rule(_target, _addcmul)
 register_rule("torchvision.ops.stochastic_depth.stochastic_depth", _stochastic_depth)

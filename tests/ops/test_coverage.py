@@ -74,6 +74,8 @@ LINEAR_OPS: list[tuple[str, Callable[[], nn.Module]]] = [
     ("expand", lambda: Lambda(lambda x: x.unsqueeze(2).expand(-1, -1, 3, -1, -1).flatten(2, 3))),
     ("repeat", lambda: Lambda(lambda x: x.repeat(1, 2, 1, 1))),
     ("broadcast_to", lambda: Lambda(lambda x: torch.broadcast_to(x[:, :1], (x.size(0), 4, 6, 6)))),
+    ("float casts", lambda: Lambda(lambda x: x.float().to(torch.float64).cpu())),
+    ("transpose attribute", lambda: Lambda(lambda x: x.mT)),
 ]
 
 
@@ -185,6 +187,33 @@ def test_activation_slopes_are_exact(name, module, interval):
         assert low == pytest.approx(interval[0], abs=1e-5) and high == pytest.approx(interval[1], abs=1e-5)
     certified = float(est.certified_bound().detach())
     assert all(certified >= jacobian_norm(model, 4 * torch.randn(1, 5, dtype=DT)) for _ in range(20))
+
+
+def test_type_as_an_input_dependent_tensor_reads_its_dtype_only():
+    torch.manual_seed(0)
+    model = Sandwich(Lambda(lambda x: x.float().type_as(x))).to(DT)
+    certified, converged, exact = bounds(model, torch.randn(2, 4, 6, 6, dtype=DT))
+    assert certified >= exact and converged >= exact * (1 - REL)
+
+
+EXTREMA = [("amax", lambda x: x.amax((2, 3)), 1.0), ("max over a dim", lambda x: torch.max(x, 1)[0], 1.0),
+           ("max values", lambda x: x.max(dim=2, keepdim=True).values, 1.0), ("min of all", lambda x: x.min(), 1.0),
+           ("maximum with a constant", lambda x: torch.maximum(x, torch.zeros(1, 4, 1, 1, dtype=DT)), 1.0),
+           ("maximum broadcast 4 times", lambda x: torch.maximum(x[:, :1], torch.zeros(1, 4, 1, 1, dtype=DT)), 2.0),
+           ("maximum of two", lambda x: torch.minimum(x, -x.flip(3)), math.sqrt(2.0))]
+
+
+@pytest.mark.parametrize("name, fn, constant", EXTREMA, ids=[e[0] for e in EXTREMA])
+def test_extrema(name, fn, constant):
+    """Maxima and minima: the certified constant is the exact one (attained by the Jacobian at some sample),
+    and above every sampled Jacobian."""
+    torch.manual_seed(0)
+    model = Lambda(fn)
+    certified = float(lipreg.LipschitzEstimator(model, torch.randn(2, 4, 3, 3, dtype=DT), dtype=DT).certified_bound())
+    samples = [jacobian_norm(model, torch.randn(1, 4, 3, 3, dtype=DT)) for _ in range(20)]
+    assert certified >= max(samples) and certified == pytest.approx(constant, rel=1e-6)
+    if name != "maximum of two":  # its constant is attained where x = -flip(x), a set of measure zero
+        assert max(samples) == pytest.approx(constant, rel=1e-12)
 
 
 @pytest.mark.parametrize("relu", [False, True])

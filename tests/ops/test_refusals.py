@@ -63,6 +63,9 @@ def test_ops_without_a_rule_get_a_hint_with_no_made_up_constant():
     (lambda x: torch.addcmul(torch.ones(5, dtype=DT), x, x), ["addcmul", "product of two input-dependent"]),
     (lambda x: torch.cat(x.chunk(5, 1)[::-1], 1), ["'chunk'", "used whole"]),
     (lambda x: F.hardshrink(x, 0.5), ["hardshrink", "jumps by 0.5"]),
+    (lambda x: torch.maximum(x[:, :1], 2 * x), ["maximum", "different shapes"]),
+    (lambda x: x.max(1).indices * 1.0, ["getattr", "element 1"]),
+    (lambda x: x.to(torch.int32) * 1.0, ["'to'", "torch.int32"]),
     (lambda x: F.threshold(x, 0.1, 0.0), ["threshold", "jumps by 0.1"]),
 ])
 def test_refused_ops_name_the_op_and_the_reason(fn, words):
