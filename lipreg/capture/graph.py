@@ -141,6 +141,9 @@ normalisation, attention) cannot be bounded whatever the user registers; a rule 
 to fix; an op without a rule may be Lipschitz, and is named after the others."""
 
 
+_LISTED = 10  # other blockers named in a refusal
+
+
 @dataclass
 class _Blocker:
     """Why one node stops the model from being bounded: ``kind`` (:data:`_REFUSED`...), the message, the fix."""
@@ -159,7 +162,8 @@ def _raise_blockers(blockers: list[_Blocker]) -> None:
     others = [b.message for b in blockers if b is not first]
     message = first.message + (f"\n{first.hint}" if first.hint else "")
     if others:
-        message += "\nOther ops that block this model too:\n" + "\n".join(f"  - {m}" for m in others)
+        listed = others[:_LISTED] + ([f"... and {len(others) - _LISTED} more"] if len(others) > _LISTED else [])
+        message += "\nOther ops that block this model too:\n" + "\n".join(f"  - {m}" for m in listed)
     raise UnsupportedOpError(message)
 
 

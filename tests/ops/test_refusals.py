@@ -47,6 +47,12 @@ def test_a_refused_op_comes_before_an_earlier_op_without_a_rule():
     assert any("no Lipschitz rule for torch.sin" in line for line in rest)
 
 
+def test_the_other_blockers_are_listed_up_to_ten():
+    model = nn.Sequential(nn.Linear(5, 5), *[nn.LayerNorm(5) for _ in range(13)])
+    message = refusal(model, torch.randn(2, 5))
+    assert message.count("LayerNorm cannot be bounded") == 11 and "... and 2 more" in message
+
+
 def test_ops_without_a_rule_get_a_hint_with_no_made_up_constant():
     model = Lambda(lambda x: torch.cos(torch.sin(x)))
     message = refusal(model, torch.randn(2, 5))
