@@ -3,8 +3,8 @@ of tensors, and the graph takes its elements with ``getitem``.
 
 A tuple has no place in a chain of linear operators (whose values are tensors), so capture rewrites each element
 taken, ``split(x, ...)[i]``, as one node :func:`split_part` (:func:`inline_split_parts`),
-whose rule is :class:`~lipreg.ops.structural.UnitNorm`: the part is a selection of distinct entries of ``x``,
-norm 1 (0 if empty), so consecutive linear ops fuse across it. A tuple used otherwise (passed whole to another
+whose rule is :class:`SplitPart`: the part is a selection of distinct entries of ``x``, norm 1 (0 if empty), so
+consecutive linear ops fuse across it. A tuple used otherwise (passed whole to another
 op) is refused with what to write instead.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from .base import NodeInfo, Refuse
+from .base import Call, NodeInfo, Refuse
 from .registry import register_rule
 from .structural import UnitNorm
 
@@ -65,12 +65,27 @@ def inline_split_parts(module: fx.GraphModule) -> None:
     module.recompile()
 
 
+class SplitPart(UnitNorm):
+    """``split_part``: a selection of entries, ``v -> v[S]``; its adjoint puts ``u`` back in place in zeros (the
+    same call on a zero tensor returns a view of it, written through)."""
+
+    def has_adjoint(self, info: NodeInfo) -> bool:
+        return True
+
+    def adjoint(self, info: NodeInfo, call: Call, u: Tensor) -> Tensor:
+        op, method, index, _, *args = (info.arg(i, "") for i in range(len(info.node.args)))
+        kwargs = {name: info.arg(len(info.node.args), name) for name in info.node.kwargs}
+        out = torch.zeros(info.in_shapes[0], dtype=u.dtype, device=u.device)
+        split_part(op, method, index, out, *args, **kwargs).copy_(u)
+        return out
+
+
 def _whole_split(info: NodeInfo) -> Refuse:
     return Refuse(f"{info.name} returns a tuple that is used whole; lipreg bounds the parts of a split that are "
                   "taken by index (a, b = x.chunk(2, dim=1), or x.split(sizes)[i]): unpack it, then use the parts")
 
 
-register_rule(split_part, UnitNorm())
+register_rule(split_part, SplitPart())
 for _name, _function in _SPLITS.items():
     register_rule(_name, _whole_split)
     register_rule(_function, _whole_split)

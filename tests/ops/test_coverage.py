@@ -143,7 +143,11 @@ def test_pad_in_1d_and_3d(mode, dims):
 EXPLICIT_ADJOINTS = [("pad constant", lambda: Lambda(lambda x: F.pad(x, (1, -2, 3, 0), value=1.0))),
                      ("ChannelShuffle", lambda: nn.ChannelShuffle(2)),
                      ("PixelShuffle", lambda: nn.PixelShuffle(2)),
-                     ("PixelUnshuffle", lambda: nn.PixelUnshuffle(2))]
+                     ("PixelUnshuffle", lambda: nn.PixelUnshuffle(2)),
+                     ("chunk", lambda: Lambda(lambda x: x.chunk(3, dim=2)[1])),
+                     ("unbind", lambda: Lambda(lambda x: x.unbind(1)[-1])),
+                     ("tensor_split keywords", lambda: Lambda(lambda x: x.tensor_split(indices=[1, 4], dim=3)[2])),
+                     ("split", lambda: Lambda(lambda x: torch.split(x, [1, 3], 1)[1]))]
 
 
 @pytest.mark.parametrize("name, make", EXPLICIT_ADJOINTS, ids=[c[0] for c in EXPLICIT_ADJOINTS])
