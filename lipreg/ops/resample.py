@@ -84,7 +84,7 @@ class Pad(LinearOp):
         shape = info.in_shapes[0]
         norm = math.prod(_pad_axis_norm(self.mode, shape[-1 - k], self.pad[2 * k], self.pad[2 * k + 1])
                          for k in range(len(self.pad) // 2))
-        return torch.tensor(norm, dtype=dtype, device=call.device)
+        return torch.full((), norm, dtype=dtype, device=call.device)
 
 
 def _functional_pad(info: NodeInfo) -> Pad:
@@ -133,7 +133,7 @@ class Resample(LinearOp):
             _resample_axis_norm(self.mode, dims, n_in, n_out, None if s is None else float(s), self.align_corners,
                                 self.recompute_scale_factor, self.antialias)
             for n_in, n_out, s in zip(in_sizes, out_sizes, scales))
-        return torch.tensor(norm, dtype=dtype, device=call.device)
+        return torch.full((), norm, dtype=dtype, device=call.device)
 
 
 def _interpolate(info: NodeInfo) -> Resample:

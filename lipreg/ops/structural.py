@@ -308,7 +308,7 @@ class Copies(LinearOp):
 
     def closed_form_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
         copies = info.out_shape.numel() / info.in_shapes[0].numel()
-        return torch.tensor(copies, dtype=dtype, device=call.device).sqrt()
+        return torch.full((), copies, dtype=dtype, device=call.device).sqrt()  # a fill: no host-to-device copy
 
 
 def _dropout(info: NodeInfo) -> Rule:

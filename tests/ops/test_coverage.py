@@ -19,6 +19,7 @@ from torch import nn
 import lipreg
 from tests.ops.model_parts import Affine, Lambda, ShuffleUnit, StochasticDepth, unet_pad
 from tests.ops.test_rules import jacobian_norm
+from tests.test_host_syncs import Training, counted_syncs
 
 DT = torch.float64
 REL = 1e-4
@@ -234,3 +235,31 @@ def test_shufflenet_unit(relu):
     assert certified >= max(samples)
     if not relu:  # linear: the sum over the two paths is an upper bound, exact on each path
         assert float(est.converge(tol=1e-12).detach()) >= samples[0] * (1 - REL)
+
+
+class UNetLike(nn.Module):
+    """Closed-form and fused new rules in one net: upsampling, reflect and computed zero padding, a split, a shuffle,
+    a cast, an extremum, stochastic depth."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.up = nn.Conv2d(1, 4, 3, padding=1), nn.Upsample(scale_factor=2, mode="bilinear")
+        self.pad, self.shuffle, self.drop = nn.ReflectionPad2d(1), nn.ChannelShuffle(2), StochasticDepth(0.1, "row")
+        self.head = nn.Linear(2 * 9 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.shuffle(self.pad(self.up(torch.relu(self.conv(x)))))
+        a, b = h.chunk(2, dim=1)
+        h = torch.maximum(self.drop(a)[..., :9, :8], unet_pad(b[..., :7, :6])).float()
+        return self.head(h.flatten(1))
+
+
+def test_new_rules_keep_the_training_step_free_of_host_syncs():
+    torch.manual_seed(0)
+    training = Training(UNetLike().eval(), torch.randn(8, 1, 4, 4))
+    training.step()  # the first call builds the record
+    with counted_syncs() as counts:
+        for _ in range(3):
+            training.step()
+    assert not counts, f"host synchronisations {dict(counts)}"
+
