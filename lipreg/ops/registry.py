@@ -28,17 +28,21 @@ def register_rule(target: Target, rule: RuleSpec) -> None:
     ``rule`` is a :class:`~lipreg.ops.Rule`, a float (the op's Lipschitz constant), or a callable
     ``NodeInfo -> Rule`` for rules that depend on the call's arguments. A later registration replaces an earlier one.
     """
-    _REFUSALS.discard(target)
-    if isinstance(rule, Rule):
-        _RULES[target] = lambda info, _rule=rule: _rule
-        if isinstance(rule, Refuse):
-            _REFUSALS.add(target)
-    elif isinstance(rule, (int, float)):
-        _RULES[target] = lambda info, _rule=Constant(float(rule)): _rule
-    elif callable(rule):
-        _RULES[target] = rule
+    _RULES[target] = _factory(rule)  # raises on an invalid rule before the registry changes
+    if isinstance(rule, Refuse):
+        _REFUSALS.add(target)
     else:
-        raise TypeError(f"a rule is a lipreg.ops.Rule, a float or a callable NodeInfo -> Rule, got {type(rule)!r}")
+        _REFUSALS.discard(target)
+
+
+def _factory(rule: RuleSpec) -> RuleFactory:
+    if isinstance(rule, Rule):
+        return lambda info, _rule=rule: _rule
+    if isinstance(rule, (int, float)):
+        return lambda info, _rule=Constant(float(rule)): _rule
+    if callable(rule):
+        return rule
+    raise TypeError(f"a rule is a lipreg.ops.Rule, a float or a callable NodeInfo -> Rule, got {type(rule)!r}")
 
 
 def unregister_rule(target: Target) -> None:

@@ -54,6 +54,20 @@ def test_registered_restores_a_built_in_rule_and_a_refusal():
         lipreg.LipschitzEstimator(nn.Sequential(nn.Linear(3, 3), MyNorm(3)).to(DT), x)
 
 
+def test_an_invalid_rule_changes_nothing():
+    """A rejected registration leaves the previous rule, refusal included: kept by a subclass even where it
+    overrides ``forward`` (which, were the refusal dropped, would be traced through and bounded)."""
+    class MyNorm(nn.LayerNorm):
+        def forward(self, x):
+            return x
+
+    for bad, error in (("1.0", TypeError), (-1.0, ValueError)):
+        with pytest.raises(error):
+            lipreg.register_rule(nn.LayerNorm, bad)
+        with pytest.raises(lipreg.UnsupportedOpError, match="standard deviation"):
+            lipreg.LipschitzEstimator(nn.Sequential(nn.Linear(3, 3), MyNorm(3)), torch.randn(2, 3))
+
+
 def test_registered_restores_even_when_the_block_raises():
     with pytest.raises(RuntimeError, match="inside"):
         with registered(torch.sin, 1.0):
