@@ -5,8 +5,8 @@ REGISTER_HINT = """\
 If it is Lipschitz, register the rule that describes it, with values you have proved for this op:
     import lipreg
     lipreg.register_rule({target}, L)                            # its Lipschitz constant L (a float)
-    lipreg.register_rule({target}, lipreg.ops.LinearOp())        # only if affine in its input: the norm is computed
-    lipreg.register_rule({target}, lipreg.ops.Activation(a, b))  # only if elementwise, derivative in [a, b] everywhere"""
+    lipreg.register_rule({target}, lipreg.ops.LinearOp())        # only if affine in its input (norm computed)
+    lipreg.register_rule({target}, lipreg.ops.Activation(a, b))  # only if elementwise, slopes in [a, b] everywhere"""
 
 
 class UnsupportedOpError(TypeError):

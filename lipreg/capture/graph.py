@@ -306,7 +306,8 @@ class LipGraph:
         elif isinstance(rule, (LinearOp, Activation)) and len(info.x_inputs) != 1:
             blockers.append(_Blocker(_MISUSED, (
                 f"{where} has {len(info.x_inputs)} input-dependent arguments, but its rule ({rule.describe()}) takes "
-                "exactly one: register a Constant (Lipschitz in all of them jointly), a Sum or a Concat rule instead.")))
+                "exactly one: register a Constant (Lipschitz in all of them jointly), a Sum or a Concat rule "
+                "instead.")))
         return rule
 
     def _build(self, fuse: bool) -> list[LipNode]:
