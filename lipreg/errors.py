@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 REGISTER_HINT = """\
-To bound it, register a rule for it, e.g.
+If it is Lipschitz, register the rule that describes it, with values you have proved for this op:
     import lipreg
-    lipreg.register_rule({target}, 2.0)                      # a known Lipschitz constant
-    lipreg.register_rule({target}, lipreg.ops.LinearOp())  # a linear (affine) op: its norm by the power method
-    lipreg.register_rule({target}, lipreg.ops.Activation(0.0, 1.0))  # elementwise, slopes in [a, b]"""
+    lipreg.register_rule({target}, L)                            # its Lipschitz constant L (a float)
+    lipreg.register_rule({target}, lipreg.ops.LinearOp())        # only if affine in its input (norm computed)
+    lipreg.register_rule({target}, lipreg.ops.Activation(a, b))  # only if elementwise, slopes in [a, b] everywhere"""
 
 
 class UnsupportedOpError(TypeError):

@@ -23,6 +23,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from ..errors import REGISTER_HINT, UnsupportedOpError
 from ..ops import Activation, Concat, LinearOp, NodeInfo, Refuse, Rule, describe_target, rule_factory
 from ..ops.base import broadcast_guard, display_name
+from ..ops.split import inline_split_parts
 from .effects import check_hooks, check_traced_function, resolve_in_place, storages
 from .fingerprint import ModelFingerprint
 from .source import node_location, source_line
@@ -140,6 +141,49 @@ def _floating_dtype(model: nn.Module) -> torch.dtype | None:
     return next((t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
 
 
+_REFUSED, _MISUSED, _MISSING = range(3)
+"""Blockers by how surely they block: an op whose rule refuses it (a product of input-dependent tensors,
+normalisation, attention) cannot be bounded whatever the user registers; a rule of the wrong kind is the user's
+to fix; an op without a rule may be Lipschitz, and is named after the others."""
+
+
+_LISTED = 10  # other blockers named in a refusal
+
+
+@dataclass
+class _Blocker:
+    """Why one node stops the model from being bounded: ``kind`` (:data:`_REFUSED`...), the message, the fix."""
+
+    kind: int
+    message: str
+    hint: str = ""
+
+
+def _raise_blockers(blockers: list[_Blocker]) -> None:
+    """Refuse the model for its surest blocker (the first in graph order among the surest kind), with its fix,
+    and name the other nodes that block it too."""
+    if not blockers:
+        return
+    first = min(blockers, key=lambda b: b.kind)  # min keeps the first of equal kinds
+    others = [b.message for b in blockers if b is not first]
+    message = first.message + (f"\n{first.hint}" if first.hint else "")
+    if others:
+        listed = others[:_LISTED] + ([f"... and {len(others) - _LISTED} more"] if len(others) > _LISTED else [])
+        message += "\nOther ops that block this model too:\n" + "\n".join(f"  - {m}" for m in listed)
+    raise UnsupportedOpError(message)
+
+
+def _integer_guard(info: NodeInfo, rule: Rule) -> Rule:
+    """An input-dependent op whose result is used and holds integers or booleans (``x.sum(1, dtype=torch.int64)``,
+    a cast, a comparison) is piecewise constant in the input: it jumps, so it is refused whatever its rule."""
+    dtype = next(_tensor_metas(info.node.meta["tensor_meta"])).dtype
+    if dtype.is_floating_point or dtype.is_complex or not info.node.users:
+        return rule
+    return Refuse(f"its result is of dtype {dtype}: integer or boolean values of the input are piecewise constant, "
+                  "they jump, so no Lipschitz constant holds for them. Keep the computation in floating point (no "
+                  "integer dtype= or cast on an input-dependent tensor)")
+
+
 class LipGraph:
     """The traced model: fx graph, shapes, rules and the reduced (fused) DAG of :class:`LipNode`.
 
@@ -153,6 +197,7 @@ class LipGraph:
         self.model = model
         with eval_mode(model):  # the function bounded is the eval-mode one: `if self.training` branches too
             self.root, self.graph_module, self.tracer_constants, reads = trace(model, concrete_args)
+        inline_split_parts(self.graph_module)  # x.chunk(2)[i] -> one node per part: a tensor, not a tuple
         self.fingerprint = ModelFingerprint(self.root, self.graph_module, reads)
         self.modules = dict(self.graph_module.named_modules())
         placeholders = [n for n in self.graph_module.graph.nodes if n.op == "placeholder"]
@@ -257,6 +302,7 @@ class LipGraph:
     def _resolve(self) -> dict[fx.Node, tuple[NodeInfo, Rule]]:
         depends = {self.input_node}
         infos: dict[fx.Node, tuple[NodeInfo, Rule]] = {}
+        blockers: list[_Blocker] = []
         for node in self.graph_module.graph.nodes:
             if node.op in ("placeholder", "output"):
                 continue
@@ -280,27 +326,32 @@ class LipGraph:
                 out_shape=_shape(node),
                 static_values=self.static_values,
             )
-            infos[node] = (info, self._rule_for(info))
+            infos[node] = (info, self._rule_for(info, blockers))
+        _raise_blockers(blockers)
         self.depends = depends
         return infos
 
-    def _rule_for(self, info: NodeInfo) -> Rule:
+    def _rule_for(self, info: NodeInfo, blockers: list[_Blocker]) -> Rule:
+        """The node's rule; an op that cannot be bounded is added to ``blockers`` (and a placeholder
+        :class:`Refuse` returned), so that every node is seen before the model is refused."""
         node, module = info.node, info.module
         target = describe_target(node, module)
         factory = rule_factory(node, module)
         where = node_location(node, target)
         if factory is None:
-            raise UnsupportedOpError(
-                f"lipreg has no Lipschitz rule for {target}, used by {where}.\n" + REGISTER_HINT.format(target=target)
-            )
+            blockers.append(_Blocker(_MISSING, f"lipreg has no Lipschitz rule for {target}, used by {where}.",
+                                     REGISTER_HINT.format(target=target)))
+            return Refuse("no rule")
         rule = broadcast_guard(info, factory(info))  # an elementwise rule on an op that broadcasts its input
+        if not isinstance(rule, Refuse):
+            rule = _integer_guard(info, rule)
         if isinstance(rule, Refuse):
-            raise UnsupportedOpError(f"{target} cannot be bounded, used by {where}: {rule.reason}.")
-        if isinstance(rule, (LinearOp, Activation)) and len(info.x_inputs) != 1:
-            raise UnsupportedOpError(
+            blockers.append(_Blocker(_REFUSED, f"{target} cannot be bounded, used by {where}: {rule.reason}."))
+        elif isinstance(rule, (LinearOp, Activation)) and len(info.x_inputs) != 1:
+            blockers.append(_Blocker(_MISUSED, (
                 f"{where} has {len(info.x_inputs)} input-dependent arguments, but its rule ({rule.describe()}) takes "
-                "exactly one: register a Constant (Lipschitz in all of them jointly), a Sum or a Concat rule instead."
-            )
+                "exactly one: register a Constant (Lipschitz in all of them jointly), a Sum or a Concat rule "
+                "instead.")))
         return rule
 
     def _build(self, fuse: bool) -> list[LipNode]:

@@ -1,4 +1,5 @@
-"""Elementwise activations with their exact slope intervals ``[a, b]`` (``inf/sup`` of the derivative).
+"""Elementwise activations with their exact slope intervals ``[a, b]`` (``inf/sup`` of the derivative); the
+discontinuous ones (hardshrink, a threshold whose value differs from it) are refused.
 
 AutoLip uses ``max(|a|, |b|)``; SeqLip uses the interval itself (paper eq. 7-8 need ``a >= 0``). Softplus is
 accepted only with a threshold whose jump rounds away in the dtype it runs in (:func:`_softplus`).
@@ -19,16 +20,19 @@ from .base import Activation, NodeInfo, Refuse
 from .registry import register_rule
 
 
+_NUMERIC = {"gelu": F.gelu, "silu": F.silu, "mish": F.mish}
+
+
 @lru_cache(maxsize=None)
 def numeric_slope_range(name: str, approximate: str = "none") -> tuple[float, float]:
-    """``[inf f', sup f']`` for GELU / SiLU, whose extreme slopes have no closed form.
+    """``[inf f', sup f']`` for GELU / SiLU / Mish, whose extreme slopes have no closed form.
 
-    Found on a float64 grid of step 2e-5 over [-12, 12] (both extrema lie near +-1.4 for GELU and +-2.4 for
-    SiLU, and f' is flat outside), then widened by 1e-7, far above the grid's O(h^2) error, so the interval
-    contains the true one: GELU [-0.1700, 1.1290], SiLU [-0.0998, 1.0998].
+    Found on a float64 grid of step 2e-5 over [-12, 12] (the extrema lie near +-1.41 for GELU, +-2.40 for SiLU,
+    -2.26 and 1.49 for Mish, and f' is flat outside), then widened by 1e-7, far above the grid's O(h^2) error, so the
+    interval contains the true one: GELU [-0.1289, 1.1289], SiLU [-0.0998, 1.0998], Mish [-0.1125, 1.0885].
     """
     fn: Callable[[torch.Tensor], torch.Tensor] = (
-        (lambda x: F.gelu(x, approximate=approximate)) if name == "gelu" else F.silu
+        (lambda x: F.gelu(x, approximate=approximate)) if name == "gelu" else _NUMERIC[name]
     )
     x = torch.linspace(-12.0, 12.0, 1_200_001, dtype=torch.float64, requires_grad=True)
     (slope,) = torch.autograd.grad(fn(x).sum(), x)
@@ -109,6 +113,15 @@ for _target in (torch.abs, operator.abs, "abs", "__abs__"):
 for _target in (nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid"):
     register_rule(_target, Activation(0.0, 0.25))  # sigma' = sigma (1 - sigma) <= 1/4
 
+# hardsigmoid(x) = relu6(x + 3) / 6: slope 1/6 on (-3, 3), 0 outside. Taken as float32's 1/6 (0.1666666716...),
+# above 1/6: torch's backward multiplies by that constant, so the derivative autograd reports (what a Jacobian
+# lower bound reads) stays under the bound too.
+for _target in (nn.Hardsigmoid, F.hardsigmoid):
+    register_rule(_target, Activation(0.0, float(torch.tensor(1.0 / 6.0, dtype=torch.float32))))
+# hardswish(x) = x relu6(x + 3) / 6: slope 0 below -3, (2x + 3) / 6 in (-1/2, 3/2) on (-3, 3), 1 above 3.
+for _target in (nn.Hardswish, F.hardswish):
+    register_rule(_target, Activation(-0.5, 1.5))
+
 register_rule(nn.LeakyReLU, lambda info: _leaky_relu(float(info.module.negative_slope)))
 register_rule(F.leaky_relu, lambda info: _leaky_relu(float(info.arg(1, "negative_slope", 0.01))))
 register_rule(nn.ELU, lambda info: _elu(float(info.module.alpha)))
@@ -117,3 +130,38 @@ register_rule(nn.GELU, lambda info: _gelu(str(info.module.approximate)))
 register_rule(F.gelu, lambda info: _gelu(str(info.arg(1, "approximate", "none"))))
 for _target in (nn.SiLU, F.silu):
     register_rule(_target, lambda info: Activation(*numeric_slope_range("silu")))
+for _target in (nn.Mish, F.mish):
+    register_rule(_target, lambda info: Activation(*numeric_slope_range("mish")))
+
+# logsigmoid' = sigmoid(-x), tanhshrink' = tanh(x)^2, softshrink' in {0, 1}: in [0, 1]
+for _target in (nn.LogSigmoid, F.logsigmoid, nn.Tanhshrink, F.tanhshrink, nn.Softshrink,
+                F.softshrink):
+    register_rule(_target, UNIT)
+# SELU: scale for x > 0, scale alpha e^x in (0, scale alpha] for x <= 0 (torch's constants, the product rounded up)
+_SELU_SCALE, _SELU_ALPHA = 1.0507009873554804934193349852946, 1.6732632423543772848170429916717
+for _target in (nn.SELU, F.selu, torch.selu):
+    register_rule(_target, Activation(0.0, math.nextafter(_SELU_SCALE * _SELU_ALPHA, math.inf)))
+
+
+def _threshold(threshold: float, value: float) -> Activation | Refuse:
+    """``x if x > threshold else value``: continuous (slopes in [0, 1]) only when ``value == threshold``."""
+    if value == threshold:
+        return UNIT
+    return Refuse(f"threshold(x, {threshold:g}, {value:g}) jumps by {abs(threshold - value):g} at x = {threshold:g}: "
+                  "it is not continuous, so not Lipschitz (use value == threshold, or relu)")
+
+
+def _hardshrink(lambd: float) -> Activation | Refuse:
+    """``x if |x| > lambd else 0`` jumps by ``lambd`` at ``+-lambd``; the identity when ``lambd = 0``."""
+    if lambd == 0:
+        return UNIT
+    return Refuse(f"hardshrink(lambd={lambd:g}) jumps by {lambd:g} at x = +-{lambd:g}: it is not continuous, so not "
+                  "Lipschitz (softshrink is its continuous form)")
+
+
+register_rule(nn.Threshold, lambda info: _threshold(float(info.module.threshold), float(info.module.value)))
+for _target in (F.threshold, torch.threshold):
+    register_rule(_target, lambda info: _threshold(float(info.arg(1, "threshold")), float(info.arg(2, "value"))))
+register_rule(nn.Hardshrink, lambda info: _hardshrink(float(info.module.lambd)))
+for _target in (F.hardshrink, torch.hardshrink, "hardshrink"):
+    register_rule(_target, lambda info: _hardshrink(float(info.arg(1, "lambd", 0.5))))

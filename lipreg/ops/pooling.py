@@ -1,4 +1,5 @@
-"""Max pooling: ``L = sqrt(max_j #{windows containing input j})``.
+"""Max pooling: ``L = sqrt(max_j #{windows containing input j})``; maxima and minima over dimensions
+(``amax``, ``torch.max(x, dim)``), and of two tensors (``torch.maximum``), as its special cases.
 
 Each output is the max of its window, so ``|y_w(x) - y_w(x')| <= max_{j in w} |x_j - x'_j|`` and
 ``||y(x) - y(x')||^2 <= sum_w ||x - x'||_{inf, w}^2 <= (max_j n_j) ||x - x'||^2``; a single spike on the most
@@ -15,10 +16,11 @@ import math
 from functools import partial
 from typing import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Constant, NodeInfo
+from .base import Activation, Constant, NodeInfo, Refuse, Rule
 from .registry import register_rule
 
 
@@ -74,6 +76,26 @@ def _adaptive_max_pool(info: NodeInfo, n: int) -> Constant:
     return Constant(math.sqrt(cover))
 
 
+def _extremum(info: NodeInfo) -> Rule:
+    """``max`` / ``min`` / ``amax`` / ``amin`` / ``maximum`` / ``minimum`` / ``fmax`` / ``fmin`` in all their forms.
+
+    Over dimensions (``x.amax(dim)``, ``torch.max(x, dim)``'s values, ``x.max()``) each input lies in one
+    window: a max pool covering each input once, ``L = 1``. Against a constant (``torch.maximum(x, c)``), an
+    elementwise function with slopes in ``{0, 1}`` (its copies counted by the broadcast guard when ``c`` enlarges
+    ``x``). Of two input-dependent tensors of the output's shape, ``|max(a, b) - max(a', b')| <= max(|a - a'|,
+    |b - b'|)`` entrywise: ``L = 1`` jointly; broadcast, an entry of the smaller one is compared with several of
+    the other, so the joint constant counts copies: refused with the fix."""
+    if len(info.x_inputs) == 2:
+        if info.in_shapes[0] == info.in_shapes[1] == info.out_shape:
+            return Constant(1.0)
+        return Refuse(f"{info.name} takes the elementwise extremum of two input-dependent tensors of different shapes "
+                      f"{tuple(info.in_shapes[0])} and {tuple(info.in_shapes[1])}: expand both to the output's shape "
+                      "first (x.expand(...)), whose copies lipreg counts")
+    if info.out_shape.numel() < info.in_shapes[0].numel():
+        return Constant(1.0)
+    return Activation(0.0, 1.0)
+
+
 # return_indices=True dispatches F.max_pool*d to F.max_pool*d_with_indices (same arguments); the values are the
 # first element of the returned pair.
 _MAX_POOLS = {1: (nn.MaxPool1d, F.max_pool1d, F.max_pool1d_with_indices),
@@ -88,3 +110,6 @@ for _n, _targets in _MAX_POOLS.items():
 for _n, _targets in _ADAPTIVE_MAX_POOLS.items():
     for _target in _targets:
         register_rule(_target, partial(_adaptive_max_pool, n=_n))
+for _target in (torch.max, torch.min, torch.amax, torch.amin, torch.maximum, torch.minimum, torch.fmax, torch.fmin,
+                "max", "min", "amax", "amin", "maximum", "minimum", "fmax", "fmin"):
+    register_rule(_target, _extremum)

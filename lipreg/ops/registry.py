@@ -1,8 +1,11 @@
-"""The rule registry: op -> rule. Keys are module classes, functions, or method names (``"view"``)."""
+"""The rule registry: op -> rule. Keys are module classes, functions, tensor method names (``"view"``) or the
+qualified names of functions from libraries lipreg does not import (``"torchvision.ops.stochastic_depth.
+stochastic_depth"``)."""
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Union
 
 from torch import fx, nn
 
@@ -19,30 +22,70 @@ def register_rule(target: Target, rule: RuleSpec) -> None:
     """Teach lipreg an op.
 
     ``target`` is an ``nn.Module`` subclass (its instances are then kept whole when tracing, not traced
-    through), a function (``torch.tanh``, ``F.gelu``...) or a tensor method name (``"tanh"``).
+    through), a function (``torch.tanh``, ``F.gelu``...), a tensor method name (``"tanh"``), or a function's
+    qualified name ``"module.name"`` (its ``__module__`` and ``__qualname__``), which names a function of a library
+    without importing it.
     ``rule`` is a :class:`~lipreg.ops.Rule`, a float (the op's Lipschitz constant), or a callable
     ``NodeInfo -> Rule`` for rules that depend on the call's arguments. A later registration replaces an earlier one.
     """
-    _REFUSALS.discard(target)
-    if isinstance(rule, Rule):
-        _RULES[target] = lambda info, _rule=rule: _rule
-        if isinstance(rule, Refuse):
-            _REFUSALS.add(target)
-    elif isinstance(rule, (int, float)):
-        _RULES[target] = lambda info, _rule=Constant(float(rule)): _rule
-    elif callable(rule):
-        _RULES[target] = rule
+    _RULES[target] = _factory(rule)  # raises on an invalid rule before the registry changes
+    if isinstance(rule, Refuse):
+        _REFUSALS.add(target)
     else:
-        raise TypeError(f"a rule is a lipreg.ops.Rule, a float or a callable NodeInfo -> Rule, got {type(rule)!r}")
+        _REFUSALS.discard(target)
+
+
+def _factory(rule: RuleSpec) -> RuleFactory:
+    if isinstance(rule, Rule):
+        return lambda info, _rule=rule: _rule
+    if isinstance(rule, (int, float)):
+        return lambda info, _rule=Constant(float(rule)): _rule
+    if callable(rule):
+        return rule
+    raise TypeError(f"a rule is a lipreg.ops.Rule, a float or a callable NodeInfo -> Rule, got {type(rule)!r}")
+
+
+def unregister_rule(target: Target) -> None:
+    """Forget the rule of ``target`` (a built-in rule too): its op is then refused as one without a rule.
+    Raises ``KeyError`` if ``target`` has no rule."""
+    del _RULES[target]
+    _REFUSALS.discard(target)
+
+
+@contextmanager
+def registered(target: Target, rule: RuleSpec) -> Iterator[None]:
+    """``register_rule(target, rule)`` for the duration of a ``with`` block; on exit, ``target``'s previous rule
+    (or its absence) is restored."""
+    previous, refused = _RULES.get(target), target in _REFUSALS
+    register_rule(target, rule)
+    try:
+        yield
+    finally:
+        _RULES.pop(target, None)
+        _REFUSALS.discard(target)
+        if previous is not None:
+            _RULES[target] = previous
+            if refused:
+                _REFUSALS.add(target)
+
+
+def qualified_name(function: Any) -> str | None:
+    """``module.qualname`` of a function, the key of rules registered by name."""
+    module, name = getattr(function, "__module__", None), getattr(function, "__qualname__", None)
+    return f"{module}.{name}" if module and name else None
 
 
 def rule_factory(node: fx.Node, module: nn.Module | None) -> RuleFactory | None:
-    """The registered factory for an fx node (module classes are matched along their MRO)."""
+    """The registered factory for an fx node (module classes are matched along their MRO; functions by
+    themselves, then by qualified name)."""
     if node.op == "call_module":
         assert module is not None
         cls = _registered_class(module)
         return None if cls is None else _RULES[cls]
-    return _RULES.get(node.target)
+    factory = _RULES.get(node.target)
+    if factory is None and node.op == "call_function":
+        factory = _RULES.get(qualified_name(node.target))
+    return factory
 
 
 # Methods a subclass may override without changing what the module computes: construction, representation,

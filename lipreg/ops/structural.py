@@ -1,5 +1,6 @@
-"""Structure and arithmetic: reshapes, dropout, identity, slicing, add/sub/neg, products and quotients by
-constants, concatenation."""
+"""Structure and arithmetic: reshapes, permutations (transposes, flips, rolls, channel and pixel shuffles), copies
+(``expand``, ``repeat``), dropout (and eval-mode stochastic depth), identity, slicing, add/sub/neg, products and
+quotients by constants (``addcmul`` included), concatenation."""
 from __future__ import annotations
 
 import inspect
@@ -8,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .base import Call, Concat, LinearOp, NodeInfo, Refuse, Rule, Sum, display_name
@@ -70,19 +71,23 @@ class SignedIdentity(UnitNorm):
 
 class Scale(LinearOp):
     """``x * c`` or ``x / c`` with ``c`` a constant (number or broadcast tensor): the diagonal map
-    ``diag(c)`` (or ``diag(1/c)``), norm ``max |c|`` (or ``max 1/|c|``) when ``c`` does not enlarge the shape."""
+    ``diag(c)`` (or ``diag(1/c)``), norm ``max |c|`` (or ``max 1/|c|``) when ``c`` does not enlarge the shape.
+    ``names`` is the op's signature, ``factor`` a number multiplying ``c``, and ``homogeneous=False`` marks an op
+    that adds a constant too (``addcmul``)."""
 
-    def __init__(self, constant_position: int, reciprocal: bool) -> None:
-        super().__init__(homogeneous=True)
-        self.constant_position = constant_position  # in the signature (input, other)
+    def __init__(self, constant_position: int, reciprocal: bool, names: tuple[str, ...] = ("input", "other"),
+                 factor: float = 1.0, homogeneous: bool = True) -> None:
+        super().__init__(homogeneous=homogeneous)
+        self.constant_position = constant_position  # in the signature ``names``
         self.reciprocal = reciprocal
+        self.names, self.factor = names, factor
 
     def multiplier(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor | None:
         if info.in_shapes[0] != info.out_shape:
             return None  # c broadcasts x to a larger shape: not diagonal, leave it to the power method
         position = self.constant_position
-        c = torch.as_tensor(call.arg_value(position, _BINARY[position]), dtype=dtype, device=call.device)
-        return 1.0 / c if self.reciprocal else c
+        c = torch.as_tensor(call.arg_value(position, self.names[position]), dtype=dtype, device=call.device)
+        return self.factor / c if self.reciprocal else self.factor * c
 
     def closed_form_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor | None:
         m = self.multiplier(info, call, dtype)
@@ -161,6 +166,27 @@ def _div(info: NodeInfo) -> Rule:
     return Scale(constant_position=1, reciprocal=True)
 
 
+_ADDCMUL = ("input", "tensor1", "tensor2")
+
+
+def _addcmul(info: NodeInfo) -> Rule:
+    """``input + value * tensor1 * tensor2`` (``torch.addcmul``, ``x.addcmul``). With ``x`` in ``input`` only, a
+    shift of ``x`` (:func:`_shift`); in one factor only, the diagonal map ``x -> value * c * x`` plus a constant
+    (the affine layers of ResMLP-style models, ``addcmul(beta, alpha, x)``); in both factors, a product, refused.
+    In ``input`` and a factor, refused with the rewrite whose parts have rules."""
+    positions = info.x_positions(_ADDCMUL)
+    value = info.arg(3, "value", 1)
+    if len(info.x_inputs) == 1 and positions == [0]:
+        return SignedIdentity(1) if info.in_shapes[0] == info.out_shape else LinearOp()
+    if len(info.x_inputs) == 1 and positions in ([1], [2]):
+        return Scale(constant_position=3 - positions[0], reciprocal=False, names=_ADDCMUL, factor=value,
+                     homogeneous=False)
+    if sorted(positions) == [1, 2]:
+        return Refuse(_PRODUCT.format(op=info.name))
+    return Refuse(f"{info.name} adds an input-dependent tensor to a product with another (addcmul(a, b, c) with a and "
+                  "b or c input-dependent): write it as a + value * (b * c), whose parts lipreg bounds")
+
+
 def _matmul(info: NodeInfo) -> Rule:
     if len(info.x_inputs) == 2:
         return Refuse(_PRODUCT.format(op=info.name) + " (attention-like x @ x^T products are refused)")
@@ -195,6 +221,96 @@ def _getitem(info: NodeInfo) -> Rule:
     return LinearOp(homogeneous=True)
 
 
+_ATTRIBUTES: dict[str, Rule] = {"T": UnitNorm(), "mT": UnitNorm(), "data": Identity()}
+"""Attributes of a tensor that are linear maps of it: transposes (permutations) and ``data`` (its values)."""
+
+
+def _attribute(info: NodeInfo) -> Rule:
+    """``getattr`` on an input-dependent value: ``.values`` / ``.indices`` of the named tuple an op returns
+    (``torch.max(x, dim)``) are its elements 0 and 1 (:func:`_tuple_element`); ``x.T``, ``x.mT`` and ``x.data``
+    are in :data:`_ATTRIBUTES`; any other attribute is refused."""
+    name = info.arg(1, "name")
+    elements = info.x_inputs[0].meta.get("tensor_meta")
+    if name in ("values", "indices") and isinstance(elements, tuple) and not isinstance(elements, TensorMetadata):
+        return _tuple_element(info, 0 if name == "values" else 1, elements)
+    if name in _ATTRIBUTES:
+        return _ATTRIBUTES[name]
+    return Refuse(f"{info.name} reads the attribute {name!r} of an input-dependent tensor, which lipreg has no rule "
+                  "for: compute it with a tensor op instead")
+
+
+class FirstOnly(Sum):
+    """An op whose value is its first argument's, converted: the other input-dependent arguments give only their
+    dtype or device (``y.type_as(x)``, ``y.to(x)``), coefficient 0."""
+
+    def coefficients(self, info: NodeInfo) -> list[float]:
+        return [1.0 if position == 0 else 0.0 for position in info.x_positions(("self", "other"))]
+
+
+def _conversion(info: NodeInfo) -> Rule:
+    """A conversion between floating dtypes or devices (``x.float()``, ``x.to(y)``...): the identity on the real
+    values it rounds. A cast to an integer dtype is refused by capture, as every integer-valued result is."""
+    return Identity() if len(info.x_inputs) == 1 else FirstOnly()
+
+
+def _view(info: NodeInfo) -> Rule:
+    """``x.view(*shape)`` is a reshape; ``x.view(dtype)`` reinterprets the bits of each entry as another dtype (an
+    integer, or a float of another width): a discontinuous function of the values, refused."""
+    arguments = fx.node.map_arg([*info.node.args[1:], *info.node.kwargs.values()],
+                                lambda n: info.static_values.get(n, n))  # x.view(y.dtype): the traced value
+    if any(isinstance(a, torch.dtype) for a in arguments):
+        return Refuse(f"{info.name} views the bits of the input as another dtype (Tensor.view(dtype)): the values it "
+                      "gives jump as the input's bits change, so they are no Lipschitz function of the input. Use "
+                      "x.view(shape) for a reshape, or x.to(dtype) for a conversion of the values")
+    return Reshape()
+
+
+def _stochastic_depth(info: NodeInfo) -> Rule:
+    """torchvision's ``stochastic_depth(input, p, mode, training=True)`` (named, not imported): it returns
+    ``input`` itself when ``training`` is false (the traced eval mode passes ``self.training``) or ``p = 0``;
+    otherwise it multiplies by a fresh random mask scaled by ``1 / (1 - p)``: random, refused."""
+    training, p = info.arg(3, "training", True), info.arg(1, "p")
+    if training is False or p == 0:
+        return Identity()
+    return Refuse(f"stochastic depth is active (training={training!r}, p={p}) in the function bounded: each call "
+                  "drops the input at random and scales it by 1/(1-p), so the output is random, not a function of the "
+                  "input. Pass training=self.training (the identity in eval mode)")
+
+
+class Shuffle(UnitNorm):
+    """A permutation of the entries computed by the op itself (``channel_shuffle``, ``pixel_shuffle``,
+    ``pixel_unshuffle``): norm exactly 1; its adjoint is the inverse permutation, ``inverse(u, *arguments)``."""
+
+    def __init__(self, inverse: Any, arguments: tuple[Any, ...]) -> None:
+        super().__init__()
+        self.inverse, self.arguments = inverse, arguments
+
+    def has_adjoint(self, info: NodeInfo) -> bool:
+        return True
+
+    def adjoint(self, info: NodeInfo, call: Call, u: Tensor) -> Tensor:
+        return self.inverse(u, *self.arguments)
+
+
+def _channel_shuffle(info: NodeInfo, groups: int) -> Shuffle:
+    """Channel shuffle with ``g`` groups reads the channels as a ``g x C/g`` matrix and transposes it: the inverse
+    is the shuffle with ``C/g`` groups (torch takes the channels on axis 1 whatever the rank)."""
+    channels = info.in_shapes[0][1]
+    return Shuffle(F.channel_shuffle, (channels // groups,))
+
+
+class Copies(LinearOp):
+    """``expand`` / ``broadcast_to`` / ``repeat``: every entry copied the same number ``k = n_out / n_in`` of
+    times, so ``A^T A = k I`` and the norm is ``sqrt(k)`` exactly."""
+
+    def __init__(self) -> None:
+        super().__init__(homogeneous=True)
+
+    def closed_form_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
+        copies = info.out_shape.numel() / info.in_shapes[0].numel()
+        return torch.full((), copies, dtype=dtype, device=call.device).sqrt()  # a fill: no host-to-device copy
+
+
 def _dropout(info: NodeInfo) -> Rule:
     """Functional dropout: the identity when inactive (``training=False``, which ``training=self.training`` is in
     the traced eval mode) or when ``p = 0``. Active, every call draws a fresh random mask and scales what it keeps
@@ -215,14 +331,20 @@ def _dropout(info: NodeInfo) -> Rule:
     )
 
 
-for _target in ("view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze", "unflatten", torch.flatten,
+register_rule("view", _view)
+for _target in ("reshape", "flatten", "contiguous", "squeeze", "unsqueeze", "unflatten", torch.flatten,
                 torch.reshape, torch.squeeze, torch.unsqueeze, nn.Flatten, nn.Unflatten):
     register_rule(_target, Reshape())
-for _target in ("permute", "transpose", "t", "movedim", torch.permute, torch.transpose, torch.movedim):
+for _target in ("permute", "transpose", "t", "movedim", torch.permute, torch.transpose, torch.movedim, "flip",
+                torch.flip, "roll", torch.roll):
     register_rule(_target, UnitNorm())
+for _target in ("expand", "broadcast_to", torch.broadcast_to, "repeat"):
+    register_rule(_target, Copies())
 for _target in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                 nn.FeatureAlphaDropout, "clone", "detach"):
     register_rule(_target, Identity())
+for _target in ("to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda"):
+    register_rule(_target, _conversion)
 for _target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
                 torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout):
     register_rule(_target, _dropout)
@@ -239,5 +361,18 @@ for _target in (operator.truediv, torch.div, "div", "__truediv__"):
 for _target in (operator.matmul, torch.matmul, "matmul", "__matmul__"):
     register_rule(_target, _matmul)
 register_rule(operator.getitem, _getitem)
+register_rule(getattr, _attribute)
+for _target in (torch.addcmul, "addcmul"):
+    register_rule(_target, _addcmul)
+register_rule("torchvision.ops.stochastic_depth.stochastic_depth", _stochastic_depth)
+register_rule(nn.ChannelShuffle, lambda info: _channel_shuffle(info, int(info.module.groups)))
+for _target in (F.channel_shuffle, torch.channel_shuffle, torch.native_channel_shuffle):
+    register_rule(_target, lambda info: _channel_shuffle(info, int(info.arg(1, "groups"))))
+register_rule(nn.PixelShuffle, lambda info: Shuffle(F.pixel_unshuffle, (int(info.module.upscale_factor),)))
+register_rule(nn.PixelUnshuffle, lambda info: Shuffle(F.pixel_shuffle, (int(info.module.downscale_factor),)))
+for _target in (F.pixel_shuffle, torch.pixel_shuffle):
+    register_rule(_target, lambda info: Shuffle(F.pixel_unshuffle, (int(info.arg(1, "upscale_factor")),)))
+for _target in (F.pixel_unshuffle, torch.pixel_unshuffle):
+    register_rule(_target, lambda info: Shuffle(F.pixel_shuffle, (int(info.arg(1, "downscale_factor")),)))
 for _target in (torch.cat, torch.concat, torch.stack):
     register_rule(_target, Concat())

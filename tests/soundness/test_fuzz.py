@@ -26,11 +26,11 @@ class _Doubler(nn.Module):
 
 def test_fuzz_check_flags_an_unsound_rule() -> None:
     """The checker itself can fail: a rule that claims 1 for a map of constant 2 is a violation."""
-    lipreg.register_rule(_Doubler, 1.0)
     model = nn.Sequential(nn.Linear(3, 3), _Doubler()).eval()
     case = Case(0, model, torch.randn(2, 3), torch.float64, True, {"Doubler"}, {_Doubler}, "Linear -> Doubler")
     check = CaseRun(case, seed=0)
-    check.run()
+    with lipreg.ops.registered(_Doubler, 1.0):
+        check.run()
     wrong = [f for f in check.findings if f.kind == "violation"]
     assert any("certified_bound" in f.where for f in wrong)
     assert any("layer" in f.where for f in wrong)

@@ -266,13 +266,39 @@ class UserRowSum(nn.Module):
         return x.sum(-1)
 
 
-lipreg.register_rule(UserClamp, lipreg.ops.Activation(0.0, 1.0))
-lipreg.register_rule(UserRowSum, lipreg.ops.Activation(0.0, 1.0))
-
-
 def test_user_registered_elementwise_rules_get_the_shape_guard():
     exact = jacobian_norm(UserClamp(), torch.full((1, 1, 3), 10.0, dtype=DT))
     assert exact == pytest.approx(2.0, rel=1e-12)
-    assert certified(UserClamp(), torch.randn(2, 1, 3, dtype=DT)) >= exact
-    with pytest.raises(lipreg.UnsupportedOpError, match="elementwise, but it maps 3 entries to 1"):
-        lipreg.LipschitzEstimator(UserRowSum(), torch.randn(2, 3, dtype=DT))
+    with lipreg.ops.registered(UserClamp, lipreg.ops.Activation(0.0, 1.0)):
+        assert certified(UserClamp(), torch.randn(2, 1, 3, dtype=DT)) >= exact
+    with lipreg.ops.registered(UserRowSum, lipreg.ops.Activation(0.0, 1.0)):
+        with pytest.raises(lipreg.UnsupportedOpError, match="elementwise, but it maps 3 entries to 1"):
+            lipreg.LipschitzEstimator(UserRowSum(), torch.randn(2, 3, dtype=DT))
+
+
+# --------------------------------------------------------------- issue 16, class 2: bit reinterpretation
+BIT_CASTS = {
+    "float32 bits as int32": (lambda x: x.view(torch.int32) * 1.0, torch.float32, "'view'"),
+    "float64 bits as int64": (lambda x: x.view(torch.int64) * 1.0, torch.float64, "'view'"),
+    "float32 bits as float16": (lambda x: x.view(torch.float16) * 1.0, torch.float32, "'view'"),
+    "view(dtype=...)": (lambda x: x.view(dtype=torch.int16) * 1.0, torch.float32, "'view'"),
+    "view(y.dtype)": (lambda x: x.view(torch.zeros(1, dtype=torch.int32).dtype) * 1.0, torch.float32, "'view'"),
+    "integer sum": (lambda x: x.sum(1, dtype=torch.int64) * 1.0, torch.float64, "'sum'"),
+}
+
+
+@pytest.mark.parametrize("name", list(BIT_CASTS))
+def test_bit_reinterpretation_and_integer_values_are_refused(name):
+    """``Tensor.view(dtype)`` was bounded as a reshape of norm 1 (or failed with a shape error when the widths
+    differ) and an integer-valued sum with an autograd error from inside fx. Each is a step function of the input:
+    one ulp of the input (1.2e-7 at 1.0 in float32) moves the int32 bits by 1, a ratio of 8e6 at 1.0 and of 1e45
+    among subnormals, so no certificate holds. Refused at build, naming the op."""
+    fn, dtype, op = BIT_CASTS[name]
+    x = torch.ones(2, 6, dtype=dtype)
+    step = torch.nextafter(x, torch.full_like(x, 2.0)) - x
+    if "int32" in name:
+        jump = (torch.nextafter(x, torch.full_like(x, 2.0)).view(torch.int32) - x.view(torch.int32)).to(dtype)
+        assert float((jump / step).min()) > 1e6  # the reference: the op's difference quotient at one ulp
+    model = nn.Sequential(nn.Linear(6, 6), Fn(fn)).to(dtype)
+    with pytest.raises(lipreg.UnsupportedOpError, match=op):
+        lipreg.LipschitzEstimator(model, x, dtype=dtype)
