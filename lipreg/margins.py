@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from .bounds.certificates import tightest
 from .linalg.certify import certified_cast
 from .estimator import LipschitzEstimator
 from .capture.graph import LipGraph
@@ -117,6 +118,8 @@ class MarginCertificate(nn.Module):
         bounded = split[0] if split is not None else self.model
         object.__setattr__(self, "head", split[1] if split is not None else None)  # the user's layer, not our state
         self.estimator = LipschitzEstimator(bounded, example_input, **self._options)
+        self.certificate: str | None = None
+        """The certificates the last :meth:`certified` used (``"autolip"``, ``"liplt+eclipse"``...)."""
         self.n_classes = self.head.out_features if self.head is not None else self.estimator.graph.output.out_shape.numel()
 
     def _refresh(self) -> None:
@@ -142,14 +145,21 @@ class MarginCertificate(nn.Module):
         """``(K, bound)``: the constants from the warm estimate, and that estimate (both differentiable)."""
         self._refresh()
         bound = self.estimator(n_iter)
-        return self.constants(bound), bound
+        K = self.constants(bound)
+        through = self.estimator.pair_constants(self.head.weight) if self.head is not None else None
+        return (K if through is None else torch.minimum(K, through.to(K.dtype))), bound
 
     def certified(self) -> Tensor:
-        """Certified ``K`` (float64, detached): from ``certified_bound()``, rounded upwards."""
+        """Certified ``K`` (float64, detached): the tightest per pair of eq. (3) on ``certified_bound()`` and the
+        certificates carried through the body's last chain (``LipschitzEstimator.certified_pairs``), rounded
+        upwards; :attr:`certificate` names those used."""
         self._refresh()
         with torch.no_grad():
             bound = self.estimator.certified_bound().to(torch.float64)
-            return certified_cast(self.constants(bound), torch.float64)
+            K = certified_cast(self.constants(bound), torch.float64)
+            pairs = self.estimator.certified_pairs(self.head.weight) if self.head is not None else {}
+            self.certificate, K = tightest({self.estimator.certificate: K, **pairs})
+            return K
 
     def extra_repr(self) -> str:
         return f"pairwise={self.pairwise}, n_classes={self.n_classes}, method={self.estimator.method!r}"

@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args
 
-Method = Literal["autolip", "seqlip"]
+Method = Literal["autolip", "seqlip", "liplt"]
 PenaltyKind = Literal["linear", "log", "hinge", "squared_hinge"]
 Search = Literal["auto", "exact", "greedy", "lowrank"]
 OnUnsupported = Literal["raise", "warn"]
