@@ -150,16 +150,26 @@ class MarginCertificate(nn.Module):
         return (K if through is None else torch.minimum(K, through.to(K.dtype))), bound
 
     def certified(self) -> Tensor:
-        """Certified ``K`` (float64, detached): the tightest per pair of eq. (3) on ``certified_bound()`` and the
-        certificates carried through the body's last chain (``LipschitzEstimator.certified_pairs``), rounded
-        upwards; :attr:`certificate` names those used."""
+        """Certified ``K`` (float64, detached), rounded upwards: the tightest per pair of eq. (3) on
+        ``certified_bound()``, the certificates carried through the body's last chain
+        (``LipschitzEstimator.certified_pairs``) and, with a head, eq. (2) on the whole model's ``certified_bound()``
+        (whose chains run through the head); :attr:`certificate` names those used."""
         self._refresh()
         with torch.no_grad():
             bound = self.estimator.certified_bound().to(torch.float64)
             K = certified_cast(self.constants(bound), torch.float64)
-            pairs = self.estimator.certified_pairs(self.head.weight) if self.head is not None else {}
-            self.certificate, K = tightest({self.estimator.certificate: K, **pairs})
+            candidates = {self.estimator.certificate: K}
+            if self.head is not None:
+                candidates.update(self.estimator.certified_pairs(self.head.weight))
+                whole = LipschitzEstimator(self.model, self._graph.sample.to(self._device()), **self._options)
+                bound = whole.certified_bound().to(torch.float64)
+                candidates[f"global_{whole.certificate}"] = certified_cast(
+                    global_constants(bound, self.n_classes), torch.float64)
+            self.certificate, K = tightest(candidates)
             return K
+
+    def _device(self) -> torch.device:
+        return next((p.device for p in self.model.parameters()), self._graph.sample.device)
 
     def extra_repr(self) -> str:
         return f"pairwise={self.pairwise}, n_classes={self.n_classes}, method={self.estimator.method!r}"

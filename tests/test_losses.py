@@ -196,7 +196,7 @@ def test_pairwise_constants_against_brute_force() -> None:
         gloro = float(torch.linalg.vector_norm(net[2].weight.double()[y] - net[2].weight.double()[j]) * sigma)
         assert float(K[y, j]) <= gloro * (1 + 1e-5)  # the tightest certificate: GloRo's or tighter
         assert float(K[y, j]) >= pattern_brute_force(net, y, j)
-        assert float(K[y, j]) <= math.sqrt(2) * float(LipschitzEstimator(net, x).certified_bound())
+        assert float(K[y, j]) <= math.sqrt(2) * float(LipschitzEstimator(net, x).certified_bound()) * (1 + 1e-5)
 
 
 def test_split_shares_the_weights_and_leaves_the_model_alone() -> None:
