@@ -177,16 +177,16 @@ def certified_chain(operators64: Sequence[LinearOperator], slopes: Sequence[tupl
 # --------------------------------------------------------------------------- per pair
 def head_rows(operators: Sequence[LinearOperator], rows: Tensor) -> list[Tensor]:
     """``[r P(0, K-1), r P(1, K-1), ..., r]`` for a block of rows ``r`` ``(m, n_out of A_{K-1})``, each ``(m, n_in of
-    A_j)``: exact rows by transposed passes (batched vector-Jacobian products), differentiable w.r.t. the weights
-    and ``rows`` under grad."""
+    A_j)``: exact rows by transposed passes (one backward of each operator on a block of ``m`` zero probes, whose
+    gradients are the rows), differentiable w.r.t. the weights and ``rows`` under grad."""
     out = [rows]
     track = torch.is_grad_enabled()
     for op in reversed(operators):
         with torch.enable_grad():
-            probe = torch.zeros(op.in_shape, dtype=rows.dtype, device=rows.device, requires_grad=True)
-            cotangents = out[0].reshape(rows.shape[0], *op.out_shape)
-            (back,) = torch.autograd.grad(op.matvec(probe), probe, cotangents, is_grads_batched=True,
-                                          create_graph=track)
+            probe = torch.zeros(rows.shape[0], *op.in_shape[1:], dtype=rows.dtype, device=rows.device,
+                                requires_grad=True)
+            image = op.matmat(probe).reshape(rows.shape[0], -1)
+            (back,) = torch.autograd.grad(image, probe, out[0], create_graph=track)
         out.insert(0, back.reshape(rows.shape[0], -1))
     return out
 
@@ -209,7 +209,10 @@ def pair_bounds(norm: Callable[[int, int], Tensor], operators: Sequence[LinearOp
     with ``||r_K|| <= (1 + 2u) ||r^_K||``, and the computed norm of a vector of ``n`` entries is within ``gamma_{n+1}``
     (relative) of the norm of the computed vector."""
     rows, i, j = pair_differences(weight)
-    passes = head_rows(operators, rows)
+    if rounding:  # the differences first: their rounding is the one bounded below
+        passes = head_rows(operators, rows)
+    else:  # the C rows of W P(j, K-1), then their differences: C passes instead of C (C - 1) / 2
+        passes = [r[i] - r[j] for r in head_rows(operators, weight)]
     norms = [torch.linalg.vector_norm(r, dim=1) for r in passes]
     if rounding:
         norms = [n * (1 + _gamma(r.shape[1] + 1)) for n, r in zip(norms, passes)]
