@@ -259,7 +259,9 @@ class LipschitzEstimator(nn.Module):
         bounds it uses; sets :attr:`certificate`."""
         factors = {node: operators64[node].certified_norm(self.policy)
                    for node in _progress(self.graph.linear_nodes(), progress, "certify")}
-        seqlip = SeqLip(self.graph, dtype=torch.float64, policy=self.policy).to(self._device())
+        # a fresh SeqLip plan (its warm state is irrelevant to an exact search), seeded: no global random state
+        seqlip = SeqLip(self.graph, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
+                        policy=self.policy).to(self._device())
         exact = seqlip(factors, operators64, 0) if seqlip.certified and self._chains else None
         chains, self.certificate = certified_chains(self._chains, operators64, self.policy, exact)
         bound = autolip_bound(self.graph, factors, chains, dtype=torch.float64, device=self._device())

@@ -86,3 +86,18 @@ def test_tightest_names_the_certificates_that_won():
     assert name == "a+b" and torch.equal(best, torch.minimum(a, b).double())
     assert tightest({"a": a, "b": a})[0] == "a"
     assert tightest({"x": torch.tensor(2.0), "y": torch.tensor(1.0)}) == ("y", torch.tensor(1.0, dtype=DT))
+
+
+def test_liplt_margin_step_makes_no_host_synchronisation():
+    from tests.test_host_syncs import counted_syncs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(48, 12), nn.ReLU(),
+                          nn.Linear(12, 3))
+    x, y = torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,))
+    loss_fn = LipschitzMarginLoss(model, x, eps=0.1, method="liplt", warmup=3)
+    loss_fn(model(x), y).backward()  # the first call builds the operators
+    with counted_syncs() as counts:
+        for _ in range(3):
+            loss_fn(model(x), y).backward()
+    assert not counts, dict(counts)

@@ -99,6 +99,6 @@ def certified_pairs(tail: tuple[Chain, tuple[float, float]], operators64: Operat
         if values is not None:
             pairs = torch.zeros(weight.shape[0], weight.shape[0], dtype=torch.float64, device=weight.device)
             out["pairwise_eclipse"] = pairs.index_put((i, j), values).index_put((j, i), values)
-    margin = arithmetic_margin(8 * len(ops) ** 2 + 8)  # eq. (12)'s products and sums, then the product by entry
+    margin = arithmetic_margin(8 * len(ops) ** 2 + 8)  # (L3)'s products and sums, then the product by entry
     return {name: certified_cast(value * entry.to(torch.float64), torch.float64, margin)
             for name, value in out.items()}

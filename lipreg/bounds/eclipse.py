@@ -1,6 +1,7 @@
 r"""ECLipsE-Fast (Xu & Sivaranjani, NeurIPS 2024, "ECLipsE: Efficient compositional Lipschitz constant estimation
-for deep neural networks", Alg. 2): LipSDP-Neuron with one scalar multiplier per layer, solved in closed form layer
-by layer, and checked in floating point.
+for deep neural networks"): LipSDP-Neuron with one scalar multiplier per layer, solved in closed
+form layer by layer, and checked in floating point. The derivation below is self-contained (labels (E1)-(E3) are
+this module's).
 
 **The matrix inequality.** Take hidden layers ``v_i = W_i x_{i-1}``, ``x_i = rho_i(v_i)`` (``i = 1..l``), output
 ``y = V x_l``, each ``rho_i`` elementwise with slopes in ``[a_i, b_i]``, ``a_i >= 0``. For ``x, x'``, per neuron
@@ -9,26 +10,26 @@ quadratic form
 
     ``Q = ||dx_0||^2 - ||V dx_l||^2 / L^2 - sum_i lambda_i (dx_i - a_i W_i dx_{i-1})^T (b_i W_i dx_{i-1} - dx_i)``
 
-is positive semidefinite in ``(dx_0, ..., dx_l)``, then ``||V dx_l|| <= L ||dx_0||``: the network is ``L``-Lipschitz
-(LipSDP-Neuron, Fazlyab et al. 2019, Thm. 2, with scalar multipliers: ECLipsE eq. (4)). Its matrix ``M`` is block
+is positive semidefinite in ``(dx_0, ..., dx_l)``, then ``||V dx_l|| <= L ||dx_0||`` (E1): the network is
+``L``-Lipschitz (LipSDP-Neuron, Fazlyab et al. 2019, with one scalar multiplier per layer). Its matrix ``M`` is block
 tridiagonal: diagonal blocks ``I``, ``lambda_i I`` and ``lambda_l I - V^T V / L^2``, off-diagonal blocks
 ``-lambda_i c_i W_i`` with ``c_i = (a_i + b_i) / 2``; the terms ``lambda_i a_i b_i ||W_i dx_{i-1}||^2 >= 0`` are dropped
 (``Q`` only grows with them).
 
-**Closed form** (ECLipsE Lemma 1 and Alg. 2). The Schur complements ``X_0 = I``,
+**Closed form** (ECLipsE-Fast). The Schur complements ``X_0 = I``,
 ``X_i = lambda_i I - lambda_i^2 c_i^2 W_i X_{i-1}^{-1} W_i^T`` must stay positive definite; ECLipsE-Fast picks each
 ``lambda_i`` to maximise the smallest eigenvalue of ``X_i``: ``lambda_i = 1 / (2 c_i^2 s_i)``, ``s_i =
-lambda_max(W_i X_{i-1}^{-1} W_i^T)``; then ``M >= 0`` iff ``L^2 >= lambda_max(V X_l^{-1} V^T)`` (eq. (8)). Per pair of
+lambda_max(W_i X_{i-1}^{-1} W_i^T)``; then ``M >= 0`` iff ``L^2 >= lambda_max(V X_l^{-1} V^T)`` (E2). Per pair of
 classes, ``V`` is the row ``c^T W`` of the head and the bound is ``sqrt(c^T W X_l^{-1} W^T c)``.
 
-**Sound in floating point** (:func:`verified`). The recursion is only a proposal: the bound returned is ``L' =
+**Sound in floating point** (:func:`verified`, (E3)). The recursion is only a proposal: the bound returned is ``L' =
 L (1 + tau)`` for the first ``tau`` of :data:`INFLATIONS` for which ``M(lambda, L')`` is *proved* positive
 semidefinite: the float64 Cholesky factorisation of ``M~ - s I`` succeeds, where ``M~`` is ``M`` as computed and
 
     ``s = 2 (gamma_{2N+2} / (1 - gamma_{2N+2}) tr(M~) + e)``
 
 with ``N`` the order of ``M``: Rump's shift (S. M. Rump, "Verification of positive definiteness", BIT 46, 2006,
-Thm. 2.3: if floating-point Cholesky of ``A - c I`` runs to completion with ``c >= gamma_{n+1} (1 - gamma_{n+1})^{-1}
+main theorem: if floating-point Cholesky of ``A - c I`` runs to completion with ``c >= gamma_{n+1} (1 - gamma_{n+1})^{-1}
 tr(A)``, then ``A`` is positive definite), taken twice with a larger ``gamma``, plus ``e >= ||M - M~||_2``, the
 rounding of the entries (``3u`` relative for ``lambda_i c_i W_i``, ``gamma_{m+2} + 4u`` of ``||V||_F^2 / L'^2`` for
 ``V^T V / L'^2``), so ``M >= M~ - e I > 0`` (Weyl). The dense ``W_i`` are the float64 matrices of

@@ -1,18 +1,20 @@
 r"""LipLT (Fazlyab, Entesari, Roy & Chellappa, NeurIPS 2023, "Certified robustness via dynamic margin maximization
-and improved Lipschitz regularization", Sec. 4): chains bounded by norms of products of consecutive operators.
+and improved Lipschitz regularization", arXiv:2310.00116): chains bounded by norms of products of consecutive
+operators. The labels (L1)-(L3) are this module's; the paper derives the same loop transformation and unrolled
+recursion (its equation numbers differ between versions and are not quoted here).
 
 **The bound.** On a chain ``A_0 -> rho_0 -> A_1 -> ... -> A_{K-1}`` (:mod:`lipreg.bounds.seqlip.chains`), each
-activation has slopes in ``[a_i, b_i]``; write it (the loop transformation, eq. (9) of the paper)
+activation has slopes in ``[a_i, b_i]``; write it (the loop transformation)
 
     ``rho_i(z) = alpha_i z + beta_i psi_i(z)``,  ``alpha_i = (a_i + b_i) / 2``,  ``beta_i = (b_i - a_i) / 2``,
 
-so that ``psi_i = (rho_i - alpha_i id) / beta_i`` has slopes in ``[-1, 1]``: it is 1-Lipschitz. With ``z_k`` the
+so that ``psi_i = (rho_i - alpha_i id) / beta_i`` has slopes in ``[-1, 1]``: it is 1-Lipschitz (L1). With ``z_k`` the
 output of ``A_k`` and ``P(j, k) = A_k A_{k-1} ... A_j``, unrolling ``z_k = A_k rho_{k-1}(z_{k-1})`` gives
-(eq. (10)-(11))
+(L2)
 
     ``z_k = (prod_{i<k} alpha_i) P(0, k) x + sum_{j=1..k} beta_{j-1} (prod_{j<=i<k} alpha_i) P(j, k) psi_{j-1}(z_{j-1})``,
 
-and the triangle inequality, with ``Lip(psi) <= 1``, the recursion (eq. (12))
+and the triangle inequality, with ``Lip(psi) <= 1``, the recursion (L3)
 
     ``L_k = |prod_{i<k} alpha_i| ||P(0, k)|| + sum_{j=1..k} beta_{j-1} |prod_{j<=i<k} alpha_i| ||P(j, k)|| L_{j-1}``,
     ``L_0 = ||A_0||``,
@@ -55,7 +57,7 @@ _U = torch.finfo(torch.float64).eps / 2  # unit roundoff of float64
 
 
 def loop_coefficients(slopes: Sequence[tuple[float, float]]) -> tuple[list[float], list[float]]:
-    """``(|alpha_i|, beta_i)`` of eq. (9) for each slope interval ``[a_i, b_i]`` (``|alpha| + beta = max(|a|, |b|)``).
+    """``(|alpha_i|, beta_i)`` of (L1) for each slope interval ``[a_i, b_i]`` (``|alpha| + beta = max(|a|, |b|)``).
     They are rounded upwards (one float64 operation each), so the recursion built on them stays an upper bound."""
     up = 1.0 + arithmetic_margin(2)
     return [abs(a + b) / 2 * up for a, b in slopes], [(b - a) / 2 * up for a, b in slopes]
@@ -63,7 +65,7 @@ def loop_coefficients(slopes: Sequence[tuple[float, float]]) -> tuple[list[float
 
 def unrolled_bound(norm: Callable[[int, int], Tensor], slopes: Sequence[tuple[float, float]],
                    last: Callable[[int], Tensor] | None = None) -> Tensor:
-    """``L_{K-1}`` of eq. (12) for a chain of ``K = len(slopes) + 1`` operators, ``norm(j, k)`` bounding
+    """``L_{K-1}`` of (L3) for a chain of ``K = len(slopes) + 1`` operators, ``norm(j, k)`` bounding
     ``||P(j, k)||``; with ``last``, one more step through a final operator whose ``j``-th product norm is
     ``last(j)`` (``j = 0..K``, a tensor of any shape: one value per head row pair), after an activation of slopes
     ``slopes[-1]`` (then ``slopes`` has ``K`` entries)."""
@@ -170,7 +172,7 @@ def certified_chain(operators64: Sequence[LinearOperator], slopes: Sequence[tupl
     certs = certified_products(operators64, policy)
     norm = lambda j, k: certs[(j, k)]  # noqa: E731
     bound = torch.minimum(unrolled_bound(norm, slopes), autolip_chain(norm, slopes))
-    n_ops = len(operators64) ** 2 * 3 + 4  # products, sums and min of eq. (12)
+    n_ops = len(operators64) ** 2 * 3 + 4  # products, sums and min of (L3)
     return certified_cast(bound, torch.float64, arithmetic_margin(n_ops))
 
 
@@ -200,7 +202,7 @@ def pair_differences(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def pair_bounds(norm: Callable[[int, int], Tensor], operators: Sequence[LinearOperator],
                 slopes: Sequence[tuple[float, float]], weight: Tensor, rounding: bool = False) -> Tensor:
     """Per-pair LipLT constants ``(C, C)`` (0 on the diagonal) of ``c^T W rho_{K-1}(z_{K-1})`` for a chain of
-    ``K = len(operators)`` operators followed by an activation of slopes ``slopes[-1]`` and the head ``W``: eq. (12)
+    ``K = len(operators)`` operators followed by an activation of slopes ``slopes[-1]`` and the head ``W``: (L3)
     with the last step's norms the exact row norms ``||c^T W P(j, K-1)||`` (:func:`head_rows`).
 
     With ``rounding=True`` (float64 certificates; ``norm(i, i) >= ||A_i||``), each row norm is raised by a bound on
