@@ -273,7 +273,7 @@ class LipschitzEstimator(nn.Module):
         (:func:`~lipreg.bounds.liplt.pair_bounds`), differentiable; ``None`` unless ``method="liplt"`` and the body
         ends in an activation after a linear node (:func:`~lipreg.bounds.certificates.head_tail`)."""
         tail = head_tail(self.graph, self._chains) if self.liplt is not None else None
-        if tail is None or self._last_eval is None:
+        if tail is None or self._last_eval is None or weight.shape[0] < 2:
             return None
         factors, chains = self._last_eval
         chain, out_slopes = tail
@@ -291,7 +291,7 @@ class LipschitzEstimator(nn.Module):
         LipLT, and ECLipsE-Fast when the policy allows), by name; empty when the body does not end in an
         activation after a linear node."""
         tail = head_tail(self.graph, self._chains)
-        if tail is None:
+        if tail is None or weight.shape[0] < 2:  # no pair of classes
             return {}
         with self._evaluation() as operators:
             operators64 = self._float64(operators)

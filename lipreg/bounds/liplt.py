@@ -187,9 +187,9 @@ def head_rows(operators: Sequence[LinearOperator], rows: Tensor) -> list[Tensor]
         with torch.enable_grad():
             probe = torch.zeros(rows.shape[0], *op.in_shape[1:], dtype=rows.dtype, device=rows.device,
                                 requires_grad=True)
-            image = op.matmat(probe).reshape(rows.shape[0], -1)
+            image = op.matmat(probe).reshape(rows.shape[0], op.out_shape.numel())
             (back,) = torch.autograd.grad(image, probe, out[0], create_graph=track)
-        out.insert(0, back.reshape(rows.shape[0], -1))
+        out.insert(0, back.reshape(rows.shape[0], op.in_shape.numel()))
     return out
 
 

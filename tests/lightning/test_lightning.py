@@ -230,7 +230,7 @@ def test_seqlip_not_exact_warning_shown_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"method": "seqlipp"}, "method must be one of 'autolip', 'seqlip'; got 'seqlipp'"),
+    ({"method": "seqlipp"}, "method must be one of 'autolip', 'seqlip', 'liplt'; got 'seqlipp'"),
     ({"penalty_kind": "hinge"}, "needs a finite target"),
     ({"penalty_kind": "hing", "target": 1.0}, "penalty kind must be one of"),
     ({"search": "greedy"}, "search='greedy' is a SeqLip option"),
