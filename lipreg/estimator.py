@@ -327,7 +327,8 @@ class LipschitzEstimator(nn.Module):
 
     def layer_bounds(self, certified: bool = False) -> dict[str, float]:
         """Each node's own factor: ``||A v||`` of each (fused) linear operator in the last call, the constant of
-        each activation or pooling, and for SeqLip the factor of each pair of a chain. With ``certified=True``,
+        each activation or pooling, for SeqLip the factor of each pair of a chain, and for LipLT the norm of each
+        product of two or more consecutive operators (``"A_j~A_k"``). With ``certified=True``,
         each linear operator's certified norm instead (computed now, from the current weights in float64, rounded
         upwards into ``dtype``). Checks the record of non-finite bounds first (:meth:`check_finite`)."""
         self.check_finite()
@@ -350,7 +351,8 @@ class LipschitzEstimator(nn.Module):
         """The method, the model, each bounded operator (its norm by power iteration or closed form) and the size
         of the warm state (every buffer: power vectors, SeqLip patterns and subspaces)."""
         operators = [node.name for node in self.graph.linear_nodes()]
-        chains = f", seqlip_chains={len(self.seqlip.chains)}" if self.seqlip is not None else ""
+        chained = self.seqlip or self.liplt
+        chains = f", {self.method}_chains={len(chained.chains)}" if chained is not None else ""
         numel = sum(buffer.numel() for buffer in self.buffers())
         size = sum(buffer.numel() * buffer.element_size() for buffer in self.buffers())
         return (f"method={self.method!r}, model={type(self.model).__name__}, operators={operators} "
@@ -395,6 +397,8 @@ class LipschitzEstimator(nn.Module):
         last.update(self._constants)
         if self.seqlip is not None:
             last.update(self.seqlip.pair_factors())
+        if self.liplt is not None:
+            last.update(self.liplt.pair_factors())
         self._last_factors = last
 
     @contextmanager
