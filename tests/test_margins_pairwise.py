@@ -101,3 +101,14 @@ def test_liplt_margin_step_makes_no_host_synchronisation():
         for _ in range(3):
             loss_fn(model(x), y).backward()
     assert not counts, dict(counts)
+
+
+@pytest.mark.parametrize("act", [nn.GELU, nn.SiLU, nn.Tanh])
+def test_pairs_through_activations_of_any_slopes_are_sound(act):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 5), act(), nn.Linear(5, 3)).to(DT).eval()
+    x = torch.randn(2, 3, dtype=DT)
+    margins = MarginCertificate(model, x, method="liplt", dtype=DT)
+    K = upper_triangle(margins.certified())
+    lower = local_max(model, 3, n=300, rows=pair_rows(3))
+    assert bool((lower <= K).all()), (lower, K)

@@ -50,9 +50,10 @@ def test_the_floating_point_check_refuses_a_bound_below_the_proposal():
     assert float(certified_eclipse(Ws[:-1], [(0.0, 1.0)] * 2, Ws[-1])) <= guess * (1 + 1e-6)
 
 
-def test_a_zero_layer_gives_no_certificate():
+def test_a_zero_layer_or_a_negative_slope_gives_no_certificate():
     Ws = weights(mlp([4, 6, 5, 3], seed=7))
     assert certified_eclipse([Ws[0], torch.zeros_like(Ws[1])], [(0.0, 1.0)] * 2, Ws[-1]) is None
+    assert certified_eclipse(Ws[:-1], [(0.0, 1.0), (-0.2, 1.1)], Ws[-1]) is None  # GELU-like: a b < 0
 
 
 def test_eligibility_follows_the_policy():
