@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-import lipreg
 from lipreg.bounds.certificates import tightest
 from lipreg.losses import LipschitzMarginLoss
 from lipreg.margins import MarginCertificate

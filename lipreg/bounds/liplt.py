@@ -8,7 +8,7 @@ activation has slopes in ``[a_i, b_i]``; write it (the loop transformation)
 
     ``rho_i(z) = alpha_i z + beta_i psi_i(z)``,  ``alpha_i = (a_i + b_i) / 2``,  ``beta_i = (b_i - a_i) / 2``,
 
-so that ``psi_i = (rho_i - alpha_i id) / beta_i`` has slopes in ``[-1, 1]``: it is 1-Lipschitz (L1). With ``z_k`` the
+so that ``psi_i = (rho_i - alpha_i id) / beta_i`` has slopes in ``[-1, 1]``: it is 1-Lipschitz (L1; for ``a_i = b_i``, ``beta_i = 0`` and ``psi_i`` drops out). With ``z_k`` the
 output of ``A_k`` and ``P(j, k) = A_k A_{k-1} ... A_j``, unrolling ``z_k = A_k rho_{k-1}(z_{k-1})`` gives
 (L2)
 
@@ -37,7 +37,7 @@ of each product certified from float64 weights: the exact norm of its dense floa
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
