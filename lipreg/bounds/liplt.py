@@ -199,6 +199,26 @@ def pair_differences(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return weight[i] - weight[j], i, j
 
 
+def row_norms(operators: Sequence[LinearOperator], weight: Tensor, i: Tensor, j: Tensor) -> list[Tensor]:
+    """``||(w_i - w_j)^T P(m, K-1)||`` for ``m = 0..K-1``, then ``||w_i - w_j||``, one per pair, differentiable: the
+    rows by transposed passes without grad (:func:`head_rows`), then each norm as ``(w_i - w_j)^T W P u`` with ``u``
+    its row's direction, one forward pass of the pairs' block: the value is the norm, and its gradient
+    ``u^T d(row)`` is the norm's (no double backward)."""
+    with torch.no_grad():
+        rows = head_rows(operators, weight)
+    tiny = torch.finfo(weight.dtype).tiny
+    norms = []
+    for m, r in enumerate(rows[:-1]):
+        d = r[i] - r[j]
+        u = d / torch.linalg.vector_norm(d, dim=1, keepdim=True).clamp_min(tiny)
+        image = chain_operator(operators, m, len(operators) - 1, block=True)(
+            u.reshape(len(i), *operators[m].in_shape[1:]))
+        z = image.reshape(len(i), -1) @ weight.T
+        norms.append(z.gather(1, i[:, None])[:, 0] - z.gather(1, j[:, None])[:, 0])
+    norms.append(torch.linalg.vector_norm(weight[i] - weight[j], dim=1))
+    return norms
+
+
 def pair_bounds(norm: Callable[[int, int], Tensor], operators: Sequence[LinearOperator],
                 slopes: Sequence[tuple[float, float]], weight: Tensor, rounding: bool = False) -> Tensor:
     """Per-pair LipLT constants ``(C, C)`` (0 on the diagonal) of ``c^T W rho_{K-1}(z_{K-1})`` for a chain of
@@ -211,12 +231,11 @@ def pair_bounds(norm: Callable[[int, int], Tensor], operators: Sequence[LinearOp
     with ``||r_K|| <= (1 + 2u) ||r^_K||``, and the computed norm of a vector of ``n`` entries is within ``gamma_{n+1}``
     (relative) of the norm of the computed vector."""
     rows, i, j = pair_differences(weight)
-    if rounding:  # the differences first: their rounding is the one bounded below
+    if not rounding:
+        norms = row_norms(operators, weight, i, j)
+    else:  # the differences first: their rounding is the one bounded below
         passes = head_rows(operators, rows)
-    else:  # the C rows of W P(j, K-1), then their differences: C passes instead of C (C - 1) / 2
-        passes = [r[i] - r[j] for r in head_rows(operators, weight)]
-    norms = [torch.linalg.vector_norm(r, dim=1) for r in passes]
-    if rounding:
+        norms = [torch.linalg.vector_norm(r, dim=1) for r in passes]
         norms = [n * (1 + _gamma(r.shape[1] + 1)) for n, r in zip(norms, passes)]
         head = norms[-1] * (1 + 2 * _U)
         gains = rounding_gains(operators)
