@@ -15,6 +15,7 @@ from .bounds.certificates import certified_chains, certified_pairs, head_tail
 from .bounds.liplt import LipLT, pair_bounds
 from .bounds.naming import buffer_name
 from .bounds.seqlip import SeqLip, find_chains
+from .bounds.seqlip.plan import plan_certified, plan_chain
 from .capture.graph import LipGraph, LipNode
 from .capture.source import LIBRARY_DIRS
 from .finite import NonFiniteRecord, finite_bound, zero_gradient_unless
@@ -259,10 +260,12 @@ class LipschitzEstimator(nn.Module):
         bounds it uses; sets :attr:`certificate`."""
         factors = {node: operators64[node].certified_norm(self.policy)
                    for node in _progress(self.graph.linear_nodes(), progress, "certify")}
-        # a fresh SeqLip plan (its warm state is irrelevant to an exact search), seeded: no global random state
-        seqlip = SeqLip(self.graph, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
-                        policy=self.policy).to(self._device())
-        exact = seqlip(factors, operators64, 0) if seqlip.certified and self._chains else None
+        exact = None
+        if self._chains and all(plan_certified(plan_chain(c, "auto", self.policy, set())) for c in self._chains):
+            # a fresh SeqLip (its warm state is irrelevant to an exact search), seeded: no global random state
+            seqlip = SeqLip(self.graph, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
+                            policy=self.policy).to(self._device())
+            exact = seqlip(factors, operators64, 0)
         chains, self.certificate = certified_chains(self._chains, operators64, self.policy, exact)
         bound = autolip_bound(self.graph, factors, chains, dtype=torch.float64, device=self._device())
         return bound, factors, chains
