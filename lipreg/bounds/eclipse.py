@@ -32,13 +32,16 @@ with ``N`` the order of ``M``: Rump's shift (S. M. Rump, "Verification of positi
 main theorem: if floating-point Cholesky of ``A - c I`` runs to completion with ``c >= gamma_{n+1} (1 - gamma_{n+1})^{-1}
 tr(A)``, then ``A`` is positive definite), taken twice with a larger ``gamma``, plus ``e >= ||M - M~||_2``, the
 rounding of the entries (``3u`` relative for ``lambda_i c_i W_i``, ``gamma_{m+2} + 4u`` of ``||V||_F^2 / L'^2`` for
-``V^T V / L'^2``), so ``M >= M~ - e I > 0`` (Weyl). The dense ``W_i`` are the float64 matrices of
+``V^T V / L'^2``), so ``M >= M~ - e I > 0`` (Weyl). The factorisation is blocked (:func:`checker`): the leading
+blocks, shared by every pair of classes, once; then the last block's Schur complement per pair, an ordinary Cholesky
+step whose entries are inner products like any other (the error bound behind Rump's theorem holds for any order of
+their terms); ``s`` is taken for the largest trace and entry error among the pairs. The dense ``W_i`` are the float64 matrices of
 :meth:`~lipreg.operator.LinearOperator.dense`, as for every dense certificate of lipreg.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -93,31 +96,55 @@ def proposals(chol: Tensor, last: Tensor) -> Tensor:
     return (Y * Y).sum(0).sqrt()
 
 
-def verified(weights: Sequence[Tensor], slopes: Sequence[tuple[float, float]], lams: Sequence[float],
-             last: Tensor, bound: float) -> bool:
-    """Whether ``M(lambda, bound)`` (module docstring) is proved positive semidefinite by a shifted float64 Cholesky
-    factorisation (Rump's test with the explicit rounding margin of the module docstring)."""
+def checker(weights: Sequence[Tensor], slopes: Sequence[tuple[float, float]], lams: Sequence[float],
+            lasts: Sequence[Tensor], floors: Sequence[float]) -> Callable[[Tensor, float], bool]:
+    """A test of ``M(lambda, bound) >= 0`` (module docstring) for final matrices ``V`` among ``lasts`` and bounds at
+    least their ``floors``: a shifted float64 Cholesky factorisation (Rump's test, with the explicit rounding margin
+    of the module docstring). The factorisation is blocked: the leading blocks (``x_0 .. x_{l-1}``), the same for every
+    ``V``, are factored once; each call factors the last block's Schur complement only. One shift ``s`` serves every
+    call: it uses the largest trace and entry error of all ``lasts`` at their ``floors`` (a larger shift than needed
+    is still a proof)."""
+    device = weights[0].device
     sizes = [weights[0].shape[1], *(W.shape[0] for W in weights)]
-    n = sum(sizes)
+    n, head = sum(sizes), sum(sizes[:-1])
     starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-    M = torch.zeros(n, n, dtype=torch.float64, device=last.device)
-    M[: sizes[0], : sizes[0]] = torch.eye(sizes[0], dtype=torch.float64, device=last.device)
+    M = torch.zeros(head, head, dtype=torch.float64, device=device)
+    M[: sizes[0], : sizes[0]] = torch.eye(sizes[0], dtype=torch.float64, device=device)
+    coupling = torch.zeros(head, sizes[-1], dtype=torch.float64, device=device)
     entry_error = 0.0
     for i, (W, (a, b), lam) in enumerate(zip(weights, slopes, lams), start=1):
         rows, cols = slice(starts[i], starts[i + 1]), slice(starts[i - 1], starts[i])
-        M[rows, rows] = lam * torch.eye(sizes[i], dtype=torch.float64, device=last.device)
         block = -(lam * ((a + b) / 2)) * W
-        M[rows, cols] = block
-        M[cols, rows] = block.T
         entry_error += 2 * 3 * _U * float(torch.linalg.matrix_norm(block))
-    tail = slice(starts[-2], starts[-1])
-    inv_sq = 1.0 / (bound * bound)
-    M[tail, tail] -= inv_sq * (last.T @ last)
-    entry_error += (_gamma(last.shape[0] + 2) + 4 * _U) * float((last * last).sum()) * inv_sq * (1 + 8 * _U)
+        if i < len(weights):
+            M[rows, rows] = lam * torch.eye(sizes[i], dtype=torch.float64, device=device)
+            M[rows, cols] = block
+            M[cols, rows] = block.T
+        else:
+            coupling[cols] = block.T
+    squares = [float((V * V).sum()) / (floor * floor) * (1 + 8 * _U) for V, floor in zip(lasts, floors)]
+    worst = max((_gamma(V.shape[0] + 2) + 4 * _U) * sq for V, sq in zip(lasts, squares))
+    trace = float(torch.diagonal(M).abs().sum()) + sizes[-1] * lams[-1] + max(squares)
     g = _gamma(2 * n + 2)
-    shift = 2 * (g / (1 - g) * float(torch.diagonal(M).abs().sum()) + entry_error)
+    shift = 2 * (g / (1 - g) * trace + entry_error + worst)
     M.diagonal().sub_(shift)
-    return int(torch.linalg.cholesky_ex(M).info) == 0
+    chol, info = torch.linalg.cholesky_ex(M)
+    schur = None
+    if int(info) == 0:
+        Y = torch.linalg.solve_triangular(chol, coupling, upper=False)
+        schur = (lams[-1] - shift) * torch.eye(sizes[-1], dtype=torch.float64, device=device) - Y.T @ Y
+
+    def check(V: Tensor, bound: float) -> bool:
+        if schur is None:
+            return False
+        return int(torch.linalg.cholesky_ex(schur - (V.T @ V) / (bound * bound)).info) == 0
+    return check
+
+
+def verified(weights: Sequence[Tensor], slopes: Sequence[tuple[float, float]], lams: Sequence[float],
+             last: Tensor, bound: float) -> bool:
+    """Whether ``M(lambda, bound)`` (module docstring) is proved positive semidefinite (:func:`checker`)."""
+    return checker(weights, slopes, lams, [last], [bound])(last, bound)
 
 
 def _gamma(n: int) -> float:
@@ -140,16 +167,16 @@ def certified_eclipse(weights: Sequence[Tensor], slopes: Sequence[tuple[float, f
             return None
         matrices = [row[None] for row in last] if per_row else [last]
         guesses = proposals(chol, last) if per_row else proposals(chol, last[None])
+        guesses = guesses.tolist()
+        positive = [(V, guess) for V, guess in zip(matrices, guesses) if guess > 0]
+        check = checker(weights, slopes, lams, *zip(*positive)) if positive else None
         out = []
-        for V, guess in zip(matrices, guesses.tolist()):
+        for V, guess in zip(matrices, guesses):
             value = math.inf
             if guess == 0.0:
                 value = 0.0 if not bool(V.abs().sum() > 0) else math.inf
             else:
-                for tau in INFLATIONS:
-                    if verified(weights, slopes, lams, V, guess * (1 + tau)):
-                        value = guess * (1 + tau)
-                        break
+                value = next((guess * (1 + tau) for tau in INFLATIONS if check(V, guess * (1 + tau))), math.inf)
             out.append(value)
         result = torch.tensor(out, dtype=torch.float64, device=last.device)
         return certified_cast(result, torch.float64, arithmetic_margin(2)) if per_row else \
