@@ -10,9 +10,12 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from .bounds.autolip import autolip_bound, chain_interiors, own_constant
+from .bounds.autolip import autolip_bound, chain_interiors, node_constants, own_constant
+from .bounds.certificates import certified_chains, certified_pairs, head_tail
+from .bounds.liplt import LipLT, pair_bounds
 from .bounds.naming import buffer_name
-from .bounds.seqlip import SeqLip
+from .bounds.seqlip import SeqLip, find_chains
+from .bounds.seqlip.plan import plan_certified, plan_chain
 from .capture.graph import LipGraph, LipNode
 from .capture.source import LIBRARY_DIRS
 from .finite import NonFiniteRecord, finite_bound, zero_gradient_unless
@@ -57,7 +60,9 @@ class LipschitzEstimator(nn.Module):
     Args:
         model: any ``nn.Module`` of one tensor input that ``torch.fx`` can trace.
         example_input: a batch of inputs (only its first sample's shape is used).
-        method: ``"autolip"``, or ``"seqlip"`` (paper eq. 8 on every chain, AutoLip elsewhere).
+        method: ``"autolip"``, ``"seqlip"`` (paper eq. 8 on every chain, AutoLip elsewhere) or ``"liplt"`` (LipLT
+            on every chain, :mod:`lipreg.bounds.liplt`: warm power iterations on the products of consecutive
+            operators). Whatever the method, :meth:`certified_bound` is the tightest certificate the policy allows.
         n_iter: warm power iterations per call.
         fuse: fuse consecutive linear ops into one operator (tighter, and cheaper).
         dtype: computation dtype (``torch.float64`` for references).
@@ -73,10 +78,6 @@ class LipschitzEstimator(nn.Module):
     check_finite_every: int = 100
     """Calls of ``est()`` between two reads of the non-finite record (:meth:`check_finite`), each a host
     synchronisation: 1 warns at the call itself."""
-
-    certificate: str
-    """Whose certificate :meth:`certified_bound` gives: ``method``'s, or ``"autolip"`` when a SeqLip search is not
-    exact (greedy, low-rank) and the certificate falls back to AutoLip's. Set by the method's builder."""
 
     @checked_keywords()
     def __init__(self, model: nn.Module, example_input: Tensor, *, method: Method = "autolip", n_iter: int = 1,
@@ -97,6 +98,9 @@ class LipschitzEstimator(nn.Module):
         self._seed = seed
         self._seqlip_options = {} if search is None else {"search": search}
         self._buffer_names: dict[LipNode, str] = {}  # the warm vector of each iterated operator
+        self.certificate: str | None = None
+        """The certificates the last :meth:`certified_bound` used (``"autolip"``, ``"liplt+eclipse"``...), ``None``
+        before its first call."""
         self._build(LipGraph(model, example_input, **self._trace_options))
 
     def _build(self, graph: LipGraph) -> None:
@@ -113,12 +117,17 @@ class LipschitzEstimator(nn.Module):
         self._buffer_names = {}
         generator = torch.Generator().manual_seed(self._seed)
         self.seqlip: SeqLip | None = None
-        self._chained: set[LipNode] = set()  # linear nodes whose norm SeqLip replaces: never iterated
+        self.liplt: LipLT | None = None
+        self._chains = find_chains(self.graph)
+        self._last_eval: tuple[dict[LipNode, Tensor], Chains | None] | None = None  # factors and chains, with grad
+        self._chained: set[LipNode] = set()  # linear nodes whose norm SeqLip or LipLT replaces: never iterated
         if self.method == "seqlip":
             self.seqlip = SeqLip(self.graph, dtype=self.dtype, generator=generator, policy=self.policy,
                                  **self._seqlip_options)
             self._chained = chain_interiors(self.seqlip.endpoints) | set(self.seqlip.endpoints)
-        self.certificate = "autolip" if self.seqlip is not None and not self.seqlip.certified else self.method
+        elif self.method == "liplt":
+            self.liplt = LipLT(self._chains, dtype=self.dtype, generator=generator)
+            self._chained = chain_interiors(self.liplt.endpoints) | set(self.liplt.endpoints)
         operators = linear_operators(self.graph, self.dtype, _model_device(self.model) or torch.device("cpu"))
         for operator in operators.values():
             operator.check_kernels()
@@ -167,11 +176,20 @@ class LipschitzEstimator(nn.Module):
                 bound = self._round_up(bound64)
             else:
                 factors = self._linear_factors(operators, n_iter)
-                chains = self.seqlip(factors, operators, n_iter) if self.seqlip is not None else None
+                chains = self._chain_estimates(factors, operators, n_iter)
                 bound = autolip_bound(self.graph, factors, chains, dtype=self.dtype, device=self._device())
+        self._last_eval = (factors, chains)
         self._remember(factors)
         self._watch_finite(bound, [*factors.values(), *(chain for _, chain in (chains or {}).values())])
         return bound
+
+    def _chain_estimates(self, factors: dict[LipNode, Tensor], operators: Operators, n_iter: int) -> Chains | None:
+        """The chains' warm bounds of SeqLip or LipLT (``None`` for AutoLip)."""
+        if self.seqlip is not None:
+            return self.seqlip(factors, operators, n_iter)
+        if self.liplt is not None:
+            return self.liplt(operators, n_iter)
+        return None
 
     def _watch_finite(self, bound: Tensor, factors: list[Tensor]) -> None:
         """No host synchronisation: a non-finite ``bound`` gets an exact zero gradient through every factor
@@ -215,25 +233,78 @@ class LipschitzEstimator(nn.Module):
             buffer.copy_(top.v)
         if self.seqlip is not None:
             self.seqlip.converge(operators, tol, max_iter)
+        if self.liplt is not None:
+            self.liplt.converge(operators, tol, max_iter)
 
     def certified_bound(self, progress: bool = False) -> Tensor:
         """A guaranteed upper bound on the Lipschitz constant, differentiable, with no random state.
 
-        AutoLip with every linear operator's norm certified instead of estimated (:meth:`LinearOperator.certified_norm`);
-        with ``method="seqlip"``, SeqLip when its search is exact on full SVDs. Greedy or low-rank SeqLip can
-        miss the max, so then the certificate is the AutoLip one, with a warning saying so. Whatever ``dtype``,
-        everything is computed from the weights in float64 and the result rounded upwards into ``dtype``.
-        ``progress=True`` shows a bar over the operators.
+        The tightest certificate the policy allows (:mod:`lipreg.bounds.certificates`): AutoLip with every linear
+        operator's norm certified instead of estimated (:meth:`LinearOperator.certified_norm`), each chain bounded by
+        the smallest of LipLT, ECLipsE-Fast (when its dense matrices fit ``policy``; no gradient) and exact SeqLip
+        (when the SeqLip plan is exact on full SVDs), whatever ``method``; :attr:`certificate` says which were
+        used. Greedy or low-rank SeqLip can miss the max, so it never certifies (a warning says so with
+        ``method="seqlip"``). Whatever ``dtype``, everything is computed from the weights in float64 and the result
+        rounded upwards into ``dtype``. ``progress=True`` shows a bar over the operators.
         """
         self._refresh()  # before the nodes are read: the graph must be the model's as it is now
         self.check_finite()
-        use_seqlip = self.seqlip is not None and self.seqlip.certified
-        if self.seqlip is not None and not use_seqlip:
+        if self.seqlip is not None and not self.seqlip.certified:
             warnings.warn("this SeqLip search is not exact on full SVDs, so it cannot be certified: "
-                          "certified_bound() returns the certified AutoLip bound", stacklevel=2)
+                          "certified_bound() returns the tightest of the other certificates", stacklevel=2)
         with self._evaluation() as operators:
-            bound, _, _ = self._certified64(self._float64(operators), use_seqlip, progress)
+            bound, _, _ = self._tightest64(self._float64(operators), progress)
         return self._round_up(bound)
+
+    def _tightest64(self, operators64: Operators, progress: bool = False
+                    ) -> tuple[Tensor, dict[LipNode, Tensor], Chains]:
+        """The tightest certified bound in float64 (before :meth:`_round_up`), with the certified factors and chain
+        bounds it uses; sets :attr:`certificate`."""
+        factors = {node: operators64[node].certified_norm(self.policy)
+                   for node in _progress(self.graph.linear_nodes(), progress, "certify")}
+        exact = None
+        if self._chains and all(plan_certified(plan_chain(c, "auto", self.policy, set())) for c in self._chains):
+            # a fresh SeqLip (its warm state is irrelevant to an exact search), seeded: no global random state
+            seqlip = SeqLip(self.graph, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
+                            policy=self.policy).to(self._device())
+            exact = seqlip(factors, operators64, 0)
+        chains, self.certificate = certified_chains(self._chains, operators64, self.policy, exact)
+        bound = autolip_bound(self.graph, factors, chains, dtype=torch.float64, device=self._device())
+        return bound, factors, chains
+
+    def pair_constants(self, weight: Tensor) -> Tensor | None:
+        """Per-pair LipLT estimates ``(C, C)`` for a linear head ``weight`` after this (body) network, from the last
+        call's warm product norms and the exact head rows through the body's last chain
+        (:func:`~lipreg.bounds.liplt.pair_bounds`), differentiable; ``None`` unless ``method="liplt"`` and the body
+        ends in an activation after a linear node (:func:`~lipreg.bounds.certificates.head_tail`)."""
+        tail = head_tail(self.graph, self._chains) if self.liplt is not None else None
+        if tail is None or self._last_eval is None or weight.shape[0] < 2:
+            return None
+        factors, chains = self._last_eval
+        chain, out_slopes = tail
+        index = next((i for i, c in enumerate(self.liplt.chains) if c is chain), None)
+        norm = self.liplt.last_norms(index) if index is not None else (lambda j, k: factors[chain.ops[0]])
+        operators = linear_operators(self.graph, self.dtype, self._device())
+        pairs = pair_bounds(norm, [operators[node] for node in chain.ops], [*chain.slopes, out_slopes],
+                            weight.to(self.dtype))
+        (entry,) = chain.ops[0].inputs
+        return pairs * node_constants(self.graph, factors, chains, dtype=self.dtype, device=self._device())[entry]
+
+    def certified_pairs(self, weight: Tensor) -> dict[str, Tensor]:
+        """Per-pair certificates ``(C, C)`` (float64, rounded upwards) for a linear head ``weight`` after this (body)
+        network, carried through its last chain (:func:`~lipreg.bounds.certificates.certified_pairs`: pairwise
+        LipLT, and ECLipsE-Fast when the policy allows), by name; empty when the body does not end in an
+        activation after a linear node."""
+        tail = head_tail(self.graph, self._chains)
+        if tail is None or weight.shape[0] < 2:  # no pair of classes
+            return {}
+        with self._evaluation() as operators:
+            operators64 = self._float64(operators)
+            _, factors, chains = self._tightest64(operators64)
+            (entry,) = tail[0].ops[0].inputs
+            constant = node_constants(self.graph, factors, chains, dtype=torch.float64, device=self._device())[entry]
+            constant = self._round_up(constant).to(torch.float64)
+            return certified_pairs(tail, operators64, weight, constant, self.policy)
 
     def _round_up(self, bound64: Tensor) -> Tensor:
         """A float64 result of Alg. 1 on certified factors, rounded upwards into ``dtype``: each factor (and each
@@ -261,7 +332,8 @@ class LipschitzEstimator(nn.Module):
 
     def layer_bounds(self, certified: bool = False) -> dict[str, float]:
         """Each node's own factor: ``||A v||`` of each (fused) linear operator in the last call, the constant of
-        each activation or pooling, and for SeqLip the factor of each pair of a chain. With ``certified=True``,
+        each activation or pooling, for SeqLip the factor of each pair of a chain, and for LipLT the norm of each
+        product of two or more consecutive operators (``"A_j~A_k"``). With ``certified=True``,
         each linear operator's certified norm instead (computed now, from the current weights in float64, rounded
         upwards into ``dtype``). Checks the record of non-finite bounds first (:meth:`check_finite`)."""
         self.check_finite()
@@ -289,13 +361,15 @@ class LipschitzEstimator(nn.Module):
         """Whether the last bound is a guaranteed upper bound: only when no operator needed a power
         iteration (every norm in closed form) and any SeqLip search was exact on full SVDs."""
         exact_norms = len(list(self._iterated_nodes())) == 0
-        return exact_norms and (self.seqlip is None or self.seqlip.certified)
+        return exact_norms and (self.seqlip is None or self.seqlip.certified) and \
+            (self.liplt is None or not self.liplt.chains)
 
     def extra_repr(self) -> str:
         """The method, the model, each bounded operator (its norm by power iteration or closed form) and the size
         of the warm state (every buffer: power vectors, SeqLip patterns and subspaces)."""
         operators = [node.name for node in self.graph.linear_nodes()]
-        chains = f", seqlip_chains={len(self.seqlip.chains)}" if self.seqlip is not None else ""
+        chained = self.seqlip or self.liplt
+        chains = f", {self.method}_chains={len(chained.chains)}" if chained is not None else ""
         numel = sum(buffer.numel() for buffer in self.buffers())
         size = sum(buffer.numel() * buffer.element_size() for buffer in self.buffers())
         return (f"method={self.method!r}, model={type(self.model).__name__}, operators={operators} "
@@ -340,6 +414,8 @@ class LipschitzEstimator(nn.Module):
         last.update(self._constants)
         if self.seqlip is not None:
             last.update(self.seqlip.pair_factors())
+        if self.liplt is not None:
+            last.update(self.liplt.pair_factors())
         self._last_factors = last
 
     @contextmanager

@@ -27,6 +27,8 @@ LAYER_CHART = f"{LIPSCHITZ}/layers"
 """The bar chart of the linear layers' factors (an image)."""
 RADIUS_CURVE = f"{ROBUST}/certified_acc_vs_radius"
 """The certified accuracy against the radius (an image)."""
+CERTIFICATE = f"{LIPSCHITZ}/certificate"
+"""The certificates ``certified_bound()`` used (``LipschitzEstimator.certificate``: ``"liplt+eclipse"``...), a text."""
 PROG_BAR = "lip"
 """The bound on the progress bar."""
 

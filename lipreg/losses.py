@@ -100,7 +100,8 @@ class LipschitzMarginLoss(nn.Module):
         example_input: a batch of inputs (its first sample's shape is used).
         eps: the L2 radius to certify (after warm-up).
         pairwise: per-pair constants when the head is linear.
-        method, n_iter: of the estimator (``"autolip"`` or ``"seqlip"``).
+        method, n_iter: of the estimator (``"autolip"``, ``"seqlip"`` or ``"liplt"``; with ``"liplt"`` and a linear
+            head the per-pair constants are also carried through the body's last chain).
         warmup: number of training calls over which ``eps`` ramps up from 0.
         warmup_fraction: instead of ``warmup``, the fraction of the run (in ``[0, 1]``) over which it ramps up.
         kind: ``"ce"`` (eq. 2), ``"hinge"`` (eq. 3) or ``"lse"`` (eq. 4).

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from .bounds.certificates import tightest
 from .capture.graph import LipGraph
 from .capture.trace import eval_mode
 from .estimator import LipschitzEstimator
@@ -144,6 +145,9 @@ class MarginCertificate(nn.Module):
         bounded = split[0] if split is not None else self.model
         object.__setattr__(self, "head", split[1] if split is not None else None)  # the user's layer, not our state
         self.estimator = LipschitzEstimator(bounded, example_input, **self._options)
+        self.certificate: str | None = None
+        """The certificates the last :meth:`certified` used (``"autolip"``, ``"liplt+eclipse"``...)."""
+        object.__setattr__(self, "_whole", None)  # the whole model's estimator, built at the first certified()
 
     def _refresh(self) -> None:
         """Split the model again when it changed since it was split (a replaced body module or head): the body's
@@ -167,14 +171,34 @@ class MarginCertificate(nn.Module):
         """``(K, bound)``: the constants from the warm estimate, and that estimate (both differentiable)."""
         self._refresh()
         bound = self.estimator(n_iter)
-        return self.constants(bound), bound
+        K = self.constants(bound)
+        through = self.estimator.pair_constants(self.head.weight) if self.head is not None else None
+        return (K if through is None else torch.minimum(K, through.to(K.dtype))), bound
 
     def certified(self) -> Tensor:
-        """Certified ``K`` (float64, detached): from ``certified_bound()``, rounded upwards."""
+        """Certified ``K`` (float64, detached), rounded upwards: the tightest per pair of eq. (3) on
+        ``certified_bound()``, the certificates carried through the body's last chain
+        (``LipschitzEstimator.certified_pairs``) and, with a head, eq. (2) on the whole model's ``certified_bound()``
+        (whose chains run through the head); :attr:`certificate` names those used."""
         self._refresh()
         with torch.no_grad():
             bound = self.estimator.certified_bound().to(torch.float64)
-            return certified_cast(self.constants(bound), torch.float64)
+            K = certified_cast(self.constants(bound), torch.float64)
+            candidates = {self.estimator.certificate: K}
+            if self.head is not None:
+                candidates.update(self.estimator.certified_pairs(self.head.weight))
+                if self._whole is None:  # not a submodule: certificates keep no state worth a checkpoint
+                    object.__setattr__(self, "_whole", LipschitzEstimator(
+                        self.model, self._graph.sample.to(self._device()), **self._options))
+                whole = self._whole
+                bound = whole.certified_bound().to(torch.float64)
+                candidates[f"global_{whole.certificate}"] = certified_cast(
+                    global_constants(bound, self.n_classes), torch.float64)
+            self.certificate, K = tightest(candidates)
+            return K
+
+    def _device(self) -> torch.device:
+        return next((p.device for p in self.model.parameters()), self._graph.sample.device)
 
     def extra_repr(self) -> str:
         return f"pairwise={self.pairwise}, n_classes={self.n_classes}, method={self.estimator.method!r}"

@@ -21,8 +21,9 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, get_args
 
-Method = Literal["autolip", "seqlip"]
-"""The bound: AutoLip (paper Alg. 1) or SeqLip (eq. 8 on every chain, AutoLip elsewhere)."""
+Method = Literal["autolip", "seqlip", "liplt"]
+"""The bound: AutoLip (paper Alg. 1), SeqLip (eq. 8 on every chain) or LipLT (loop transformation on every chain),
+AutoLip elsewhere."""
 Search = Literal["auto", "exact", "greedy", "lowrank"]
 """SeqLip's search over activation patterns (:mod:`lipreg.bounds.seqlip`)."""
 PenaltyKind = Literal["linear", "log", "hinge", "squared_hinge"]

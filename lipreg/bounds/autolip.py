@@ -72,6 +72,14 @@ def autolip_bound(graph: LipGraph, factors: Mapping[LipNode, Tensor],
     The input's constant 1 takes ``dtype`` and ``device`` (by default those of the factors): a graph with no
     linear node (pooling and activations only) has nothing else to take them from.
     """
+    return node_constants(graph, factors, chains, dtype, device)[graph.output]
+
+
+def node_constants(graph: LipGraph, factors: Mapping[LipNode, Tensor],
+                   chains: Mapping[LipNode, tuple[LipNode, Tensor]] | None = None,
+                   dtype: torch.dtype | None = None, device: torch.device | None = None) -> dict[LipNode, Tensor]:
+    """The constant of every node that :func:`autolip_bound` reaches (all but the chains' interiors): a bound on the
+    Lipschitz constant of the map from the input to that node."""
     like = next(iter(factors.values()), torch.ones(()))
     one = torch.ones((), dtype=dtype or like.dtype, device=device or like.device)
     constants: dict[LipNode, Tensor] = {graph.nodes[0]: one}
@@ -85,4 +93,4 @@ def autolip_bound(graph: LipGraph, factors: Mapping[LipNode, Tensor],
             constants[node] = bound * constants[parent]
         else:
             constants[node] = propagate(node, [constants[p] for p in node.inputs], factors)
-    return constants[graph.output]
+    return constants

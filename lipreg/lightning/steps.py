@@ -91,5 +91,5 @@ class StepLogger:
         if ratio > self.reconverge_gap and estimator.certificate == estimator.method:
             estimate = estimator.converge(max_iter=self.eval_n_iter).detach()
             ratio = certified_over_estimate(certified, estimate)
-        return {keys.bound(estimator.method): float(estimate), keys.certified(estimator.certificate): float(certified),
+        return {keys.bound(estimator.method): float(estimate), keys.certified(estimator.method): float(certified),
                 keys.GAP_PERCENT: gap_percent(ratio)}

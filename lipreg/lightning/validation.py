@@ -70,7 +70,7 @@ class ValidationEvaluation:
         estimator = self.source.estimator
         with torch.no_grad():
             estimate = estimator(n_iter=0)
-        metrics = {keys.bound(estimator.method): estimate, keys.certified(estimator.certificate): self.bound,
+        metrics = {keys.bound(estimator.method): estimate, keys.certified(estimator.method): self.bound,
                    **self.lower.compute(self.bound)}
         if self.robust is not None:
             metrics.update(self.robust.compute())

@@ -4,7 +4,8 @@ For each architecture of :func:`tests.fuzz.arch.draw_case` (every registered op 
 functional forms, residual and concatenation structure, in-place variants, hooks, float32/float64/bfloat16
 estimators) it checks, against the independent lower bounds of :mod:`tests.fuzz.reference`:
 
-* ``certified_bound()`` of AutoLip and of exact SeqLip (``method="seqlip", search="exact"``), whole model;
+* ``certified_bound()`` (the tightest certificate: AutoLip, exact SeqLip, LipLT, ECLipsE-Fast) built with
+  ``method="autolip"``, ``"seqlip"`` (``search="exact"``) and ``"liplt"``, whole model;
 * ``layer_bounds(certified=True)`` per node: linear nodes against the exact norm of their dense float64
   Jacobian, activation and pooling constants against the node's own lower bound;
 * ``est()`` whenever ``est.certified`` is True;
@@ -234,7 +235,7 @@ class CaseRun:
 
     def run(self) -> None:
         before = _fingerprint(self.case.model)
-        estimators = {m: self.build(m) for m in ("autolip", "seqlip")}
+        estimators = {m: self.build(m) for m in ("autolip", "seqlip", "liplt")}
         if _fingerprint(self.case.model) != before:
             added = sorted(_fingerprint(self.case.model) - before)
             self.findings.append(Finding(self.case.index, "violation", "LipschitzEstimator(...)",

@@ -219,7 +219,8 @@ def test_seqlip_logs_under_its_tag_and_names_whose_certificate_it_is(tmp_path: P
     assert other not in tags
     estimates = [e.value for e in events.Scalars("lipschitz/seqlip")]
     certificates = [e.value for e in events.Scalars(f"lipschitz/{certified_tag}")]
-    assert all(e <= c for e, c in zip(estimates, certificates))
+    if search == "exact":  # the tightest certificate is at most exact SeqLip's, which the estimate is (in float32)
+        assert all(c <= e * (1 + 1e-5) for e, c in zip(estimates, certificates))
     if search == "greedy":
         assert not calls
 

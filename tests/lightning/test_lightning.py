@@ -230,7 +230,7 @@ def test_seqlip_not_exact_warning_shown_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"method": "seqlipp"}, "method must be one of 'autolip', 'seqlip'; got 'seqlipp'"),
+    ({"method": "seqlipp"}, "method must be one of 'autolip', 'seqlip', 'liplt'; got 'seqlipp'"),
     ({"search": "greedy"}, "search='greedy' is a SeqLip option"),
     ({"method": "seqlip", "search": "greedyy"}, "search must be one of"),
     ({"on_unsupported": "ignore"}, "on_unsupported must be one of 'raise', 'warn'"),

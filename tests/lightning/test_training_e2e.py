@@ -54,6 +54,15 @@ def segments(net: nn.Module) -> list[nn.Module]:
     return [nn.Sequential(f[0], f[1]), nn.Sequential(f[4], f[5]), nn.Sequential(c[0], c[1]), c[3]]
 
 
+def jacobian_lower(net: nn.Module, n: int = 16) -> float:
+    """The largest local Jacobian norm (float64, eval mode) over ``n`` random inputs: a lower bound."""
+    net = copy.deepcopy(net).double().eval()
+    generator = torch.Generator().manual_seed(0)
+    xs = torch.rand(n, *EXAMPLE.shape[1:], dtype=torch.float64, generator=generator)
+    return max(torch.linalg.matrix_norm(torch.func.jacrev(net)(x[None]).reshape(-1, x.numel()), ord=2).item()
+               for x in xs)
+
+
 def exact_autolip(net: nn.Module) -> float:
     """The exact AutoLip value: the product of the spectral norms of the dense Jacobians (``torch.func.jacrev``, in
     float64, eval mode) of the linear operators."""
@@ -142,19 +151,18 @@ def test_logged_bounds_equal_an_independent_recomputation(tmp_path: Path, kind: 
     assert layer_tags and all({s for s, _ in scalars[tag]} == {2, 5, 8} for tag in layer_tags)
     assert {s for s, _ in scalars["train/loss"]} == {2, 5, 8}
     assert {s for s, _ in scalars["lipschitz/autolip"]} == {2, 5, 8} | {1, 3, 5, 7, 9} | set(val_steps)
-    # every certified value (step-level every 2 steps, and at each validation) is >= the exact one, and tight
+    # every certified value (step-level every 2 steps, and at each validation) is the tightest certificate: never
+    # above the exact AutoLip value, never below a local Jacobian norm of the weights of its step
     certified = scalars["lipschitz/autolip_certified"]
     assert sorted({s for s, _ in certified}) == [1, 3, 4, 5, 7, 9]
     for step, value in certified:
-        assert value >= exact[step] and value <= exact[step] * (1 + 1e-5), (step, value, exact[step])
-    # every estimate (warm or converged) is <= the certified value at its step
+        lower = jacobian_lower(loaded(kind, snapshots.weights[step]))
+        assert lower <= value <= exact[step] * (1 + 1e-5), (step, lower, value, exact[step])
+    # every estimate (warm or converged) is <= the exact AutoLip value at its step
     for step, value in scalars["lipschitz/autolip"]:
         assert value <= exact[step] * (1 + 1e-6), (step, value, exact[step])
-        for certified_step, certified_value in certified:
-            if certified_step == step:
-                assert value <= certified_value
-    for step, gap_percent in scalars["lipschitz/gap_percent"]:  # 100 (certified / estimate - 1)
-        assert 0.0 <= gap_percent <= 100.0 * (lip.reconverge_gap * (1 + 1e-6) - 1.0)
+    for step, gap_percent in scalars["lipschitz/gap_percent"]:  # 100 (certified / estimate - 1), < 0 when tighter
+        assert gap_percent <= 100.0 * (lip.reconverge_gap * (1 + 1e-6) - 1.0)
     # per layer: the linear factors are power-method values of their operator (the constant ones, 1 here, not logged)
     layers = {tag.removeprefix("lipschitz/layer/"): scalars[tag] for tag in layer_tags}
     assert set(layers) == set(lip.estimator.linear_operators())
@@ -167,8 +175,7 @@ def test_logged_bounds_equal_an_independent_recomputation(tmp_path: Path, kind: 
     net = loaded(kind, snapshots.weights[last])
     fresh = LipschitzEstimator(net, EXAMPLE).converge(tol=1e-9, max_iter=20000).item()
     assert final["lipschitz/autolip"] == pytest.approx(fresh, rel=1e-4)
-    assert final["lipschitz/autolip_certified"] == pytest.approx(exact[last], rel=1e-5)
-    assert 0 < final["lipschitz/lower"] <= exact[last]  # a local Jacobian norm: a true lower bound
+    assert 0 < final["lipschitz/lower"] <= final["lipschitz/autolip_certified"] <= exact[last] * (1 + 1e-5)
     assert final["lipschitz/upper_over_lower"] == pytest.approx(
         final["lipschitz/autolip_certified"] / final["lipschitz/lower"], rel=1e-6)
     assert final["robust/certified_acc@0.05"] == pytest.approx(

@@ -37,6 +37,11 @@ class ChainPlan:
     pairs: list[PairPlan] = field(default_factory=list)
 
 
+def plan_certified(plan: ChainPlan) -> bool:
+    """Whether the chain's SeqLip bound is certified: exact search on the full SVD of every operator."""
+    return all(pair.exact for pair in plan.pairs) and not any(op.lowrank for op in plan.ops)
+
+
 def plan_chain(chain: Chain, search: str, policy: BoundPolicy, taken: set[str]) -> ChainPlan:
     """The plan of one chain; buffer names are made unique among ``taken``."""
     plan = ChainPlan(chain)

@@ -20,7 +20,7 @@ from ...policy import BoundPolicy
 from .chains import find_chains
 from .factors import Factor, dense_factor, lowrank_factor, random_subspace, ritz, subspace_step
 from .gradient import Pair, gradient_surrogate
-from .plan import ChainPlan, OpPlan, PairPlan, plan_chain
+from .plan import ChainPlan, OpPlan, PairPlan, plan_certified, plan_chain
 from .search import exact_search, greedy_local_max, pair_matrix, rounding_slack, top_singular, vertex_sigma
 
 
@@ -66,8 +66,7 @@ class SeqLip(nn.Module):
     @property
     def certified(self) -> bool:
         """Whether every chain's bound is certified: exact search on the full SVD of every operator."""
-        return all(pair.exact for plan in self.plans for pair in plan.pairs) and \
-            not any(op.lowrank for plan in self.plans for op in plan.ops)
+        return all(plan_certified(plan) for plan in self.plans)
 
     @property
     def endpoints(self) -> dict[LipNode, LipNode]:
