@@ -3,6 +3,8 @@ the dense products, the brute-force max over activation patterns (which every sl
 local Jacobian norms (lower bounds), the AutoLip product (never exceeded), and the warm state."""
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 from torch import nn
