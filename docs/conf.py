@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sphinx.ext import napoleon
+from sphinx.ext import autosummary, napoleon
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # document this checkout's lipreg, installed or not
@@ -31,6 +31,8 @@ nitpicky = False
 default_role = "code"  # a single-backtick ``x`` in a docstring is code, never a broken reference
 
 autosummary_generate = False  # the API pages are written by hand: the build writes nothing into docs/
+# an autosummary table shows each docstring's first sentence; "eq. 8", "Alg. 2" and "w.r.t." do not end one
+autosummary.WELL_KNOWN_ABBREVIATIONS = (*autosummary.WELL_KNOWN_ABBREVIATIONS, "eq.", "Alg.", "w.r.t.")
 autodoc_default_options = {"members": True}
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
