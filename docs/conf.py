@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
+from sphinx.application import Sphinx
 from sphinx.ext import autosummary, napoleon
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +30,7 @@ extensions = [
 
 exclude_patterns = ["_build"]
 nitpicky = False
-default_role = "code"  # a single-backtick ``x`` in a docstring is code, never a broken reference
+default_role = "code"  # `x` (single backticks) in a docstring is code, never a broken reference
 
 autosummary_generate = False  # the API pages are written by hand: the build writes nothing into docs/
 # an autosummary table shows each docstring's first sentence; "eq. 8", "Alg. 2" and "w.r.t." do not end one
@@ -44,11 +46,10 @@ napoleon_use_rtype = False
 
 html_theme = "alabaster"
 html_title = "lipreg"
-html_static_path: list[str] = []
 
 
-
-def _napoleon_without_inline_types(app, what, name, obj, options, lines):
+def _napoleon_without_inline_types(app: Sphinx, what: str, name: str, obj: Any, options: Any,
+                                   lines: list[str]) -> None:
     """napoleon, except that it reads an attribute's or property's docstring as plain text: its own rule takes the
     first ``x: y`` there for ``type: description``, whereas lipreg's attributes carry their type in the annotation
     and their first lines often hold a colon. With ``what=""``, napoleon parses such a docstring as any other."""
@@ -56,7 +57,7 @@ def _napoleon_without_inline_types(app, what, name, obj, options, lines):
     napoleon._process_docstring(app, "" if attribute else what, name, obj, options, lines)
 
 
-def setup(app):
+def setup(app: Sphinx) -> None:
     listeners = [listener for listener in app.events.listeners["autodoc-process-docstring"]
                  if listener.handler is napoleon._process_docstring]
     if len(listeners) != 1:
