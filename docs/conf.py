@@ -7,6 +7,7 @@ offline and its warnings are about lipreg's own text.
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,11 +49,17 @@ html_theme = "alabaster"
 html_title = "lipreg"
 
 
+_GROUPED_KWARGS = re.compile(r"^(\s+\w+(?:, \w+)*, )\*\*(\w+:)")
+"""An ``Args:`` line that documents ``**kwargs`` with other names (``method, n_iter, **options: ...``)."""
+
+
 def _napoleon_without_inline_types(app: Sphinx, what: str, name: str, obj: Any, options: Any,
                                    lines: list[str]) -> None:
     """napoleon, except that it reads an attribute's or property's docstring as plain text: its own rule takes the
     first ``x: y`` there for ``type: description``, whereas lipreg's attributes carry their type in the annotation
-    and their first lines often hold a colon. With ``what=""``, napoleon parses such a docstring as any other."""
+    and their first lines often hold a colon. With ``what=""``, napoleon parses such a docstring as any other.
+    napoleon escapes the stars of ``**kwargs`` only when it is the line's one name; grouped, it is escaped here."""
+    lines[:] = [_GROUPED_KWARGS.sub(r"\1\\*\\*\2", line) for line in lines]
     attribute = what in {"attribute", "data", "property"}
     napoleon._process_docstring(app, "" if attribute else what, name, obj, options, lines)
 
