@@ -69,7 +69,7 @@ class EmpiricalLipschitz(Metric):
         self.add_state("value", default=torch.tensor(0.0), dist_reduce_fx="max")
 
     def update(self, x: Tensor) -> None:
-        """Lower-bound the Lipschitz constant on the batch ``x`` (B, *in) and keep the running max."""
+        """Lower-bound the Lipschitz constant on the batch ``x`` of shape ``(B, *in)`` and keep the running max."""
         model = self.model
         with eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext():
             lb = lower_bound(model, x, ascent_steps=self.ascent_steps, lr=self.lr, n_iter=self.n_iter)
