@@ -2,7 +2,8 @@
 
 For each architecture of :func:`tests.fuzz.arch.draw_case` (every registered op kind, module and
 functional forms, residual and concatenation structure, in-place variants, hooks, float32/float64/bfloat16
-estimators) it checks, against the independent lower bounds of :mod:`tests.fuzz.reference`:
+estimators, and the adversarial patterns of issue 16 in :mod:`tests.fuzz.adversarial`, counted per class) it checks,
+against the independent lower bounds of :mod:`tests.fuzz.reference`:
 
 * ``certified_bound()`` of AutoLip and of exact SeqLip (``method="seqlip", search="exact"``), whole model;
 * ``layer_bounds(certified=True)`` per node: linear nodes against the exact norm of their dense float64
@@ -10,6 +11,11 @@ estimators) it checks, against the independent lower bounds of :mod:`tests.fuzz.
 * ``est()`` whenever ``est.certified`` is True;
 * that building an estimator leaves the model's attributes alone, and that ``CertifiedRobustAccuracy`` does not
   take an estimate for a certificate unless told.
+
+When the case changes the model after the estimators were built (``Case.mutate``), the checks run on the kept
+estimators against the model as it is then: a retrace (with a warning) passes, a stale bound is a violation, and a
+refusal of the changed model must be an ``UnsupportedOpError``. A case whose model drops the batch axis
+(``Case.per_sample``) has its reference run sample by sample.
 
 A violation is a certified value below ``lower * (1 - 1e-9)``: a certificate must be >= the truth, and the
 lower bounds are exact up to float64 rounding (finite pairs carry their rounding error). A
@@ -42,6 +48,7 @@ from .reference import chain_fn, forward_values, jacobian_norm, lower_bound
 RTOL = 1e-9
 RTOL_FLOAT32_REFERENCE = 1e-5  # fake-quantized models are evaluated in float32 (no float64 kernel)
 SMOOTH = ("act:tanh", "act:sigmoid", "act:gelu", "act:silu", "act:elu", "act:softplus")
+ISSUE16 = "16."  # the kinds of the adversarial patterns of issue 16 (:mod:`tests.fuzz.adversarial`)
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}
 
 
@@ -69,6 +76,7 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     per_kind: dict[str, collections.Counter] = field(default_factory=lambda: collections.defaultdict(collections.Counter))
     drawn_targets: set[Any] = field(default_factory=set)
+    case_kinds: dict[int, set[str]] = field(default_factory=dict)
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # process CPU time: the cost on a quiet machine, whatever the load
 
@@ -79,6 +87,10 @@ class Report:
     @property
     def crashes(self) -> list[Finding]:
         return [f for f in self.findings if f.kind == "crash"]
+
+    def findings_outside(self, kinds: set[str]) -> list[Finding]:
+        """The findings of the architectures that draw none of ``kinds`` (the classes still open)."""
+        return [f for f in self.findings if not self.case_kinds.get(f.case, set()) & kinds]
 
     def undrawn_targets(self) -> list[str]:
         """Registered rule targets that no architecture used."""
@@ -101,6 +113,11 @@ class Report:
                  f"  {'op kind':32s} {'archs':>6s} {'viol.':>6s} {'refused':>8s} {'crash':>6s}"]
         for kind, c in sorted(self.per_kind.items()):
             lines.append(f"  {kind:32s} {c['cases']:6d} {c['violation']:6d} {c['refused']:8d} {c['crash']:6d}")
+        lines.append(f"  issue-16 classes (architectures drawing each; violation and crash counts are architectures):")
+        for kind, c in sorted(self.per_kind.items()):
+            if kind.startswith(ISSUE16):
+                lines.append(f"  {kind:40s} archs {c['cases']:4d}  violations {c['violation']:4d}  refused "
+                             f"{c['refused']:4d}  crashes {c['crash']:4d}")
         return "\n".join(lines + [f.line() for f in self.findings])
 
 
@@ -154,7 +171,8 @@ class CaseRun:
         if self._lower is None:
             ref = copy.deepcopy(self.case.model).to(self.ref_dtype).eval()
             smooth = any(k in self.case.kinds for k in SMOOTH)
-            self._lower = lower_bound(ref, self.case.x.shape[1:], self.ref_dtype, smooth)
+            fb = _vmapped(lambda v: ref(v.unsqueeze(0)).squeeze(0)) if self.case.per_sample else ref
+            self._lower = lower_bound(fb, self.case.x.shape[1:], self.ref_dtype, smooth)
         return self._lower
 
     # ----------------------------------------------------------------------------------------- checks
@@ -280,6 +298,7 @@ def run(n: int = 1000, seed: int = 0, start: int = 0, verbose: bool = False) -> 
         metric_checked |= check.metric_checked
         report.refusals += check.refused
         report.drawn_targets |= case.targets
+        report.case_kinds[index] = case.kinds
         for kind in case.kinds:
             counter = report.per_kind[kind]
             counter["cases"] += 1
