@@ -1,6 +1,6 @@
 """Random small architectures drawn from lipreg's whole rule set, for the soundness fuzz (:mod:`tests.fuzz.soundness`).
 
-Each step is drawn by one generator of :data:`GENERATORS` (:mod:`.layers`, :mod:`.ops`) for the
+Each step is drawn by one generator of :data:`GENERATORS` (:mod:`.layers`, :mod:`.ops`, :mod:`.adversarial`) for the
 current per-sample shape, in module or functional form, and may nest (residual branches, concatenations).
 Every case records the op kinds it uses (for the per-kind breakdown), the registry targets it calls (for
 coverage) and a one-line description (the reproducer).
