@@ -19,7 +19,6 @@ KNOWN_OPEN = {
     "16.1 instance override (after build)",
     "16.3 unbatched conv",
     "16.4 container edit",
-    "16.4 dtype change",
     "16.5 item read, then changed",
     "16.6 padding after init",
 }
