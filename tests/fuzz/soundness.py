@@ -13,8 +13,9 @@ against the independent lower bounds of :mod:`tests.fuzz.reference`:
   take an estimate for a certificate unless told.
 
 When the case changes the model after the estimators were built (``Case.mutate``), the checks run on the kept
-estimators against the model as it is then: a retrace (with a warning) passes, a stale bound is a violation, and a
-refusal of the changed model must be an ``UnsupportedOpError``. A case whose model drops the batch axis
+estimators against the model as it is then: a retrace (with a warning) passes, a stale bound is a violation, a
+refusal of the changed model must be an ``UnsupportedOpError``, and a kept estimator that still certifies a model
+that a fresh estimator refuses (Softplus's threshold jump after ``model.double()``) is a violation. A case whose model drops the batch axis
 (``Case.per_sample``) has its reference run sample by sample.
 
 A violation is a certified value below ``lower * (1 - 1e-9)``: a certificate must be >= the truth, and the
@@ -143,6 +144,7 @@ class CaseRun:
         self.reproducer = f"--seed {seed} --case {case.index}: {case.description}"
         self.metric_checked = False
         self._lower: float | None = None
+        self.fresh_refusal: str | None = None  # after a change: why a fresh estimator of the model refuses it
         self.reference: nn.Module | None = None
 
     # ---------------------------------------------------------------------------------------- outcomes
@@ -188,6 +190,24 @@ class CaseRun:
                 self.crash(f"{method} build", err)
             return None
 
+    def refusal_now(self) -> str | None:
+        """Why a fresh estimator of the model as it is now (on the example, cast to the model's parameters' dtype if
+        the model then runs) is refused, or None: a kept estimator that still certifies what lipreg refuses after a
+        change is stale."""
+        model, x = self.case.model, self.case.x
+        cast = x.to(next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype))
+        try:
+            with torch.no_grad():
+                model(cast.clone())
+            x = cast
+        except Exception:  # noqa: BLE001 (the model does not run in its parameters' dtype: keep the example's)
+            pass
+        try:
+            lipreg.LipschitzEstimator(model, x, dtype=self.case.dtype, fuse=self.case.fuse)
+        except Exception as err:  # noqa: BLE001 (only a clean refusal is a verdict on the changed model)
+            return str(err).strip().splitlines()[0][:160] if _is_refusal(err) else None
+        return None
+
     def check_estimator(self, method: str, est: lipreg.LipschitzEstimator) -> None:
         try:
             certified = float(est.certified_bound().detach())
@@ -196,6 +216,10 @@ class CaseRun:
             if not _is_refusal(err):
                 self.crash(f"{method} certified_bound()", err)
             return
+        if self.fresh_refusal is not None:
+            self.findings.append(Finding(self.case.index, "violation", f"{method} certified_bound() after the change "
+                                         f"({self.config})", f"certified {certified:.6g} for a model that a fresh "
+                                         f"estimator refuses: {self.fresh_refusal}", self.reproducer))
         lower = self.lower()
         self.compare(f"{method} certified_bound()", certified, lower, self.rtol)
         try:
@@ -259,6 +283,7 @@ class CaseRun:
                                          f"the model was modified: added {added[:4]}", self.reproducer))
         if self.case.mutate is not None:
             self.reproducer += f" ; after the estimators were built: {self.case.mutate(self.case.model)}"
+            self.fresh_refusal = self.refusal_now()
         for method, est in estimators.items():
             if est is not None:
                 self.guard(f"{method} checks", self.check_estimator, method, est)

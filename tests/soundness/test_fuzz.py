@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import lipreg
+from lipreg.ops import Constant, Refuse
 from lipreg.ops.registry import _RULES
 from tests.fuzz.arch import Case
 from tests.fuzz.soundness import ISSUE16, CaseRun, run
@@ -19,6 +20,7 @@ KNOWN_OPEN = {
     "16.1 instance override (after build)",
     "16.3 unbatched conv",
     "16.4 container edit",
+    "16.4 dtype change",
     "16.5 item read, then changed",
     "16.6 padding after init",
 }
@@ -104,3 +106,34 @@ def test_fuzz_check_flags_a_stale_or_wrong_bound_after_a_container_edit(wrong_ru
     case = Case(0, model, torch.randn(2, 3), torch.float64, True, {"16.4 container edit"}, {_Doubler},
                 "Sequential(Linear)", mutate=mutate)
     assert any("certified_bound" in w for w in _violations(case))
+
+
+class _Switch(nn.Module):
+    """The identity, whose registered rule below refuses it once ``refused`` is set."""
+
+    refused = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@pytest.fixture
+def switch_rule() -> Iterator[None]:
+    lipreg.register_rule(_Switch, lambda info: Refuse("switched off") if _Switch.refused else Constant(1.0))
+    try:
+        yield
+    finally:
+        _RULES.pop(_Switch, None)
+        _Switch.refused = False
+
+
+def test_fuzz_check_flags_a_kept_estimator_that_certifies_what_a_fresh_one_refuses(switch_rule: None) -> None:
+    """After a change, a kept estimator must not certify a model that lipreg now refuses (the dtype-change class:
+    Softplus's jump is hidden by float32 rounding, not by float64's). The change here is invisible to the model (a
+    rule's verdict), so the kept estimators certify whatever the fingerprint covers: the checker must say so."""
+    def mutate(net: nn.Module) -> str:
+        _Switch.refused = True
+        return "the rule of _Switch now refuses"
+    case = Case(0, nn.Sequential(nn.Linear(3, 3), _Switch()).eval(), torch.randn(2, 3), torch.float64, True,
+                {"16.4 dtype change"}, {_Switch}, "Linear -> Switch", mutate=mutate)
+    assert any("after the change" in w for w in _violations(case))
