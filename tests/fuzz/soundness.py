@@ -191,19 +191,17 @@ class CaseRun:
             return None
 
     def refusal_now(self) -> str | None:
-        """Why a fresh estimator of the model as it is now (on the example, cast to the model's parameters' dtype if
-        the model then runs) is refused, or None: a kept estimator that still certifies what lipreg refuses after a
-        change is stale."""
+        """Why a fresh estimator of the model as it is now is refused, or None: a kept estimator that still certifies
+        what lipreg refuses after a change is stale. The example is cast to the dtype of the model's tensors (or
+        kept as it is) where the model runs on it; no verdict where it runs on neither."""
         model, x = self.case.model, self.case.x
-        cast = x.to(next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype))
+        tensors = [*model.parameters(), *model.buffers()]
+        dtype = next((t.dtype for t in tensors if t.is_floating_point()), x.dtype)
+        example = next((e for e in (x.to(dtype), x) if _runs(model, e)), None)
+        if example is None:
+            return None
         try:
-            with torch.no_grad():
-                model(cast.clone())
-            x = cast
-        except Exception:  # noqa: BLE001 (the model does not run in its parameters' dtype: keep the example's)
-            pass
-        try:
-            lipreg.LipschitzEstimator(model, x, dtype=self.case.dtype, fuse=self.case.fuse)
+            lipreg.LipschitzEstimator(model, example, dtype=self.case.dtype, fuse=self.case.fuse)
         except Exception as err:  # noqa: BLE001 (only a clean refusal is a verdict on the changed model)
             return str(err).strip().splitlines()[0][:160] if _is_refusal(err) else None
         return None
@@ -296,6 +294,15 @@ class CaseRun:
             fn(*args)
         except Exception as err:  # noqa: BLE001
             self.crash(f"{where} (reference)", err)
+
+
+def _runs(model: nn.Module, x: torch.Tensor) -> bool:
+    try:
+        with torch.no_grad():
+            model(x.clone())
+    except Exception:  # noqa: BLE001 (a dtype mismatch, most often)
+        return False
+    return True
 
 
 def _vmapped(f: Any) -> Any:
