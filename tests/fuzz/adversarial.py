@@ -32,12 +32,7 @@ INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16
 """The integer dtype of each float dtype's width: ``view`` to it keeps the shape."""
 
 
-def _shape_after(b: Builder, step: Step, s: Shape, batch: int = 1) -> Shape:
-    with torch.no_grad():
-        return tuple(step(b.net, torch.zeros((batch,) + s)).shape[1:])
-
-
-def _scaled_copy(module: nn.Module, factor: float) -> nn.Module:
+def _scaled(module: nn.Module, factor: float) -> nn.Module:
     with torch.no_grad():
         for p in module.parameters():
             p.mul_(factor)
@@ -97,8 +92,8 @@ def g_bitcast(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] |
     b.note("16.2 bit cast", "view")
     if form == "round trip":
         return (lambda net, h: h.view(INT_OF[h.dtype]).view(h.dtype)), s, "x.view(int).view(float)"
-    return (lambda net, h: h.view(INT_OF[h.dtype]).to(h.dtype) * 2.0 ** -(torch.finfo(h.dtype).nmant + 8)), s, \
-        "x.view(int).to(float) * 2^-(mantissa+8)"
+    return (lambda net, h: h.view(INT_OF[h.dtype]).to(h.dtype) * (torch.finfo(h.dtype).eps / 256)), s, \
+        "x.view(int).to(float) * eps / 256"
 
 
 # ----------------------------------------------------------------------------------- 16.3 unbatched convolutions
@@ -157,7 +152,7 @@ def g_container(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str]
     edit = b.pick(["append", "add_module"] if kind == "Sequential" else ["append"])
 
     def mutate(net: nn.Module) -> str:
-        extra = _scaled_copy(nn.Linear(n, n), 8.0)
+        extra = _scaled(nn.Linear(n, n), 8.0)
         target = getattr(net, name)
         if edit == "append":
             target.append(extra)
@@ -212,12 +207,12 @@ def g_padding_after_init(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Sh
     first, later = b.pick([(1, 0), (0, 1), (1, 2)])
     conv = (nn.Conv1d, nn.Conv2d)[d - 1](cin, cin, 3, padding=first, padding_mode=mode)
     conv.padding = (later,) * d
-    name = b.add(conv)
     try:
-        out = _shape_after(b, call(name), s)
+        with torch.no_grad():
+            out = tuple(conv(torch.zeros((1,) + s)).shape[1:])
     except RuntimeError:  # the new padding does not fit the input
         return None
     if preserve and out != s:
         return None
     b.note("16.6 padding after init", type(conv))
-    return call(name), out, f"Conv{d}d(k3,padding={first},{mode}); .padding = {later}"
+    return call(b.add(conv)), out, f"Conv{d}d(k3,padding={first},{mode}); .padding = {later}"
