@@ -4,7 +4,8 @@ after its class in issue 16 (``16.<class> <pattern>``), so the report counts eac
 
 * 16.1 instance overrides: ``m.forward = ...`` / ``m._conv_forward = ...`` set on a built-in layer's instance
   (before the estimator is built here; after it, by :func:`late_override`);
-* 16.2 bit casts: ``x.view(torch.int32)`` (a round trip, or the bits read as numbers);
+* 16.2 bit casts: ``x.view(torch.int32)`` (a round trip, the bits read as numbers, or the exponent raised by
+  one: ``2 x``; the reference runs in float32);
 * 16.3 a convolution run on an unbatched ``(C, ...)`` tensor, next to per-row / per-column / ``BatchNorm1d`` gains
   (:func:`unbatched_block`; the case then has one sample and its reference runs sample by sample);
 * 16.4 changes after the estimator is built: ``Sequential.append`` / ``add_module`` / ``ModuleList.append``
@@ -26,11 +27,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .net import Builder, Shape, Step, call
-
-INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
-          torch.float16: torch.int16}
-"""The integer dtype of each float dtype's width: ``view`` to it keeps the shape."""
-
 
 def _scaled(module: nn.Module, factor: float) -> nn.Module:
     with torch.no_grad():
@@ -88,12 +84,18 @@ def late_override(b: Builder) -> Any:
 
 # ---------------------------------------------------------------------------------------------- 16.2 bit casts
 def g_bitcast(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] | None:
-    form = b.pick(["round trip", "bits as numbers"])
+    """A float32 bit cast (the dtypes fixed when the model is written, as fx sees them): the reference then runs in
+    float32, the dtype whose bits the model reads."""
+    form = b.pick(["round trip", "bits as numbers", "exponent + 1"])
+    b.float32_reference = True
     b.note("16.2 bit cast", "view")
     if form == "round trip":
-        return (lambda net, h: h.view(INT_OF[h.dtype]).view(h.dtype)), s, "x.view(int).view(float)"
-    return (lambda net, h: h.view(INT_OF[h.dtype]).to(h.dtype) * (torch.finfo(h.dtype).eps / 256)), s, \
-        "x.view(int).to(float) * eps / 256"
+        return (lambda net, h: h.view(torch.int32).view(torch.float32)), s, "x.view(int32).view(float32)"
+    if form == "exponent + 1":  # 2x on normal numbers: a shift of the bits, a doubling of the value
+        return (lambda net, h: (h.view(torch.int32) + 2 ** 23).view(torch.float32)), s, \
+            "(x.view(int32) + 2^23).view(float32)"
+    scale = torch.finfo(torch.float32).eps / 256
+    return (lambda net, h: h.view(torch.int32).to(torch.float32) * scale), s, "x.view(int32).to(float32) * eps / 256"
 
 
 # ----------------------------------------------------------------------------------- 16.3 unbatched convolutions

@@ -178,7 +178,7 @@ def draw_case(seed: int, index: int) -> Case:
     kind, mutate = drawn if drawn is not None and drawn[1] is not None else (None, None)
     kinds = b.kinds | ({kind} if kind else set()) | ({"big input"} if big else set())
     return Case(index, model, x, dtype, rng.random() < 0.8, kinds, b.targets, describe(s, descriptions),
-                b.float32_reference, mutate, descriptions, per_sample)
+                float32_reference=b.float32_reference, mutate=mutate, steps=descriptions, per_sample=per_sample)
 
 
 def _unbatched_plan(b: Builder, s: Shape) -> tuple[list[Step], list[str]]:

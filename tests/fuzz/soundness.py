@@ -262,9 +262,11 @@ class CaseRun:
             nodes = [fx_nodes[info.node.name] for info in node.ops]
             source = fx_nodes[node.ops[0].x_inputs[0].name]
             f = chain_fn(gm, nodes, source, values)
-            v0 = values[source]
+            v0, out = values[source], values[nodes[-1]]
             if not isinstance(v0, torch.Tensor):
                 continue  # the values half of a (values, indices) pair: checked as part of the whole model
+            if not v0.is_floating_point() or isinstance(out, torch.Tensor) and not out.is_floating_point():
+                continue  # a bit cast's integer side: no Jacobian; checked as part of the whole model
             if node.is_linear:
                 lower = jacobian_norm(f, v0)
             else:

@@ -18,6 +18,7 @@ from tests.fuzz.soundness import ISSUE16, CaseRun, run
 KNOWN_OPEN = {
     "16.1 instance override",
     "16.1 instance override (after build)",
+    "16.2 bit cast",
     "16.3 unbatched conv",
     "16.4 container edit",
     "16.4 dtype change",
