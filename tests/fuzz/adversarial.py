@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .net import Builder, Shape, Step, call
 
+
 def _scaled(module: nn.Module, factor: float) -> nn.Module:
     with torch.no_grad():
         for p in module.parameters():
