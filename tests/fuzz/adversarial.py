@@ -9,7 +9,8 @@ after its class in issue 16 (``16.<class> <pattern>``), so the report counts eac
 * 16.3 a convolution run on an unbatched ``(C, ...)`` tensor, next to per-row / per-column / ``BatchNorm1d`` gains
   (:func:`unbatched_block`; the case then has one sample and its reference runs sample by sample);
 * 16.4 changes after the estimator is built: ``Sequential.append`` / ``add_module`` / ``ModuleList.append``
-  (the container generator's mutations) and dtype changes (:func:`dtype_change`);
+  (the container generator's mutations), a private attribute or a dict entry read in forward then changed, and
+  dtype changes (:func:`dtype_change`);
 * 16.5 a parameter read into Python with ``.item()`` / ``.tolist()`` in forward (then changed by an optimizer step);
 * 16.6 a reflect / replicate / circular convolution whose ``.padding`` was set after construction.
 
@@ -172,6 +173,32 @@ def g_container(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str]
             h = layer(h)
         return h
     return looped, s, f"for m in ModuleList({len(layers)} x Linear({n},{n})): h = m(h)"
+
+
+def g_python_attribute(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] | None:
+    """``h * net._temperature`` (a private float attribute) or ``h * net.cfg["scale"]`` (a dict entry): Python
+    values fx bakes into the graph; after build, the attribute is reassigned or the dict mutated in place."""
+    value, slot = b.rng.uniform(0.5, 2.0), f"_t{b.count}"
+    b.count += 1
+    form = b.pick(["private attribute", "dict entry"])
+    if form == "private attribute":
+        setattr(b.net, slot, value)
+        read = lambda net: getattr(net, slot)
+
+        def mutate(net: nn.Module) -> str:
+            setattr(net, slot, 8 * getattr(net, slot))
+            return f"net.{slot} *= 8"
+    else:
+        setattr(b.net, slot, {"scale": value})
+        read = lambda net: getattr(net, slot)["scale"]
+
+        def mutate(net: nn.Module) -> str:
+            getattr(net, slot)["scale"] *= 8
+            return f"net.{slot}['scale'] *= 8 (the dict mutated in place)"
+    b.add_mutation("16.4 Python attribute changed", mutate)
+    b.note("16.4 Python attribute", form)
+    desc = f"h * net.{slot}" if form == "private attribute" else f"h * net.{slot}['scale']"
+    return (lambda net, h: h * read(net)), s, desc
 
 
 def dtype_change(b: Builder) -> Any:

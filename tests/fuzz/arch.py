@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .adversarial import (dtype_change, g_bitcast, g_container, g_instance_override, g_item, g_padding_after_init,
-                          late_override, unbatched_block)
+                          g_python_attribute, late_override, unbatched_block)
 from .layers import (g_avg_pool, g_batch_norm, g_big_operator, g_cancel, g_conv, g_conv_transpose, g_hooked,
                           g_linear, g_max_pool, g_mean_sum, g_pad, g_qat, g_tenfold_conv)
 from .net import Builder, Case, Shape, Step
@@ -74,6 +74,7 @@ GENERATORS: list[tuple[Generator, float]] = [
     (g_reshape, 1.5), (g_dropout, 0.8), (g_arith, 2), (g_clamp_tensor, 0.5), (g_getitem, 0.8), (g_refused, 0.3),
     (g_cancel, 0.3), (g_residual, 1.2), (g_concat, 0.8),
     (g_instance_override, 0.4), (g_bitcast, 0.25), (g_container, 0.4), (g_item, 0.3), (g_padding_after_init, 0.4),
+    (g_python_attribute, 0.25),
 ]
 MAX_NUMEL = 200
 

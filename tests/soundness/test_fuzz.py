@@ -22,6 +22,7 @@ KNOWN_OPEN = {
     "16.3 unbatched conv",
     "16.4 container edit",
     "16.4 dtype change",
+    "16.4 Python attribute changed",
     "16.5 item read, then changed",
     "16.6 padding after init",
 }
