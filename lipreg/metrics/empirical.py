@@ -72,8 +72,9 @@ class EmpiricalLipschitz(Metric):
         """Lower-bound the Lipschitz constant on the batch ``x`` of shape ``(B, *in)`` and keep the running max."""
         model = self.model
         with eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext():
-            lb = lower_bound(model, x, ascent_steps=self.ascent_steps, lr=self.lr, n_iter=self.n_iter)
-        self.value = torch.maximum(self.value, lb.to(device=self.value.device, dtype=self.value.dtype))
+            lb = lower_bound(model, x, ascent_steps=self.ascent_steps, lr=self.lr, n_iter=self.n_iter,
+                             dtype=self.value.dtype)  # rounded down into the state's dtype
+        self.value = torch.maximum(self.value, lb.to(device=self.value.device))
 
     def compute(self) -> Tensor:
         """The largest local Jacobian norm seen since the last reset (0 before any update)."""

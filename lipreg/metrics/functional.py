@@ -2,7 +2,8 @@ r"""Functional kernels of the metrics: plain functions of tensors, no state (the
 :mod:`lipreg.metrics` are thin wrappers over them).
 
 * :func:`local_jacobian_norm`, :func:`lower_bound` — local Jacobian norms, each a valid **lower** bound of
-  :math:`L(f)=\sup_x\|J_f(x)\|_2` (Scaman & Virmaux 2018, Thm. 1), see :mod:`lipreg.metrics.jacobian`.
+  :math:`L(f)=\sup_x\|J_f(x)\|_2` (Scaman & Virmaux 2018, Thm. 1), computed on a float64 copy of the model and
+  rounded down into the output dtype, see :mod:`lipreg.metrics.jacobian`.
 * :func:`certified_radius` — per-sample certified :math:`\ell_2` radius from a global bound or per-pair
   constants (:mod:`lipreg.margins`); :func:`certified_accuracy`, the certified robust accuracy at given radii
   (the kernel of :class:`~lipreg.metrics.CertifiedRobustAccuracy`), and :func:`certified_accuracy_curve`, the

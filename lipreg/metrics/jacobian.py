@@ -22,11 +22,19 @@ functions never change the model's mode: **pass a model in eval mode** (``model.
 with BatchNorm in training mode is rejected (``ValueError``); Dropout in training mode gives a
 ``RuntimeWarning`` (the function is then random).
 
+**Precision.**  A lower bound computed in the model's dtype is not one: in bfloat16 the power iteration's
+rounding alone puts :math:`\|Jv\|` above :math:`\|J\|_2`.  Every value is therefore computed on a float64
+copy of the model's computation (:func:`torch.func.functional_call` with float64 copies of the parameters and
+floating-point buffers: the model itself is not modified; a low-precision weight converts to float64 exactly), and
+rounded **down** into the output dtype (:func:`_round_down`).  A plain callable is called on float64 inputs as
+it is, and must then compute in float64.
+
 This module imports only the power steps of :mod:`lipreg.linalg.power`.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable
 
@@ -36,6 +44,12 @@ from torch import Tensor, nn
 from lipreg.linalg.power import power_steps
 
 __all__ = ["local_jacobian_norm", "lower_bound"]
+
+F64_MARGIN = 2.0**-40
+"""Relative margin for the float64 rounding of :math:`\|Jv\|_2` (a relative error of order
+:math:`n\,2^{-53}` for :math:`n` accumulated terms per entry: :math:`2^{-40}` covers :math:`n` up to 8192
+with room to spare), applied before the value is rounded down into the output dtype."""
+
 
 def _check_mode(model: Callable[[Tensor], Tensor]) -> None:
     """BatchNorm in training mode: samples interact (and torch.func rejects the in-place update of the
@@ -57,6 +71,25 @@ def _check_mode(model: Callable[[Tensor], Tensor]) -> None:
                 stacklevel=3,
             )
             return
+
+
+def _float64_model(model: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """The model's computation in float64: for an ``nn.Module``, a :func:`torch.func.functional_call` with float64
+    copies of its floating-point parameters and buffers (the module is not modified); a plain callable as it is."""
+    if not isinstance(model, nn.Module):
+        return model
+    tensors = {name: t.detach().to(torch.float64) if t.is_floating_point() else t
+               for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    return lambda x: torch.func.functional_call(model, tensors, (x,))
+
+
+def _round_down(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """A float64 lower bound lowered by :data:`F64_MARGIN`, then rounded towards zero into ``dtype``: the
+    result is never above ``value`` (a value beyond ``dtype``'s range becomes its largest finite number)."""
+    lowered = value * (1 - F64_MARGIN)
+    out = lowered.to(dtype)
+    above = out.to(torch.float64) > lowered
+    return torch.where(above, torch.nextafter(out, torch.full_like(out, -math.inf)), out)
 
 
 def _flat_norm(t: Tensor) -> Tensor:
@@ -99,7 +132,8 @@ def local_jacobian_norm(
     :math:`Jv` uses :func:`torch.func.jvp`, :math:`J^\top u` uses :func:`torch.func.vjp`; the
     Jacobian is never materialised.  The estimate converges to :math:`\|J\|_2` **from below** (at a
     rate set by the gap between the two top singular values), so every returned value is a valid
-    lower bound of :math:`\|J_f(x_b)\|_2` and hence of the Lipschitz constant.
+    lower bound of :math:`\|J_f(x_b)\|_2` and hence of the Lipschitz constant.  The iteration runs on the
+    float64 copy of the model's computation, and the norms are rounded down into ``x``'s dtype (module docstring).
 
     Args:
         model: a callable mapping a batch ``(B, *in)`` to ``(B, *out)`` (``*out`` may be empty).
@@ -110,8 +144,11 @@ def local_jacobian_norm(
         v0: optional starting vectors ``(B, *in)`` (normalised per sample; every row must be
             nonzero).  Default: standard Gaussian draws from the global torch RNG.
 
+    Raises:
+        TypeError: if the model's float64 copy does not return float64 (see the module docstring).
+
     Returns:
-        ``(norms, v)``: ``norms`` of shape ``(B,)`` with :math:`\|J_b v_b\|`, and ``v`` of shape
+        ``(norms, v)``: ``norms`` of shape ``(B,)`` (dtype of ``x``, rounded down) with :math:`\|J_b v_b\|`, and ``v`` of shape
         ``(B, *in)`` the unit-norm estimates of the top right singular vectors.  Both detached.
         A sample whose Jacobian annihilates the current vector keeps that vector and gets norm 0.
     """
@@ -119,15 +156,22 @@ def local_jacobian_norm(
     if n_iter < 0:
         raise ValueError(f"n_iter must be >= 0, got {n_iter}")
     _check_mode(model)
-    x = x.detach()
-    if v0 is None:
-        v0 = torch.randn_like(x)
-    else:
+    x64 = x.detach().to(torch.float64)
+    if v0 is not None:
         if v0.shape != x.shape:
             raise ValueError(f"v0 must have the shape of x {tuple(x.shape)}, got {tuple(v0.shape)}")
-        v0 = v0.detach().to(dtype=x.dtype, device=x.device)
+        v0 = v0.detach().to(dtype=torch.float64, device=x.device)
         if not bool((_flat_norm(v0) > 0).all()):
             raise ValueError("every row of v0 must be nonzero")
+    norms, v = _local_norms64(_float64_model(model), x64, n_iter, v0)
+    return _round_down(norms, x.dtype), v.to(x.dtype)
+
+
+def _local_norms64(model64: Callable[[Tensor], Tensor], x: Tensor, n_iter: int,
+                   v0: Tensor | None) -> tuple[Tensor, Tensor]:
+    """:func:`local_jacobian_norm` on float64 ``x`` for the float64 computation ``model64``: float64 norms
+    (not yet rounded down) and unit vectors."""
+    v0 = torch.randn_like(x) if v0 is None else v0
     v = v0 / _per_sample(_flat_norm(v0), v0)
     if x.shape[0] == 0:
         return x.new_zeros(0), v
@@ -135,13 +179,24 @@ def local_jacobian_norm(
     # Outer no_grad: torch.func transforms ignore the outer grad mode, and this avoids recording an
     # autograd graph towards the model's parameters.  Nothing is ever written to any .grad.
     with torch.no_grad():
-        out, vjp_fn = torch.func.vjp(model, x)
-        if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != x.shape[0]:
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"model must map (B, *in) to (B, *out); got output {shape} for B={x.shape[0]}")
-        v = power_steps(lambda z: vjp_fn(_jvp(model, x, z))[0], v, n_iter, start_dim=1)  # per-sample J^T J
-        norms = _flat_norm(_jvp(model, x, v))
+        out, vjp_fn = torch.func.vjp(model64, x)
+        _check_output(out, x)
+        v = power_steps(lambda z: vjp_fn(_jvp(model64, x, z))[0], v, n_iter, start_dim=1)  # per-sample J^T J
+        norms = _flat_norm(_jvp(model64, x, v))
     return norms.detach(), v.detach()
+
+
+def _check_output(out: object, x: Tensor) -> None:
+    if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != x.shape[0]:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"model must map (B, *in) to (B, *out); got output {shape} for B={x.shape[0]}")
+    if out.dtype != torch.float64:
+        raise TypeError(
+            f"lipreg.metrics: a lower bound is computed in float64, but the model returned {out.dtype} on float64 "
+            "inputs (a cast inside forward, or tensors held outside its parameters and buffers). Pass an nn.Module "
+            "whose parameters and buffers hold its tensors (they are copied to float64), or a callable computing in "
+            "float64."
+        )
 
 
 def _ascent_direction(model: Callable[[Tensor], Tensor], x: Tensor, v: Tensor) -> Tensor:
@@ -159,6 +214,8 @@ def lower_bound(
     ascent_steps: int = 0,
     lr: float = 0.1,
     n_iter: int = 20,
+    *,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""Lower bound of the Lipschitz constant :math:`L(f)=\sup_x\|J_f(x)\|_2`: the max of local norms.
 
@@ -188,6 +245,8 @@ def lower_bound(
         * Pass an eval-mode model; its mode is not changed here (see module docstring).
         * The power iteration starts from Gaussian vectors drawn from the global torch RNG; seed it
           (``torch.manual_seed``) for reproducible values.
+        * Everything runs on the float64 copy of the model's computation, ascent included (the points may
+          leave the grid of ``inputs``' dtype), and the maximum is rounded down into ``dtype``.
 
     Args:
         model: callable ``(B, *in) -> (B, *out)``, in eval mode.
@@ -195,27 +254,34 @@ def lower_bound(
         ascent_steps: number of gradient-ascent steps (``0``: evaluate the inputs only).
         lr: Euclidean length of each ascent step in input space.
         n_iter: power iterations per evaluation.
+        dtype: the dtype of the result (default: that of ``inputs``).
+
+    Raises:
+        TypeError: if the model's float64 copy does not return float64 (see the module docstring).
 
     Returns:
-        A detached 0-dim tensor (dtype of ``inputs``); ``0`` for an empty batch.
+        A detached 0-dim tensor: the float64 maximum, rounded down into ``dtype``; ``0`` for an empty batch.
     """
     _check_input(inputs)
     if ascent_steps < 0:
         raise ValueError(f"ascent_steps must be >= 0, got {ascent_steps}")
     if not (lr >= 0 and lr < float("inf")):
         raise ValueError(f"lr must be finite and >= 0, got {lr}")
-    x = inputs.detach()
+    dtype = inputs.dtype if dtype is None else dtype
+    x = inputs.detach().to(torch.float64)
     if x.shape[0] == 0:
-        return x.new_zeros(())
-    norms, v = local_jacobian_norm(model, x, n_iter=n_iter)
+        return x.new_zeros((), dtype=dtype)
+    _check_mode(model)
+    model64 = _float64_model(model)
+    norms, v = _local_norms64(model64, x, n_iter, None)
     best = norms
     with torch.no_grad():
         for _ in range(ascent_steps):
-            g = _ascent_direction(model, x, v)
+            g = _ascent_direction(model64, x, v)
             gn = _flat_norm(g)
             moving = torch.isfinite(gn) & (gn > 0)
             step = g / _per_sample(torch.where(moving, gn, torch.ones_like(gn)), g)
             x = torch.where(_per_sample(moving, x), x + lr * step, x)
-            norms, v = local_jacobian_norm(model, x, n_iter=n_iter, v0=v)
+            norms, v = _local_norms64(model64, x, n_iter, v)
             best = torch.maximum(best, norms)
-    return best.max().detach()
+    return _round_down(best.max(), dtype).detach()

@@ -1,6 +1,6 @@
 """Random small architectures drawn from lipreg's whole rule set, for the soundness fuzz (:mod:`tests.fuzz.soundness`).
 
-Each step is drawn by one generator of :data:`GENERATORS` (:mod:`.layers`, :mod:`.ops`) for the
+Each step is drawn by one generator of :data:`GENERATORS` (:mod:`.layers`, :mod:`.ops`, :mod:`.adversarial`) for the
 current per-sample shape, in module or functional form, and may nest (residual branches, concatenations).
 Every case records the op kinds it uses (for the per-kind breakdown), the registry targets it calls (for
 coverage) and a one-line description (the reproducer).
@@ -16,6 +16,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .adversarial import (dtype_change, g_bitcast, g_container, g_instance_override, g_item, g_padding_after_init,
+                          g_python_attribute, late_override, unbatched_block)
 from .layers import (g_avg_pool, g_batch_norm, g_big_operator, g_cancel, g_conv, g_conv_transpose, g_hooked,
                           g_linear, g_max_pool, g_mean_sum, g_pad, g_qat, g_tenfold_conv)
 from .net import Builder, Case, Shape, Step
@@ -71,6 +73,8 @@ GENERATORS: list[tuple[Generator, float]] = [
     (g_mean_sum, 0.5), (g_max_pool, 1.5), (g_activation, 5), (g_inplace, 1), (g_hooked, 0.4), (g_qat, 0.3),
     (g_reshape, 1.5), (g_dropout, 0.8), (g_arith, 2), (g_clamp_tensor, 0.5), (g_getitem, 0.8), (g_refused, 0.3),
     (g_cancel, 0.3), (g_residual, 1.2), (g_concat, 0.8),
+    (g_instance_override, 0.4), (g_bitcast, 0.25), (g_container, 0.4), (g_item, 0.3), (g_padding_after_init, 0.4),
+    (g_python_attribute, 0.25),
 ]
 MAX_NUMEL = 200
 
@@ -105,8 +109,26 @@ FAMILIES = [  # per-sample input shapes
 ]
 
 
-def _mutation(b: Builder) -> Optional[Callable[[nn.Module], str]]:
-    """A change to the model after the estimator was built: a replaced submodule or a changed hyper-parameter."""
+def _mutation(b: Builder) -> Optional[tuple[str, Callable[[nn.Module], str]]]:
+    """A change to the model after the estimator was built, with its kind: one the drawn steps offer (a container
+    edit, a parameter read into Python changed), a replaced submodule or changed hyper-parameter, an instance
+    override, or a dtype change."""
+    if "hook:spectral_norm" in b.kinds:
+        return "stale", _replacement(b)
+    if b.mutations and b.chance(0.7):
+        return b.pick(b.mutations)
+    roll = b.rng.random()
+    late = late_override(b) if roll < 0.04 else None
+    if late is not None:
+        return "16.1 instance override (after build)", late
+    if 0.04 <= roll < 0.08 and not b.float32_reference:
+        return "16.4 dtype change", dtype_change(b)
+    replacement = _replacement(b) if 0.08 <= roll < 0.14 else None
+    return ("stale", replacement) if replacement is not None else None
+
+
+def _replacement(b: Builder) -> Optional[Callable[[nn.Module], str]]:
+    """A replaced submodule or a changed hyper-parameter (an optimizer step under old-style spectral norm)."""
     names = [(n, m) for n, m in b.net.named_children() if type(m) in (nn.Linear, nn.LeakyReLU, nn.Conv2d, nn.ELU)]
     if not names:
         return None
@@ -139,9 +161,12 @@ def draw_case(seed: int, index: int) -> Case:
     b = Builder(rng)
     big = rng.random() < 0.04  # operators too large for the dense route: the rules' own certified norms
     s = (3, 32, 32) if big else rng.choices([f for f, _ in FAMILIES], [w for _, w in FAMILIES])[0](rng)
+    per_sample = not big and len(s) in (2, 3) and rng.random() < 0.08  # 16.3: a conv on one unbatched sample
     if big:
         step, _, desc = rng.choice([g_tenfold_conv, g_hooked, g_big_operator, g_big_operator])(b, s, True)
         b.net.steps, descriptions = [step], [desc]
+    elif per_sample:
+        b.net.steps, descriptions = _unbatched_plan(b, s)
     else:
         b.net.steps, descriptions = draw_plan(b, s, rng.randint(1, 5), preserve=False)
     dtype = rng.choices([torch.float32, torch.float64, torch.bfloat16], [5, 3, 2])[0]
@@ -149,11 +174,20 @@ def draw_case(seed: int, index: int) -> Case:
     double = dtype == torch.float64 and rng.random() < 0.5 and not b.float32_reference
     if double:
         model = model.double()
-    x = torch.randn((2,) + s, dtype=torch.float64 if double else torch.float32)
-    mutate = _mutation(b) if rng.random() < 0.06 or "hook:spectral_norm" in b.kinds else None
-    kinds = b.kinds | ({"stale"} if mutate else set()) | ({"big input"} if big else set())
+    x = torch.randn((1 if per_sample else 2,) + s, dtype=torch.float64 if double else torch.float32)
+    drawn = _mutation(b)
+    kind, mutate = drawn if drawn is not None and drawn[1] is not None else (None, None)
+    kinds = b.kinds | ({kind} if kind else set()) | ({"big input"} if big else set())
     return Case(index, model, x, dtype, rng.random() < 0.8, kinds, b.targets, describe(s, descriptions),
-                b.float32_reference, mutate, descriptions)
+                float32_reference=b.float32_reference, mutate=mutate, steps=descriptions, per_sample=per_sample)
+
+
+def _unbatched_plan(b: Builder, s: Shape) -> tuple[list[Step], list[str]]:
+    """Shape-keeping steps, the unbatched convolution block of :func:`.adversarial.unbatched_block`, more steps."""
+    before, descs = draw_plan(b, s, b.rng.randint(0, 1), preserve=True)
+    step, shape, desc = unbatched_block(b, s)
+    after, descs_after = draw_plan(b, shape, b.rng.randint(0, 2), preserve=False)
+    return before + [step] + after, descs + [desc] + descs_after
 
 
 def describe(shape: Shape, steps: list[str]) -> str:

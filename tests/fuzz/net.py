@@ -58,6 +58,7 @@ class Case:
     description: str
     float32_reference: bool = False  # fake quantization has no float64 kernel
     mutate: Optional[Callable[[nn.Module], str]] = None  # applied after the estimators are built (staleness)
+    per_sample: bool = False  # one sample whose batch axis the model drops: the reference runs sample by sample
     steps: list[str] = field(default_factory=list)  # the description of each step of ``model.steps``
 
 
@@ -73,6 +74,8 @@ class Builder:
     count: int = 0
     depth: int = 0  # nesting of residual / concatenation branches
     fresh: bool = False  # whether h is an intermediate tensor (in-place ops never write the model's input)
+    mutations: list[tuple[str, Callable[[nn.Module], str]]] = field(default_factory=list)
+    """After-build changes the drawn steps offer, with their kind (:func:`tests.fuzz.arch.draw_case` picks one)."""
 
     def add(self, value: nn.Module | Tensor, parameter: bool = False) -> str:
         """Register a submodule, parameter or buffer on the net; returns its attribute name."""
@@ -85,6 +88,9 @@ class Builder:
         else:
             self.net.register_buffer(name, value)
         return name
+
+    def add_mutation(self, kind: str, mutate: Callable[[nn.Module], str]) -> None:
+        self.mutations.append((kind, mutate))
 
     def pick(self, options: list[Any]) -> Any:
         return self.rng.choice(options)

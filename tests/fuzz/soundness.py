@@ -2,7 +2,8 @@
 
 For each architecture of :func:`tests.fuzz.arch.draw_case` (every registered op kind, module and
 functional forms, residual and concatenation structure, in-place variants, hooks, float32/float64/bfloat16
-estimators) it checks, against the independent lower bounds of :mod:`tests.fuzz.reference`:
+estimators, and the adversarial patterns of issue 16 in :mod:`tests.fuzz.adversarial`, counted per class) it checks,
+against the independent lower bounds of :mod:`tests.fuzz.reference`:
 
 * ``certified_bound()`` (the tightest certificate: AutoLip, exact SeqLip, LipLT, ECLipsE-Fast) built with
   ``method="autolip"``, ``"seqlip"`` (``search="exact"``) and ``"liplt"``, whole model;
@@ -11,6 +12,12 @@ estimators) it checks, against the independent lower bounds of :mod:`tests.fuzz.
 * ``est()`` whenever ``est.certified`` is True;
 * that building an estimator leaves the model's attributes alone, and that ``CertifiedRobustAccuracy`` does not
   take an estimate for a certificate unless told.
+
+When the case changes the model after the estimators were built (``Case.mutate``), the checks run on the kept
+estimators against the model as it is then: a retrace (with a warning) passes, a stale bound is a violation, a
+refusal of the changed model must be an ``UnsupportedOpError``, and a kept estimator that still certifies a model
+that a fresh estimator refuses (Softplus's threshold jump after ``model.double()``) is a violation. A case whose model drops the batch axis
+(``Case.per_sample``) has its reference run sample by sample.
 
 A violation is a certified value below ``lower * (1 - 1e-9)``: a certificate must be >= the truth, and the
 lower bounds are exact up to float64 rounding (finite pairs carry their rounding error). A
@@ -43,6 +50,7 @@ from .reference import chain_fn, forward_values, jacobian_norm, lower_bound
 RTOL = 1e-9
 RTOL_FLOAT32_REFERENCE = 1e-5  # fake-quantized models are evaluated in float32 (no float64 kernel)
 SMOOTH = ("act:tanh", "act:sigmoid", "act:gelu", "act:silu", "act:elu", "act:softplus")
+ISSUE16 = "16."  # the kinds of the adversarial patterns of issue 16 (:mod:`tests.fuzz.adversarial`)
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}
 
 
@@ -70,6 +78,7 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     per_kind: dict[str, collections.Counter] = field(default_factory=lambda: collections.defaultdict(collections.Counter))
     drawn_targets: set[Any] = field(default_factory=set)
+    case_kinds: dict[int, set[str]] = field(default_factory=dict)
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # process CPU time: the cost on a quiet machine, whatever the load
 
@@ -80,6 +89,10 @@ class Report:
     @property
     def crashes(self) -> list[Finding]:
         return [f for f in self.findings if f.kind == "crash"]
+
+    def findings_outside(self, kinds: set[str]) -> list[Finding]:
+        """The findings of the architectures that draw none of ``kinds`` (the classes still open)."""
+        return [f for f in self.findings if not self.case_kinds.get(f.case, set()) & kinds]
 
     def undrawn_targets(self) -> list[str]:
         """Registered rule targets that no architecture used."""
@@ -102,6 +115,11 @@ class Report:
                  f"  {'op kind':32s} {'archs':>6s} {'viol.':>6s} {'refused':>8s} {'crash':>6s}"]
         for kind, c in sorted(self.per_kind.items()):
             lines.append(f"  {kind:32s} {c['cases']:6d} {c['violation']:6d} {c['refused']:8d} {c['crash']:6d}")
+        lines.append(f"  issue-16 classes (architectures drawing each; violation and crash counts are architectures):")
+        for kind, c in sorted(self.per_kind.items()):
+            if kind.startswith(ISSUE16):
+                lines.append(f"  {kind:40s} archs {c['cases']:4d}  violations {c['violation']:4d}  refused "
+                             f"{c['refused']:4d}  crashes {c['crash']:4d}")
         return "\n".join(lines + [f.line() for f in self.findings])
 
 
@@ -127,6 +145,7 @@ class CaseRun:
         self.reproducer = f"--seed {seed} --case {case.index}: {case.description}"
         self.metric_checked = False
         self._lower: float | None = None
+        self.fresh_refusal: str | None = None  # after a change: why a fresh estimator of the model refuses it
         self.reference: nn.Module | None = None
 
     # ---------------------------------------------------------------------------------------- outcomes
@@ -155,7 +174,8 @@ class CaseRun:
         if self._lower is None:
             ref = copy.deepcopy(self.case.model).to(self.ref_dtype).eval()
             smooth = any(k in self.case.kinds for k in SMOOTH)
-            self._lower = lower_bound(ref, self.case.x.shape[1:], self.ref_dtype, smooth)
+            fb = _vmapped(lambda v: ref(v.unsqueeze(0)).squeeze(0)) if self.case.per_sample else ref
+            self._lower = lower_bound(fb, self.case.x.shape[1:], self.ref_dtype, smooth)
         return self._lower
 
     # ----------------------------------------------------------------------------------------- checks
@@ -171,6 +191,22 @@ class CaseRun:
                 self.crash(f"{method} build", err)
             return None
 
+    def refusal_now(self) -> str | None:
+        """Why a fresh estimator of the model as it is now is refused, or None: a kept estimator that still certifies
+        what lipreg refuses after a change is stale. The example is cast to the dtype of the model's tensors (or
+        kept as it is) where the model runs on it; no verdict where it runs on neither."""
+        model, x = self.case.model, self.case.x
+        tensors = [*model.parameters(), *model.buffers()]
+        dtype = next((t.dtype for t in tensors if t.is_floating_point()), x.dtype)
+        example = next((e for e in (x.to(dtype), x) if _runs(model, e)), None)
+        if example is None:
+            return None
+        try:
+            lipreg.LipschitzEstimator(model, example, dtype=self.case.dtype, fuse=self.case.fuse)
+        except Exception as err:  # noqa: BLE001 (only a clean refusal is a verdict on the changed model)
+            return str(err).strip().splitlines()[0][:160] if _is_refusal(err) else None
+        return None
+
     def check_estimator(self, method: str, est: lipreg.LipschitzEstimator) -> None:
         try:
             certified = float(est.certified_bound().detach())
@@ -179,6 +215,10 @@ class CaseRun:
             if not _is_refusal(err):
                 self.crash(f"{method} certified_bound()", err)
             return
+        if self.fresh_refusal is not None:
+            self.findings.append(Finding(self.case.index, "violation", f"{method} certified_bound() after the change "
+                                         f"({self.config})", f"certified {certified:.6g} for a model that a fresh "
+                                         f"estimator refuses: {self.fresh_refusal}", self.reproducer))
         lower = self.lower()
         self.compare(f"{method} certified_bound()", certified, lower, self.rtol)
         try:
@@ -223,9 +263,11 @@ class CaseRun:
             nodes = [fx_nodes[info.node.name] for info in node.ops]
             source = fx_nodes[node.ops[0].x_inputs[0].name]
             f = chain_fn(gm, nodes, source, values)
-            v0 = values[source]
+            v0, out = values[source], values[nodes[-1]]
             if not isinstance(v0, torch.Tensor):
                 continue  # the values half of a (values, indices) pair: checked as part of the whole model
+            if not v0.is_floating_point() or isinstance(out, torch.Tensor) and not out.is_floating_point():
+                continue  # a bit cast's integer side: no Jacobian; checked as part of the whole model
             if node.is_linear:
                 lower = jacobian_norm(f, v0)
             else:
@@ -242,6 +284,7 @@ class CaseRun:
                                          f"the model was modified: added {added[:4]}", self.reproducer))
         if self.case.mutate is not None:
             self.reproducer += f" ; after the estimators were built: {self.case.mutate(self.case.model)}"
+            self.fresh_refusal = self.refusal_now()
         for method, est in estimators.items():
             if est is not None:
                 self.guard(f"{method} checks", self.check_estimator, method, est)
@@ -254,6 +297,15 @@ class CaseRun:
             fn(*args)
         except Exception as err:  # noqa: BLE001
             self.crash(f"{where} (reference)", err)
+
+
+def _runs(model: nn.Module, x: torch.Tensor) -> bool:
+    try:
+        with torch.no_grad():
+            model(x.clone())
+    except Exception:  # noqa: BLE001 (a dtype mismatch, most often)
+        return False
+    return True
 
 
 def _vmapped(f: Any) -> Any:
@@ -281,6 +333,7 @@ def run(n: int = 1000, seed: int = 0, start: int = 0, verbose: bool = False) -> 
         metric_checked |= check.metric_checked
         report.refusals += check.refused
         report.drawn_targets |= case.targets
+        report.case_kinds[index] = case.kinds
         for kind in case.kinds:
             counter = report.per_kind[kind]
             counter["cases"] += 1

@@ -256,3 +256,63 @@ def test_v0_is_used_and_validated():
         local_jacobian_norm(lin, x, v0=torch.ones(3, 2, dtype=DT))
     with pytest.raises(ValueError):
         lower_bound(lin, x, ascent_steps=-1)
+
+
+# ------------------------------------------------------------------ low precision: computed in float64, rounded down
+LOW = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_low_precision_linear_lower_bound_below_exact_norm(dtype):
+    """In the model's dtype the power iteration overshoots ||W||_2 (bfloat16: 0.5 % above); in float64, rounded
+    down, it does not, and it stays below ``certified_bound()`` (the exact norm of the model's own weights)."""
+    import lipreg
+
+    worst = 0.0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        lin = nn.Linear(16, 8).to(dtype).eval()
+        x = torch.randn(4, 16, dtype=dtype)
+        lb = lower_bound(lin, x, n_iter=60)
+        assert lb.dtype == dtype
+        exact = torch.linalg.matrix_norm(lin.weight.detach().double(), 2)
+        assert float(lb) <= float(exact), (seed, float(lb), float(exact))
+        assert float(lb) <= float(lipreg.LipschitzEstimator(lin, x).certified_bound().detach())
+        worst = max(worst, float(lb) / float(exact))
+    assert worst > 1 - 2 * torch.finfo(dtype).eps  # still tight: one rounding of the output dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_network_lower_bound_below_float64_jacobians(dtype):
+    """A tanh network in low precision: the local norms (and their max, with ascent) are below the exact float64
+    Jacobian norms of the same weights, at the same points (no ascent) and at the reference's best point."""
+    model = _mlp(nn.Tanh, dims=(6, 24, 24, 4), seed=3).to(dtype)
+    x = 2 * torch.randn(8, 6).to(dtype)
+    ref = _mlp(nn.Tanh, dims=(6, 24, 24, 4), seed=3).to(dtype).double()  # the same weights, exactly, in float64
+    exact = _per_sample_jac_norms(ref, x.double())
+    norms, v = local_jacobian_norm(model, x, n_iter=80)
+    assert norms.dtype == dtype and v.dtype == dtype
+    assert torch.all(norms.double() <= exact), (norms, exact)
+    assert float(lower_bound(model, x, n_iter=80)) <= float(exact.max())
+
+
+def test_rounding_down_into_a_narrower_dtype_and_float64_output_check():
+    """``dtype=`` rounds the float64 maximum down (float64 inputs, float32 result), and a callable that does not
+    compute in float64 is refused instead of being bounded in its own precision."""
+    torch.manual_seed(0)
+    lin = nn.Linear(9, 5).to(DT)
+    x = torch.randn(3, 9, dtype=DT)
+    lb = lower_bound(lin, x, n_iter=300, dtype=torch.float32)
+    exact = torch.linalg.matrix_norm(lin.weight.detach(), 2)
+    assert lb.dtype == torch.float32 and float(lb) <= float(exact) and float(lb) > float(exact) * (1 - 2e-7)
+    w32 = torch.randn(4, 9)
+    with pytest.raises(TypeError, match="float64"):
+        lower_bound(lambda z: (z.float() @ w32.T), x)
+
+
+def test_model_left_untouched_by_the_float64_copy():
+    model = _mlp(nn.Tanh).to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lower_bound(model, torch.randn(3, 5, dtype=torch.bfloat16), ascent_steps=1)
+    for k, v in model.state_dict().items():
+        assert v.dtype == torch.bfloat16 and torch.equal(v, before[k])

@@ -274,3 +274,27 @@ def test_folded_certificate_gradient_matches_the_exact_norm_gradient():
     jac = torch.func.jacrev(lambda v: model(v.unsqueeze(0)).squeeze(0))(torch.zeros(2, 6, 6, dtype=F64))
     (exact_grad,) = torch.autograd.grad(torch.linalg.matrix_norm(jac.reshape(-1, 72), 2), model[1].weight)
     assert torch.allclose(certified_grad, exact_grad, rtol=1e-5, atol=1e-9)
+
+
+# ------------------------------------------------------- issue 16, class 7: the lower bound of a low-precision model
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_lower_bound_and_certificate_bracket_the_exact_norm_in_low_precision(dtype):
+    """A convolution + eval batch norm held in bfloat16 / float16: ``lipschitz/lower`` (``metrics.lower_bound``)
+    <= the float64 norm of its Jacobian <= ``certified_bound()``, and ``upper_over_lower >= 1`` (on the code before,
+    the lower bound ran in the model's dtype and came out above both)."""
+    from lipreg.metrics import lower_bound, upper_over_lower
+
+    above = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)).eval()
+        with torch.no_grad():
+            net[1].running_var.uniform_(0.2, 2.0)
+        net = net.to(dtype)
+        x = torch.randn(3, 2, 5, 5).to(dtype)
+        truth = jacobian_norm(net, (2, 5, 5))
+        lower = lower_bound(net, x, n_iter=100)
+        upper = lipreg.LipschitzEstimator(net, x).certified_bound().detach()
+        if not float(lower) <= truth <= float(upper) or upper_over_lower(upper, lower) < 1:
+            above.append((seed, float(lower), truth, float(upper)))
+    assert not above
