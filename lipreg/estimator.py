@@ -210,14 +210,16 @@ class LipschitzEstimator(nn.Module):
         if self.seqlip is not None:
             self.seqlip.converge(operators, tol, max_iter)
 
-    def certified_bound(self, progress: bool = False) -> Tensor:
-        """A guaranteed upper bound on the Lipschitz constant, differentiable, with no random state.
+    def certified_bound(self, progress: bool = False, *, differentiable: bool = False) -> Tensor:
+        """A guaranteed upper bound on the Lipschitz constant, with no random state.
 
         AutoLip with every linear operator's norm certified instead of estimated (:meth:`LinearOperator.certified_norm`);
         with ``method="seqlip"``, SeqLip when its search is exact on full SVDs. Greedy or low-rank SeqLip can
         miss the max, so then the certificate is the AutoLip one, with a warning saying so. Whatever ``dtype``,
         everything is computed from the weights in float64 and the result rounded upwards into ``dtype``.
-        ``progress=True`` shows a bar over the operators.
+        It is computed under ``torch.no_grad()`` (no autograd graph is kept: a certificate to log or compare costs
+        no backward memory) unless ``differentiable=True``, which returns it differentiable w.r.t. the model's
+        parameters (to penalise it). ``progress=True`` shows a bar over the operators.
         """
         self._refresh()  # before the nodes are read: the graph must be the model's as it is now
         self.check_finite()
@@ -225,9 +227,9 @@ class LipschitzEstimator(nn.Module):
         if self.seqlip is not None and not use_seqlip:
             warnings.warn("this SeqLip search is not exact on full SVDs, so it cannot be certified: "
                           "certified_bound() returns the certified AutoLip bound", stacklevel=2)
-        with self._evaluation() as operators:
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()), self._evaluation() as operators:
             bound, _, _ = self._certified64(self._float64(operators), use_seqlip, progress)
-        return self._round_up(bound)
+            return self._round_up(bound)
 
     def _round_up(self, bound64: Tensor) -> Tensor:
         """A float64 result of Alg. 1 on certified factors, rounded upwards into ``dtype``: each factor (and each
