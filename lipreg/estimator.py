@@ -25,6 +25,10 @@ from .policy import BoundPolicy
 from .progress import progress as _progress
 
 METHODS = ("autolip", "seqlip")
+WARM_TOL = 1e-2
+"""The residual to which :meth:`LipschitzEstimator.warm_start` solves each operator."""
+WARM_MAX_ITER = 100
+"""The most products by each operator in :meth:`LipschitzEstimator.warm_start`."""
 Chains = dict[LipNode, tuple[LipNode, Tensor]]
 
 
@@ -64,6 +68,8 @@ class LipschitzEstimator(nn.Module):
         concrete_args: passed to ``torch.fx.Tracer.trace`` to fix non-tensor arguments.
         policy: every size limit (dense or per-op certificates, exact or greedy SeqLip search, full or low-rank
             SeqLip factors) and the low-rank sizes; default ``BoundPolicy()``.
+        warm_start: start every warm vector from one Lanczos solve (:meth:`warm_start`) rather than from its random
+            draw, so that the first ``est()`` is already near the converged value.
         **seqlip_options: ``search`` for ``method="seqlip"``.
     """
 
@@ -73,8 +79,8 @@ class LipschitzEstimator(nn.Module):
 
     def __init__(self, model: nn.Module, example_input: Tensor, method: str = "autolip", n_iter: int = 1,
                  fuse: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0,
-                 concrete_args: dict[str, Any] | None = None, policy: BoundPolicy | None = None,
-                 **seqlip_options: Any) -> None:
+                 concrete_args: dict[str, Any] | None = None, policy: BoundPolicy | None = None, *,
+                 warm_start: bool = True, **seqlip_options: Any) -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -92,7 +98,11 @@ class LipschitzEstimator(nn.Module):
         self._seed = seed
         self._seqlip_options = seqlip_options
         self._buffer_names: dict[LipNode, str] = {}  # the warm vector of each iterated operator
+        if not isinstance(warm_start, bool):
+            raise TypeError(f"warm_start must be True or False, got {warm_start!r}")
         self._build(LipGraph(model, example_input, **self._trace_options))
+        if warm_start:
+            self.warm_start()
 
     def _build(self, graph: LipGraph) -> None:
         """Everything the graph fixes: the nonlinear nodes' constants, which operators have a closed form, the
@@ -183,7 +193,17 @@ class LipschitzEstimator(nn.Module):
         so, a ``RuntimeWarning`` names the non-finite factors of the last of them. It reads a device-side record:
         one host synchronisation, which is why ``est()`` only does it every :attr:`check_finite_every` calls;
         :meth:`layer_bounds`, :meth:`converge` and :meth:`certified_bound` check too."""
-        return self._non_finite.report(_warn_non_finite)
+        named = [(name, p) for name, p in self.model.named_parameters() if p.device == self._device()]
+
+        def finite_weights() -> Tensor:  # read with the record, in its one synchronisation
+            flags = [torch.isfinite(p.detach()).all() for _, p in named]
+            return torch.stack(flags) if flags else torch.zeros(0, dtype=torch.bool, device=self._device())
+
+        def warn(bound: float, bad: list[str], finite: list[bool]) -> None:
+            bad_weights = [name for (name, _), ok in zip(named, finite) if not ok]
+            _warn_non_finite(bound, bad, self.dtype, bad_weights)
+
+        return self._non_finite.report(warn, finite_weights)
 
     def converge(self, tol: float = 1e-6, max_iter: int = 2000, progress: bool = False) -> Tensor:
         """Iterate every operator to its top singular triple (Golub-Kahan-Lanczos from its warm vector,
@@ -199,6 +219,17 @@ class LipschitzEstimator(nn.Module):
         bound = self(n_iter=0)
         self.check_finite()
         return bound
+
+    def warm_start(self, tol: float = WARM_TOL, max_iter: int = WARM_MAX_ITER) -> None:
+        """One Golub-Kahan-Lanczos solve per operator (and SeqLip subspace) from its warm vector, to the residual
+        ``tol`` or ``max_iter`` products: :meth:`converge` without the bound. Run at construction (unless
+        ``warm_start=False``): a random vector's Rayleigh quotient is far below ``sigma_1`` (``||A v|| ~
+        ||A||_F / sqrt(n)``), and a product of such factors over a deep net is 1e-2 to 1e-22 of the converged
+        bound, while a Ritz value's error is about the square of its residual, so every factor starts within
+        ``tol^2`` (relative) of its converged value when the top singular value is separated. The values stay
+        estimates; the vectors are the warm buffers, saved and restored by ``state_dict``."""
+        with torch.no_grad(), self._evaluation() as operators:
+            self._converge_operators(operators, tol, max_iter)
 
     def _converge_operators(self, operators: Operators, tol: float, max_iter: int, show: bool = False) -> None:
         for node in _progress(self._iterated_nodes(), show, "converge"):
@@ -342,10 +373,20 @@ class LipschitzEstimator(nn.Module):
         return _model_device(self.model) or torch.device("cpu")
 
 
-def _warn_non_finite(bound: float, bad: list[str]) -> None:
-    """The warning of :meth:`LipschitzEstimator.check_finite`."""
-    cause = (f"non-finite factors at {bad}; the weights hold NaN or inf. Those operators kept their previous warm "
-             "vectors" if bad else "every factor is finite, so their product overflows: use dtype=torch.float64")
+def _warn_non_finite(bound: float, bad: list[str], dtype: torch.dtype, bad_weights: list[str]) -> None:
+    """The warning of :meth:`LipschitzEstimator.check_finite`, naming the cause: NaN or inf weights (``bad_weights``,
+    the model's non-finite parameters now), a norm that overflows ``dtype`` from finite weights, or finite factors
+    whose bound exceeds ``dtype``'s largest value."""
+    largest = f"{dtype}'s largest value, {torch.finfo(dtype).max:.3g}"
+    if bad and bad_weights:
+        cause = (f"non-finite factors at {bad}: the weights hold NaN or inf (parameters {bad_weights}). Those "
+                 "operators kept their previous warm vectors")
+    elif bad:
+        cause = (f"non-finite factors at {bad} although every weight is finite now: their norms exceed {largest} "
+                 "(or the weights were NaN or inf at that call); rescale them or use dtype=torch.float64. Those "
+                 "operators kept their previous warm vectors")
+    else:
+        cause = f"every factor is finite, and the bound they give exceeds {largest}: use dtype=torch.float64"
     warnings.warn(f"non-finite Lipschitz bound ({bound}) since the last check: {cause}. Its gradient was 0, so the "
                   "penalty is skipped for those steps (a LipschitzPenalty added 0, a LipschitzMarginLoss was the "
                   "plain cross-entropy)", RuntimeWarning, stacklevel=_user_stacklevel())
