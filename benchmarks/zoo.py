@@ -215,6 +215,8 @@ def cell(value: float | None, digits: int = 2) -> str:
     return f"{value:.1e}"
 
 
+OUTCOME_WIDTH = 160
+"""Characters of an outcome in the table (the JSON record keeps it whole)."""
 COLUMNS = ["model (input)", "outcome", "est()+bwd", "build", "converge()", "certified_bound()",
            "certified / converged", "first est() / converged", "peak MiB"]
 
@@ -224,6 +226,7 @@ def table(records: Iterable[Record]) -> str:
     rows = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in records:
         outcome = r.get("outcome") or ""
+        outcome = outcome if len(outcome) <= OUTCOME_WIDTH else outcome[:OUTCOME_WIDTH - 1] + "…"
         cells = [f"{r['model']} ({r['size']})", outcome.replace("|", "/"), cell(r.get("est_steps")),
                  cell(r.get("build_steps"), 1), cell(r.get("converge_steps"), 1), cell(r.get("certify_steps"), 1),
                  cell(ratio(r, "certified", "converged")), cell(ratio(r, "first_est", "converged")),

@@ -100,6 +100,7 @@ class LipschitzEstimator(nn.Module):
         self._buffer_names: dict[LipNode, str] = {}  # the warm vector of each iterated operator
         if not isinstance(warm_start, bool):
             raise TypeError(f"warm_start must be True or False, got {warm_start!r}")
+        self._warm_start = warm_start
         self._build(LipGraph(model, example_input, **self._trace_options))
         if warm_start:
             self.warm_start()
@@ -157,8 +158,10 @@ class LipschitzEstimator(nn.Module):
             self.load_state_dict(warm)
             raise
         fresh = self.state_dict()
-        self.load_state_dict({name: tensor for name, tensor in warm.items()
-                              if name in fresh and fresh[name].shape == tensor.shape}, strict=False)
+        kept = {name: tensor for name, tensor in warm.items() if name in fresh and fresh[name].shape == tensor.shape}
+        self.load_state_dict(kept, strict=False)
+        if self._warm_start and kept.keys() != fresh.keys():  # new operators: warm them too
+            self.warm_start()
 
     # ----------------------------------------------------------------- bounds
     def forward(self, n_iter: int | None = None) -> Tensor:

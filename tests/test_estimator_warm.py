@@ -61,3 +61,13 @@ def test_the_warm_state_is_restored_by_state_dict():
 def test_warm_start_is_checked():
     with pytest.raises(TypeError, match="warm_start"):
         lipreg.LipschitzEstimator(deep_residual(depth=1), X, warm_start=1)
+
+
+def test_operators_new_after_a_retrace_are_warm_too():
+    model = deep_residual()
+    est = lipreg.LipschitzEstimator(model, X)
+    torch.manual_seed(1)
+    model[-1] = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    with pytest.warns(UserWarning, match="the model changed"):
+        first = float(est().detach())
+    assert first >= 0.9 * float(est.converge(tol=1e-6).detach())
