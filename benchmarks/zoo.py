@@ -97,8 +97,9 @@ def median_cpu_time(fn: Callable[[], object], repeat: int = 3) -> float:
 
 @contextmanager
 def phase(record: Record, name: str, emit: Callable[[Record], None]) -> Iterator[None]:
-    """Mark ``record`` as inside ``name`` (what a timeout reports), emit it when the phase ends."""
+    """Mark ``record`` as inside ``name`` and emit it (what a timeout reports), emit it again when the phase ends."""
     record["phase"] = name
+    emit(record)
     yield
     record["phase"] = None
     emit(record)
@@ -156,7 +157,8 @@ def measure(model: nn.Module, size: int, emit: Callable[[Record], None], tol: fl
         finally:
             record["certify_steps"] = (time.process_time() - start) / record["step_s"]
             record["peak_mib"] = max(0.0, peak_rss_mib() - base_rss)
-    record["outcome"] = "bounded"
+    bad = [key for key in ("first_est", "converged", "certified") if not math.isfinite(record[key])]
+    record["outcome"] = "bounded" if not bad else f"bounded, not finite: {', '.join(bad)}"
     return record
 
 
