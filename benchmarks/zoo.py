@@ -105,9 +105,11 @@ def phase(record: Record, name: str, emit: Callable[[Record], None]) -> Iterator
     emit(record)
 
 
-def measure(model: nn.Module, size: int, emit: Callable[[Record], None], tol: float = 1e-4) -> Record:
+def measure(model: nn.Module, size: int, emit: Callable[[Record], None], tol: float = 1e-4,
+            build_only: bool = False) -> Record:
     """Every figure of one model (eval mode) on a ``BATCH`` x 3 x ``size`` x ``size`` input, emitting the record
-    after each phase (a process killed mid-way keeps what it measured)."""
+    as each phase starts and ends (a process killed mid-way keeps what it measured); ``build_only`` stops once the
+    estimator is built (outcome ``built``: which models are refused, fast)."""
     import lipreg
 
     record: Record = {"outcome": None, "phase": None}
@@ -135,6 +137,9 @@ def measure(model: nn.Module, size: int, emit: Callable[[Record], None], tol: fl
             record["outcome"] = f"refused: {first_line(error)}"
             return record
         record["build_steps"] = (time.process_time() - start) / record["step_s"]
+    if build_only:
+        record["outcome"] = "built"
+        return record
     with phase(record, "est", emit):
         record["first_est"] = float(est().detach())
 
@@ -162,7 +167,7 @@ def measure(model: nn.Module, size: int, emit: Callable[[Record], None], tol: fl
     return record
 
 
-def run_one(name: str, size: int, tol: float) -> Record:
+def run_one(name: str, size: int, tol: float, build_only: bool = False) -> Record:
     """One torchvision model in this process (seeded, one thread), its record emitted on stdout as JSON lines."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -176,16 +181,17 @@ def run_one(name: str, size: int, tol: float) -> Record:
         print(json.dumps({**header, **record}), flush=True)
 
     model = torchvision.models.get_model(name, weights=None)
-    record = measure(model, size, emit, tol)
+    record = measure(model, size, emit, tol, build_only)
     emit(record)  # with its outcome
     return record
 
 
-def run_isolated(spec: str, size: int, timeout: float, tol: float) -> Record:
+def run_isolated(spec: str, size: int, timeout: float, tol: float, build_only: bool = False) -> Record:
     """:func:`run_one` in a child process killed after ``timeout`` seconds: the last record it emitted, with
     the outcome a timeout or a crash gives it."""
     name, size = parse_spec(spec, size)
-    command = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--size", str(size), "--tol", str(tol)]
+    command = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--size", str(size), "--tol", str(tol),
+               *(["--build-only"] if build_only else [])]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
         stdout, stderr, crashed = done.stdout, done.stderr, done.returncode != 0
@@ -244,12 +250,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="input side where a spec gives none")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per model")
     parser.add_argument("--tol", type=float, default=1e-4, help="converge()'s tolerance")
+    parser.add_argument("--build-only", action="store_true", help="stop once the estimator is built (refusals)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON lines, one per model (appended)")
     parser.add_argument("--table", type=Path, help="only print the table of this results file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process of run_isolated
     args = parser.parse_args()
     if args.one:
-        run_one(args.one, args.size, args.tol)
+        run_one(args.one, args.size, args.tol, args.build_only)
         return
     if args.table:
         print(table(json.loads(line) for line in args.table.read_text().splitlines() if line.strip()))
@@ -259,7 +266,7 @@ def main() -> None:
     records = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for spec in specs:
-        record = run_isolated(spec, args.size, args.timeout, args.tol)
+        record = run_isolated(spec, args.size, args.timeout, args.tol, args.build_only)
         records.append(record)
         with args.out.open("a") as file:
             file.write(json.dumps(record) + "\n")

@@ -58,3 +58,8 @@ def test_table_cells_and_specs():
     assert zoo.parse_spec("resnet50@224", 32) == ("resnet50", 224)
     assert zoo.parse_spec("inception_v3", 32) == ("inception_v3", 75)
     assert zoo.first_line(ValueError("\n  first\nsecond")) == "ValueError: first"
+
+
+def test_build_only_stops_once_the_estimator_is_built():
+    final = zoo.measure(small_cnn(), 8, lambda r: None, build_only=True)
+    assert final["outcome"] == "built" and "build_steps" in final and "first_est" not in final
