@@ -227,8 +227,8 @@ class LipschitzEstimator(nn.Module):
         """One Golub-Kahan-Lanczos solve per operator (and SeqLip subspace) from its warm vector, to the residual
         ``tol`` or ``max_iter`` products: :meth:`converge` without the bound. Run at construction (unless
         ``warm_start=False``): a random vector's Rayleigh quotient is far below ``sigma_1`` (``||A v|| ~
-        ||A||_F / sqrt(n)``), and a product of such factors over a deep net is 1e-2 to 1e-22 of the converged
-        bound, while a Ritz value's error is about the square of its residual, so every factor starts within
+        ||A||_F / sqrt(n)``), and a product of such factors over a deep net is orders of magnitude below the
+        converged bound, while a Ritz value's error is about the square of its residual, so every factor starts within
         ``tol^2`` (relative) of its converged value when the top singular value is separated. The values stay
         estimates; the vectors are the warm buffers, saved and restored by ``state_dict``."""
         with torch.no_grad(), self._evaluation() as operators:
