@@ -28,6 +28,10 @@ from .options import Method, Search, checked_keywords, validate_method
 from .policy import BoundPolicy
 from .progress import progress as _progress
 
+WARM_TOL = 1e-2
+"""The residual to which :meth:`LipschitzEstimator.warm_start` solves each operator."""
+WARM_MAX_ITER = 100
+"""The most products by each operator in :meth:`LipschitzEstimator.warm_start`."""
 Chains = dict[LipNode, tuple[LipNode, Tensor]]
 
 
@@ -71,6 +75,8 @@ class LipschitzEstimator(nn.Module):
         policy: every size limit (dense or per-op certificates, exact or greedy SeqLip search, full or low-rank
             SeqLip factors) and the low-rank sizes; default ``BoundPolicy()``.
         search: SeqLip's search over activation patterns (``method="seqlip"`` only; default ``"auto"``).
+        warm_start: start every warm vector from one Lanczos solve (:meth:`warm_start`) rather than from its random
+            draw, so that the first ``est()`` is already near the converged value.
 
     Every option after ``example_input`` is keyword-only; a misspelled one fails here, naming the closest valid one.
     """
@@ -83,7 +89,7 @@ class LipschitzEstimator(nn.Module):
     def __init__(self, model: nn.Module, example_input: Tensor, *, method: Method = "autolip", n_iter: int = 1,
                  fuse: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0,
                  concrete_args: dict[str, Any] | None = None, policy: BoundPolicy | None = None,
-                 search: Search | None = None) -> None:
+                 search: Search | None = None, warm_start: bool = True) -> None:
         super().__init__()
         validate_method(method, search)
         object.__setattr__(self, "model", model)  # not a submodule: its weights are the user's, not our state
@@ -101,7 +107,12 @@ class LipschitzEstimator(nn.Module):
         self.certificate: str | None = None
         """The certificates the last :meth:`certified_bound` used (``"autolip"``, ``"liplt+eclipse"``...), ``None``
         before its first call."""
+        if not isinstance(warm_start, bool):
+            raise TypeError(f"warm_start must be True or False, got {warm_start!r}")
+        self._warm_start = warm_start
         self._build(LipGraph(model, example_input, **self._trace_options))
+        if warm_start:
+            self.warm_start()
 
     def _build(self, graph: LipGraph) -> None:
         """Everything the graph fixes: the nonlinear nodes' constants, which operators have a closed form, the
@@ -162,8 +173,10 @@ class LipschitzEstimator(nn.Module):
             self.load_state_dict(warm)
             raise
         fresh = self.state_dict()
-        self.load_state_dict({name: tensor for name, tensor in warm.items()
-                              if name in fresh and fresh[name].shape == tensor.shape}, strict=False)
+        kept = {name: tensor for name, tensor in warm.items() if name in fresh and fresh[name].shape == tensor.shape}
+        self.load_state_dict(kept, strict=False)
+        if self._warm_start and kept.keys() != fresh.keys():  # new operators: warm them too
+            self.warm_start()
 
     # ----------------------------------------------------------------- bounds
     def forward(self, n_iter: int | None = None) -> Tensor:
@@ -207,7 +220,17 @@ class LipschitzEstimator(nn.Module):
         so, a ``RuntimeWarning`` names the non-finite factors of the last of them. It reads a device-side record:
         one host synchronisation, which is why ``est()`` only does it every :attr:`check_finite_every` calls;
         :meth:`layer_bounds`, :meth:`converge` and :meth:`certified_bound` check too."""
-        return self._non_finite.report(_warn_non_finite)
+        named = [(name, p) for name, p in self.model.named_parameters() if p.device == self._device()]
+
+        def finite_weights() -> Tensor:  # read with the record, in its one synchronisation
+            flags = [torch.isfinite(p.detach()).all() for _, p in named]
+            return torch.stack(flags) if flags else torch.zeros(0, dtype=torch.bool, device=self._device())
+
+        def warn(bound: float, bad: list[str], finite: list[bool]) -> None:
+            bad_weights = [name for (name, _), ok in zip(named, finite) if not ok]
+            _warn_non_finite(bound, bad, self.dtype, bad_weights)
+
+        return self._non_finite.report(warn, finite_weights)
 
     def converge(self, tol: float = 1e-6, max_iter: int = 2000, progress: bool = False) -> Tensor:
         """Iterate every operator to its top singular triple (Golub-Kahan-Lanczos from its warm vector,
@@ -224,6 +247,17 @@ class LipschitzEstimator(nn.Module):
         self.check_finite()
         return bound
 
+    def warm_start(self, tol: float = WARM_TOL, max_iter: int = WARM_MAX_ITER) -> None:
+        """One Golub-Kahan-Lanczos solve per operator (and SeqLip subspace) from its warm vector, to the residual
+        ``tol`` or ``max_iter`` products: :meth:`converge` without the bound. Run at construction (unless
+        ``warm_start=False``): a random vector's Rayleigh quotient is far below ``sigma_1`` (``||A v|| ~
+        ||A||_F / sqrt(n)``), and a product of such factors over a deep net is orders of magnitude below the
+        converged bound, while a Ritz value's error is about the square of its residual, so every factor starts within
+        ``tol^2`` (relative) of its converged value when the top singular value is separated. The values stay
+        estimates; the vectors are the warm buffers, saved and restored by ``state_dict``."""
+        with torch.no_grad(), self._evaluation() as operators:
+            self._converge_operators(operators, tol, max_iter)
+
     def _converge_operators(self, operators: Operators, tol: float, max_iter: int, show: bool = False) -> None:
         for node in _progress(self._iterated_nodes(), show, "converge"):
             operator, buffer = operators[node], self.get_buffer(self._buffer_names[node])
@@ -236,8 +270,8 @@ class LipschitzEstimator(nn.Module):
         if self.liplt is not None:
             self.liplt.converge(operators, tol, max_iter)
 
-    def certified_bound(self, progress: bool = False) -> Tensor:
-        """A guaranteed upper bound on the Lipschitz constant, differentiable, with no random state.
+    def certified_bound(self, progress: bool = False, *, differentiable: bool = False) -> Tensor:
+        """A guaranteed upper bound on the Lipschitz constant, with no random state.
 
         The tightest certificate the policy allows (:mod:`lipreg.bounds.certificates`): AutoLip with every linear
         operator's norm certified instead of estimated (:meth:`LinearOperator.certified_norm`), each chain bounded by
@@ -245,16 +279,18 @@ class LipschitzEstimator(nn.Module):
         (when the SeqLip plan is exact on full SVDs), whatever ``method``; :attr:`certificate` says which were
         used. Greedy or low-rank SeqLip can miss the max, so it never certifies (a warning says so with
         ``method="seqlip"``). Whatever ``dtype``, everything is computed from the weights in float64 and the result
-        rounded upwards into ``dtype``. ``progress=True`` shows a bar over the operators.
+        rounded upwards into ``dtype``. It is computed under ``torch.no_grad()`` (no autograd graph is kept: a certificate to log or compare costs
+        no backward memory) unless ``differentiable=True``, which returns it differentiable w.r.t. the model's
+        parameters (to penalise it). ``progress=True`` shows a bar over the operators.
         """
         self._refresh()  # before the nodes are read: the graph must be the model's as it is now
         self.check_finite()
         if self.seqlip is not None and not self.seqlip.certified:
             warnings.warn("this SeqLip search is not exact on full SVDs, so it cannot be certified: "
                           "certified_bound() returns the tightest of the other certificates", stacklevel=2)
-        with self._evaluation() as operators:
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()), self._evaluation() as operators:
             bound, _, _ = self._tightest64(self._float64(operators), progress)
-        return self._round_up(bound)
+            return self._round_up(bound)
 
     def _tightest64(self, operators64: Operators, progress: bool = False
                     ) -> tuple[Tensor, dict[LipNode, Tensor], Chains]:
@@ -434,10 +470,20 @@ class LipschitzEstimator(nn.Module):
         return _model_device(self.model) or torch.device("cpu")
 
 
-def _warn_non_finite(bound: float, bad: list[str]) -> None:
-    """The warning of :meth:`LipschitzEstimator.check_finite`."""
-    cause = (f"non-finite factors at {bad}; the weights hold NaN or inf. Those operators kept their previous warm "
-             "vectors" if bad else "every factor is finite, so their product overflows: use dtype=torch.float64")
+def _warn_non_finite(bound: float, bad: list[str], dtype: torch.dtype, bad_weights: list[str]) -> None:
+    """The warning of :meth:`LipschitzEstimator.check_finite`, naming the cause: NaN or inf weights (``bad_weights``,
+    the model's non-finite parameters now), a norm that overflows ``dtype`` from finite weights, or finite factors
+    whose bound exceeds ``dtype``'s largest value."""
+    largest = f"{dtype}'s largest value, {torch.finfo(dtype).max:.3g}"
+    if bad and bad_weights:
+        cause = (f"non-finite factors at {bad}: the weights hold NaN or inf (parameters {bad_weights}). Those "
+                 "operators kept their previous warm vectors")
+    elif bad:
+        cause = (f"non-finite factors at {bad} although every weight is finite now: their norms exceed {largest} "
+                 "(or the weights were NaN or inf at that call); rescale them or use dtype=torch.float64. Those "
+                 "operators kept their previous warm vectors")
+    else:
+        cause = f"every factor is finite, and the bound they give exceeds {largest}: use dtype=torch.float64"
     warnings.warn(f"non-finite Lipschitz bound ({bound}) since the last check: {cause}. Its gradient was 0, so the "
                   "penalty is skipped for those steps (a LipschitzPenalty added 0, a LipschitzMarginLoss was the "
                   "plain cross-entropy)", RuntimeWarning, stacklevel=_user_stacklevel())

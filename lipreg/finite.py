@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-Warn = Callable[[float, list[str]], None]
-"""Told ``(the last non-finite bound, the names of its non-finite factors)``."""
+Warn = Callable[[float, list[str], list[bool]], None]
+"""Told ``(the last non-finite bound, the names of its non-finite factors, the flags read with them)``."""
 
 
 def zero_gradient_unless(finite: Tensor, tensors: Sequence[Tensor]) -> None:
@@ -65,15 +65,18 @@ class NonFiniteRecord:
         self.calls += 1
         self._last_bad = torch.where(finite, self._last_bad, values)
 
-    def report(self, warn: Warn) -> bool:
-        """Whether a call since the last report gave a non-finite bound (a host synchronisation); if so, ``warn``
-        is told the bound of the last of them and the names of its non-finite factors."""
+    def report(self, warn: Warn, flags: Callable[[], Tensor] | None = None) -> bool:
+        """Whether a call since the last report gave a non-finite bound (one host synchronisation); if so, ``warn``
+        is told the bound of the last of them, the names of its non-finite factors and ``flags()`` (device
+        booleans that tell the cause, such as which weights are finite), read in the same synchronisation."""
         if self._last_bad is None:
             return False
-        bound, *factors = self._last_bad.tolist()
+        extra = flags() if flags is not None else self._last_bad.new_zeros(0)
+        values = torch.cat([self._last_bad, extra.to(self._last_bad.dtype)]).tolist()
+        bound, factors, read = values[0], values[1:self._last_bad.numel()], values[self._last_bad.numel():]
         self.calls = 0
         self._last_bad.zero_()
         if math.isfinite(bound):
             return False
-        warn(bound, [name for name, f in zip(self._names, factors) if not math.isfinite(f)])
+        warn(bound, [name for name, f in zip(self._names, factors) if not math.isfinite(f)], [bool(f) for f in read])
         return True

@@ -86,11 +86,15 @@ def test_layer_bounds_certified_cover_every_layer():
     assert all(certified[k] >= estimates[k] * (1 - 1e-9) for k in estimates)
 
 
-def test_certified_bound_is_differentiable():
+def test_certified_bound_is_differentiable_only_when_asked():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(48, 4))
     est = lipreg.LipschitzEstimator(model, torch.randn(2, 2, 4, 4))
-    est.certified_bound().backward()
+    plain = est.certified_bound()
+    assert plain.grad_fn is None and not plain.requires_grad  # no autograd graph kept
+    differentiable = est.certified_bound(differentiable=True)
+    assert torch.equal(plain, differentiable.detach())
+    differentiable.backward()
     assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in (model[0].weight, model[3].weight))
 
 

@@ -254,7 +254,7 @@ def test_an_overflowing_bound_is_skipped_with_a_zero_gradient() -> None:
     value = penalty()
     assert torch.isinf(penalty.last_bound) and float(value.detach()) == 0.0
     assert_zero_gradients(value, list(net.parameters()))
-    with pytest.warns(RuntimeWarning, match="every factor is finite, so their product overflows"):
+    with pytest.warns(RuntimeWarning, match="every factor is finite, and the bound they give exceeds"):
         factors = penalty.estimator.layer_bounds()
     assert all(math.isfinite(f) for f in factors.values())
 

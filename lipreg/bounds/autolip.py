@@ -9,6 +9,10 @@ The input has constant 1, parameters and constants 0 (they are not nodes of the 
 * ``sum_i c_i a_i``: ``sum_i |c_i| sqrt(k_i) L(a_i)``, with ``k_i`` the copies broadcasting makes of ``a_i``'s entries
   (a residual block ``x + g(x)`` gets ``1 + L(g)``, never a product);
 * concatenation: ``sqrt(sum_i L(a_i)^2)``, tighter than the generic sum since the parts are orthogonal blocks.
+
+Every root of a sum of squares is computed as ``m sqrt(sum_i (L(a_i) / m)^2)``, ``m = max_i L(a_i)``
+(:func:`root_sum_squares`): squaring ``L(a_i)`` itself overflows float32 from ``1.8e19`` (a deep DenseNet's
+concatenations reach ``1e20`` with a bound that fits), while the scaled form overflows only if the result does.
 """
 from __future__ import annotations
 
@@ -33,6 +37,20 @@ def own_constant(node: LipNode) -> float:
     raise TypeError(f"node {node.name!r} has no constant of its own ({rule.describe()})")
 
 
+def root_sum_squares(values: list[Tensor]) -> Tensor:
+    """``sqrt(sum_i x_i^2)`` of non-negative scalars, as ``m sqrt(sum_i (x_i / m)^2)`` with ``m = max_i x_i``: no
+    overflow unless the result overflows, no host synchronisation (``m = 0`` divides by 1 instead; an infinite
+    ``m`` gives ``inf``, not the ``inf / inf`` NaN). The gradient is that of the plain form: the scaled form is
+    1-homogeneous, so ``m``'s own derivative cancels (Euler)."""
+    if len(values) == 1:
+        return values[0]
+    stacked = torch.stack(values)
+    top = stacked.max()
+    scale = torch.where(top > 0, top, torch.ones_like(top))
+    scaled = scale * torch.linalg.vector_norm(stacked / scale)
+    return torch.where(top < math.inf, scaled, top)
+
+
 def propagate(node: LipNode, parents: list[Tensor], factors: Mapping[LipNode, Tensor]) -> Tensor:
     """One step of Alg. 1: ``L(node)`` from its parents' constants."""
     if isinstance(node.rule, Sum):
@@ -42,12 +60,12 @@ def propagate(node: LipNode, parents: list[Tensor], factors: Mapping[LipNode, Te
         copies = [math.sqrt(info.out_shape.numel() / shape.numel()) for shape in info.in_shapes]
         return sum(abs(c) * k * L for c, k, L in zip(coefficients, copies, parents))
     if isinstance(node.rule, Concat):
-        return torch.sqrt(sum(L * L for L in parents))
+        return root_sum_squares(parents)
     if node in factors:
         (parent,) = parents
         return factors[node] * parent
     # c-Lipschitz jointly in its arguments: ||f(a) - f(a')|| <= c sqrt(sum_i ||a_i - a_i'||^2)
-    return own_constant(node) * (parents[0] if len(parents) == 1 else torch.sqrt(sum(L * L for L in parents)))
+    return own_constant(node) * root_sum_squares(parents)
 
 
 def chain_interiors(endpoints: Mapping[LipNode, LipNode]) -> set[LipNode]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -308,7 +309,7 @@ def test_one_warm_iteration_beats_ten_cold_ones():
     warm = float(est(n_iter=1).detach())
     assert abs(warm - exact) / exact < 1e-4
     for seed in range(1, 6):
-        cold = float(lipreg.LipschitzEstimator(model, x, dtype=DT, seed=seed)(n_iter=10).detach())
+        cold = float(lipreg.LipschitzEstimator(model, x, dtype=DT, seed=seed, warm_start=False)(n_iter=10).detach())
         assert abs(warm - exact) < abs(cold - exact), (warm, cold, exact)
 
 
@@ -340,3 +341,78 @@ def test_estimate_approaches_from_below():
     assert all(v <= exact * (1 + 1e-12) for v in values)
     assert values[-1] > values[0]
     assert not est.certified
+
+
+# ------------------------------------------------------------------------------------------ no overflow
+def scaled_orthogonal(width: int, scale: float) -> nn.Linear:
+    layer = nn.Linear(width, width)
+    q, _ = torch.linalg.qr(torch.randn(width, width, dtype=DT))
+    layer.weight.data = (scale * q).to(layer.weight.dtype)
+    return layer
+
+
+class DenseStack(nn.Module):
+    """A chain of gains ``g_i Q_i`` (``Q_i`` orthogonal) then DenseNet's pattern, linear: ``h_k = cat(h_{k-1},
+    w_k Q_k h_{k-1})``, so ``||J_k x||^2 = (1 + w_k^2) ||J_{k-1} x||^2`` and AutoLip's ``L_{k-1} sqrt(1 + w_k^2)``
+    is exact: the bound is ``prod g_i prod sqrt(1 + w_k^2)``."""
+
+    def __init__(self, gains: list[float], scales: list[float], width: int = 3) -> None:
+        super().__init__()
+        self.chain = nn.Sequential(*[scaled_orthogonal(width, g) for g in gains])
+        self.layers = nn.ModuleList([scaled_orthogonal(width * 2 ** k, w) for k, w in enumerate(scales)])
+
+    def forward(self, x):
+        x = self.chain(x)
+        for layer in self.layers:
+            x = torch.cat([x, layer(x)], dim=1)
+        return x
+
+
+@pytest.mark.parametrize("method", ["converge", "est"])
+def test_concatenations_of_constants_above_1e19_do_not_overflow_float32(method):
+    """Factors of 1e5 whose product, 1e20, enters concatenations (its square overflows float32) in a bound of
+    3e20, which fits: the float32 bound is the float64 Jacobian's norm. It was inf when the concatenation squared
+    its parents (and the warning blamed NaN or inf weights)."""
+    torch.manual_seed(0)
+    model = DenseStack([1e5] * 4, [1.0, 2.0]).to(DT)
+    reference = jacobian_norm(model, (3,))
+    assert reference == pytest.approx(1e20 * math.sqrt(10), rel=1e-6)  # the exact value, Q_k rounded to float32
+    model32 = copy.deepcopy(model).float()
+    est = lipreg.LipschitzEstimator(model32, torch.randn(2, 3), fuse=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no non-finite warning either
+        value = float((est.converge(tol=1e-7) if method == "converge" else est(n_iter=3)).detach())
+        certified = float(est.certified_bound().detach())
+    assert value == pytest.approx(reference, rel=1e-5)
+    assert reference <= certified <= reference * (1 + 1e-5)
+
+
+def test_the_gradient_through_a_scaled_concatenation_is_that_of_the_plain_form():
+    """``m sqrt(sum (L_i / m)^2)`` differentiates as ``sqrt(sum L_i^2)``: ``dL/dL_i = L_i / L``."""
+    from lipreg.bounds.autolip import root_sum_squares
+
+    values = torch.tensor([3.0, 4.0, 0.0], dtype=DT, requires_grad=True)
+    out = root_sum_squares(list(values))
+    out.backward()
+    assert float(out.detach()) == 5.0
+    torch.testing.assert_close(values.grad, torch.tensor([0.6, 0.8, 0.0], dtype=DT))
+    assert float(root_sum_squares([torch.tensor(math.inf), torch.tensor(1.0)])) == math.inf
+    assert float(root_sum_squares([torch.tensor(0.0), torch.tensor(0.0)])) == 0.0
+
+
+def test_the_non_finite_warning_names_its_cause():
+    """Finite weights whose norm overflows float32 are not blamed on NaN weights; NaN weights are named."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    with torch.no_grad():
+        net[0].weight.fill_(1e30)  # sigma = 4e30 is finite, A^T A v = 1.6e61 overflows float32
+    est = lipreg.LipschitzEstimator(net, torch.randn(2, 4))
+    est()
+    with pytest.warns(RuntimeWarning, match=r"factors at \['0'\] although every weight is finite now: their norms "
+                                            r"exceed torch.float32's largest value"):
+        est.check_finite()
+    with torch.no_grad():
+        net[2].weight[0, 0] = math.nan
+    est()
+    with pytest.warns(RuntimeWarning, match=r"the weights hold NaN or inf \(parameters \['2.weight'\]\)"):
+        est.check_finite()

@@ -270,7 +270,7 @@ def test_folded_certificate_gradient_matches_the_exact_norm_gradient():
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"),
                           batch_norm(nn.BatchNorm2d, 3, g)).to(F64).eval()
     est = lipreg.LipschitzEstimator(model, torch.randn(2, 2, 6, 6, dtype=F64), dtype=F64, policy=PER_OP)
-    (certified_grad,) = torch.autograd.grad(est.certified_bound(), model[1].weight)
+    (certified_grad,) = torch.autograd.grad(est.certified_bound(differentiable=True), model[1].weight)
     jac = torch.func.jacrev(lambda v: model(v.unsqueeze(0)).squeeze(0))(torch.zeros(2, 6, 6, dtype=F64))
     (exact_grad,) = torch.autograd.grad(torch.linalg.matrix_norm(jac.reshape(-1, 72), 2), model[1].weight)
     assert torch.allclose(certified_grad, exact_grad, rtol=1e-5, atol=1e-9)
