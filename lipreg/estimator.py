@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import warnings
 from contextlib import contextmanager
@@ -226,7 +227,10 @@ class LipschitzEstimator(nn.Module):
             warnings.warn("this SeqLip search is not exact on full SVDs, so it cannot be certified: "
                           "certified_bound() returns the certified AutoLip bound", stacklevel=2)
         with self._evaluation() as operators:
-            bound, _, _ = self._certified64(self._float64(operators), use_seqlip, progress)
+            bound, factors, _ = self._certified64(self._float64(operators), use_seqlip, progress)
+        if not math.isfinite(float(bound.detach())):  # off the hot path: the host may wait
+            _warn_non_finite(float(bound.detach()),
+                             [node.name for node, f in factors.items() if not math.isfinite(float(f.detach()))])
         return self._round_up(bound)
 
     def _round_up(self, bound64: Tensor) -> Tensor:

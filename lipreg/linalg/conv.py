@@ -1,7 +1,7 @@
 """Certified, differentiable upper bounds on the operator norm of the linear part (no bias) of torch's
 convolutions and transposed convolutions: the FFT bound of a circular embedding (Sedghi et al.), and the exact norm
 of the dense matrix when the operator is small.  Numerics (float64, margin, upward rounding) as in
-:mod:`lipreg.linalg.certify`.
+:mod:`lipreg.linalg.dense`.
 
 References: Sedghi, Gupta & Long, "The singular values of convolutional layers" (ICLR 2019);
 Delattre, Barthelemy & Allauzen, "Spectral norm of convolutional layers with circular and zero paddings" (2024).
@@ -9,6 +9,7 @@ Delattre, Barthelemy & Allauzen, "Spectral norm of convolutional layers with cir
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..policy import BoundPolicy
-from .certify import certified_cast, dense_matrix, is_exact, sigma_from_gram64, spectral_norm64
+from .dense import certified_cast, dense_matrix, is_exact, scaled, sigma_from_gram64, spectral_norm64
 
-__all__ = ["conv_spectral_bound"]
+__all__ = ["conv_certificate", "conv_spectral_bound", "dense_route"]
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -53,7 +54,13 @@ def _resolve_padding(
     padding: str | int | Sequence[int], extents: Sequence[int], stride: Sequence[int]
 ) -> tuple[tuple[int, int], ...]:
     """(left, right) padding per axis as torch applies it; 'same' pads extent-1 with the extra
-    element on the right (left = (extent-1)//2), 'valid' pads nothing."""
+    element on the right (left = (extent-1)//2), 'valid' pads nothing; a tuple of (left, right) pairs is taken as
+    it is (what a module of a non-zeros mode pads with: its ``_reversed_padding_repeated_twice``, reversed)."""
+    if not isinstance(padding, (str, int)) and all(isinstance(p, (tuple, list)) for p in padding):
+        pairs = tuple((int(left), int(right)) for left, right in padding)
+        if len(pairs) != len(extents) or min(min(pair) for pair in pairs) < 0:
+            raise ValueError(f"padding pairs {padding!r} do not fit {len(extents)} axes")
+        return pairs
     if padding == "valid":
         return tuple((0, 0) for _ in extents)
     if padding == "same":
@@ -178,44 +185,81 @@ def conv_spectral_bound(
       groups, mapping the transposed conv's output shape (which includes ``output_padding``) to
       its input shape; adjoints have equal norms.  When output_padding >= stride (allowed if
       dilation > stride) the transposed conv is a column-submatrix of that adjoint: still a bound.
-    * If the operator has at most ``dense_max_entries`` = rows*cols entries, its dense matrix is
-      also built (per group, from its kernel slices: ``_dense_blocks``) and its sigma_1 computed as
-      in ``dense_spectral_bound`` (the max over the groups' blocks); when that is exact (always on
-      CPU) it is returned alone, else the minimum of the two certified bounds.  This removes the
-      circular embedding's slack on small inputs (e.g. a 3x3 kernel on 4x4 .. 8x8 images).  The
-      Gram matrix on the smaller side is formed from the kernel's channel correlations when that is
-      cheaper (``_kernel_gram``); the eigvalsh of that min(rows, cols)-square matrix (1024-square at
-      the default 2^20, e.g. 16 channels on 8x8) then dominates, against a few ms for the Fourier
-      bound.  Set it to 0 to use the Fourier bound only.
+    * Per group (a grouped or depthwise conv is block-diagonal, so the route is decided on one
+      group's block, see :func:`dense_route`): when the blocks' Gram matrices have at most
+      ``dense_max_entries`` entries, the dense blocks are also formed (from the kernel slices:
+      ``_dense_blocks``) and their sigma_1 computed as in ``dense_spectral_bound`` (the max over
+      the groups); when that is exact (always on CPU) it is returned alone, else the minimum of the
+      two certified bounds.  This removes the circular embedding's slack on small maps (a 3x3
+      kernel on 1x1 .. 8x8) and on depthwise convs.  The Gram matrix on the smaller side is formed
+      from the kernel's channel correlations when that is cheaper (``_kernel_gram``); the eigvalsh
+      of that min(rows, cols)-square matrix then dominates.  Set it to 0 to use the Fourier bound only.
+    * ``padding`` may also be a tuple of (left, right) pairs, one per axis.
+    * The weight is scaled by a power of two before any product (``scaled``: no underflow or
+      overflow of its squares); a NaN (inf) weight gives a NaN (inf) bound.
 
     Returns:
         A 0-dim tensor in the weight's dtype; float64 inside, times (1 + 1e-6), rounded upwards.
     """
+    return conv_certificate(weight, input_shape, stride, padding, dilation, groups, padding_mode, transposed,
+                            output_padding, dense_max_entries=dense_max_entries)[0]
+
+
+def conv_certificate(
+    weight: Tensor,
+    input_shape: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: str | int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    transposed: bool = False,
+    output_padding: int | Sequence[int] = 0,
+    *,
+    dense_max_entries: int = BoundPolicy.conv_dense_entries,
+) -> tuple[Tensor, bool]:
+    """:func:`conv_spectral_bound`, and whether it is the exact norm (its dense route, exactly solved)."""
     geometry = _conv_geometry(
         weight, input_shape, stride, padding, dilation, groups, padding_mode, transposed, output_padding
     )
     w64 = weight.to(torch.float64)
-    kernel = tuple(weight.shape[2:])
-    plans = [
-        _axis_plan(n, k, s, d, p, padding_mode)
-        for n, k, s, d, p in zip(geometry.conv_in, kernel, geometry.stride, geometry.dilation, geometry.pad)
-    ]
-    c_in, c_out = weight.shape[1] * groups, weight.shape[0]  # of the non-transposed conv
-    entries = c_in * math.prod(geometry.conv_in) * c_out * math.prod(geometry.conv_out)
-    if entries > dense_max_entries:
-        return certified_cast(_fourier_bound64(w64, groups, geometry.dilation, plans), weight.dtype)
-    layer = _Layer(w64, geometry, padding, groups, padding_mode, transposed, output_padding)
-    # (output, input) pixels and channels of the layer itself
+    c_in, c_out = w64.shape[1] * groups, w64.shape[0]  # of the non-transposed conv
+    # (output, input) pixels and channels of the layer itself, and one group's block
     pixels = (math.prod(geometry.conv_in if transposed else geometry.conv_out), math.prod(geometry.input_shape))
     channels = (c_in, c_out) if transposed else (c_out, c_in)
     block = (channels[0] // groups * pixels[0], channels[1] // groups * pixels[1])
-    if is_exact(block, weight.device):  # the Fourier bound, an upper bound of the same operator, cannot be tighter
+    dense = dense_route(block, groups, dense_max_entries)
+    layer = _Layer(w64, geometry, padding, groups, padding_mode, transposed, output_padding)
+    bound64 = scaled(lambda w: _conv_norm64(layer.scaled(w), pixels, block, dense), w64, dims=w64.dim())
+    return certified_cast(bound64, weight.dtype), dense and is_exact(block, weight.device)
+
+
+def dense_route(block: tuple[int, int], groups: int, dense_max_entries: float) -> bool:
+    """Whether the ``groups`` diagonal blocks of ``block = (rows, columns)`` entries each are certified from their
+    dense matrices: when each block's Gram matrix (its smaller side squared) has at most ``dense_max_entries``
+    entries, the block at most 4 times that (memory), and the eigensolves of all groups together cost at most
+    one solve of that largest size (``groups side^3 <= dense_max_entries^1.5``)."""
+    side = min(block)
+    return (side * side <= dense_max_entries and block[0] * block[1] <= 4 * dense_max_entries
+            and groups * side**3 <= dense_max_entries**1.5)
+
+
+def _conv_norm64(layer: _Layer, pixels: tuple[int, int], block: tuple[int, int], dense: bool) -> Tensor:
+    """:func:`conv_spectral_bound` of a layer with a float64 weight (already scaled), no margin."""
+    w64, geometry = layer.w64, layer.geometry
+    plans = [
+        _axis_plan(n, k, s, d, p, layer.padding_mode)
+        for n, k, s, d, p in zip(geometry.conv_in, w64.shape[2:], geometry.stride, geometry.dilation, geometry.pad)
+    ]
+    if not dense:
+        return _fourier_bound64(w64, layer.groups, geometry.dilation, plans)
+    if is_exact(block, w64.device):  # the Fourier bound, an upper bound of the same operator, cannot be tighter
         kernel_gram = _kernel_gram(layer, pixels, block)
         if kernel_gram is not None:
-            return certified_cast(sigma_from_gram64(kernel_gram).max(), weight.dtype)
-        return certified_cast(spectral_norm64(_dense_blocks(layer), 10, None).max(), weight.dtype)
-    dense = spectral_norm64(_dense_blocks(layer), 10, None).max()
-    return certified_cast(torch.minimum(dense, _fourier_bound64(w64, groups, geometry.dilation, plans)), weight.dtype)
+            return sigma_from_gram64(kernel_gram).max()
+        return spectral_norm64(_dense_blocks(layer), 10, None).max()
+    bound = spectral_norm64(_dense_blocks(layer), 10, None).max()
+    return torch.minimum(bound, _fourier_bound64(w64, layer.groups, geometry.dilation, plans))
 
 
 def _kernel_gram(layer: _Layer, pixels: tuple[int, int], block: tuple[int, int]) -> Tensor | None:
@@ -351,6 +395,10 @@ class _Layer:
     transposed: bool
     output_padding: int | Sequence[int]
 
+    def scaled(self, w64: Tensor) -> _Layer:
+        """The same layer with another weight (the scaled one)."""
+        return dataclasses.replace(self, w64=w64)
+
     def op(self, weight: Tensor | None = None, groups: int | None = None) -> Callable[[Tensor], Tensor]:
         """The linear part (of this layer, or of the same geometry with another ``weight`` and ``groups``) as a
         function of a batched float64 input, exactly as nn.Conv*/nn.ConvTranspose* compute it (non-zeros modes:
@@ -363,7 +411,8 @@ class _Layer:
             fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
             return lambda x: fn(x, w, None, stride, self.padding, self.output_padding, g, dilation)
         fn = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-        if self.padding_mode == "zeros":
-            return lambda x: fn(x, w, None, stride, self.padding, dilation, g)
+        if self.padding_mode == "zeros" and all(left == right for left, right in self.geometry.pad):
+            return lambda x: fn(x, w, None, stride, tuple(left for left, _ in self.geometry.pad), dilation, g)
         torch_pad = tuple(p for pair in reversed(self.geometry.pad) for p in pair)
-        return lambda x: fn(F.pad(x, torch_pad, mode=self.padding_mode), w, None, stride, 0, dilation, g)
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return lambda x: fn(F.pad(x, torch_pad, mode=mode), w, None, stride, 0, dilation, g)
