@@ -28,13 +28,13 @@ class BoundPolicy:
     of convolutions, Gram iteration, Schur test). 2^20 (a 1024-square Gram matrix) keeps the eigendecomposition
     well under a second on a CPU; 0 forces the per-op certificates."""
 
-    conv_dense_entries: int = 2**22
+    conv_dense_entries: int = 2**24
     """A convolution's own certificate (:func:`~lipreg.linalg.conv.conv_spectral_bound`, on the per-op route) is
-    the exact norm of its dense matrix, group by group, when one group's Gram matrix (its smaller side squared) has
-    at most this many entries (and the block at most 4 times that, all groups' eigensolves together at most one
-    of that size: :func:`~lipreg.linalg.conv.dense_route`); else the FFT bound of its circular embedding, loose by a
-    few percent on small maps. 2^22 (a 2048-square Gram matrix, under a second on a CPU) covers 3x3 convs of up to
-    128 channels on 4x4 maps and grouped / depthwise convs on maps up to 8x8 and more. 0 keeps the FFT bound alone."""
+    the exact norm of its dense matrix, group by group, when one group's block has at most this many entries (and
+    all groups' eigensolves together cost at most one of that size: :func:`~lipreg.linalg.conv.dense_route`); else
+    the FFT bound of its circular embedding, loose by a few percent on small maps. 2^24 covers 3x3 convs of up to
+    64 channels on 8x8 maps (a 4096-square Gram matrix, about a second on a CPU by a verified Cholesky
+    factorisation), 128 on 4x4, and grouped / depthwise convs on larger maps. 0 keeps the FFT bound alone."""
 
     exact_eig_max_dim_cpu: float = math.inf
     """Largest ``min(m, n)`` of a dense matrix whose norm is computed exactly (``eigvalsh`` of its Gram matrix) on

@@ -9,6 +9,9 @@ Numerics (:mod:`.dense`). Everything is computed from the weights in float64 (co
 each matrix scaled by a power of two first (no underflow or overflow of squares), and multiplied by ``1 + 1e-6``,
 which dominates the float64 rounding of these computations (<= 1e-12 relative), then rounded upwards; closed forms
 get :func:`arithmetic_margin` of their few operations. NaN (inf) weights give a NaN (inf) bound, never an error.
+The top eigenvalue of a Gram matrix ``G`` is ``eigvalsh``'s; beyond 1024-square, a ``t = lambda (1 + s)`` above
+the Lanczos estimate ``lambda`` proved ``>= lambda_max(G)`` by a floating-point Cholesky factorisation of
+``t I - G`` shifted by Rump's rounding bound (``dense.verified_sigma``; ``s <= 1e-3``, ``eigvalsh`` otherwise).
 
 Routes, in the order :func:`certified_node_norm` tries them, and why each is an upper bound:
 
@@ -35,8 +38,8 @@ The routes of a weighted op (:func:`~.routes.weighted_norm`):
   pixel, so up to a permutation the operator is a row and column selection of ``I (x) blockdiag(W_g)``: its norm
   is at most ``max_g ||W_g||_2`` (a row subset of the stride-1 map when the stride drops pixels), with equality
   when some output pixel reads a real input pixel (always without padding).
-* **Convolution, dense per group** (:func:`~.conv.dense_route`: a group's Gram matrix small enough, e.g. any conv
-  on a 1x1 to 4x4 map and depthwise convs on maps up to 8x8 and beyond): a grouped conv is block-diagonal over its
+* **Convolution, dense per group** (:func:`~.conv.dense_route`: a group's block small enough, e.g. 3x3 convs of
+  64 channels on 8x8 maps, any conv on 1x1 to 4x4 maps, depthwise convs on maps up to 32x32): a grouped conv is block-diagonal over its
   groups, so its norm is the max of the groups' norms; each block is formed exactly from the kernel (its Gram
   matrix from the kernel's channel correlations when cheaper), and its norm computed as a dense matrix.
 * **Convolution, FFT**: the conv (padding by zeros, reflect, replicate or circular, any stride, dilation) is a
