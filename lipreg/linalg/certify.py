@@ -23,6 +23,10 @@ Routes, in the order :func:`certified_node_norm` tries them, and why each is an 
    (:func:`~.routes.fold_channel_gains`): one operator, one certificate, no product of norms. The channel axis is
    read from the op's real input rank (axis 0 of an unbatched ``(C, *spatial)`` convolution input), and a
    multiplier that varies along any other axis is not folded.
+   **A chain of channel mixings** (linear layers, or 1x1 convolutions padded with zeros or not, any stride and
+   groups, with per-channel gains between them: mobilenet's projection followed by the next block's expansion) is
+   ``S (x) M``, ``M`` the product of their channel matrices and gains, ``S`` a selection of pixels (``||S|| <= 1``):
+   its norm is at most ``||M||_2``, exactly it without padding (no product of norms).
 3. **Dense matrix** of the whole node when it is small or thin (``BoundPolicy.dense_node``): the matrix is built
    from the node's action on the identity basis of its smaller side, and ``sigma_1`` is the square root of the top
    eigenvalue of its Gram matrix (``eigvalsh``, exact), or on accelerators beyond their solver's size the Gram
@@ -65,7 +69,7 @@ from ..policy import BoundPolicy
 from .dense import (arithmetic_margin, certified_cast, dense_matrix, dense_spectral_bound, gram_spectral_bound,
                     is_exact, sigma_from_gram64, spectral_norm64)
 from .maps import OneSignMap, WeightedMap
-from .routes import channel_gains, fold_channel_gains, weighted_norm
+from .routes import channel_gains, channel_matrix, fold_channel_gains, weighted_norm
 
 __all__ = [
     "MissingCertificate", "OpFacts", "arithmetic_margin", "certified_cast", "certified_node_norm", "dense_matrix",
@@ -111,6 +115,9 @@ def certified_node_norm(ops: Sequence[OpFacts], n_in: int, n_out: int, dense: Ca
         return torch.ones((), dtype=torch.float64, device=device)
     if len(rest) == 1 and rest[0].closed_form is not None:
         return certified_cast(rest[0].closed_form.to(device, torch.float64), torch.float64, CLOSED_FORM_MARGIN)
+    chain = _channel_chain(ops, policy)
+    if chain is not None:
+        return chain
     dense_node = policy.dense_node(n_in, n_out)
     exact_max_dim = policy.exact_eig_max_dim(device.type)
     if dense_node and not _one_weighted_op(ops):
@@ -131,6 +138,34 @@ def schur_bound(op: OneSignMap) -> Tensor:
         out = op.apply(ones)
         (column_sums,) = torch.autograd.grad(out, ones, torch.ones_like(out))
     return certified_cast(torch.sqrt(out.detach().abs().max() * column_sums.abs().max()), torch.float64)
+
+
+def _channel_chain(ops: Sequence[OpFacts], policy: BoundPolicy) -> Tensor | None:
+    """Route 2 for chains: a node of linear layers / 1x1 convolutions (zero padding, any stride) on one channel axis, with
+    per-channel gains and pointwise identities between them, is ``S (x) M`` for the product ``M`` of their channel
+    matrices and gains, ``S`` a selection of pixels (rows of an identity: ``||S|| <= 1``, ``= 1`` without
+    padding): its norm is at most ``||M||_2``, exactly it without padding. ``None`` when the node is not such a
+    chain (or has fewer than two weighted ops: route 2 covers one)."""
+    weighted = [op.structure for op in ops if isinstance(op.structure, WeightedMap)]
+    if len(weighted) < 2 or len({(w.channel_axis, len(w.in_shape), w.conv is None) for w in weighted}) != 1:
+        return None
+    axis, product = weighted[0].channel_axis, None
+    for op in ops:
+        if op.pointwise:
+            continue
+        if isinstance(op.structure, WeightedMap):
+            matrix = channel_matrix(op.structure)
+            if matrix is None or (product is not None and matrix.shape[1] != product.shape[0]):
+                return None
+            product = matrix if product is None else matrix @ product
+            continue
+        channels = product.shape[0] if product is not None else _channels(weighted[0])[0]
+        gains = None if op.multiplier is None else channel_gains(op.multiplier, op.out_shape, axis, channels)
+        if gains is None:
+            return None
+        gains = gains.to(torch.float64)
+        product = torch.diag(gains) if product is None else gains[:, None] * product
+    return certified_cast(spectral_norm64(product, 10, policy.exact_eig_max_dim(product.device.type)), torch.float64)
 
 
 def _one_weighted_op(ops: Sequence[OpFacts]) -> bool:

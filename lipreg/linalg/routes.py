@@ -13,7 +13,7 @@ from .conv import conv_certificate
 from .dense import certified_cast, is_exact, spectral_norm64
 from .maps import WeightedMap
 
-__all__ = ["channel_gains", "fold_channel_gains", "weighted_norm"]
+__all__ = ["channel_gains", "channel_matrix", "fold_channel_gains", "weighted_norm"]
 
 
 def channel_gains(multiplier: Tensor, shape: torch.Size, axis: int, channels: int) -> Tensor | None:
@@ -89,3 +89,18 @@ def _pointwise_norm(weight: Tensor, groups: int, exact_max_dim: float) -> Tensor
     blocks = weight.reshape(groups, a // groups, b)
     return certified_cast(spectral_norm64(blocks, 10, exact_max_dim).max(), torch.float64)
 
+
+def channel_matrix(op: WeightedMap) -> Tensor | None:
+    """The float64 ``(C_out, C_in)`` matrix that a linear layer, or a 1x1 convolution padded with zeros (or not
+    padded), applies to the channels of each pixel it computes (block-diagonal over groups; a transposed
+    convolution's is the transpose of its weight's); ``None`` for any other op."""
+    weight, geometry = op.weight.to(torch.float64), op.conv
+    if geometry is None:
+        return weight
+    if not _pointwise(weight, geometry.padding, geometry.padding_mode):
+        return None
+    a, b, groups = weight.shape[0], weight.shape[1], geometry.groups
+    blocks = weight.reshape(groups, a // groups, b)
+    if geometry.transposed:
+        blocks = blocks.transpose(1, 2)
+    return torch.block_diag(*blocks)

@@ -122,6 +122,30 @@ def test_real_blocks_are_certified_exactly_node_by_node(block):
     assert_exact(node_norms(model.to(DT).eval(), torch.randn(2, *shape, dtype=DT), PER_OP))
 
 
+class ProjectionExpansion(nn.Module):
+    """mobilenet_v2 / mnasnet: a block's 1x1 projection + BN, then the next block's 1x1 expansion + BN, with no
+    activation between: one node of two weighted ops."""
+
+    def __init__(self, stride: int, padding: int, groups: int) -> None:
+        super().__init__()
+        self.project, self.bn1 = nn.Conv2d(16, 8, 1, bias=False), _spread_bn(8, 8)
+        self.expand = nn.Conv2d(8, 24, 1, stride=stride, padding=padding, groups=groups, bias=False)
+        self.bn2 = _spread_bn(24, 9)
+
+    def forward(self, x):
+        return self.bn2(self.expand(self.bn1(self.project(x)) * 0.5))
+
+
+@pytest.mark.parametrize(("stride", "padding", "groups"), [(1, 0, 1), (2, 0, 2), (2, 1, 1)])
+def test_chain_of_pointwise_convolutions_is_one_matrix(stride, padding, groups):
+    """Exact (the norm of the product of the channel matrices and gains) where the product of the two convs'
+    norms is loose; with zero padding an upper bound."""
+    torch.manual_seed(stride)
+    model = ProjectionExpansion(stride, padding, groups).to(DT).eval()
+    ((certified, exact),) = node_norms(model, torch.randn(2, 16, 5, 5, dtype=DT), PER_OP)
+    assert exact <= certified <= exact * (1 + 2e-6)
+
+
 def test_pooling_flatten_linear_just_over_the_dense_limit():
     """vgg's head on a 1x1 map: adaptive pooling to 7x7 copies each channel 49 times, so the product of the ops'
     norms is 7 ||W||; the node is thin (64 inputs), so its dense matrix is formed: exact."""
