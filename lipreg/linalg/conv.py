@@ -151,7 +151,7 @@ def conv_spectral_bound(
       its input shape; adjoints have equal norms.  When output_padding >= stride (allowed if
       dilation > stride) the transposed conv is a column-submatrix of that adjoint: still a bound.
     * Per group (a grouped or depthwise conv is block-diagonal, so the route is decided on one
-      group's block, see :func:`dense_route`): when the blocks' Gram matrices have at most
+      group's block, see :func:`dense_route`): when one group's block has at most
       ``dense_max_entries`` entries, the dense blocks are also formed (from the kernel slices:
       ``_dense_blocks``) and their sigma_1 computed as in ``dense_spectral_bound`` (the max over
       the groups); when that is exact (always on CPU) it is returned alone, else the minimum of the
