@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import warnings
 from contextlib import contextmanager
@@ -289,7 +290,12 @@ class LipschitzEstimator(nn.Module):
             warnings.warn("this SeqLip search is not exact on full SVDs, so it cannot be certified: "
                           "certified_bound() returns the tightest of the other certificates", stacklevel=2)
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()), self._evaluation() as operators:
-            bound, _, _ = self._tightest64(self._float64(operators), progress)
+            bound, factors, _ = self._tightest64(self._float64(operators), progress)
+            if not math.isfinite(float(bound.detach())):  # off the hot path: the host may wait
+                bad_weights = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+                _warn_non_finite(float(bound.detach()), [node.name for node, f in factors.items()
+                                                         if not math.isfinite(float(f.detach()))],
+                                 self.dtype, bad_weights)
             return self._round_up(bound)
 
     def _tightest64(self, operators64: Operators, progress: bool = False

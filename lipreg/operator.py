@@ -11,7 +11,8 @@ Everything the bounds need from a node goes through this class:
   (paper Alg. 2), ``matmat`` on blocks;
 * ``dense()``, the ``n_out x n_in`` matrix, built from the smaller side;
 * ``closed_form_norm()``, the exact norm when the ops know it (isometries, a single diagonal op);
-* ``certified_norm()``, a guaranteed upper bound on ``sigma_1(A)``, from float64 weights, rounded upwards.
+* ``certified_norm()``, a guaranteed upper bound on ``sigma_1(A)``, from float64 weights, rounded upwards: the
+  rules describe the ops (:meth:`LinearOperator.facts`), :mod:`lipreg.linalg.certify` decides everything else.
 
 The constants (weights, buffers, what is computed from them) are read from the model once per evaluation
 (:func:`linear_operators`), with their autograd history, so ``||A v||`` is differentiable w.r.t. the weights.
@@ -31,16 +32,12 @@ from torch import Tensor, fx
 
 from .capture.graph import LipGraph, LipNode
 from .errors import UnsupportedOpError
-from .linalg.certify import arithmetic_margin, certified_cast, dense_matrix, dense_spectral_bound
+from .linalg.certify import MissingCertificate, OpFacts, certified_node_norm, dense_matrix
 from .linalg.power import gram_step
-from .ops import NodeInfo, Rule
 from .ops.base import display_name, raw_argument
-from .ops.linear import WeightedOp
 from .ops.structural import Identity, SignedIdentity
 from .policy import BoundPolicy
 
-_CLOSED_FORM_MARGIN = arithmetic_margin(8)
-"""Closed forms (``max_c |gamma_c| / sqrt(var_c + eps)``, ``max |c|``) take a few correctly rounded float64 steps."""
 _POINTWISE_ISOMETRIES = (Identity, SignedIdentity)  # v -> +-v: a diagonal op's gains fold across them
 
 
@@ -142,38 +139,31 @@ class LinearOperator:
         return None if norm is None else norm.to(self.device)
 
     def certified_norm(self, policy: BoundPolicy = BoundPolicy()) -> Tensor:
-        """A guaranteed upper bound on ``sigma_1(A)`` in float64, differentiable: the tightest available of its
-        closed form; the exact norm of its dense matrix when small (``n_in n_out <= policy.dense_entries``; built
-        from the weight when the node is one weighted op, see :meth:`_is_one_weighted_op`); the product of the
-        certified norms of its ops (sub-multiplicativity), where each weighted op (linear,
-        convolution) absorbs the per-channel diagonal ops next to it (eval batch norm, scales) into its weight
-        before its FFT / Gram certificate. Computed from the weights in float64 whatever :attr:`dtype`."""
+        """A guaranteed upper bound on ``sigma_1(A)`` in float64, differentiable, computed from the weights in
+        float64 whatever :attr:`dtype`: the ops' rules describe them (:meth:`facts`), and every decision (route,
+        folding of gains, rounding) is taken by :func:`lipreg.linalg.certify.certified_node_norm`."""
         if self.dtype != torch.float64:
             return self.in_float64().certified_norm(policy)
-        closed = self.closed_form_norm()
-        if closed is not None:
-            return certified_cast(closed.to(torch.float64), torch.float64, _CLOSED_FORM_MARGIN)
-        entries = self.in_shape.numel() * self.out_shape.numel()
-        small = entries <= policy.dense_entries
-        exact_max_dim = policy.exact_eig_max_dim(self.device.type)
-        if small and not (self._is_one_weighted_op() and entries <= policy.conv_dense_entries):
-            return dense_spectral_bound(self.dense(), exact_max_dim=exact_max_dim)
-        norms = self._segment_norms(policy)
-        if small and len(norms) > 1:  # a diagonal op's gains did not fold: the dense matrix is tighter
-            return dense_spectral_bound(self.dense(), exact_max_dim=exact_max_dim)
-        return torch.stack(norms).prod()
+        try:
+            return certified_node_norm(self.facts(), self.in_shape.numel(), self.out_shape.numel(), self.dense,
+                                       policy, self.device)
+        except MissingCertificate as missing:
+            op = missing.op
+            raise UnsupportedOpError(
+                f"no certified norm for {op.name!r} and its operator is too large to form "
+                f"({self.in_shape.numel()} x {self.out_shape.numel()}): give its rule a closed_form_norm or a "
+                "structure, or use the estimate est() (not a certificate)"
+            ) from None
 
-    def _is_one_weighted_op(self) -> bool:
-        """Whether the node is one weighted op with only diagonal ops and reshapes (numel kept) around it: then
-        its certificate, gains folded in, is that of the whole node, exact when small, and cheaper to get from the
-        weight (:mod:`lipreg.linalg.conv`) than the dense matrix through :meth:`matmat`."""
-        ops = list(zip(self.node.ops, self.node.rules))
-        if sum(isinstance(rule, WeightedOp) for _, rule in ops) != 1:
-            return False
-        return all(isinstance(rule, WeightedOp)
-                   or (rule.isometry and info.in_shapes[0].numel() == info.out_shape.numel())
-                   or rule.multiplier(info, self._evaluator.call(info.node), self.dtype) is not None
-                   for info, rule in ops)
+    def facts(self) -> list[OpFacts]:
+        """What each op's rule says of it, for the certificate (:class:`lipreg.linalg.certify.OpFacts`)."""
+        return [OpFacts(name=f"{rule.describe()} at node {info.name}", in_shape=info.in_shapes[0],
+                        out_shape=info.out_shape, isometry=rule.isometry,
+                        pointwise=isinstance(rule, _POINTWISE_ISOMETRIES),
+                        multiplier=rule.multiplier(info, call, self.dtype),
+                        closed_form=rule.closed_form_norm(info, call, self.dtype),
+                        structure=rule.structure(info, call))
+                for info, rule, call in self._steps]
 
     def in_float64(self) -> LinearOperator:
         """The same operator evaluated from the weights in float64 (for certificates)."""
@@ -197,34 +187,6 @@ class LinearOperator:
                         "(or torch.float64); certified_bound() is computed in float64 whatever the dtype"
                     ) from err
 
-    def _segment_norms(self, policy: BoundPolicy) -> list[Tensor]:
-        """Certified norms (float64) whose product bounds the node: one per weighted op, with the diagonal ops
-        around it folded in (:class:`~lipreg.ops.linear.WeightedOp`), and one per remaining non-isometric op."""
-        ops = list(zip(self.node.ops, self.node.rules))
-        calls = [call for _, _, call in self._steps]
-        multipliers = [rule.multiplier(info, call, self.dtype) for (info, rule), call in zip(ops, calls)]
-        folded: set[int] = set()
-        norms = []
-        for k, (info, rule) in enumerate(ops):
-            if not isinstance(rule, WeightedOp):
-                continue
-            before = _fold(rule, ops, multipliers, range(k - 1, -1, -1), info.in_shapes[0], folded)
-            after = _fold(rule, ops, multipliers, range(k + 1, len(ops)), info.out_shape, folded)
-            norms.append(rule.folded_norm(info, self.dtype, before, after, policy))
-            folded.add(k)
-        for k, ((info, rule), call) in enumerate(zip(ops, calls)):
-            if k in folded or rule.isometry:
-                continue
-            norm = rule.certified_norm(info, call, self.dtype)
-            if norm is None:
-                raise UnsupportedOpError(
-                    f"no certified norm for {rule.describe()} at node {info.name!r} and its operator is too "
-                    f"large to form ({self.in_shape.numel()} x {self.out_shape.numel()}): give the rule a "
-                    "certified_norm, or use the estimate est() (not a certificate)"
-                )
-            norms.append(certified_cast(norm.to(self.device, torch.float64), torch.float64))
-        return norms
-
     def __repr__(self) -> str:
         return (f"LinearOperator({self.name!r}, in_shape={tuple(self.in_shape[1:])}, "
                 f"out_shape={tuple(self.out_shape[1:])}, dtype={self.dtype})")
@@ -246,24 +208,6 @@ def linear_operators(graph: LipGraph, dtype: torch.dtype, device: torch.device) 
     evaluator, operators = built[key]
     evaluator.reset()  # a fresh read of the model's constants
     return dict(operators)
-
-
-def _fold(rule: WeightedOp, ops: list[tuple[NodeInfo, Rule]], multipliers: list[Tensor | None],
-          order: range, shape: torch.Size, folded: set[int]) -> Tensor | None:
-    """The per-channel gains of the diagonal ops met walking ``order`` away from a weighted op (across pointwise
-    identities, up to the first other op), marked ``folded``; ``None`` if there are none."""
-    gains, taken = None, []
-    for k in order:
-        other = ops[k][1]
-        if isinstance(other, _POINTWISE_ISOMETRIES):
-            continue
-        m = multipliers[k]
-        g = None if m is None or k in folded else rule.channel_gains(m, shape)
-        if g is None:
-            break
-        gains, taken = (g if gains is None else gains * g), [*taken, k]
-    folded.update(taken)
-    return gains
 
 
 class _Evaluator(fx.Interpreter):

@@ -22,15 +22,19 @@ class BoundPolicy:
 
     dense_entries: int = 2**20
     """An operator with at most this many matrix entries (``n_in n_out``) is certified by the exact norm of its
-    dense matrix, built from its action on the identity basis of the smaller side; larger ones by the product of
-    their ops' certificates (FFT bound of convolutions, Gram iteration, Schur test). 2^20 (a 1024-square Gram
-    matrix) keeps the eigendecomposition well under a second on a CPU; 0 forces the per-op certificates."""
+    dense matrix, built from its action on the identity basis of the smaller side; so is a thin one, whose smaller
+    side is at most ``sqrt(dense_entries)`` with at most 16 times as many entries (a pooling, flatten and linear
+    layer on a 512-channel 1x1 map: 512 x 4096). Larger ones get the product of their ops' certificates (FFT bound
+    of convolutions, Gram iteration, Schur test). 2^20 (a 1024-square Gram matrix) keeps the eigendecomposition
+    well under a second on a CPU; 0 forces the per-op certificates."""
 
-    conv_dense_entries: int = 2**20
-    """A convolution's own certificate (:func:`~lipreg.linalg.certify.conv_spectral_bound`, on the per-op route)
-    also builds its dense matrix when it has at most this many entries, and takes the smaller of that exact norm
-    and the FFT bound: this removes the circular embedding's slack on small inputs (zero or reflect padding), at the
-    cost of :attr:`dense_entries`. 0 keeps the FFT bound alone."""
+    conv_dense_entries: int = 2**24
+    """A convolution's own certificate (:func:`~lipreg.linalg.conv.conv_spectral_bound`, on the per-op route) is
+    the exact norm of its dense matrix, group by group, when one group's block has at most this many entries (and
+    all groups' eigensolves together cost at most one of that size: :func:`~lipreg.linalg.conv.dense_route`); else
+    the FFT bound of its circular embedding, loose by a few percent on small maps. 2^24 covers 3x3 convs of up to
+    64 channels on 8x8 maps (a 4096-square Gram matrix, about a second on a CPU by a verified Cholesky
+    factorisation), 128 on 4x4, and grouped / depthwise convs on larger maps. 0 keeps the FFT bound alone."""
 
     exact_eig_max_dim_cpu: float = math.inf
     """Largest ``min(m, n)`` of a dense matrix whose norm is computed exactly (``eigvalsh`` of its Gram matrix) on
@@ -85,6 +89,12 @@ class BoundPolicy:
             raise ValueError(f"BoundPolicy.exact_search_units={self.exact_search_units} exceeds "
                              f"exact_search_limit={self.exact_search_limit}: search='auto' would plan exact "
                              "searches that are refused")
+
+    def dense_node(self, n_in: int, n_out: int) -> bool:
+        """Whether a whole operator ``n_out x n_in`` is certified from its dense matrix (:attr:`dense_entries`)."""
+        entries = n_in * n_out
+        return entries <= self.dense_entries or (min(n_in, n_out) ** 2 <= self.dense_entries
+                                                 and entries <= 16 * self.dense_entries)
 
     def exact_eig_max_dim(self, device_type: str) -> float:
         """The exact-norm limit (``min(m, n)``) of dense matrices on a device of this type (``"cpu"``, ``"cuda"``)."""

@@ -1,212 +1,230 @@
-"""Certified, differentiable upper bounds on the spectral norm of dense matrices, and the numerics that every
-certificate of :mod:`lipreg.linalg` shares (float64 evaluation, upward rounding, per-channel gains folded into a
-weight).  Convolutions are certified in :mod:`lipreg.linalg.conv`.
+"""Every certified-norm decision of lipreg: the certificate of one (fused) linear node, ``A = A_m ... A_1``.
 
-Every public function returns a guaranteed upper bound on the largest singular value
-``sigma_1`` of a linear map, deterministically (no random state) and differentiably with respect to the
-weights (autograd gives finite gradients).
+This module and what it imports (:mod:`.routes`, :mod:`.conv`, :mod:`.dense`) are what a review of soundness
+audits. Rules only describe their ops (:mod:`.maps`: a weight and its geometry, a diagonal multiplier, an
+isometry, a closed-form norm, entries of one sign); :meth:`lipreg.operator.LinearOperator.certified_norm` hands
+those facts here and gets a float64 number ``>= sigma_1(A)``.
 
-Numerics.  Everything is computed in float64 (complex128 in the Fourier domain); the float64
-value is multiplied by ``1 + 1e-6`` (``_REL_MARGIN``), which dominates the float64 rounding
-error of the computations below (measured and estimated at <= 1e-12 relative; without it, e.g.
-a converged Gram iteration lands ~1e-15 *below* the exact value), and is then cast to the
-weight's (real) dtype rounding *upwards*, so that the returned number, as a number of that
-dtype, is still >= the exact norm.
+Numerics (:mod:`.dense`). Everything is computed from the weights in float64 (complex128 in the Fourier domain),
+each matrix scaled by a power of two first (no underflow or overflow of squares), and multiplied by ``1 + 1e-6``,
+which dominates the float64 rounding of these computations (<= 1e-12 relative), then rounded upwards; closed forms
+get :func:`arithmetic_margin` of their few operations. NaN (inf) weights give a NaN (inf) bound, never an error.
+The top eigenvalue of a Gram matrix ``G`` is ``eigvalsh``'s; beyond 1024-square, a ``t = lambda (1 + s)`` above
+the Lanczos estimate ``lambda`` proved ``>= lambda_max(G)`` by a floating-point Cholesky factorisation of
+``t I - G`` shifted by Rump's rounding bound (``dense.verified_sigma``; ``s <= 1e-3``, ``eigvalsh`` otherwise).
 
-Reference: Delattre, Barthelemy, Araujo & Allauzen, "Efficient bound of Lipschitz constant for
-convolutional layers by Gram iteration" (ICML 2023).
+Routes, in the order :func:`certified_node_norm` tries them, and why each is an upper bound:
+
+1. **Isometries** (reshapes, dropout at eval, permutations) have norm 1; a node of isometries and one op with a
+   closed form (a diagonal ``max |m|``) has that norm, exactly.
+2. **One weighted op** (a linear layer or convolution, with only diagonal ops and numel-keeping reshapes around
+   it): the diagonal maps ``v -> m * v`` whose ``m`` is constant off the op's channel axis are per-channel gains,
+   ``diag(after) A diag(before)`` is again a convolution / linear map whose weight has the gains folded in
+   (:func:`~.routes.fold_channel_gains`): one operator, one certificate, no product of norms. The channel axis is
+   read from the op's real input rank (axis 0 of an unbatched ``(C, *spatial)`` convolution input), and a
+   multiplier that varies along any other axis is not folded.
+   **A chain of channel mixings** (linear layers, or 1x1 convolutions padded with zeros or not, any stride and
+   groups, with per-channel gains between them: mobilenet's projection followed by the next block's expansion) is
+   ``S (x) M``, ``M`` the product of their channel matrices and gains, ``S`` a selection of pixels (``||S|| <= 1``):
+   its norm is at most ``||M||_2``, exactly it without padding (no product of norms).
+3. **Dense matrix** of the whole node when it is small or thin (``BoundPolicy.dense_node``): the matrix is built
+   from the node's action on the identity basis of its smaller side, and ``sigma_1`` is the square root of the top
+   eigenvalue of its Gram matrix (``eigvalsh``, exact), or on accelerators beyond their solver's size the Gram
+   iteration ``sigma_1 <= ||G_t||_F^(1/2^t)``, an upper bound at every step.
+4. **Product of segments** (sub-multiplicativity ``||A_m ... A_1|| <= prod ||A_i||``): one segment per weighted
+   op with its foldable gains, one per remaining non-isometric op (its closed form, or the Schur test).
+
+The routes of a weighted op (:func:`~.routes.weighted_norm`):
+
+* **Linear** ``W``: ``sigma_1(W)`` of the float64 matrix, exact (``eigvalsh``) or by Gram iteration.
+* **1x1 convolution** (zero padding or none), any stride, groups, transposition: each output pixel is ``W_g``
+  applied to at most one input pixel (or to zero padding), and each input pixel is read by at most one output
+  pixel, so up to a permutation the operator is a row and column selection of ``I (x) blockdiag(W_g)``: its norm
+  is at most ``max_g ||W_g||_2`` (a row subset of the stride-1 map when the stride drops pixels), with equality
+  when some output pixel reads a real input pixel (always without padding).
+* **Convolution, dense per group** (:func:`~.conv.dense_route`: a group's block small enough, e.g. 3x3 convs of
+  64 channels on 8x8 maps, any conv on 1x1 to 4x4 maps, depthwise convs on maps up to 32x32): a grouped conv is block-diagonal over its
+  groups, so its norm is the max of the groups' norms; each block is formed exactly from the kernel (its Gram
+  matrix from the kernel's channel correlations when cheaper), and its norm computed as a dense matrix.
+* **Convolution, FFT**: the conv (padding by zeros, reflect, replicate or circular, any stride, dilation) is a
+  submatrix of a polyphase circular convolution on a grid of at least ``n + extent - 1`` points per axis, composed
+  with the padding map ``P`` of a non-zeros mode (``||P|| = sqrt(max copies)``, exact); the circular conv is
+  block-diagonalised by the DFT (Sedghi et al. 2019), so its norm is the max over frequencies and groups of small
+  blocks' ``sigma_1``. A submatrix has at most the norm of the matrix. The padding used is the one torch applies
+  (a module of a non-zeros mode pads with its ``_reversed_padding_repeated_twice``).
+* **Transposed convolution**: the adjoint of the conv with the same weight and geometry (equal norms).
+
+The Schur test of an op whose entries all have one sign (average pools, means, sums): ``||A||_2 <=
+sqrt(max_i (|A| 1)_i max_j (|A|^T 1)_j)``, and with one sign ``|A| 1 = |A 1|``, ``|A|^T 1 = |A^T 1|``.
 """
-
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..policy import BoundPolicy
+from .dense import (arithmetic_margin, certified_cast, dense_matrix, dense_spectral_bound, gram_spectral_bound,
+                    is_exact, sigma_from_gram64, spectral_norm64)
+from .maps import OneSignMap, WeightedMap
+from .routes import channel_gains, channel_matrix, fold_channel_gains, weighted_norm
 
 __all__ = [
-    "arithmetic_margin", "certified_cast", "dense_matrix", "dense_spectral_bound", "fold_channel_gains",
-    "gram_spectral_bound", "is_exact", "sigma_from_gram64", "spectral_norm64",
+    "MissingCertificate", "OpFacts", "arithmetic_margin", "certified_cast", "certified_node_norm", "dense_matrix",
+    "dense_spectral_bound", "fold_channel_gains", "gram_spectral_bound", "is_exact", "schur_bound",
+    "sigma_from_gram64", "spectral_norm64",
 ]
 
-_REL_MARGIN = 1e-6
-_TINY = torch.finfo(torch.float64).tiny
-
-_DEFAULT_POLICY = BoundPolicy()  # the limits of direct calls (the library passes its own policy's)
+CLOSED_FORM_MARGIN = arithmetic_margin(8)
+"""Closed forms (``max_c |gamma_c| / sqrt(var_c + eps)``, ``max |c|``) take a few correctly rounded float64 steps."""
 
 
-# ----------------------------------------------------------------------------- numerics
+@dataclass(frozen=True)
+class OpFacts:
+    """What the certificate knows of one op of a node, as its rule describes it (in float64)."""
+
+    name: str
+    in_shape: torch.Size
+    out_shape: torch.Size
+    isometry: bool = False
+    pointwise: bool = False
+    """``v -> +-v`` (a pointwise identity): per-channel gains fold across it."""
+    multiplier: Tensor | None = None
+    """For a diagonal op ``v -> m * v``, ``m`` (broadcastable to ``out_shape``)."""
+    closed_form: Tensor | None = None
+    """The op's exact norm, when its rule knows it."""
+    structure: WeightedMap | OneSignMap | None = None
 
 
-def certified_cast(bound64: Tensor, dtype: torch.dtype, margin: float = _REL_MARGIN) -> Tensor:
-    """``bound64 * (1 + margin)`` cast to ``dtype`` rounding upwards (result >= bound64 as reals).
+class MissingCertificate(LookupError):
+    """An op of a node too large to form densely has no certificate of its own; ``op`` is its :class:`OpFacts`."""
 
-    ``margin`` (default 1e-6) must dominate the relative float64 error of the computation of ``bound64``
-    (:func:`arithmetic_margin` for a few exact operations).  The upward correction is a constant (detached) ulp
-    step, so gradients pass unchanged.
-    """
-    padded = bound64 * (1.0 + margin)
-    out = padded.to(dtype)
-    up = torch.nextafter(out.detach(), torch.full_like(out.detach(), math.inf))
-    step = torch.where(out.detach().to(torch.float64) < padded.detach(), up - out.detach(), 0.0)
-    return out + step
+    def __init__(self, op: OpFacts) -> None:
+        super().__init__(op.name)
+        self.op = op
 
 
-def arithmetic_margin(n_ops: int) -> float:
-    """A relative margin that covers the rounding of ``n_ops`` float64 products, sums of nonnegative numbers,
-    divisions and square roots: each is correctly rounded, at most ``2^-53`` relative (``4 * eps`` each here, for
-    safety), so ``n_ops`` of them compound to less than ``n_ops * 2^-50``."""
-    return 4 * n_ops * torch.finfo(torch.float64).eps
+def certified_node_norm(ops: Sequence[OpFacts], n_in: int, n_out: int, dense: Callable[[], Tensor],
+                        policy: BoundPolicy, device: torch.device) -> Tensor:
+    """A float64 upper bound on ``sigma_1`` of the node ``A = A_m ... A_1`` (``n_out x n_in``; ``dense()`` builds
+    its matrix), by the routes of the module docstring, in that order."""
+    rest = [op for op in ops if not op.isometry]
+    if not rest:
+        return torch.ones((), dtype=torch.float64, device=device)
+    if len(rest) == 1 and rest[0].closed_form is not None:
+        return certified_cast(rest[0].closed_form.to(device, torch.float64), torch.float64, CLOSED_FORM_MARGIN)
+    chain = _channel_chain(ops, policy)
+    if chain is not None:
+        return chain
+    dense_node = policy.dense_node(n_in, n_out)
+    exact_max_dim = policy.exact_eig_max_dim(device.type)
+    if dense_node and not _one_weighted_op(ops):
+        return dense_spectral_bound(dense(), exact_max_dim=exact_max_dim)
+    segments = _segments(ops, policy)
+    if len(segments) == 1 and segments[0][1]:
+        return segments[0][0]
+    if dense_node:
+        return dense_spectral_bound(dense(), exact_max_dim=exact_max_dim)
+    return torch.stack([norm.to(device) for norm, _ in segments]).prod()
 
 
-def fold_channel_gains(weight: Tensor, groups: int, rows: Tensor | None, columns: Tensor | None) -> Tensor:
-    """``weight`` in torch's conv / linear layout ``(A, B / groups, *kernel)`` with per-channel gains folded in:
-    ``W'[a, b] = rows[a] * W[a, b] * columns[g(a) * B / groups + b]``, ``g(a) = a // (A / groups)`` the group of ``a``.
-
-    For a convolution (``rows`` on the output channels, ``columns`` on the input ones) ``W'`` is the kernel of
-    ``diag(rows) o conv_W o diag(columns)`` when the diagonal maps are constant over space (eval batch norm,
-    per-channel scales); for a linear layer ``W' = diag(rows) W diag(columns)``; for a transposed convolution,
-    whose weight is ``(c_in, c_out / groups, *kernel)``, ``rows`` scale its input channels and ``columns`` its
-    output ones.  So the certificate of the fused map is that of one operator (no product of norms).
-    ``None`` is a gain of 1.
-    """
-    a, b = weight.shape[:2]
-    tail = (1,) * (weight.dim() - 2)
-    if rows is not None:
-        weight = weight * rows.to(weight.dtype).view(a, 1, *tail)
-    if columns is not None:
-        per_row = columns.to(weight.dtype).view(groups, 1, b).expand(groups, a // groups, b).reshape(a, b)
-        weight = weight * per_row.view(a, b, *tail)
-    return weight
+def schur_bound(op: OneSignMap) -> Tensor:
+    """The Schur test of an op whose entries all have one sign, from one application of ``A`` and ``A^T`` to
+    ones (module docstring), in float64, rounded upwards."""
+    ones = torch.ones(op.in_shape, dtype=torch.float64, device=op.device, requires_grad=True)
+    with torch.enable_grad():
+        out = op.apply(ones)
+        (column_sums,) = torch.autograd.grad(out, ones, torch.ones_like(out))
+    return certified_cast(torch.sqrt(out.detach().abs().max() * column_sums.abs().max()), torch.float64)
 
 
-def _as64(W: Tensor) -> Tensor:
-    """W in float64, or complex128 if W is complex."""
-    return W.to(torch.complex128 if W.is_complex() else torch.float64)
+def _channel_chain(ops: Sequence[OpFacts], policy: BoundPolicy) -> Tensor | None:
+    """Route 2 for chains: a node of linear layers / 1x1 convolutions (zero padding, any stride) on one channel axis, with
+    per-channel gains and pointwise identities between them, is ``S (x) M`` for the product ``M`` of their channel
+    matrices and gains, ``S`` a selection of pixels (rows of an identity: ``||S|| <= 1``, ``= 1`` without
+    padding): its norm is at most ``||M||_2``, exactly it without padding. ``None`` when the node is not such a
+    chain (or has fewer than two weighted ops: route 2 covers one)."""
+    weighted = [op.structure for op in ops if isinstance(op.structure, WeightedMap)]
+    if len(weighted) < 2 or len({(w.channel_axis, len(w.in_shape), w.conv is None) for w in weighted}) != 1:
+        return None
+    axis, product = weighted[0].channel_axis, None
+    for op in ops:
+        if op.pointwise:
+            continue
+        if isinstance(op.structure, WeightedMap):
+            matrix = channel_matrix(op.structure)
+            if matrix is None or (product is not None and matrix.shape[1] != product.shape[0]):
+                return None
+            product = matrix if product is None else matrix @ product
+            continue
+        channels = product.shape[0] if product is not None else _channels(weighted[0])[0]
+        gains = None if op.multiplier is None else channel_gains(op.multiplier, op.out_shape, axis, channels)
+        if gains is None:
+            return None
+        gains = gains.to(torch.float64)
+        product = torch.diag(gains) if product is None else gains[:, None] * product
+    return certified_cast(spectral_norm64(product, 10, policy.exact_eig_max_dim(product.device.type)), torch.float64)
 
 
-def _gram64(W: Tensor, n_iter: int) -> Tensor:
-    """Gram-iteration bound of a float64/complex128 (batch of) matrix, no safety margin.
-
-    G_0 = W (or W^H if W is wide, so that the Gram matrices are min(m, n)-square: same sigmas),
-    G_{t+1} = G_t^H G_t, hence sigma_1(G_t) = sigma_1(W)^(2^t) <= ||G_t||_F, i.e.
-    sigma_1(W) <= ||G_t||_F^(1/2^t) = (sum_i sigma_i^(2^(t+1)))^(1/2^(t+1)).  To avoid overflow,
-    G_t = exp(l_t) * H_t with ||H_t||_F = 1 before each product, so l_{t+1} = 2 (l_t + log||H_t||_F)
-    and log bound = (l_T + log||H_T||_F) / 2^T.  Norms are clamped at the smallest positive
-    float64 so a zero matrix yields 0 with zero (not NaN) gradient.
-    """
-    G = W.mH if W.shape[-1] > W.shape[-2] else W
-    log_scale = torch.zeros(W.shape[:-2], dtype=torch.float64, device=W.device)
-    for _ in range(n_iter):
-        fro = torch.linalg.matrix_norm(G).clamp_min(_TINY)
-        log_scale = 2.0 * (log_scale + torch.log(fro))
-        G = G / fro[..., None, None]
-        G = G.mH @ G
-    fro = torch.linalg.matrix_norm(G).clamp_min(_TINY)
-    return torch.exp((log_scale + torch.log(fro)) / 2.0**n_iter)
+def _one_weighted_op(ops: Sequence[OpFacts]) -> bool:
+    """One weighted op, and around it only diagonal ops and numel-keeping reshapes (route 2)."""
+    if sum(isinstance(op.structure, WeightedMap) for op in ops) != 1:
+        return False
+    return all(isinstance(op.structure, WeightedMap) or op.multiplier is not None
+               or (op.isometry and op.in_shape.numel() == op.out_shape.numel()) for op in ops)
 
 
-def _exact64(W: Tensor) -> Tensor:
-    """Exact sigma_1 of a float64/complex128 (batch of) matrix: sqrt(lambda_max(W^H W)).
-
-    The Gram matrix is taken on the smaller side.  Unlike svdvals, eigvalsh's backward
-    (v v^H for the top eigenvector) never divides by eigenvalue gaps, so the gradient stays
-    finite for repeated sigma_1; it is also ~1.5x cheaper than an SVD on CPU.  The top eigenvalue
-    is well conditioned (absolute error ~ eps * ||W||_F^2), so squaring costs no accuracy there.
-    """
-    return sigma_from_gram64(W.mH @ W if W.shape[-1] <= W.shape[-2] else W @ W.mH)
-
-
-def sigma_from_gram64(gram: Tensor) -> Tensor:
-    """Exact sigma_1 of ``W`` from its float64/complex128 Gram matrix ``W^H W`` or ``W W^H`` (or a batch of them):
-    ``sqrt(lambda_max)`` by ``eigvalsh`` (see :func:`_exact64`), no margin."""
-    return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(_TINY).sqrt()
-
-
-def is_exact(shape: Sequence[int], device: torch.device, exact_max_dim: float | None = None) -> bool:
-    """Whether :func:`spectral_norm64` computes sigma_1 of a matrix of ``shape`` on ``device`` exactly (rather than a
-    Gram-iteration bound): when min(m, n) <= ``exact_max_dim``, by default the limit of the device type (see
-    :func:`dense_spectral_bound`)."""
-    if exact_max_dim is None:
-        exact_max_dim = _DEFAULT_POLICY.exact_eig_max_dim(device.type)
-    return min(shape[-2:]) <= exact_max_dim
-
-
-def spectral_norm64(W: Tensor, n_iter: int, exact_max_dim: float | None) -> Tensor:
-    """sigma_1 of a float64/complex128 (batch of) matrix, exact or a Gram-iteration upper bound by size and device
-    (:func:`is_exact`), with no margin: callers round it up with :func:`certified_cast`."""
-    return _exact64(W) if is_exact(W.shape, W.device, exact_max_dim) else _gram64(W, n_iter)
+def _segments(ops: Sequence[OpFacts], policy: BoundPolicy) -> list[tuple[Tensor, bool]]:
+    """Certified float64 norms whose product bounds the node, each with whether it is exact: one per weighted op
+    with the diagonal ops around it folded in, one per remaining non-isometric op."""
+    folded: set[int] = set()
+    segments = []
+    for k, op in enumerate(ops):
+        if not isinstance(op.structure, WeightedMap):
+            continue
+        weighted = op.structure
+        channels_in, channels_out = _channels(weighted)
+        before = _fold(weighted, ops, range(k - 1, -1, -1), channels_in, folded)
+        after = _fold(weighted, ops, range(k + 1, len(ops)), channels_out, folded)
+        segments.append(weighted_norm(weighted, before, after, policy))
+        folded.add(k)
+    for k, op in enumerate(ops):
+        if k in folded or op.isometry:
+            continue
+        if op.closed_form is not None:
+            segments.append((certified_cast(op.closed_form.to(torch.float64), torch.float64), True))
+        elif isinstance(op.structure, OneSignMap):
+            segments.append((schur_bound(op.structure), False))
+        else:
+            raise MissingCertificate(op)
+    return segments
 
 
-# ----------------------------------------------------------------------------- dense matrices
+def _channels(op: WeightedMap) -> tuple[int, int]:
+    """The input and output channel counts of a weighted op, from its weight's layout."""
+    a, b = op.weight.shape[:2]
+    if op.conv is None:
+        return b, a
+    groups = op.conv.groups
+    return (a, b * groups) if op.conv.transposed else (b * groups, a)
 
 
-def gram_spectral_bound(W: Tensor, n_iter: int = 6) -> Tensor:
-    """Gram-iteration upper bound on sigma_1 of ``W`` (Delattre et al., ICML 2023).
-
-    G_0 = W, G_{t+1} = G_t^H G_t (rescaled by its Frobenius norm each step to avoid overflow, the
-    log-scale tracked); bound = ||G_T||_F^(1/2^T) * rescale = (sum_i sigma_i^(2^(T+1)))^(1/2^(T+1)).
-    It is an upper bound on sigma_1 at every iterate and converges to it super-linearly; its
-    overestimate is at most a factor rank(W)^(1/2^(T+1)) (reached when all sigmas are equal).
-    For wide W the iteration starts from W^H (same singular values, smaller Gram matrices).
-
-    Args:
-        W: real or complex matrix ``(m, n)`` or batch ``(..., m, n)``.
-        n_iter: number of Gram steps T >= 0 (T = 0 gives the Frobenius norm).
-
-    Returns:
-        The bound per batch element, shape ``W.shape[:-2]``, in W's real dtype; computed in
-        float64, times (1 + 1e-6), rounded upwards (see module docstring).
-    """
-    if W.dim() < 2:
-        raise ValueError(f"expected a (batch of) matrix, got shape {tuple(W.shape)}")
-    if n_iter < 0:
-        raise ValueError(f"n_iter must be >= 0, got {n_iter}")
-    return certified_cast(_gram64(_as64(W), n_iter), W.dtype.to_real())
-
-
-def dense_spectral_bound(W: Tensor, *, n_iter: int = 10, exact_max_dim: float | None = None) -> Tensor:
-    """Certified sigma_1 of a dense matrix (or batch of matrices).
-
-    Exact, as sqrt(lambda_max(W^H W)) via ``torch.linalg.eigvalsh`` on the min(m, n)-square Gram
-    matrix, when min(m, n) <= ``exact_max_dim``; otherwise the Gram-iteration bound with
-    ``n_iter`` steps (overestimate <= rank^(1/2^(n_iter+1)), i.e. <= 0.4% for rank 4096 at the
-    default 10 and typically ~1e-9 for random matrices).
-
-    Threshold (``exact_max_dim=None`` picks it by device): on CPU the exact route is measured to
-    cost about as much as 6 Gram steps forward and less forward+backward, at every size (512: 14
-    vs 13 ms forward, 25 vs 44 ms with backward; 2048: 0.41 vs 0.71 s, 1.1 vs 2.6 s; float64), so
-    CPU is always exact; on CUDA and other devices the limit is
-    32 (cuSOLVER's batched eigensolver covers only matrices up to 32x32, larger ones are solved
-    one at a time, whereas Gram iteration is a few batched matmuls) -- the GPU value is not
-    measured here.
-
-    Returns:
-        Shape ``W.shape[:-2]``, in W's real dtype; float64 inside, times (1 + 1e-6), rounded up.
-    """
-    if W.dim() < 2:
-        raise ValueError(f"expected a (batch of) matrix, got shape {tuple(W.shape)}")
-    return certified_cast(spectral_norm64(_as64(W), n_iter, exact_max_dim), W.dtype.to_real())
-
-
-def dense_matrix(op: Callable[[Tensor], Tensor], in_shape: Sequence[int], device: torch.device,
-                 dtype: torch.dtype = torch.float64) -> Tensor:
-    """The matrix ``J`` (``n_out x n_in``) of the linear map ``op`` (a function of a batch of inputs of per-sample
-    shape ``in_shape``), built from the smaller side: ``op`` applied to the identity basis (rows of ``J^T``) when
-    ``n_in <= n_out``, else the adjoint applied to the output basis by batched autograd (rows of ``J``), with
-    ``create_graph`` under grad so that the matrix stays differentiable in the weights."""
-    in_dim = math.prod(in_shape)
-    out_shape = op(torch.zeros(1, *in_shape, dtype=dtype, device=device)).shape
-    out_dim = math.prod(out_shape)
-    if in_dim <= out_dim:
-        basis = torch.eye(in_dim, dtype=dtype, device=device).view(in_dim, *in_shape)
-        return op(basis).reshape(in_dim, out_dim).T
-    track_weights = torch.is_grad_enabled()
-    with torch.enable_grad():  # the adjoint is taken by autograd w.r.t. the input, even under no_grad
-        probe = torch.zeros(1, *in_shape, dtype=dtype, device=device, requires_grad=True)
-        basis = torch.eye(out_dim, dtype=dtype, device=device).view(out_dim, *out_shape)
-        (rows,) = torch.autograd.grad(op(probe), probe, basis, is_grads_batched=True, create_graph=track_weights)
-    return rows.reshape(out_dim, in_dim)
+def _fold(weighted: WeightedMap, ops: Sequence[OpFacts], order: range, channels: int,
+          folded: set[int]) -> Tensor | None:
+    """The per-channel gains of the diagonal ops met walking ``order`` away from a weighted op (across pointwise
+    identities, up to the first other op), marked ``folded``; ``None`` if there are none. A diagonal op folds when
+    its multiplier is constant off the weighted op's channel axis, read from the tensor's real rank."""
+    gains, taken = None, []
+    for k in order:
+        op = ops[k]
+        if op.pointwise:
+            continue
+        g = (None if op.multiplier is None or k in folded or len(op.out_shape) != len(weighted.in_shape) else
+             channel_gains(op.multiplier, op.out_shape, weighted.channel_axis, channels))
+        if g is None:
+            break
+        gains, taken = (g if gains is None else gains * g), [*taken, k]
+    folded.update(taken)
+    return gains

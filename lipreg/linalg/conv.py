@@ -1,7 +1,7 @@
 """Certified, differentiable upper bounds on the operator norm of the linear part (no bias) of torch's
 convolutions and transposed convolutions: the FFT bound of a circular embedding (Sedghi et al.), and the exact norm
 of the dense matrix when the operator is small.  Numerics (float64, margin, upward rounding) as in
-:mod:`lipreg.linalg.certify`.
+:mod:`lipreg.linalg.dense`.
 
 References: Sedghi, Gupta & Long, "The singular values of convolutional layers" (ICLR 2019);
 Delattre, Barthelemy & Allauzen, "Spectral norm of convolutional layers with circular and zero paddings" (2024).
@@ -10,7 +10,7 @@ Delattre, Barthelemy & Allauzen, "Spectral norm of convolutional layers with cir
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,12 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..policy import BoundPolicy
-from .certify import certified_cast, dense_matrix, is_exact, sigma_from_gram64, spectral_norm64
+from .conv_layer import ConvLayer, layer_geometry
+from .dense import certified_cast, dense_matrix, is_exact, scaled, sigma_from_gram64, spectral_norm64
 
-__all__ = ["conv_spectral_bound"]
-
-_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-
+__all__ = ["conv_certificate", "conv_spectral_bound", "dense_route"]
 
 @dataclass(frozen=True)
 class _AxisPlan:
@@ -37,32 +35,6 @@ class _AxisPlan:
     grid: int
     phases: int
     pad_norm: float
-
-
-def _expand(value: int | Sequence[int], dims: int, name: str) -> tuple[int, ...]:
-    """An int or a length-``dims`` sequence of ints, as a ``dims``-tuple."""
-    if isinstance(value, int):
-        return (value,) * dims
-    out = tuple(int(v) for v in value)
-    if len(out) != dims:
-        raise ValueError(f"{name} must be an int or have {dims} entries, got {value!r}")
-    return out
-
-
-def _resolve_padding(
-    padding: str | int | Sequence[int], extents: Sequence[int], stride: Sequence[int]
-) -> tuple[tuple[int, int], ...]:
-    """(left, right) padding per axis as torch applies it; 'same' pads extent-1 with the extra
-    element on the right (left = (extent-1)//2), 'valid' pads nothing."""
-    if padding == "valid":
-        return tuple((0, 0) for _ in extents)
-    if padding == "same":
-        if any(s != 1 for s in stride):
-            raise ValueError("padding='same' is not supported for strided convolutions")
-        return tuple(((e - 1) // 2, e - 1 - (e - 1) // 2) for e in extents)
-    if isinstance(padding, str):
-        raise ValueError(f"padding must be 'same', 'valid', an int or a tuple, got {padding!r}")  # noqa: TRY004
-    return tuple((p, p) for p in _expand(padding, len(extents), "padding"))
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -178,47 +150,83 @@ def conv_spectral_bound(
       groups, mapping the transposed conv's output shape (which includes ``output_padding``) to
       its input shape; adjoints have equal norms.  When output_padding >= stride (allowed if
       dilation > stride) the transposed conv is a column-submatrix of that adjoint: still a bound.
-    * If the operator has at most ``dense_max_entries`` = rows*cols entries, its dense matrix is
-      also built (per group, from its kernel slices: ``_dense_blocks``) and its sigma_1 computed as
-      in ``dense_spectral_bound`` (the max over the groups' blocks); when that is exact (always on
-      CPU) it is returned alone, else the minimum of the two certified bounds.  This removes the
-      circular embedding's slack on small inputs (e.g. a 3x3 kernel on 4x4 .. 8x8 images).  The
-      Gram matrix on the smaller side is formed from the kernel's channel correlations when that is
-      cheaper (``_kernel_gram``); the eigvalsh of that min(rows, cols)-square matrix (1024-square at
-      the default 2^20, e.g. 16 channels on 8x8) then dominates, against a few ms for the Fourier
-      bound.  Set it to 0 to use the Fourier bound only.
+    * Per group (a grouped or depthwise conv is block-diagonal, so the route is decided on one
+      group's block, see :func:`dense_route`): when one group's block has at most
+      ``dense_max_entries`` entries, the dense blocks are also formed (from the kernel slices:
+      ``_dense_blocks``) and their sigma_1 computed as in ``dense_spectral_bound`` (the max over
+      the groups); when that is exact (always on CPU) it is returned alone, else the minimum of the
+      two certified bounds.  This removes the circular embedding's slack on small maps (a 3x3
+      kernel on 1x1 .. 8x8) and on depthwise convs.  The Gram matrix on the smaller side is formed
+      from the kernel's channel correlations when that is cheaper (``_kernel_gram``); the eigvalsh
+      of that min(rows, cols)-square matrix then dominates.  Set it to 0 to use the Fourier bound only.
+    * ``padding`` may also be a tuple of (left, right) pairs, one per axis.
+    * The weight is scaled by a power of two before any product (``scaled``: no underflow or
+      overflow of its squares); a NaN (inf) weight gives a NaN (inf) bound.
 
     Returns:
         A 0-dim tensor in the weight's dtype; float64 inside, times (1 + 1e-6), rounded upwards.
     """
-    geometry = _conv_geometry(
+    return conv_certificate(weight, input_shape, stride, padding, dilation, groups, padding_mode, transposed,
+                            output_padding, dense_max_entries=dense_max_entries)[0]
+
+
+def conv_certificate(
+    weight: Tensor,
+    input_shape: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: str | int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    transposed: bool = False,
+    output_padding: int | Sequence[int] = 0,
+    *,
+    dense_max_entries: int = BoundPolicy.conv_dense_entries,
+) -> tuple[Tensor, bool]:
+    """:func:`conv_spectral_bound`, and whether it is the exact norm (its dense route, exactly solved)."""
+    geometry = layer_geometry(
         weight, input_shape, stride, padding, dilation, groups, padding_mode, transposed, output_padding
     )
     w64 = weight.to(torch.float64)
-    kernel = tuple(weight.shape[2:])
-    plans = [
-        _axis_plan(n, k, s, d, p, padding_mode)
-        for n, k, s, d, p in zip(geometry.conv_in, kernel, geometry.stride, geometry.dilation, geometry.pad)
-    ]
-    c_in, c_out = weight.shape[1] * groups, weight.shape[0]  # of the non-transposed conv
-    entries = c_in * math.prod(geometry.conv_in) * c_out * math.prod(geometry.conv_out)
-    if entries > dense_max_entries:
-        return certified_cast(_fourier_bound64(w64, groups, geometry.dilation, plans), weight.dtype)
-    layer = _Layer(w64, geometry, padding, groups, padding_mode, transposed, output_padding)
-    # (output, input) pixels and channels of the layer itself
+    c_in, c_out = w64.shape[1] * groups, w64.shape[0]  # of the non-transposed conv
+    # (output, input) pixels and channels of the layer itself, and one group's block
     pixels = (math.prod(geometry.conv_in if transposed else geometry.conv_out), math.prod(geometry.input_shape))
     channels = (c_in, c_out) if transposed else (c_out, c_in)
     block = (channels[0] // groups * pixels[0], channels[1] // groups * pixels[1])
-    if is_exact(block, weight.device):  # the Fourier bound, an upper bound of the same operator, cannot be tighter
+    dense = dense_route(block, groups, dense_max_entries)
+    layer = ConvLayer(w64, geometry, padding, groups, padding_mode, transposed, output_padding)
+    bound64 = scaled(lambda w: _conv_norm64(layer.scaled(w), pixels, block, dense), w64, dims=w64.dim())
+    return certified_cast(bound64, weight.dtype), dense and is_exact(block, weight.device)
+
+
+def dense_route(block: tuple[int, int], groups: int, dense_max_entries: float) -> bool:
+    """Whether the ``groups`` diagonal blocks of ``block = (rows, columns)`` entries each are certified from their
+    dense matrices: when each block has at most ``dense_max_entries`` entries (so its Gram matrix too), and the
+    eigensolves of all groups together cost at most one of the largest size (``groups side^3 <=
+    dense_max_entries^1.5``, ``side`` the smaller of ``rows`` and ``columns``)."""
+    side = min(block)
+    return block[0] * block[1] <= dense_max_entries and groups * side**3 <= dense_max_entries**1.5
+
+
+def _conv_norm64(layer: ConvLayer, pixels: tuple[int, int], block: tuple[int, int], dense: bool) -> Tensor:
+    """:func:`conv_spectral_bound` of a layer with a float64 weight (already scaled), no margin."""
+    w64, geometry = layer.w64, layer.geometry
+    plans = [
+        _axis_plan(n, k, s, d, p, layer.padding_mode)
+        for n, k, s, d, p in zip(geometry.conv_in, w64.shape[2:], geometry.stride, geometry.dilation, geometry.pad)
+    ]
+    if not dense:
+        return _fourier_bound64(w64, layer.groups, geometry.dilation, plans)
+    if is_exact(block, w64.device):  # the Fourier bound, an upper bound of the same operator, cannot be tighter
         kernel_gram = _kernel_gram(layer, pixels, block)
         if kernel_gram is not None:
-            return certified_cast(sigma_from_gram64(kernel_gram).max(), weight.dtype)
-        return certified_cast(spectral_norm64(_dense_blocks(layer), 10, None).max(), weight.dtype)
-    dense = spectral_norm64(_dense_blocks(layer), 10, None).max()
-    return certified_cast(torch.minimum(dense, _fourier_bound64(w64, groups, geometry.dilation, plans)), weight.dtype)
+            return sigma_from_gram64(kernel_gram).max()
+        return spectral_norm64(_dense_blocks(layer), 10, None).max()
+    bound = spectral_norm64(_dense_blocks(layer), 10, None).max()
+    return torch.minimum(bound, _fourier_bound64(w64, layer.groups, geometry.dilation, plans))
 
 
-def _kernel_gram(layer: _Layer, pixels: tuple[int, int], block: tuple[int, int]) -> Tensor | None:
+def _kernel_gram(layer: ConvLayer, pixels: tuple[int, int], block: tuple[int, int]) -> Tensor | None:
     """The Gram matrices of the layer's ``groups`` blocks on their smaller side, from the kernel's channel
     correlations; ``None`` when building the blocks and their Gram products is cheaper.
 
@@ -256,7 +264,7 @@ def _kernel_gram(layer: _Layer, pixels: tuple[int, int], block: tuple[int, int])
     return gram.reshape(groups, side, side)
 
 
-def _dense_blocks(layer: _Layer) -> Tensor:
+def _dense_blocks(layer: ConvLayer) -> Tensor:
     """The transposes of the layer's ``groups`` diagonal blocks, up to a permutation of their rows (which keeps the
     singular values): ``(groups, Q * c_in/groups, c_out/groups * P)`` for ``Q`` / ``P`` input / output pixels, rows
     ordered (input pixel, input channel), columns (output channel, output pixel).
@@ -280,90 +288,3 @@ def _dense_blocks(layer: _Layer) -> Tensor:
     pixels_out, pixels_in = slices.shape[0] // (a * b), slices.shape[1]
     slices = slices.view(groups, c_in, c_out, pixels_out, pixels_in).permute(0, 4, 1, 2, 3)
     return slices.reshape(groups, pixels_in * c_in, c_out * pixels_out)
-
-
-@dataclass(frozen=True)
-class _ConvGeometry:
-    """Per-axis sizes of a conv layer; for a transposed layer, ``conv_in`` / ``conv_out`` are those
-    of the (non-transposed) conv it is the adjoint of: conv_in = the transposed layer's output."""
-
-    input_shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dilation: tuple[int, ...]
-    pad: tuple[tuple[int, int], ...]
-    conv_in: tuple[int, ...]
-    conv_out: tuple[int, ...]
-
-
-def _conv_geometry(
-    weight: Tensor,
-    input_shape: Sequence[int],
-    stride: int | Sequence[int],
-    padding: str | int | Sequence[int],
-    dilation: int | Sequence[int],
-    groups: int,
-    padding_mode: str,
-    transposed: bool,
-    output_padding: int | Sequence[int],
-) -> _ConvGeometry:
-    """Validate the hyper-parameters as torch does and compute the sizes (ValueError if invalid).
-
-    Transposed: output size (n-1)*s - l - r + extent + output_padding per axis; a conv with the
-    same weight, stride, padding and dilation maps that size back to n + output_padding // s rows.
-    """
-    dims = weight.dim() - 2
-    if dims not in (1, 2, 3):
-        raise ValueError(f"weight must have 3, 4 or 5 dims, got shape {tuple(weight.shape)}")
-    if padding_mode not in _PADDING_MODES:
-        raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
-    if weight.shape[0] % groups:
-        raise ValueError(f"weight.shape[0]={weight.shape[0]} is not divisible by groups={groups}")
-    shape = _expand(input_shape, dims, "input_shape")
-    stride_t = _expand(stride, dims, "stride")
-    dilation_t = _expand(dilation, dims, "dilation")
-    extents = tuple(d * (k - 1) + 1 for d, k in zip(dilation_t, weight.shape[2:]))
-    pad = _resolve_padding(padding, extents, stride_t)
-    conv_in = shape
-    if transposed:
-        if padding_mode != "zeros" or isinstance(padding, str):
-            raise ValueError("transposed convolutions support only padding_mode='zeros' and int/tuple padding")
-        out_pad = _expand(output_padding, dims, "output_padding")
-        if any(op >= max(s, d) for op, s, d in zip(out_pad, stride_t, dilation_t)):
-            raise ValueError("output_padding must be smaller than either stride or dilation")
-        conv_in = tuple(
-            (n - 1) * s - l - r + e + op for n, s, (l, r), e, op in zip(shape, stride_t, pad, extents, out_pad)
-        )
-    if min(conv_in) < 1 or any(n + l + r < e for n, (l, r), e in zip(conv_in, pad, extents)):
-        raise ValueError(f"kernel extent {extents} does not fit input {conv_in} padded by {pad}")
-    conv_out = tuple((n + l + r - e) // s + 1 for n, (l, r), e, s in zip(conv_in, pad, extents, stride_t))
-    return _ConvGeometry(shape, stride_t, dilation_t, pad, conv_in, conv_out)
-
-
-@dataclass(frozen=True)
-class _Layer:
-    """A conv (or transposed conv) layer with float64 weight ``w64``, as torch's modules compute it."""
-
-    w64: Tensor
-    geometry: _ConvGeometry
-    padding: str | int | Sequence[int]
-    groups: int
-    padding_mode: str
-    transposed: bool
-    output_padding: int | Sequence[int]
-
-    def op(self, weight: Tensor | None = None, groups: int | None = None) -> Callable[[Tensor], Tensor]:
-        """The linear part (of this layer, or of the same geometry with another ``weight`` and ``groups``) as a
-        function of a batched float64 input, exactly as nn.Conv*/nn.ConvTranspose* compute it (non-zeros modes:
-        F.pad, then a valid conv)."""
-        w = self.w64 if weight is None else weight
-        g = self.groups if groups is None else groups
-        dims = w.dim() - 2
-        stride, dilation = self.geometry.stride, self.geometry.dilation
-        if self.transposed:
-            fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
-            return lambda x: fn(x, w, None, stride, self.padding, self.output_padding, g, dilation)
-        fn = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-        if self.padding_mode == "zeros":
-            return lambda x: fn(x, w, None, stride, self.padding, dilation, g)
-        torch_pad = tuple(p for pair in reversed(self.geometry.pad) for p in pair)
-        return lambda x: fn(F.pad(x, torch_pad, mode=self.padding_mode), w, None, stride, 0, dilation, g)

@@ -21,6 +21,8 @@ from typing import Any, Callable, Hashable, Mapping, Protocol
 import torch
 from torch import Tensor, fx, nn
 
+from ..linalg.maps import OneSignMap, WeightedMap
+
 
 def raw_argument(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     """A call's argument at position ``index``, else keyword ``name``, else ``default`` (fx nodes left in)."""
@@ -142,9 +144,11 @@ class LinearOp(Rule):
         """For a diagonal op ``v -> m * v`` (same shape in and out), ``m`` broadcastable to ``(1, *shape)``."""
         return None
 
-    def certified_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor | None:
-        """A guaranteed upper bound on this op's norm (no iteration from below), when the rule knows one."""
-        return self.closed_form_norm(info, call, dtype)
+    def structure(self, info: NodeInfo, call: Call) -> WeightedMap | OneSignMap | None:
+        """What the certificates need to know of this op beyond :meth:`multiplier` and :meth:`closed_form_norm`
+        (its weight and geometry, or that its entries have one sign); the certificate itself is decided in
+        :mod:`lipreg.linalg.certify`."""
+        return None
 
 
 class Activation(Rule):

@@ -13,43 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..linalg.certify import certified_cast, dense_spectral_bound, fold_channel_gains
-from ..linalg.conv import conv_spectral_bound
-from ..policy import BoundPolicy
+from ..linalg.maps import ConvGeometry, OneSignMap, WeightedMap
 from .base import Call, LinearOp, NodeInfo, Refuse
 from .registry import register_rule
 
 
-class WeightedOp(LinearOp):
-    """A linear op given by a weight (``nn.Linear``, convolutions) whose certificate (:mod:`lipreg.linalg.certify`) can
-    absorb per-channel diagonal factors on both sides: the certified norm of ``diag(after) A diag(before)`` is that
-    of one operator, its weight with the gains folded in (:func:`~lipreg.linalg.certify.fold_channel_gains`), instead of
-    the product ``max|after| ||A|| max|before||``, which is loose when the gains are spread out."""
-
-    channel_axis = 1
-    """The axis of the (batched) input and output that the weight mixes; every other axis is acted on alike."""
-
-    def certified_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
-        return self.folded_norm(info, dtype, None, None)
-
-    def folded_norm(self, info: NodeInfo, dtype: torch.dtype, before: Tensor | None, after: Tensor | None,
-                    policy: BoundPolicy = BoundPolicy()) -> Tensor:
-        """Certified ``sigma_1(diag(after) A diag(before))``, ``before`` / ``after`` gains per input / output channel
-        (``None``: 1), computed from the weight in ``dtype``, with the size limits of ``policy``."""
-        raise NotImplementedError
-
-    def channel_gains(self, multiplier: Tensor, shape: torch.Size) -> Tensor | None:
-        """The per-channel gains of the diagonal map ``v -> multiplier * v`` on inputs of ``shape`` (batch of one),
-        or ``None`` when it is not constant along the axes other than :attr:`channel_axis`."""
-        full = torch.broadcast_to(multiplier, shape).movedim(self.channel_axis, 0)
-        gains = full.reshape(full.shape[0], -1)
-        return gains[:, 0] if bool((gains == gains[:, :1]).all()) else None
-
-
-class DenseLinear(WeightedOp):
+class DenseLinear(LinearOp):
     """``nn.Linear``: ``v -> W v``."""
-
-    channel_axis = -1
 
     def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
         return F.linear(v, info.module.weight.to(v.dtype))
@@ -61,11 +31,8 @@ class DenseLinear(WeightedOp):
         """``W^T u``, as ``u W`` on the last axis."""
         return u @ info.module.weight.to(u.dtype)
 
-    def folded_norm(self, info: NodeInfo, dtype: torch.dtype, before: Tensor | None, after: Tensor | None,
-                    policy: BoundPolicy = BoundPolicy()) -> Tensor:
-        """``sigma_1(diag(after) W diag(before))`` exactly or by Gram iteration (an upper bound at every iterate)."""
-        weight = fold_channel_gains(info.module.weight.to(dtype), 1, after, before)
-        return dense_spectral_bound(weight, exact_max_dim=policy.exact_eig_max_dim(weight.device.type))
+    def structure(self, info: NodeInfo, call: Call) -> WeightedMap:
+        return WeightedMap(info.module.weight, info.in_shapes[0])
 
 
 def _spatial(info: NodeInfo) -> torch.Size:
@@ -121,7 +88,7 @@ def conv_transpose_adjoint(u: Tensor, weight: Tensor, in_spatial: Sequence[int],
     return out
 
 
-class Convolution(WeightedOp):
+class Convolution(LinearOp):
     """``nn.Conv{1,2,3}d`` with any stride, padding (all modes), dilation and groups: the conv without bias."""
 
     def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
@@ -136,17 +103,23 @@ class Convolution(WeightedOp):
         m = info.module
         return conv_adjoint(u, m.weight.to(u.dtype), _spatial(info), m.stride, m.padding, m.dilation, m.groups)
 
-    def folded_norm(self, info: NodeInfo, dtype: torch.dtype, before: Tensor | None, after: Tensor | None,
-                    policy: BoundPolicy = BoundPolicy()) -> Tensor:
-        """The FFT bound of Sedghi et al. (2019) on the circular embedding of the convolution."""
+    def structure(self, info: NodeInfo, call: Call) -> WeightedMap:
         m = info.module
-        weight = fold_channel_gains(m.weight.to(dtype), m.groups, after, before)
-        return conv_spectral_bound(weight, _spatial(info), stride=m.stride, padding=m.padding,
-                                   dilation=m.dilation, groups=m.groups, padding_mode=m.padding_mode,
-                                   dense_max_entries=policy.conv_dense_entries)
+        geometry = ConvGeometry(m.stride, applied_padding(m), m.dilation, m.groups, m.padding_mode)
+        return WeightedMap(m.weight, info.in_shapes[0], geometry)
 
 
-class TransposedConvolution(WeightedOp):
+def applied_padding(module: nn.modules.conv._ConvNd) -> Any:
+    """The padding torch applies: ``.padding`` for zeros (passed to the functional conv), else the private
+    ``_reversed_padding_repeated_twice`` that ``_conv_forward`` pads with, fixed at construction (a ``.padding``
+    set later is not what the module computes), as (left, right) pairs in axis order."""
+    if module.padding_mode == "zeros":
+        return module.padding
+    flat = module._reversed_padding_repeated_twice
+    return tuple(reversed([(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]))
+
+
+class TransposedConvolution(LinearOp):
     """``nn.ConvTranspose{1,2,3}d``: the adjoint of a convolution, with the module's ``output_padding``."""
 
     def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
@@ -162,15 +135,11 @@ class TransposedConvolution(WeightedOp):
         return conv_transpose_adjoint(u, m.weight.to(u.dtype), _spatial(info), m.stride, m.padding, m.dilation,
                                       m.groups)
 
-    def folded_norm(self, info: NodeInfo, dtype: torch.dtype, before: Tensor | None, after: Tensor | None,
-                    policy: BoundPolicy = BoundPolicy()) -> Tensor:
-        """The FFT bound of the adjoint convolution (adjoints have equal norms)."""
+    def structure(self, info: NodeInfo, call: Call) -> WeightedMap:
         m = info.module
-        weight = fold_channel_gains(m.weight.to(dtype), m.groups, before, after)
-        return conv_spectral_bound(weight, _spatial(info), stride=m.stride, padding=m.padding,
-                                   dilation=m.dilation, groups=m.groups, transposed=True,
-                                   output_padding=m.output_padding,
-                                   dense_max_entries=policy.conv_dense_entries)
+        geometry = ConvGeometry(m.stride, m.padding, m.dilation, m.groups, transposed=True,
+                                output_padding=m.output_padding)
+        return WeightedMap(m.weight, info.in_shapes[0], geometry)
 
 
 def batch_norm_scale(module: nn.modules.batchnorm._BatchNorm, dtype: torch.dtype) -> Tensor:
@@ -232,10 +201,15 @@ class FunctionalLinear(LinearOp):
     def adjoint(self, info: NodeInfo, call: Call, u: Tensor) -> Tensor:
         return u @ call.arg_value(1, "weight").to(u.dtype)
 
+    def structure(self, info: NodeInfo, call: Call) -> WeightedMap:
+        """The weight as the graph computes it from the parameters (a computed weight included)."""
+        return WeightedMap(call.arg_value(1, "weight"), info.in_shapes[0])
+
 
 class FunctionalConvolution(LinearOp):
-    """``F.conv{1,2,3}d(x, weight, bias, stride, padding, dilation, groups)`` with a constant ``weight`` and numeric
-    padding: the convolution without bias, adjoint the transposed convolution (:func:`conv_adjoint`)."""
+    """``F.conv{1,2,3}d(x, weight, bias, stride, padding, dilation, groups)`` with a constant ``weight`` (read from
+    the parameters, or computed from them: weight standardisation): the convolution without bias, adjoint the
+    transposed convolution (:func:`conv_adjoint`) for numeric padding, autograd's for ``'same'``."""
 
     def __init__(self) -> None:
         super().__init__(homogeneous=True)
@@ -249,11 +223,16 @@ class FunctionalConvolution(LinearOp):
         return _CONV[weight.dim() - 2](v, weight, None, *self._params(info))
 
     def has_adjoint(self, info: NodeInfo) -> bool:
-        return True
+        return explicit_padding(info.arg(4, "padding", 0))
 
     def adjoint(self, info: NodeInfo, call: Call, u: Tensor) -> Tensor:
         weight = call.arg_value(1, "weight").to(u.dtype)
         return conv_adjoint(u, weight, info.in_shapes[0][2 - weight.dim():], *self._params(info))
+
+    def structure(self, info: NodeInfo, call: Call) -> WeightedMap:
+        stride, padding, dilation, groups = self._params(info)
+        return WeightedMap(call.arg_value(1, "weight"), info.in_shapes[0],
+                           ConvGeometry(stride, padding, dilation, groups))
 
 
 _LINEAR_SIGNATURE = ("input", "weight", "bias")
@@ -266,16 +245,51 @@ def _functional_linear(info: NodeInfo) -> LinearOp:
 
 
 def _functional_convolution(info: NodeInfo) -> LinearOp:
-    """``F.conv*d`` with the input in ``input`` and numeric padding: :class:`FunctionalConvolution`; otherwise the
-    generic affine rule."""
-    if info.x_positions(_LINEAR_SIGNATURE) == [0] and explicit_padding(info.arg(4, "padding", 0)):
-        return FunctionalConvolution()
-    return LinearOp()
+    """``F.conv*d`` with the input in ``input``: :class:`FunctionalConvolution`; otherwise the generic affine
+    rule."""
+    return FunctionalConvolution() if info.x_positions(_LINEAR_SIGNATURE) == [0] else LinearOp()
+
+
+_BATCH_NORM_SIGNATURE = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+
+
+class FunctionalBatchNorm(LinearOp):
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, training=False, momentum, eps)``: the diagonal map
+    ``v -> v * weight / sqrt(running_var + eps)`` on the channels (axis 1, as torch reads them), folded into a
+    neighbouring convolution or linear layer as the module's is."""
+
+    def __init__(self) -> None:
+        super().__init__(homogeneous=True)
+
+    def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
+        return v * call.memo((v.dtype, v.dim()), lambda: self._gains(info, call, v.dtype, v.dim()))
+
+    def _gains(self, info: NodeInfo, call: Call, dtype: torch.dtype, ndim: int) -> Tensor:
+        scale = torch.rsqrt(call.arg_value(2, "running_var").to(dtype) + float(info.arg(7, "eps", 1e-5)))
+        weight = call.arg_value(3, "weight")
+        if weight is not None:
+            scale = scale * weight.to(dtype)
+        return _per_channel(scale, ndim)
+
+    def multiplier(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
+        return self._gains(info, call, dtype, len(info.out_shape))
+
+    def has_adjoint(self, info: NodeInfo) -> bool:
+        return True
+
+    def adjoint(self, info: NodeInfo, call: Call, u: Tensor) -> Tensor:
+        """A diagonal map is its own adjoint."""
+        return self.apply(info, call, u)
+
+    def closed_form_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
+        return self.multiplier(info, call, dtype).abs().max()
 
 
 def _functional_batch_norm(info: NodeInfo) -> LinearOp | Refuse:
     if info.arg(5, "training", False):
         return Refuse("F.batch_norm with training=True uses batch statistics: no per-sample Lipschitz constant")
+    if info.x_positions(_BATCH_NORM_SIGNATURE) == [0] and info.arg(2, "running_var") is not None:
+        return FunctionalBatchNorm()
     return LinearOp()
 
 
@@ -312,24 +326,18 @@ for _target in (F.pad, nn.modules.padding._ConstantPadNd, nn.modules.padding._Re
 class Averaging(LinearOp):
     """Average pooling (plain or adaptive), means and sums: linear maps whose entries all have one sign.
 
-    Certified by the Schur test: ``||A||_2 <= sqrt(max_i (|A| 1)_i * max_j (|A|^T 1)_j)``, the largest absolute
-    row sum times the largest absolute column sum. Every entry of these ops is ``1/d >= 0`` for its window's
-    divisor ``d``, except for average pools with a negative ``divisor_override``, whose entries are all ``<= 0``;
-    with one sign, ``|A| 1 = |A 1|`` and ``|A|^T 1 = |A^T 1|``, both read off one application of ``A`` and ``A^T``
-    to ones. Exact for non-overlapping pools (``1/sqrt(k)`` for k inputs per window), ``ceil(k/s)/k`` per dimension
-    for k-wide windows of stride s, whatever the padding, ``ceil_mode`` or ``count_include_pad``.
-    These ops have no weights: the sums are taken in float64 and the bound rounded upwards into ``dtype``.
+    Every entry of these ops is ``1/d >= 0`` for its window's divisor ``d``, except for average pools with a
+    negative ``divisor_override``, whose entries are all ``<= 0``: described as a
+    :class:`~lipreg.linalg.maps.OneSignMap`, certified by the Schur test (:func:`lipreg.linalg.certify.schur_bound`):
+    exact for non-overlapping pools (``1/sqrt(k)`` for k inputs per window), ``ceil(k/s)/k`` per dimension for
+    k-wide windows of stride s, whatever the padding, ``ceil_mode`` or ``count_include_pad``.
     """
 
     def __init__(self) -> None:
         super().__init__(homogeneous=True)
 
-    def certified_norm(self, info: NodeInfo, call: Call, dtype: torch.dtype) -> Tensor:
-        ones = torch.ones(info.in_shapes[0], dtype=torch.float64, device=call.device, requires_grad=True)
-        with torch.enable_grad():
-            out = self.apply(info, call, ones)
-            (column_sums,) = torch.autograd.grad(out, ones, torch.ones_like(out))
-        return certified_cast(torch.sqrt(out.detach().abs().max() * column_sums.abs().max()), dtype)
+    def structure(self, info: NodeInfo, call: Call) -> OneSignMap:
+        return OneSignMap(lambda v: self.apply(info, call, v), info.in_shapes[0], call.device)
 
 
 for _target in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
