@@ -314,7 +314,9 @@ def basic_sweep(tmp_path_factory) -> Path:
     """A 2-job multirun with the basic launcher, run once per session and shared by the pytest-xdist workers."""
     from filelock import FileLock
 
-    shared = tmp_path_factory.getbasetemp().parent  # common to all xdist workers of this session
+    base = tmp_path_factory.getbasetemp()
+    # an xdist worker's base is popen-gwN inside the session's: its parent is common to this session's workers only
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     sweep = shared / "hydra_basic_sweep"
     with FileLock(str(shared / "hydra_basic_sweep.lock")):
         if not (sweep / "done").is_file():
