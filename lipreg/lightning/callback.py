@@ -89,8 +89,10 @@ def refuse_penalty(given: dict[str, Any]) -> None:
 class LipschitzCallback(*callback_bases()):  # type: ignore[misc]
     """Log and certify the Lipschitz bound during ``trainer.fit``; log the Lipschitz terms of the module's loss.
 
-    Args (keyword-only; a misspelled one fails here, naming the closest valid option):
-        method: ``"autolip"`` or ``"seqlip"`` (:data:`~lipreg.options.Method`).
+    Every option is keyword-only; a misspelled one fails here, naming the closest valid option.
+
+    Args:
+        method: the bound estimated (:data:`~lipreg.options.Method`: ``"autolip"``, ``"seqlip"``, ``"liplt"``).
         module: name of the submodule to bound (``"net"``); the LightningModule itself when ``None``.
         n_iter: warm power iterations per training step.
         log_every_n_steps: how often the step-level bound is logged.
