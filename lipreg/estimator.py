@@ -286,7 +286,7 @@ class LipschitzEstimator(nn.Module):
         """
         self._refresh()  # before the nodes are read: the graph must be the model's as it is now
         self.check_finite()
-        if self.seqlip is not None and not self.seqlip.certified:
+        if not self.exact_search:
             warnings.warn("this SeqLip search is not exact on full SVDs, so it cannot be certified: "
                           "certified_bound() returns the tightest of the other certificates", stacklevel=2)
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()), self._evaluation() as operators:
@@ -304,6 +304,9 @@ class LipschitzEstimator(nn.Module):
         bounds it uses; sets :attr:`certificate`."""
         factors = {node: operators64[node].certified_norm(self.policy)
                    for node in _progress(self.graph.linear_nodes(), progress, "certify")}
+        if not all(bool(torch.isfinite(f).all()) for f in factors.values()):  # NaN or inf weights: no chain is
+            self.certificate = "autolip"  # bounded better than by its non-finite factors (the warning names them)
+            return autolip_bound(self.graph, factors, {}, dtype=torch.float64, device=self._device()), factors, {}
         exact = None
         if self._chains and all(plan_certified(plan_chain(c, "auto", self.policy, set())) for c in self._chains):
             # a fresh SeqLip (its warm state is irrelevant to an exact search), seeded: no global random state
@@ -399,11 +402,17 @@ class LipschitzEstimator(nn.Module):
         return self.graph.sample
 
     @property
+    def exact_search(self) -> bool:
+        """Whether the method's bound is certifiable once its norms are: ``False`` only for a greedy or low-rank
+        SeqLip search, which can miss the max, so that its converged estimate can stay below every certificate."""
+        return self.seqlip is None or self.seqlip.certified
+
+    @property
     def certified(self) -> bool:
         """Whether the last bound is a guaranteed upper bound: only when no operator needed a power
         iteration (every norm in closed form) and any SeqLip search was exact on full SVDs."""
         exact_norms = len(list(self._iterated_nodes())) == 0
-        return exact_norms and (self.seqlip is None or self.seqlip.certified) and \
+        return exact_norms and self.exact_search and \
             (self.liplt is None or not self.liplt.chains)
 
     def extra_repr(self) -> str:

@@ -116,7 +116,8 @@ def build(conv, mlp, seed: int) -> tuple[nn.Module, tuple[int, ...]]:
 @given(conv=convs, mlp=st.lists(blocks, max_size=4), seed=st.integers(0, 2**16), fuse=st.booleans())
 def test_bound_is_never_below_a_local_jacobian_norm(conv, mlp, seed, fuse):
     """The converged estimate, and the certified bound always (it never relies on convergence), are >= the
-    largest local Jacobian norm found by gradient ascent; certified >= estimate."""
+    largest local Jacobian norm found by gradient ascent (the certificate, the tightest of AutoLip, LipLT, ECLipsE
+    and exact SeqLip, may be below AutoLip's converged estimate)."""
     model, in_shape = build(conv, mlp, seed)
     x = 2 * torch.randn(4, *in_shape, dtype=DT)
     est = lipreg.LipschitzEstimator(model, x, dtype=DT, fuse=fuse)
@@ -125,4 +126,3 @@ def test_bound_is_never_below_a_local_jacobian_norm(conv, mlp, seed, fuse):
     lower = float(lower_bound(model, x, ascent_steps=2, lr=0.5, n_iter=10))
     assert upper >= lower * (1 - 1e-6), (upper, lower)
     assert certified >= lower, (certified, lower)
-    assert certified >= upper * (1 - 1e-9), (certified, upper)

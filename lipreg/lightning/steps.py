@@ -88,7 +88,7 @@ class StepLogger:
             return {}
         estimator = self.source.estimator
         ratio = certified_over_estimate(certified, estimate)
-        if ratio > self.reconverge_gap and estimator.method in (estimator.certificate or "").split("+"):
+        if ratio > self.reconverge_gap and estimator.exact_search:
             estimate = estimator.converge(max_iter=self.eval_n_iter).detach()
             ratio = certified_over_estimate(certified, estimate)
         return {keys.bound(estimator.method): float(estimate), keys.certified(estimator.method): float(certified),

@@ -90,10 +90,6 @@ class Report:
     def crashes(self) -> list[Finding]:
         return [f for f in self.findings if f.kind == "crash"]
 
-    def findings_outside(self, kinds: set[str]) -> list[Finding]:
-        """The findings of the architectures that draw none of ``kinds`` (the classes still open)."""
-        return [f for f in self.findings if not self.case_kinds.get(f.case, set()) & kinds]
-
     def undrawn_targets(self) -> list[str]:
         """Registered rule targets that no architecture used."""
         seen = set()
