@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.common import median_times
+from benchmarks.common import median_times, optimizer_step
 from experiments.data import DigitsDataModule
 from experiments.models import LipCNN
 from lipreg.linalg.certify import certified_cast
@@ -112,14 +112,7 @@ def overhead(module: DigitsDataModule, batch: int = 128) -> None:
         model = LipCNN(module.input_shape, module.num_classes)
         loss_fn = F.cross_entropy if name == "plain" else LipschitzMarginLoss(model, x, eps=0.3, method=name,
                                                                               warmup=0, kind="lse")
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-        def step(model: nn.Module = model, loss_fn: Any = loss_fn, optimizer: Any = optimizer) -> None:
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            optimizer.step()
-
-        steps[name] = step
+        steps[name] = optimizer_step(model, loss_fn, x, y)
     times = median_times(steps, rounds=5, repeat=5)
     for name, seconds in times.items():
         print(f"{name:>8}: {1e3 * seconds:7.2f} ms / step  {seconds / times['plain']:5.2f} x plain")

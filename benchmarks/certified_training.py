@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.common import median_times
+from benchmarks.common import median_times, optimizer_step
 from experiments.data import DigitsDataModule, FashionMNISTDataModule
 from experiments.models import LipCNN
 from lipreg import LipschitzEstimator, LipschitzPenalty
@@ -170,14 +170,7 @@ def overhead(data_name: str, rows: list[str]) -> None:
         torch.manual_seed(0)
         model = LipCNN(data.input_shape, data.num_classes)
         loss_fn = F.cross_entropy if name == "plain" else objective(ROWS[name], model, x, EPS[data_name], 1)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-        def step(model: nn.Module = model, loss_fn: Any = loss_fn, optimizer: Any = optimizer) -> None:
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            optimizer.step()
-
-        steps[name] = step
+        steps[name] = optimizer_step(model, loss_fn, x, y)
     times = median_times(steps, rounds=5, repeat=3)
     for name, seconds in times.items():
         print(f"{name:>16}: {1e3 * seconds:8.1f} ms / step   {seconds / times['plain']:5.2f} x plain")

@@ -10,7 +10,7 @@ import time
 from typing import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from experiments.data import DigitsDataModule
 from experiments.models import CNN, MLP, AlexNetSmall
@@ -62,3 +62,15 @@ def median_times(fns: dict[str, Callable[[], object]], rounds: int = 7, repeat: 
                 fn()
             samples[name].append((clock() - start) / repeat)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def optimizer_step(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor,
+                   lr: float = 1e-3) -> Callable[[], None]:
+    """One Adam training step of ``model`` on ``(x, y)`` under ``loss_fn``, as a function to time."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+    return step

@@ -23,17 +23,12 @@ import lipreg
 from lipreg.bounds.autolip import autolip_bound as graph_autolip
 from lipreg import BoundPolicy
 from lipreg.bounds.seqlip import exact_search, find_chains, greedy_search, pair_matrix, vertex_sigma
+from tests.bounds.references import mlp
 
 DT = torch.float64
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def mlp(widths: list[int], act=nn.ReLU, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), act()]
-    return nn.Sequential(*layers[:-1]).to(DT).eval()
 
 
 def seqlip_bound(model: nn.Module, x: torch.Tensor, **options) -> float:
