@@ -364,3 +364,18 @@ def test_verified_gram_bound_on_a_clustered_spectrum():
     gram = (q * spectrum) @ q.T
     gram = (gram + gram.T) / 2
     assert float(verified_sigma(gram)) >= float(torch.linalg.eigvalsh(gram)[-1].sqrt())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("layer", [0, 2, 4])
+def test_margin_certificate_of_non_finite_weights_is_non_finite_not_an_error(layer, value):
+    """A NaN / inf weight in the body reached ECLipsE's ``eigvalsh`` through the per-pair certificates and raised
+    torch's ``LinAlgError`` (issue 16: non-finite weights give the documented warning and a non-finite value)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        model[layer].weight[0, 0] = value
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the non-finite warning of certified_bound()
+        pairs = lipreg.MarginCertificate(model, torch.randn(1, 3)).certified()
+    assert not bool(pairs[0, 1:].isfinite().any())  # every pair through the non-finite entry (row 0 of the head)
