@@ -17,6 +17,7 @@ input (Alg. 1 on the rest of the body).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -39,11 +40,15 @@ ChainBounds = dict[LipNode, tuple[LipNode, Tensor]]
 def tightest(candidates: Mapping[str, Tensor]) -> tuple[str, Tensor]:
     """The entrywise minimum of several certified bounds of the same shape, and the names of those that reached it
     (``"+"``-joined, in the candidates' order; an entry where all candidates tie counts for none, and if every entry
-    ties, the first name is given)."""
+    ties, the first name is given). A NaN candidate entry is a failed computation (exact SeqLip on all-zero
+    weights divides 0 by 0), not a bound: it is skipped, and an entry stays NaN only when every candidate is NaN
+    there (NaN weights)."""
     names = list(candidates)
     stacked = torch.stack([candidates[name].to(torch.float64) for name in names])
-    best, index = stacked.min(0)
-    contested = (stacked != best).any(0)
+    failed = stacked.isnan()
+    best, index = torch.where(failed, math.inf, stacked).min(0)
+    best = torch.where(failed.all(0), math.nan, best)
+    contested = (stacked != best).any(0) & ~failed.all(0)
     won = {names[i] for i in index[contested].flatten().tolist()}
     return "+".join(name for name in names if name in won) or names[0], best
 

@@ -155,13 +155,16 @@ def certified_eclipse(weights: Sequence[Tensor], slopes: Sequence[tuple[float, f
                       per_row: bool = False) -> Tensor | None:
     """The verified ECLipsE-Fast bound (float64, rounded upwards) of ``last o rho_l o W_l ... rho_1 o W_1``: one
     value for the whole matrix ``last`` (global), or one per row of ``last`` with ``per_row`` (a row per pair of
-    classes; ``inf`` where no inflation verifies). ``None`` when the recursion breaks down (a zero layer), or when a
-    slope interval has ``a < 0`` (the dropped terms ``lambda_i a_i b_i ||W_i dx||^2`` would be negative)."""
+    classes; ``inf`` where no inflation verifies). ``None`` when the recursion breaks down (a zero layer), when a
+    matrix has a NaN or inf entry (no finite certificate, and ``eigvalsh`` would fail on it), or when a slope
+    interval has ``a < 0`` (the dropped terms ``lambda_i a_i b_i ||W_i dx||^2`` would be negative)."""
     if any(a < 0 or b < a for a, b in slopes):
         return None
     with torch.no_grad():
         weights = [W.detach().to(torch.float64) for W in weights]
         last = last.detach().to(torch.float64)
+        if not all(bool(torch.isfinite(M).all()) for M in [*weights, last]):
+            return None
         lams, chol = multipliers(weights, slopes)
         if not lams:
             return None
