@@ -313,7 +313,7 @@ class LipschitzEstimator(nn.Module):
             seqlip = SeqLip(self.graph, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
                             policy=self.policy).to(self._device())
             exact = seqlip(factors, operators64, 0)
-        chains, self.certificate = certified_chains(self._chains, operators64, self.policy, exact)
+        chains, self.certificate = certified_chains(self._chains, operators64, self.policy, exact, factors)
         bound = autolip_bound(self.graph, factors, chains, dtype=torch.float64, device=self._device())
         return bound, factors, chains
 
@@ -349,7 +349,7 @@ class LipschitzEstimator(nn.Module):
             (entry,) = tail[0].ops[0].inputs
             constant = node_constants(self.graph, factors, chains, dtype=torch.float64, device=self._device())[entry]
             constant = self._round_up(constant).to(torch.float64)
-            return certified_pairs(tail, operators64, weight, constant, self.policy)
+            return certified_pairs(tail, operators64, weight, constant, self.policy, factors)
 
     def _round_up(self, bound64: Tensor) -> Tensor:
         """A float64 result of Alg. 1 on certified factors, rounded upwards into ``dtype``: each factor (and each

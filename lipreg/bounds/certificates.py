@@ -54,14 +54,17 @@ def tightest(candidates: Mapping[str, Tensor]) -> tuple[str, Tensor]:
 
 
 def certified_chains(chains: Sequence[Chain], operators64: Operators, policy: BoundPolicy,
-                     seqlip: ChainBounds | None = None) -> tuple[ChainBounds, str]:
+                     seqlip: ChainBounds | None = None, factors: Mapping[LipNode, Tensor] | None = None
+                     ) -> tuple[ChainBounds, str]:
     """The tightest certified bound of every chain, for :func:`~lipreg.bounds.autolip.autolip_bound`, and the
-    certificates used (``"autolip"`` when there is no chain)."""
+    certificates used (``"autolip"`` when there is no chain); ``factors``: the operators' own certificates, when the
+    caller has them already (each is costly to recompute)."""
     bounds: ChainBounds = {}
     used: list[str] = []
     for chain in chains:
         ops = [operators64[node] for node in chain.ops]
-        candidates = {"liplt": certified_chain(ops, chain.slopes, policy)}
+        norms = None if factors is None else [factors[node] for node in chain.ops]
+        candidates = {"liplt": certified_chain(ops, chain.slopes, policy, norms)}
         if seqlip is not None:
             candidates["seqlip"] = seqlip[chain.ops[-1]][1]
         sizes = [ops[0].in_shape.numel(), *(op.out_shape.numel() for op in ops)]
@@ -88,14 +91,15 @@ def head_tail(graph: LipGraph, chains: Sequence[Chain]) -> tuple[Chain, tuple[fl
 
 
 def certified_pairs(tail: tuple[Chain, tuple[float, float]], operators64: Operators, weight: Tensor,
-                    entry: Tensor, policy: BoundPolicy) -> dict[str, Tensor]:
+                    entry: Tensor, policy: BoundPolicy, factors: Mapping[LipNode, Tensor] | None = None
+                    ) -> dict[str, Tensor]:
     """Per-pair certificates ``(C, C)`` through the tail chain (pairwise LipLT, and ECLipsE-Fast when eligible), each
-    times ``entry``, the certified constant of the chain's input."""
+    times ``entry``, the certified constant of the chain's input; ``factors`` as in :func:`certified_chains`."""
     chain, out_slopes = tail
     ops = [operators64[node] for node in chain.ops]
     slopes = [*chain.slopes, out_slopes]
     weight = weight.to(torch.float64)
-    certs = certified_products(ops, policy)
+    certs = certified_products(ops, policy, None if factors is None else [factors[node] for node in chain.ops])
     out = {"pairwise_liplt": pair_bounds(lambda j, k: certs[(j, k)], ops, slopes, weight, rounding=True)}
     sizes = [ops[0].in_shape.numel(), *(op.out_shape.numel() for op in ops), 1]
     if eligible(sizes, policy):

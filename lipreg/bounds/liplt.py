@@ -141,13 +141,15 @@ def _gamma(n: int) -> float:
     return n * _U / (1 - n * _U)
 
 
-def certified_products(operators64: Sequence[LinearOperator], policy: BoundPolicy) -> dict[Span, Tensor]:
+def certified_products(operators64: Sequence[LinearOperator], policy: BoundPolicy,
+                       norms: Sequence[Tensor] | None = None) -> dict[Span, Tensor]:
     """A certified upper bound (float64) on ``||P(j, k)||`` for every product of the chain: the operator's own
-    certificate for ``j = k``; for longer products the min of the best split ``||P(j, m)|| ||P(m + 1, k)||`` and,
+    certificate for ``j = k`` (``norms``, when the caller has them already); for longer products the min of the best split ``||P(j, m)|| ||P(m + 1, k)||`` and,
     when ``n_in n_out <= policy.dense_entries``, the exact norm of the dense float64 product plus
     :func:`product_rounding` (a product of convolutions is a convolution: its matrix is formed whole)."""
     n = len(operators64)
-    certs: dict[Span, Tensor] = {(i, i): operators64[i].certified_norm(policy) for i in range(n)}
+    own = [op.certified_norm(policy) for op in operators64] if norms is None else list(norms)
+    certs: dict[Span, Tensor] = {(i, i): own[i] for i in range(n)}
     exact_max_dim = policy.exact_eig_max_dim(operators64[0].device.type)
     for length in range(2, n + 1):
         for j in range(n - length + 1):
@@ -167,9 +169,10 @@ def certified_products(operators64: Sequence[LinearOperator], policy: BoundPolic
 
 
 def certified_chain(operators64: Sequence[LinearOperator], slopes: Sequence[tuple[float, float]],
-                    policy: BoundPolicy) -> Tensor:
-    """The certified LipLT bound of one chain (float64, rounded upwards), never above its AutoLip product."""
-    certs = certified_products(operators64, policy)
+                    policy: BoundPolicy, norms: Sequence[Tensor] | None = None) -> Tensor:
+    """The certified LipLT bound of one chain (float64, rounded upwards), never above its AutoLip product;
+    ``norms``: the operators' own certificates, when the caller has them already."""
+    certs = certified_products(operators64, policy, norms)
     norm = lambda j, k: certs[(j, k)]  # noqa: E731
     bound = torch.minimum(unrolled_bound(norm, slopes), autolip_chain(norm, slopes))
     n_ops = len(operators64) ** 2 * 3 + 4  # products, sums and min of (L3)
