@@ -12,15 +12,15 @@ import torch
 from torch import Tensor, nn
 
 from .bounds.autolip import autolip_bound, chain_interiors, node_constants, own_constant
-from .bounds.certificates import certified_chains, certified_pairs, head_tail
+from .bounds.certificates import ChainBounds, head_tail
 from .bounds.liplt import LipLT, pair_bounds
 from .bounds.naming import buffer_name
 from .bounds.seqlip import SeqLip, find_chains
-from .bounds.seqlip.plan import plan_certified, plan_chain
 from .capture.graph import LipGraph, LipNode
 from .capture.source import LIBRARY_DIRS
+from .certification import (certified64, certified_layer_norms, certified_pair_bounds, float64_operators,
+                            round_up, tightest64)
 from .finite import NonFiniteRecord, finite_bound, zero_gradient_unless
-from .linalg.certify import arithmetic_margin, certified_cast
 from .linalg.krylov import lanczos_top_singular, vjp_adjoint
 from .linalg.power import normalized, power_steps, rayleigh_norms_and_step
 from .operator import LinearOperator, Operators, linear_operators
@@ -33,7 +33,7 @@ WARM_TOL = 1e-2
 """The residual to which :meth:`LipschitzEstimator.warm_start` solves each operator."""
 WARM_MAX_ITER = 100
 """The most products by each operator in :meth:`LipschitzEstimator.warm_start`."""
-Chains = dict[LipNode, tuple[LipNode, Tensor]]
+Chains = ChainBounds
 
 
 class LipschitzEstimator(nn.Module):
@@ -186,8 +186,9 @@ class LipschitzEstimator(nn.Module):
         n_iter = self.n_iter if n_iter is None else n_iter
         with self._evaluation() as operators:
             if self.certified:  # no iteration: the bound is the certificate, computed and rounded as one
-                bound64, factors, chains = self._certified64(self._float64(operators), self.seqlip is not None)
-                bound = self._round_up(bound64)
+                bound64, factors, chains = certified64(self.graph, self._bounded_nodes(), self._float64(operators),
+                                                       self.policy, self.seqlip, self._device())
+                bound = round_up(self.graph, bound64, self.dtype)
             else:
                 factors = self._linear_factors(operators, n_iter)
                 chains = self._chain_estimates(factors, operators, n_iter)
@@ -290,32 +291,14 @@ class LipschitzEstimator(nn.Module):
             warnings.warn("this SeqLip search is not exact on full SVDs, so it cannot be certified: "
                           "certified_bound() returns the tightest of the other certificates", stacklevel=2)
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()), self._evaluation() as operators:
-            bound, factors, _ = self._tightest64(self._float64(operators), progress)
+            (bound, factors, _), self.certificate = tightest64(self.graph, self._chains, self._float64(operators),
+                                                               self.policy, self._device(), progress)
             if not math.isfinite(float(bound.detach())):  # off the hot path: the host may wait
                 bad_weights = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
                 _warn_non_finite(float(bound.detach()), [node.name for node, f in factors.items()
                                                          if not math.isfinite(float(f.detach()))],
                                  self.dtype, bad_weights)
-            return self._round_up(bound)
-
-    def _tightest64(self, operators64: Operators, progress: bool = False
-                    ) -> tuple[Tensor, dict[LipNode, Tensor], Chains]:
-        """The tightest certified bound in float64 (before :meth:`_round_up`), with the certified factors and chain
-        bounds it uses; sets :attr:`certificate`."""
-        factors = {node: operators64[node].certified_norm(self.policy)
-                   for node in _progress(self.graph.linear_nodes(), progress, "certify")}
-        if not all(bool(torch.isfinite(f).all()) for f in factors.values()):  # NaN or inf weights: no chain is
-            self.certificate = "autolip"  # bounded better than by its non-finite factors (the warning names them)
-            return autolip_bound(self.graph, factors, {}, dtype=torch.float64, device=self._device()), factors, {}
-        exact = None
-        if self._chains and all(plan_certified(plan_chain(c, "auto", self.policy, set())) for c in self._chains):
-            # a fresh SeqLip (its warm state is irrelevant to an exact search), seeded: no global random state
-            seqlip = SeqLip(self.graph, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
-                            policy=self.policy).to(self._device())
-            exact = seqlip(factors, operators64, 0)
-        chains, self.certificate = certified_chains(self._chains, operators64, self.policy, exact)
-        bound = autolip_bound(self.graph, factors, chains, dtype=torch.float64, device=self._device())
-        return bound, factors, chains
+            return round_up(self.graph, bound, self.dtype)
 
     def pair_constants(self, weight: Tensor) -> Tensor | None:
         """Per-pair LipLT estimates ``(C, C)`` for a linear head ``weight`` after this (body) network, from the last
@@ -340,33 +323,12 @@ class LipschitzEstimator(nn.Module):
         network, carried through its last chain (:func:`~lipreg.bounds.certificates.certified_pairs`: pairwise
         LipLT, and ECLipsE-Fast when the policy allows), by name; empty when the body does not end in an
         activation after a linear node."""
-        tail = head_tail(self.graph, self._chains)
-        if tail is None or weight.shape[0] < 2:  # no pair of classes
-            return {}
         with self._evaluation() as operators:
-            operators64 = self._float64(operators)
-            _, factors, chains = self._tightest64(operators64)
-            (entry,) = tail[0].ops[0].inputs
-            constant = node_constants(self.graph, factors, chains, dtype=torch.float64, device=self._device())[entry]
-            constant = self._round_up(constant).to(torch.float64)
-            return certified_pairs(tail, operators64, weight, constant, self.policy)
-
-    def _round_up(self, bound64: Tensor) -> Tensor:
-        """A float64 result of Alg. 1 on certified factors, rounded upwards into ``dtype``: each factor (and each
-        exact SeqLip chain bound) is already >= its exact value, and the margin covers the float64 rounding of
-        the products, sums and square roots of Alg. 1 (at most ``2 k + 2`` of them at a node of ``k`` inputs)."""
-        n_ops = sum(2 * len(node.inputs) + 2 for node in self.graph.nodes)
-        return certified_cast(bound64, self.dtype, arithmetic_margin(n_ops))
-
-    def _certified64(self, operators64: Operators, use_seqlip: bool, progress: bool = False
-                     ) -> tuple[Tensor, dict[LipNode, Tensor], Chains | None]:
-        """The certified bound in float64 (before :meth:`_round_up`), the certified factors and SeqLip chains it
-        uses, from float64 operators: each factor is :meth:`LinearOperator.certified_norm`."""
-        nodes = self._bounded_nodes() if use_seqlip else self.graph.linear_nodes()
-        factors = {node: operators64[node].certified_norm(self.policy)
-                   for node in _progress(nodes, progress, "certify")}
-        chains = self.seqlip(factors, operators64, 0) if use_seqlip else None
-        return autolip_bound(self.graph, factors, chains, dtype=torch.float64, device=self._device()), factors, chains
+            pairs, certificate = certified_pair_bounds(self.graph, self._chains, self._float64(operators), weight,
+                                                       self.policy, self.dtype, self._device())
+        if certificate is not None:
+            self.certificate = certificate
+        return pairs
 
     def linear_operators(self) -> dict[str, LinearOperator]:
         """The :class:`~lipreg.operator.LinearOperator` of every (fused) linear node, by node name, in ``dtype`` on
@@ -385,8 +347,7 @@ class LipschitzEstimator(nn.Module):
         if not certified:
             return {name: float(value) for name, value in self._last_factors.items()}
         with torch.no_grad(), self._evaluation() as operators:
-            norms = {node: operator.certified_norm(self.policy) for node, operator in self._float64(operators).items()}
-            bounds = {node.name: float(certified_cast(norm, self.dtype, margin=0.0)) for node, norm in norms.items()}
+            bounds = certified_layer_norms(self._float64(operators), self.policy, self.dtype)
         return {**bounds, **self._constants}
 
     def layer_factors(self) -> dict[str, float]:
@@ -434,9 +395,7 @@ class LipschitzEstimator(nn.Module):
 
     def _float64(self, operators: Operators) -> Operators:
         """``operators`` if they are float64, else the float64 operators: certificates start from float64 weights."""
-        if self.dtype == torch.float64:
-            return operators
-        return linear_operators(self.graph, torch.float64, self._device())
+        return float64_operators(self.graph, operators, self.dtype, self._device())
 
     def _iterated_nodes(self) -> list[LipNode]:
         return [n for n in self._bounded_nodes() if n in self._buffer_names]
