@@ -14,25 +14,18 @@ from torch import Tensor, nn
 from .bounds.autolip import autolip_bound, chain_interiors, node_constants, own_constant
 from .bounds.certificates import ChainBounds, head_tail
 from .bounds.liplt import LipLT, pair_bounds
-from .bounds.naming import buffer_name
 from .bounds.seqlip import SeqLip, find_chains
 from .capture.graph import LipGraph, LipNode
 from .capture.source import LIBRARY_DIRS
 from .certification import (certified64, certified_layer_norms, certified_pair_bounds, float64_operators,
                             round_up, tightest64)
 from .finite import NonFiniteRecord, finite_bound, zero_gradient_unless
-from .linalg.krylov import lanczos_top_singular, vjp_adjoint
-from .linalg.power import normalized, power_steps, rayleigh_norms_and_step
 from .operator import LinearOperator, Operators, linear_operators
 from .ops import Activation, Constant
 from .options import Method, Search, checked_keywords, validate_method
 from .policy import BoundPolicy
-from .progress import progress as _progress
+from .warm import WARM_MAX_ITER, WARM_TOL, PowerVectors, rebuild_keeping_warm_state
 
-WARM_TOL = 1e-2
-"""The residual to which :meth:`LipschitzEstimator.warm_start` solves each operator."""
-WARM_MAX_ITER = 100
-"""The most products by each operator in :meth:`LipschitzEstimator.warm_start`."""
 Chains = ChainBounds
 
 
@@ -104,7 +97,7 @@ class LipschitzEstimator(nn.Module):
         self._trace_options: dict[str, Any] = {"fuse": fuse, "concrete_args": concrete_args}
         self._seed = seed
         self._seqlip_options = {} if search is None else {"search": search}
-        self._buffer_names: dict[LipNode, str] = {}  # the warm vector of each iterated operator
+        self._power = PowerVectors(self)  # the warm vector of each iterated operator
         self.certificate: str | None = None
         """The certificates the last :meth:`certified_bound` used (``"autolip"``, ``"liplt+eclipse"``...), ``None``
         before its first call."""
@@ -123,10 +116,6 @@ class LipschitzEstimator(nn.Module):
         self._non_finite = NonFiniteRecord()  # of this graph's factors
         self._constants = {node.name: own_constant(node) for node in self.graph.nodes[1:]
                            if isinstance(node.rule, (Activation, Constant))}
-        self._closed_form: set[LipNode] = set()
-        for name in self._buffer_names.values():
-            delattr(self, name)
-        self._buffer_names = {}
         generator = torch.Generator().manual_seed(self._seed)
         self.seqlip: SeqLip | None = None
         self.liplt: LipLT | None = None
@@ -144,13 +133,10 @@ class LipschitzEstimator(nn.Module):
         for operator in operators.values():
             operator.check_kernels()
         with torch.no_grad():
-            for node in self._bounded_nodes():
-                if operators[node].closed_form_norm() is not None:
-                    self._closed_form.add(node)
-                else:
-                    v0 = torch.randn(node.in_shape, generator=generator, dtype=self.dtype)
-                    self._buffer_names[node] = buffer_name("power", node.name)
-                    self.register_buffer(self._buffer_names[node], normalized(v0))
+            self._closed_form = {node for node in self._bounded_nodes()
+                                 if operators[node].closed_form_norm() is not None}
+        self._power.reset([node for node in self._bounded_nodes() if node not in self._closed_form], generator,
+                          self.dtype)
         device = _model_device(self.model)
         if device is not None:
             self.to(device)
@@ -165,18 +151,11 @@ class LipschitzEstimator(nn.Module):
         self.check_finite()  # before the record of the old graph's factors goes
         warnings.warn(f"the model changed since this LipschitzEstimator was built: {change}. It is traced again, "
                       "and the bound is that of the model as it is now", stacklevel=_user_stacklevel())
-        warm = {name: tensor.clone() for name, tensor in self.state_dict().items()}
         old, sample = self.graph, self.graph.current_sample()
-        try:
-            self._build(LipGraph(self.model, sample, **self._trace_options))
-        except Exception:  # never leave a half-built estimator: the old one, still stale, raises again next call
-            self._build(old)
-            self.load_state_dict(warm)
-            raise
-        fresh = self.state_dict()
-        kept = {name: tensor for name, tensor in warm.items() if name in fresh and fresh[name].shape == tensor.shape}
-        self.load_state_dict(kept, strict=False)
-        if self._warm_start and kept.keys() != fresh.keys():  # new operators: warm them too
+        # if the trace fails, the old estimator is restored: still stale, it raises again at the next call
+        new = rebuild_keeping_warm_state(self, lambda: self._build(LipGraph(self.model, sample, **self._trace_options)),
+                                         lambda: self._build(old))
+        if self._warm_start and new:  # new operators: warm them too
             self.warm_start()
 
     # ----------------------------------------------------------------- bounds
@@ -261,12 +240,7 @@ class LipschitzEstimator(nn.Module):
             self._converge_operators(operators, tol, max_iter)
 
     def _converge_operators(self, operators: Operators, tol: float, max_iter: int, show: bool = False) -> None:
-        for node in _progress(self._iterated_nodes(), show, "converge"):
-            operator, buffer = operators[node], self.get_buffer(self._buffer_names[node])
-            # the explicit adjoint where every op has one; else one recorded autograd graph, replayed per step
-            rmatvec = operator.rmatvec if operator.explicit_adjoint else vjp_adjoint(operator.matvec, buffer)
-            top = lanczos_top_singular(operator.matvec, rmatvec, buffer, tol, max_iter)
-            buffer.copy_(top.v)
+        self._power.converge(operators, tol, max_iter, show)
         if self.seqlip is not None:
             self.seqlip.converge(operators, tol, max_iter)
         if self.liplt is not None:
@@ -372,7 +346,7 @@ class LipschitzEstimator(nn.Module):
     def certified(self) -> bool:
         """Whether the last bound is a guaranteed upper bound: only when no operator needed a power
         iteration (every norm in closed form) and any SeqLip search was exact on full SVDs."""
-        exact_norms = len(list(self._iterated_nodes())) == 0
+        exact_norms = len(self._power) == 0
         return exact_norms and self.exact_search and \
             (self.liplt is None or not self.liplt.chains)
 
@@ -385,7 +359,7 @@ class LipschitzEstimator(nn.Module):
         numel = sum(buffer.numel() for buffer in self.buffers())
         size = sum(buffer.numel() * buffer.element_size() for buffer in self.buffers())
         return (f"method={self.method!r}, model={type(self.model).__name__}, operators={operators} "
-                f"(power iteration: {len(self._buffer_names)}, closed form: {len(self._closed_form)}){chains}, "
+                f"(power iteration: {len(self._power)}, closed form: {len(self._closed_form)}){chains}, "
                 f"warm_state={numel} values ({size / 1024:.1f} KiB), dtype={self.dtype}")
 
     # --------------------------------------------------------------- helpers
@@ -397,26 +371,11 @@ class LipschitzEstimator(nn.Module):
         """``operators`` if they are float64, else the float64 operators: certificates start from float64 weights."""
         return float64_operators(self.graph, operators, self.dtype, self._device())
 
-    def _iterated_nodes(self) -> list[LipNode]:
-        return [n for n in self._bounded_nodes() if n in self._buffer_names]
-
     def _linear_factors(self, operators: Operators, n_iter: int) -> dict[LipNode, Tensor]:
         """Every bounded operator's norm: closed forms as they are; the others after ``n_iter`` warm power
         steps, the last one sharing its forward pass with the returned ``||A v||``."""
         factors = {node: operators[node].closed_form_norm() for node in self._closed_form}
-        nodes = self._iterated_nodes()
-        applies = [operators[node].matvec for node in nodes]
-        adjoints = [operators[node].rmatvec if operators[node].explicit_adjoint else None for node in nodes]
-        buffers = [self.get_buffer(self._buffer_names[node]) for node in nodes]
-        if n_iter > 1:
-            with torch.no_grad():
-                for node, buffer in zip(nodes, buffers):
-                    buffer.copy_(power_steps(operators[node].gram, buffer, n_iter - 1))
-        sigmas, vs = rayleigh_norms_and_step(applies, buffers, step=n_iter > 0, adjoints=adjoints)
-        with torch.no_grad():
-            for buffer, v in zip(buffers, vs):
-                buffer.copy_(v)
-        factors.update(zip(nodes, sigmas))
+        factors.update(self._power.norms(operators, n_iter))
         return factors
 
     def _remember(self, factors: dict[LipNode, Tensor]) -> None:
