@@ -1,9 +1,6 @@
 """``LipschitzEstimator``: owns the traced graph and all warm-start state; returns one differentiable bound."""
 from __future__ import annotations
 
-import contextlib
-import math
-import sys
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -16,10 +13,10 @@ from .bounds.certificates import ChainBounds, head_tail
 from .bounds.liplt import LipLT, pair_bounds
 from .bounds.seqlip import SeqLip, find_chains
 from .capture.graph import LipGraph, LipNode
-from .capture.source import LIBRARY_DIRS
 from .certification import (certified64, certified_layer_norms, certified_pair_bounds, float64_operators,
                             round_up, tightest64)
-from .finite import NonFiniteRecord, finite_bound, zero_gradient_unless
+from .diagnostics import check_certificate, report, warn_retraced, watch
+from .finite import NonFiniteRecord
 from .operator import LinearOperator, Operators, linear_operators
 from .ops import Activation, Constant
 from .options import Method, Search, checked_keywords, validate_method
@@ -149,8 +146,7 @@ class LipschitzEstimator(nn.Module):
         if change is None:
             return
         self.check_finite()  # before the record of the old graph's factors goes
-        warnings.warn(f"the model changed since this LipschitzEstimator was built: {change}. It is traced again, "
-                      "and the bound is that of the model as it is now", stacklevel=_user_stacklevel())
+        warn_retraced(change)
         old, sample = self.graph, self.graph.current_sample()
         # if the trace fails, the old estimator is restored: still stale, it raises again at the next call
         new = rebuild_keeping_warm_state(self, lambda: self._build(LipGraph(self.model, sample, **self._trace_options)),
@@ -189,10 +185,8 @@ class LipschitzEstimator(nn.Module):
         """No host synchronisation: a non-finite ``bound`` gets an exact zero gradient through every factor
         (:func:`~lipreg.finite.zero_gradient_unless`) and is recorded on the device; the record is read (and warned
         about) every :attr:`check_finite_every` calls, or at :meth:`check_finite`."""
-        finite = finite_bound(bound)
-        zero_gradient_unless(finite, factors)
-        tensors = {name: f for name, f in self._last_factors.items() if isinstance(f, Tensor)}
-        self._non_finite.record(finite, bound, tensors)
+        watch(self._non_finite, bound, factors,
+              {name: f for name, f in self._last_factors.items() if isinstance(f, Tensor)})
         if self._non_finite.calls >= self.check_finite_every:
             self.check_finite()
 
@@ -201,17 +195,7 @@ class LipschitzEstimator(nn.Module):
         so, a ``RuntimeWarning`` names the non-finite factors of the last of them. It reads a device-side record:
         one host synchronisation, which is why ``est()`` only does it every :attr:`check_finite_every` calls;
         :meth:`layer_bounds`, :meth:`converge` and :meth:`certified_bound` check too."""
-        named = [(name, p) for name, p in self.model.named_parameters() if p.device == self._device()]
-
-        def finite_weights() -> Tensor:  # read with the record, in its one synchronisation
-            flags = [torch.isfinite(p.detach()).all() for _, p in named]
-            return torch.stack(flags) if flags else torch.zeros(0, dtype=torch.bool, device=self._device())
-
-        def warn(bound: float, bad: list[str], finite: list[bool]) -> None:
-            bad_weights = [name for (name, _), ok in zip(named, finite) if not ok]
-            _warn_non_finite(bound, bad, self.dtype, bad_weights)
-
-        return self._non_finite.report(warn, finite_weights)
+        return report(self._non_finite, self.model, self._device(), self.dtype)
 
     def converge(self, tol: float = 1e-6, max_iter: int = 2000, progress: bool = False) -> Tensor:
         """Iterate every operator to its top singular triple (Golub-Kahan-Lanczos from its warm vector,
@@ -267,11 +251,7 @@ class LipschitzEstimator(nn.Module):
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()), self._evaluation() as operators:
             (bound, factors, _), self.certificate = tightest64(self.graph, self._chains, self._float64(operators),
                                                                self.policy, self._device(), progress)
-            if not math.isfinite(float(bound.detach())):  # off the hot path: the host may wait
-                bad_weights = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
-                _warn_non_finite(float(bound.detach()), [node.name for node, f in factors.items()
-                                                         if not math.isfinite(float(f.detach()))],
-                                 self.dtype, bad_weights)
+            check_certificate(bound, factors, self.model, self.dtype)  # off the hot path: the host may wait
             return round_up(self.graph, bound, self.dtype)
 
     def pair_constants(self, weight: Tensor) -> Tensor | None:
@@ -401,35 +381,6 @@ class LipschitzEstimator(nn.Module):
 
     def _device(self) -> torch.device:
         return _model_device(self.model) or torch.device("cpu")
-
-
-def _warn_non_finite(bound: float, bad: list[str], dtype: torch.dtype, bad_weights: list[str]) -> None:
-    """The warning of :meth:`LipschitzEstimator.check_finite`, naming the cause: NaN or inf weights (``bad_weights``,
-    the model's non-finite parameters now), a norm that overflows ``dtype`` from finite weights, or finite factors
-    whose bound exceeds ``dtype``'s largest value."""
-    largest = f"{dtype}'s largest value, {torch.finfo(dtype).max:.3g}"
-    if bad and bad_weights:
-        cause = (f"non-finite factors at {bad}: the weights hold NaN or inf (parameters {bad_weights}). Those "
-                 "operators kept their previous warm vectors")
-    elif bad:
-        cause = (f"non-finite factors at {bad} although every weight is finite now: their norms exceed {largest} "
-                 "(or the weights were NaN or inf at that call); rescale them or use dtype=torch.float64. Those "
-                 "operators kept their previous warm vectors")
-    else:
-        cause = f"every factor is finite, and the bound they give exceeds {largest}: use dtype=torch.float64"
-    warnings.warn(f"non-finite Lipschitz bound ({bound}) since the last check: {cause}. Its gradient was 0, so the "
-                  "penalty is skipped for those steps (a LipschitzPenalty added 0, a LipschitzMarginLoss was the "
-                  "plain cross-entropy)", RuntimeWarning, stacklevel=_user_stacklevel())
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` of a warning issued by the caller that points at the user's line: the frames of lipreg,
-    torch (``nn.Module.__call__``) and contextlib in between are skipped."""
-    frame, level = sys._getframe(1), 1  # the caller, at stacklevel 1
-    while frame.f_back is not None and (frame.f_code.co_filename.startswith(LIBRARY_DIRS)
-                                        or frame.f_code.co_filename == contextlib.__file__):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
