@@ -8,19 +8,19 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from .bounds.autolip import autolip_bound, chain_interiors, node_constants, own_constant
+from .bounds.autolip import autolip_bound, node_constants
 from .bounds.certificates import ChainBounds, head_tail
 from .bounds.liplt import LipLT, pair_bounds
-from .bounds.seqlip import SeqLip, find_chains
+from .bounds.seqlip import SeqLip
 from .capture.graph import LipGraph, LipNode
 from .certification import (certified64, certified_layer_norms, certified_pair_bounds, float64_operators,
                             round_up, tightest64)
 from .diagnostics import check_certificate, report, warn_retraced, watch
 from .finite import NonFiniteRecord
 from .operator import LinearOperator, Operators, linear_operators
-from .ops import Activation, Constant
 from .options import Method, Search, checked_keywords, validate_method
 from .policy import BoundPolicy
+from .tracing import build, model_device
 from .warm import WARM_MAX_ITER, WARM_TOL, PowerVectors, rebuild_keeping_warm_state
 
 Chains = ChainBounds
@@ -93,7 +93,7 @@ class LipschitzEstimator(nn.Module):
         self.policy = BoundPolicy() if policy is None else policy
         self._trace_options: dict[str, Any] = {"fuse": fuse, "concrete_args": concrete_args}
         self._seed = seed
-        self._seqlip_options = {} if search is None else {"search": search}
+        self._search = search
         self._power = PowerVectors(self)  # the warm vector of each iterated operator
         self.certificate: str | None = None
         """The certificates the last :meth:`certified_bound` used (``"autolip"``, ``"liplt+eclipse"``...), ``None``
@@ -106,35 +106,23 @@ class LipschitzEstimator(nn.Module):
             self.warm_start()
 
     def _build(self, graph: LipGraph) -> None:
-        """Everything the graph fixes: the nonlinear nodes' constants, which operators have a closed form, the
-        SeqLip chains, and a fresh warm vector for every operator that needs the power method."""
+        """Everything the graph fixes (:func:`~lipreg.tracing.build`): the nonlinear nodes' constants, the chains,
+        SeqLip or LipLT, which operators have a closed form, and a fresh warm vector for every operator that needs
+        the power method; then the warm state on the model's device."""
+        structure = build(graph, self.method, dtype=self.dtype, device=self._device(), seed=self._seed,
+                          policy=self.policy, search=self._search)
         self.graph = graph
         self._last_factors: dict[str, Tensor | float] = {}
-        self._non_finite = NonFiniteRecord()  # of this graph's factors
-        self._constants = {node.name: own_constant(node) for node in self.graph.nodes[1:]
-                           if isinstance(node.rule, (Activation, Constant))}
-        generator = torch.Generator().manual_seed(self._seed)
-        self.seqlip: SeqLip | None = None
-        self.liplt: LipLT | None = None
-        self._chains = find_chains(self.graph)
         self._last_eval: tuple[dict[LipNode, Tensor], Chains | None] | None = None  # factors and chains, with grad
-        self._chained: set[LipNode] = set()  # linear nodes whose norm SeqLip or LipLT replaces: never iterated
-        if self.method == "seqlip":
-            self.seqlip = SeqLip(self.graph, dtype=self.dtype, generator=generator, policy=self.policy,
-                                 **self._seqlip_options)
-            self._chained = chain_interiors(self.seqlip.endpoints) | set(self.seqlip.endpoints)
-        elif self.method == "liplt":
-            self.liplt = LipLT(self._chains, dtype=self.dtype, generator=generator)
-            self._chained = chain_interiors(self.liplt.endpoints) | set(self.liplt.endpoints)
-        operators = linear_operators(self.graph, self.dtype, _model_device(self.model) or torch.device("cpu"))
-        for operator in operators.values():
-            operator.check_kernels()
-        with torch.no_grad():
-            self._closed_form = {node for node in self._bounded_nodes()
-                                 if operators[node].closed_form_norm() is not None}
-        self._power.reset([node for node in self._bounded_nodes() if node not in self._closed_form], generator,
-                          self.dtype)
-        device = _model_device(self.model)
+        self._non_finite = NonFiniteRecord()  # of this graph's factors
+        self._constants = structure.constants
+        self._chains = structure.chains
+        self.seqlip: SeqLip | None = structure.seqlip
+        self.liplt: LipLT | None = structure.liplt
+        self._bounded = structure.bounded
+        self._closed_form = structure.closed_form
+        self._power.reset(structure.power, structure.generator, self.dtype)
+        device = model_device(self.model)
         if device is not None:
             self.to(device)
 
@@ -161,7 +149,7 @@ class LipschitzEstimator(nn.Module):
         n_iter = self.n_iter if n_iter is None else n_iter
         with self._evaluation() as operators:
             if self.certified:  # no iteration: the bound is the certificate, computed and rounded as one
-                bound64, factors, chains = certified64(self.graph, self._bounded_nodes(), self._float64(operators),
+                bound64, factors, chains = certified64(self.graph, self._bounded, self._float64(operators),
                                                        self.policy, self.seqlip, self._device())
                 bound = round_up(self.graph, bound64, self.dtype)
             else:
@@ -343,10 +331,6 @@ class LipschitzEstimator(nn.Module):
                 f"warm_state={numel} values ({size / 1024:.1f} KiB), dtype={self.dtype}")
 
     # --------------------------------------------------------------- helpers
-    def _bounded_nodes(self) -> list[LipNode]:
-        """The linear nodes whose norm enters the bound (all but those inside SeqLip chains)."""
-        return [n for n in self.graph.linear_nodes() if n not in self._chained]
-
     def _float64(self, operators: Operators) -> Operators:
         """``operators`` if they are float64, else the float64 operators: certificates start from float64 weights."""
         return float64_operators(self.graph, operators, self.dtype, self._device())
@@ -380,12 +364,4 @@ class LipschitzEstimator(nn.Module):
             yield linear_operators(self.graph, self.dtype, device)
 
     def _device(self) -> torch.device:
-        return _model_device(self.model) or torch.device("cpu")
-
-
-def _model_device(model: nn.Module) -> torch.device | None:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return None
+        return model_device(self.model) or torch.device("cpu")
