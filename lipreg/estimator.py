@@ -8,14 +8,14 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from .bounds.autolip import autolip_bound, node_constants
-from .bounds.certificates import ChainBounds, head_tail
-from .bounds.liplt import LipLT, pair_bounds
+from .bounds.certificates import ChainBounds
+from .bounds.liplt import LipLT
 from .bounds.seqlip import SeqLip
 from .capture.graph import LipGraph, LipNode
 from .certification import (certified64, certified_layer_norms, certified_pair_bounds, float64_operators,
                             round_up, tightest64)
 from .diagnostics import check_certificate, report, warn_retraced, watch
+from .estimates import estimate, named_factors, pair_estimates
 from .finite import NonFiniteRecord
 from .operator import LinearOperator, Operators, linear_operators
 from .options import Method, Search, checked_keywords, validate_method
@@ -23,7 +23,6 @@ from .policy import BoundPolicy
 from .tracing import build, model_device
 from .warm import WARM_MAX_ITER, WARM_TOL, PowerVectors, rebuild_keeping_warm_state
 
-Chains = ChainBounds
 
 
 class LipschitzEstimator(nn.Module):
@@ -111,16 +110,13 @@ class LipschitzEstimator(nn.Module):
         the power method; then the warm state on the model's device."""
         structure = build(graph, self.method, dtype=self.dtype, device=self._device(), seed=self._seed,
                           policy=self.policy, search=self._search)
+        self._structure = structure
         self.graph = graph
-        self._last_factors: dict[str, Tensor | float] = {}
-        self._last_eval: tuple[dict[LipNode, Tensor], Chains | None] | None = None  # factors and chains, with grad
-        self._non_finite = NonFiniteRecord()  # of this graph's factors
-        self._constants = structure.constants
-        self._chains = structure.chains
-        self.seqlip: SeqLip | None = structure.seqlip
+        self.seqlip: SeqLip | None = structure.seqlip  # submodules: their warm state is in state_dict
         self.liplt: LipLT | None = structure.liplt
-        self._bounded = structure.bounded
-        self._closed_form = structure.closed_form
+        self._last_factors: dict[str, Tensor | float] = {}
+        self._last_eval: tuple[dict[LipNode, Tensor], ChainBounds | None] | None = None  # with grad
+        self._non_finite = NonFiniteRecord()  # of this graph's factors
         self._power.reset(structure.power, structure.generator, self.dtype)
         device = model_device(self.model)
         if device is not None:
@@ -149,25 +145,16 @@ class LipschitzEstimator(nn.Module):
         n_iter = self.n_iter if n_iter is None else n_iter
         with self._evaluation() as operators:
             if self.certified:  # no iteration: the bound is the certificate, computed and rounded as one
-                bound64, factors, chains = certified64(self.graph, self._bounded, self._float64(operators),
+                bound64, factors, chains = certified64(self.graph, self._structure.bounded, self._float64(operators),
                                                        self.policy, self.seqlip, self._device())
                 bound = round_up(self.graph, bound64, self.dtype)
             else:
-                factors = self._linear_factors(operators, n_iter)
-                chains = self._chain_estimates(factors, operators, n_iter)
-                bound = autolip_bound(self.graph, factors, chains, dtype=self.dtype, device=self._device())
+                bound, factors, chains = estimate(self._structure, self._power, operators, n_iter, self.dtype,
+                                                  self._device())
         self._last_eval = (factors, chains)
-        self._remember(factors)
+        self._last_factors = named_factors(self._structure, factors)
         self._watch_finite(bound, [*factors.values(), *(chain for _, chain in (chains or {}).values())])
         return bound
-
-    def _chain_estimates(self, factors: dict[LipNode, Tensor], operators: Operators, n_iter: int) -> Chains | None:
-        """The chains' warm bounds of SeqLip or LipLT (``None`` for AutoLip)."""
-        if self.seqlip is not None:
-            return self.seqlip(factors, operators, n_iter)
-        if self.liplt is not None:
-            return self.liplt(operators, n_iter)
-        return None
 
     def _watch_finite(self, bound: Tensor, factors: list[Tensor]) -> None:
         """No host synchronisation: a non-finite ``bound`` gets an exact zero gradient through every factor
@@ -237,7 +224,7 @@ class LipschitzEstimator(nn.Module):
             warnings.warn("this SeqLip search is not exact on full SVDs, so it cannot be certified: "
                           "certified_bound() returns the tightest of the other certificates", stacklevel=2)
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()), self._evaluation() as operators:
-            (bound, factors, _), self.certificate = tightest64(self.graph, self._chains, self._float64(operators),
+            (bound, factors, _), self.certificate = tightest64(self.graph, self._structure.chains, self._float64(operators),
                                                                self.policy, self._device(), progress)
             check_certificate(bound, factors, self.model, self.dtype)  # off the hot path: the host may wait
             return round_up(self.graph, bound, self.dtype)
@@ -247,18 +234,9 @@ class LipschitzEstimator(nn.Module):
         call's warm product norms and the exact head rows through the body's last chain
         (:func:`~lipreg.bounds.liplt.pair_bounds`), differentiable; ``None`` unless ``method="liplt"`` and the body
         ends in an activation after a linear node (:func:`~lipreg.bounds.certificates.head_tail`)."""
-        tail = head_tail(self.graph, self._chains) if self.liplt is not None else None
-        if tail is None or self._last_eval is None or weight.shape[0] < 2:
+        if self._last_eval is None:
             return None
-        factors, chains = self._last_eval
-        chain, out_slopes = tail
-        index = next((i for i, c in enumerate(self.liplt.chains) if c is chain), None)
-        norm = self.liplt.last_norms(index) if index is not None else (lambda j, k: factors[chain.ops[0]])
-        operators = linear_operators(self.graph, self.dtype, self._device())
-        pairs = pair_bounds(norm, [operators[node] for node in chain.ops], [*chain.slopes, out_slopes],
-                            weight.to(self.dtype))
-        (entry,) = chain.ops[0].inputs
-        return pairs * node_constants(self.graph, factors, chains, dtype=self.dtype, device=self._device())[entry]
+        return pair_estimates(self._structure, self._last_eval, weight, self.dtype, self._device())
 
     def certified_pairs(self, weight: Tensor) -> dict[str, Tensor]:
         """Per-pair certificates ``(C, C)`` (float64, rounded upwards) for a linear head ``weight`` after this (body)
@@ -266,7 +244,7 @@ class LipschitzEstimator(nn.Module):
         LipLT, and ECLipsE-Fast when the policy allows), by name; empty when the body does not end in an
         activation after a linear node."""
         with self._evaluation() as operators:
-            pairs, certificate = certified_pair_bounds(self.graph, self._chains, self._float64(operators), weight,
+            pairs, certificate = certified_pair_bounds(self.graph, self._structure.chains, self._float64(operators), weight,
                                                        self.policy, self.dtype, self._device())
         if certificate is not None:
             self.certificate = certificate
@@ -290,13 +268,13 @@ class LipschitzEstimator(nn.Module):
             return {name: float(value) for name, value in self._last_factors.items()}
         with torch.no_grad(), self._evaluation() as operators:
             bounds = certified_layer_norms(self._float64(operators), self.policy, self.dtype)
-        return {**bounds, **self._constants}
+        return {**bounds, **self._structure.constants}
 
     def layer_factors(self) -> dict[str, float]:
         """The factors of the last call that the weights set, in graph order: each (fused) linear operator's and, for
         SeqLip, each pair's; without the constants of activations and pooling (fixed by the graph: a ReLU stays 1)."""
         order = {node.name: i for i, node in enumerate(self.graph.nodes)}
-        factors = {k: v for k, v in self.layer_bounds().items() if k not in self._constants}
+        factors = {k: v for k, v in self.layer_bounds().items() if k not in self._structure.constants}
         return dict(sorted(factors.items(), key=lambda item: order.get(item[0].split("~")[0], len(order))))
 
     @property
@@ -327,29 +305,13 @@ class LipschitzEstimator(nn.Module):
         numel = sum(buffer.numel() for buffer in self.buffers())
         size = sum(buffer.numel() * buffer.element_size() for buffer in self.buffers())
         return (f"method={self.method!r}, model={type(self.model).__name__}, operators={operators} "
-                f"(power iteration: {len(self._power)}, closed form: {len(self._closed_form)}){chains}, "
+                f"(power iteration: {len(self._power)}, closed form: {len(self._structure.closed_form)}){chains}, "
                 f"warm_state={numel} values ({size / 1024:.1f} KiB), dtype={self.dtype}")
 
     # --------------------------------------------------------------- helpers
     def _float64(self, operators: Operators) -> Operators:
         """``operators`` if they are float64, else the float64 operators: certificates start from float64 weights."""
         return float64_operators(self.graph, operators, self.dtype, self._device())
-
-    def _linear_factors(self, operators: Operators, n_iter: int) -> dict[LipNode, Tensor]:
-        """Every bounded operator's norm: closed forms as they are; the others after ``n_iter`` warm power
-        steps, the last one sharing its forward pass with the returned ``||A v||``."""
-        factors = {node: operators[node].closed_form_norm() for node in self._closed_form}
-        factors.update(self._power.norms(operators, n_iter))
-        return factors
-
-    def _remember(self, factors: dict[LipNode, Tensor]) -> None:
-        last: dict[str, Tensor | float] = {node.name: f.detach() for node, f in factors.items()}
-        last.update(self._constants)
-        if self.seqlip is not None:
-            last.update(self.seqlip.pair_factors())
-        if self.liplt is not None:
-            last.update(self.liplt.pair_factors())
-        self._last_factors = last
 
     @contextmanager
     def _evaluation(self) -> Iterator[Operators]:
