@@ -67,7 +67,8 @@ def tightest64(graph: LipGraph, chains: Sequence[Chain], operators64: Operators,
     exact = None
     if chains and all(plan_certified(plan_chain(c, "auto", policy, set())) for c in chains):
         # a fresh SeqLip (its warm state is irrelevant to an exact search), seeded: no global random state
-        seqlip = SeqLip(graph, dtype=torch.float64, generator=torch.Generator().manual_seed(0), policy=policy).to(device)
+        generator = torch.Generator().manual_seed(0)
+        seqlip = SeqLip(graph, dtype=torch.float64, generator=generator, policy=policy).to(device)
         exact = seqlip(factors, operators64, 0)
     bounds, certificate = certified_chains(chains, operators64, policy, exact)
     return (autolip_bound(graph, factors, bounds, dtype=torch.float64, device=device), factors, bounds), certificate

@@ -21,8 +21,7 @@ from .operator import LinearOperator, Operators, linear_operators
 from .options import Method, Search, checked_keywords, validate_method
 from .policy import BoundPolicy
 from .tracing import build, model_device
-from .warm import WARM_MAX_ITER, WARM_TOL, PowerVectors, rebuild_keeping_warm_state
-
+from .warm import WARM_MAX_ITER, WARM_TOL, PowerVectors, converge, rebuild_keeping_warm_state
 
 
 class LipschitzEstimator(nn.Module):
@@ -182,7 +181,7 @@ class LipschitzEstimator(nn.Module):
         ``tol sigma / gap``), which a stalled ``sigma`` does not. SeqLip's subspaces are iterated too.
         ``progress=True`` shows a bar over the operators."""
         with torch.no_grad(), self._evaluation() as operators:
-            self._converge_operators(operators, tol, max_iter, progress)
+            converge(self._power, self._structure, operators, tol, max_iter, progress)
         bound = self(n_iter=0)
         self.check_finite()
         return bound
@@ -196,14 +195,7 @@ class LipschitzEstimator(nn.Module):
         ``tol^2`` (relative) of its converged value when the top singular value is separated. The values stay
         estimates; the vectors are the warm buffers, saved and restored by ``state_dict``."""
         with torch.no_grad(), self._evaluation() as operators:
-            self._converge_operators(operators, tol, max_iter)
-
-    def _converge_operators(self, operators: Operators, tol: float, max_iter: int, show: bool = False) -> None:
-        self._power.converge(operators, tol, max_iter, show)
-        if self.seqlip is not None:
-            self.seqlip.converge(operators, tol, max_iter)
-        if self.liplt is not None:
-            self.liplt.converge(operators, tol, max_iter)
+            converge(self._power, self._structure, operators, tol, max_iter)
 
     def certified_bound(self, progress: bool = False, *, differentiable: bool = False) -> Tensor:
         """A guaranteed upper bound on the Lipschitz constant, with no random state.
@@ -214,9 +206,10 @@ class LipschitzEstimator(nn.Module):
         (when the SeqLip plan is exact on full SVDs), whatever ``method``; :attr:`certificate` says which were
         used. Greedy or low-rank SeqLip can miss the max, so it never certifies (a warning says so with
         ``method="seqlip"``). Whatever ``dtype``, everything is computed from the weights in float64 and the result
-        rounded upwards into ``dtype``. It is computed under ``torch.no_grad()`` (no autograd graph is kept: a certificate to log or compare costs
-        no backward memory) unless ``differentiable=True``, which returns it differentiable w.r.t. the model's
-        parameters (to penalise it). ``progress=True`` shows a bar over the operators.
+        rounded upwards into ``dtype``. It is computed under ``torch.no_grad()`` (no autograd graph is kept: a
+        certificate to log or compare costs no backward memory) unless ``differentiable=True``, which returns it
+        differentiable w.r.t. the model's parameters (to penalise it). ``progress=True`` shows a bar over the
+        operators.
         """
         self._refresh()  # before the nodes are read: the graph must be the model's as it is now
         self.check_finite()
@@ -224,7 +217,8 @@ class LipschitzEstimator(nn.Module):
             warnings.warn("this SeqLip search is not exact on full SVDs, so it cannot be certified: "
                           "certified_bound() returns the tightest of the other certificates", stacklevel=2)
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()), self._evaluation() as operators:
-            (bound, factors, _), self.certificate = tightest64(self.graph, self._structure.chains, self._float64(operators),
+            operators64 = self._float64(operators)
+            (bound, factors, _), self.certificate = tightest64(self.graph, self._structure.chains, operators64,
                                                                self.policy, self._device(), progress)
             check_certificate(bound, factors, self.model, self.dtype)  # off the hot path: the host may wait
             return round_up(self.graph, bound, self.dtype)
@@ -244,8 +238,8 @@ class LipschitzEstimator(nn.Module):
         LipLT, and ECLipsE-Fast when the policy allows), by name; empty when the body does not end in an
         activation after a linear node."""
         with self._evaluation() as operators:
-            pairs, certificate = certified_pair_bounds(self.graph, self._structure.chains, self._float64(operators), weight,
-                                                       self.policy, self.dtype, self._device())
+            pairs, certificate = certified_pair_bounds(self.graph, self._structure.chains, self._float64(operators),
+                                                       weight, self.policy, self.dtype, self._device())
         if certificate is not None:
             self.certificate = certificate
         return pairs

@@ -5,7 +5,8 @@ As ``spectral_norm``'s ``u``, each vector ``v`` is a buffer of the module that o
 place under ``torch.no_grad()``, saved with the module and moved by ``.to()``. :class:`PowerVectors` draws them,
 iterates them (warm power steps, :func:`~lipreg.linalg.power.rayleigh_norms_and_step`, giving ``||A v||``) and
 converges them (Golub-Kahan-Lanczos, :func:`~lipreg.linalg.krylov.lanczos_top_singular`);
-:func:`rebuild_keeping_warm_state` carries every buffer whose name and shape still fit across a re-trace.
+:func:`converge` solves them with SeqLip's and LipLT's warm state; :func:`rebuild_keeping_warm_state` carries
+every buffer whose name and shape still fit across a re-trace.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .linalg.krylov import lanczos_top_singular, vjp_adjoint
 from .linalg.power import normalized, power_steps, rayleigh_norms_and_step
 from .operator import Operators
 from .progress import progress as _progress
+from .tracing import Structure
 
 WARM_TOL = 1e-2
 """The residual to which :meth:`LipschitzEstimator.warm_start` solves each operator."""
@@ -84,6 +86,17 @@ class PowerVectors:
             rmatvec = operator.rmatvec if operator.explicit_adjoint else vjp_adjoint(operator.matvec, buffer)
             top = lanczos_top_singular(operator.matvec, rmatvec, buffer, tol, max_iter)
             buffer.copy_(top.v)
+
+
+def converge(power: PowerVectors, structure: Structure, operators: Operators, tol: float, max_iter: int,
+             show: bool = False) -> None:
+    """Every warm vector to its operator's top singular vector (:meth:`PowerVectors.converge`), and SeqLip's
+    subspaces or LipLT's product vectors likewise, to the residual ``tol`` or ``max_iter`` products each."""
+    power.converge(operators, tol, max_iter, show)
+    if structure.seqlip is not None:
+        structure.seqlip.converge(operators, tol, max_iter)
+    if structure.liplt is not None:
+        structure.liplt.converge(operators, tol, max_iter)
 
 
 def rebuild_keeping_warm_state(module: nn.Module, rebuild: Callable[[], None], restore: Callable[[], None]) -> bool:
