@@ -1,4 +1,10 @@
-"""``LipschitzEstimator``: owns the traced graph and all warm-start state; returns one differentiable bound."""
+"""``LipschitzEstimator``: the public ``nn.Module``, its options and entry points, over one piece per concept.
+
+:mod:`lipreg.tracing` builds what the traced graph fixes (again when the model changes), :mod:`lipreg.warm` owns the
+warm vectors (buffers: ``state_dict``) and their convergence, :mod:`lipreg.estimates` computes the warm bound,
+:mod:`lipreg.certification` the certificates, and :mod:`lipreg.diagnostics` the warnings of non-finite bounds and
+re-traces. The estimator holds the model, the options and the state of the last call, and keeps them in step.
+"""
 from __future__ import annotations
 
 import warnings
