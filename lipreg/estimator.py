@@ -1,9 +1,12 @@
-"""``LipschitzEstimator``: owns the traced graph and all warm-start state; returns one differentiable bound."""
+"""``LipschitzEstimator``: the public ``nn.Module``, its options and entry points, over one piece per concept.
+
+:mod:`lipreg.tracing` builds what the traced graph fixes (again when the model changes), :mod:`lipreg.warm` owns the
+warm vectors (buffers: ``state_dict``) and their convergence, :mod:`lipreg.estimates` computes the warm bound,
+:mod:`lipreg.certification` the certificates, and :mod:`lipreg.diagnostics` the warnings of non-finite bounds and
+re-traces. The estimator holds the model, the options and the state of the last call, and keeps them in step.
+"""
 from __future__ import annotations
 
-import contextlib
-import math
-import sys
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -11,29 +14,20 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from .bounds.autolip import autolip_bound, chain_interiors, node_constants, own_constant
-from .bounds.certificates import certified_chains, certified_pairs, head_tail
-from .bounds.liplt import LipLT, pair_bounds
-from .bounds.naming import buffer_name
-from .bounds.seqlip import SeqLip, find_chains
-from .bounds.seqlip.plan import plan_certified, plan_chain
+from .bounds.certificates import ChainBounds
+from .bounds.liplt import LipLT
+from .bounds.seqlip import SeqLip
 from .capture.graph import LipGraph, LipNode
-from .capture.source import LIBRARY_DIRS
-from .finite import NonFiniteRecord, finite_bound, zero_gradient_unless
-from .linalg.certify import arithmetic_margin, certified_cast
-from .linalg.krylov import lanczos_top_singular, vjp_adjoint
-from .linalg.power import normalized, power_steps, rayleigh_norms_and_step
+from .certification import (certified64, certified_layer_norms, certified_pair_bounds, float64_operators,
+                            round_up, tightest64)
+from .diagnostics import check_certificate, report, warn_retraced, watch
+from .estimates import estimate, named_factors, pair_estimates
+from .finite import NonFiniteRecord
 from .operator import LinearOperator, Operators, linear_operators
-from .ops import Activation, Constant
 from .options import Method, Search, checked_keywords, validate_method
 from .policy import BoundPolicy
-from .progress import progress as _progress
-
-WARM_TOL = 1e-2
-"""The residual to which :meth:`LipschitzEstimator.warm_start` solves each operator."""
-WARM_MAX_ITER = 100
-"""The most products by each operator in :meth:`LipschitzEstimator.warm_start`."""
-Chains = dict[LipNode, tuple[LipNode, Tensor]]
+from .tracing import build, model_device
+from .warm import WARM_MAX_ITER, WARM_TOL, PowerVectors, converge, rebuild_keeping_warm_state
 
 
 class LipschitzEstimator(nn.Module):
@@ -103,8 +97,8 @@ class LipschitzEstimator(nn.Module):
         self.policy = BoundPolicy() if policy is None else policy
         self._trace_options: dict[str, Any] = {"fuse": fuse, "concrete_args": concrete_args}
         self._seed = seed
-        self._seqlip_options = {} if search is None else {"search": search}
-        self._buffer_names: dict[LipNode, str] = {}  # the warm vector of each iterated operator
+        self._search = search
+        self._power = PowerVectors(self)  # the warm vector of each iterated operator
         self.certificate: str | None = None
         """The certificates the last :meth:`certified_bound` used (``"autolip"``, ``"liplt+eclipse"``...), ``None``
         before its first call."""
@@ -116,42 +110,20 @@ class LipschitzEstimator(nn.Module):
             self.warm_start()
 
     def _build(self, graph: LipGraph) -> None:
-        """Everything the graph fixes: the nonlinear nodes' constants, which operators have a closed form, the
-        SeqLip chains, and a fresh warm vector for every operator that needs the power method."""
+        """Everything the graph fixes (:func:`~lipreg.tracing.build`): the nonlinear nodes' constants, the chains,
+        SeqLip or LipLT, which operators have a closed form, and a fresh warm vector for every operator that needs
+        the power method; then the warm state on the model's device."""
+        structure = build(graph, self.method, dtype=self.dtype, device=self._device(), seed=self._seed,
+                          policy=self.policy, search=self._search)
+        self._structure = structure
         self.graph = graph
+        self.seqlip: SeqLip | None = structure.seqlip  # submodules: their warm state is in state_dict
+        self.liplt: LipLT | None = structure.liplt
         self._last_factors: dict[str, Tensor | float] = {}
+        self._last_eval: tuple[dict[LipNode, Tensor], ChainBounds | None] | None = None  # with grad
         self._non_finite = NonFiniteRecord()  # of this graph's factors
-        self._constants = {node.name: own_constant(node) for node in self.graph.nodes[1:]
-                           if isinstance(node.rule, (Activation, Constant))}
-        self._closed_form: set[LipNode] = set()
-        for name in self._buffer_names.values():
-            delattr(self, name)
-        self._buffer_names = {}
-        generator = torch.Generator().manual_seed(self._seed)
-        self.seqlip: SeqLip | None = None
-        self.liplt: LipLT | None = None
-        self._chains = find_chains(self.graph)
-        self._last_eval: tuple[dict[LipNode, Tensor], Chains | None] | None = None  # factors and chains, with grad
-        self._chained: set[LipNode] = set()  # linear nodes whose norm SeqLip or LipLT replaces: never iterated
-        if self.method == "seqlip":
-            self.seqlip = SeqLip(self.graph, dtype=self.dtype, generator=generator, policy=self.policy,
-                                 **self._seqlip_options)
-            self._chained = chain_interiors(self.seqlip.endpoints) | set(self.seqlip.endpoints)
-        elif self.method == "liplt":
-            self.liplt = LipLT(self._chains, dtype=self.dtype, generator=generator)
-            self._chained = chain_interiors(self.liplt.endpoints) | set(self.liplt.endpoints)
-        operators = linear_operators(self.graph, self.dtype, _model_device(self.model) or torch.device("cpu"))
-        for operator in operators.values():
-            operator.check_kernels()
-        with torch.no_grad():
-            for node in self._bounded_nodes():
-                if operators[node].closed_form_norm() is not None:
-                    self._closed_form.add(node)
-                else:
-                    v0 = torch.randn(node.in_shape, generator=generator, dtype=self.dtype)
-                    self._buffer_names[node] = buffer_name("power", node.name)
-                    self.register_buffer(self._buffer_names[node], normalized(v0))
-        device = _model_device(self.model)
+        self._power.reset(structure.power, structure.generator, self.dtype)
+        device = model_device(self.model)
         if device is not None:
             self.to(device)
 
@@ -163,20 +135,12 @@ class LipschitzEstimator(nn.Module):
         if change is None:
             return
         self.check_finite()  # before the record of the old graph's factors goes
-        warnings.warn(f"the model changed since this LipschitzEstimator was built: {change}. It is traced again, "
-                      "and the bound is that of the model as it is now", stacklevel=_user_stacklevel())
-        warm = {name: tensor.clone() for name, tensor in self.state_dict().items()}
+        warn_retraced(change)
         old, sample = self.graph, self.graph.current_sample()
-        try:
-            self._build(LipGraph(self.model, sample, **self._trace_options))
-        except Exception:  # never leave a half-built estimator: the old one, still stale, raises again next call
-            self._build(old)
-            self.load_state_dict(warm)
-            raise
-        fresh = self.state_dict()
-        kept = {name: tensor for name, tensor in warm.items() if name in fresh and fresh[name].shape == tensor.shape}
-        self.load_state_dict(kept, strict=False)
-        if self._warm_start and kept.keys() != fresh.keys():  # new operators: warm them too
+        # if the trace fails, the old estimator is restored: still stale, it raises again at the next call
+        new = rebuild_keeping_warm_state(self, lambda: self._build(LipGraph(self.model, sample, **self._trace_options)),
+                                         lambda: self._build(old))
+        if self._warm_start and new:  # new operators: warm them too
             self.warm_start()
 
     # ----------------------------------------------------------------- bounds
@@ -186,33 +150,23 @@ class LipschitzEstimator(nn.Module):
         n_iter = self.n_iter if n_iter is None else n_iter
         with self._evaluation() as operators:
             if self.certified:  # no iteration: the bound is the certificate, computed and rounded as one
-                bound64, factors, chains = self._certified64(self._float64(operators), self.seqlip is not None)
-                bound = self._round_up(bound64)
+                bound64, factors, chains = certified64(self.graph, self._structure.bounded, self._float64(operators),
+                                                       self.policy, self.seqlip, self._device())
+                bound = round_up(self.graph, bound64, self.dtype)
             else:
-                factors = self._linear_factors(operators, n_iter)
-                chains = self._chain_estimates(factors, operators, n_iter)
-                bound = autolip_bound(self.graph, factors, chains, dtype=self.dtype, device=self._device())
+                bound, factors, chains = estimate(self._structure, self._power, operators, n_iter, self.dtype,
+                                                  self._device())
         self._last_eval = (factors, chains)
-        self._remember(factors)
+        self._last_factors = named_factors(self._structure, factors)
         self._watch_finite(bound, [*factors.values(), *(chain for _, chain in (chains or {}).values())])
         return bound
-
-    def _chain_estimates(self, factors: dict[LipNode, Tensor], operators: Operators, n_iter: int) -> Chains | None:
-        """The chains' warm bounds of SeqLip or LipLT (``None`` for AutoLip)."""
-        if self.seqlip is not None:
-            return self.seqlip(factors, operators, n_iter)
-        if self.liplt is not None:
-            return self.liplt(operators, n_iter)
-        return None
 
     def _watch_finite(self, bound: Tensor, factors: list[Tensor]) -> None:
         """No host synchronisation: a non-finite ``bound`` gets an exact zero gradient through every factor
         (:func:`~lipreg.finite.zero_gradient_unless`) and is recorded on the device; the record is read (and warned
         about) every :attr:`check_finite_every` calls, or at :meth:`check_finite`."""
-        finite = finite_bound(bound)
-        zero_gradient_unless(finite, factors)
-        tensors = {name: f for name, f in self._last_factors.items() if isinstance(f, Tensor)}
-        self._non_finite.record(finite, bound, tensors)
+        watch(self._non_finite, bound, factors,
+              {name: f for name, f in self._last_factors.items() if isinstance(f, Tensor)})
         if self._non_finite.calls >= self.check_finite_every:
             self.check_finite()
 
@@ -221,17 +175,7 @@ class LipschitzEstimator(nn.Module):
         so, a ``RuntimeWarning`` names the non-finite factors of the last of them. It reads a device-side record:
         one host synchronisation, which is why ``est()`` only does it every :attr:`check_finite_every` calls;
         :meth:`layer_bounds`, :meth:`converge` and :meth:`certified_bound` check too."""
-        named = [(name, p) for name, p in self.model.named_parameters() if p.device == self._device()]
-
-        def finite_weights() -> Tensor:  # read with the record, in its one synchronisation
-            flags = [torch.isfinite(p.detach()).all() for _, p in named]
-            return torch.stack(flags) if flags else torch.zeros(0, dtype=torch.bool, device=self._device())
-
-        def warn(bound: float, bad: list[str], finite: list[bool]) -> None:
-            bad_weights = [name for (name, _), ok in zip(named, finite) if not ok]
-            _warn_non_finite(bound, bad, self.dtype, bad_weights)
-
-        return self._non_finite.report(warn, finite_weights)
+        return report(self._non_finite, self.model, self._device(), self.dtype)
 
     def converge(self, tol: float = 1e-6, max_iter: int = 2000, progress: bool = False) -> Tensor:
         """Iterate every operator to its top singular triple (Golub-Kahan-Lanczos from its warm vector,
@@ -243,7 +187,7 @@ class LipschitzEstimator(nn.Module):
         ``tol sigma / gap``), which a stalled ``sigma`` does not. SeqLip's subspaces are iterated too.
         ``progress=True`` shows a bar over the operators."""
         with torch.no_grad(), self._evaluation() as operators:
-            self._converge_operators(operators, tol, max_iter, progress)
+            converge(self._power, self._structure, operators, tol, max_iter, progress)
         bound = self(n_iter=0)
         self.check_finite()
         return bound
@@ -257,19 +201,7 @@ class LipschitzEstimator(nn.Module):
         ``tol^2`` (relative) of its converged value when the top singular value is separated. The values stay
         estimates; the vectors are the warm buffers, saved and restored by ``state_dict``."""
         with torch.no_grad(), self._evaluation() as operators:
-            self._converge_operators(operators, tol, max_iter)
-
-    def _converge_operators(self, operators: Operators, tol: float, max_iter: int, show: bool = False) -> None:
-        for node in _progress(self._iterated_nodes(), show, "converge"):
-            operator, buffer = operators[node], self.get_buffer(self._buffer_names[node])
-            # the explicit adjoint where every op has one; else one recorded autograd graph, replayed per step
-            rmatvec = operator.rmatvec if operator.explicit_adjoint else vjp_adjoint(operator.matvec, buffer)
-            top = lanczos_top_singular(operator.matvec, rmatvec, buffer, tol, max_iter)
-            buffer.copy_(top.v)
-        if self.seqlip is not None:
-            self.seqlip.converge(operators, tol, max_iter)
-        if self.liplt is not None:
-            self.liplt.converge(operators, tol, max_iter)
+            converge(self._power, self._structure, operators, tol, max_iter)
 
     def certified_bound(self, progress: bool = False, *, differentiable: bool = False) -> Tensor:
         """A guaranteed upper bound on the Lipschitz constant, with no random state.
@@ -280,9 +212,10 @@ class LipschitzEstimator(nn.Module):
         (when the SeqLip plan is exact on full SVDs), whatever ``method``; :attr:`certificate` says which were
         used. Greedy or low-rank SeqLip can miss the max, so it never certifies (a warning says so with
         ``method="seqlip"``). Whatever ``dtype``, everything is computed from the weights in float64 and the result
-        rounded upwards into ``dtype``. It is computed under ``torch.no_grad()`` (no autograd graph is kept: a certificate to log or compare costs
-        no backward memory) unless ``differentiable=True``, which returns it differentiable w.r.t. the model's
-        parameters (to penalise it). ``progress=True`` shows a bar over the operators.
+        rounded upwards into ``dtype``. It is computed under ``torch.no_grad()`` (no autograd graph is kept: a
+        certificate to log or compare costs no backward memory) unless ``differentiable=True``, which returns it
+        differentiable w.r.t. the model's parameters (to penalise it). ``progress=True`` shows a bar over the
+        operators.
         """
         self._refresh()  # before the nodes are read: the graph must be the model's as it is now
         self.check_finite()
@@ -290,83 +223,32 @@ class LipschitzEstimator(nn.Module):
             warnings.warn("this SeqLip search is not exact on full SVDs, so it cannot be certified: "
                           "certified_bound() returns the tightest of the other certificates", stacklevel=2)
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()), self._evaluation() as operators:
-            bound, factors, _ = self._tightest64(self._float64(operators), progress)
-            if not math.isfinite(float(bound.detach())):  # off the hot path: the host may wait
-                bad_weights = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
-                _warn_non_finite(float(bound.detach()), [node.name for node, f in factors.items()
-                                                         if not math.isfinite(float(f.detach()))],
-                                 self.dtype, bad_weights)
-            return self._round_up(bound)
-
-    def _tightest64(self, operators64: Operators, progress: bool = False
-                    ) -> tuple[Tensor, dict[LipNode, Tensor], Chains]:
-        """The tightest certified bound in float64 (before :meth:`_round_up`), with the certified factors and chain
-        bounds it uses; sets :attr:`certificate`."""
-        factors = {node: operators64[node].certified_norm(self.policy)
-                   for node in _progress(self.graph.linear_nodes(), progress, "certify")}
-        if not all(bool(torch.isfinite(f).all()) for f in factors.values()):  # NaN or inf weights: no chain is
-            self.certificate = "autolip"  # bounded better than by its non-finite factors (the warning names them)
-            return autolip_bound(self.graph, factors, {}, dtype=torch.float64, device=self._device()), factors, {}
-        exact = None
-        if self._chains and all(plan_certified(plan_chain(c, "auto", self.policy, set())) for c in self._chains):
-            # a fresh SeqLip (its warm state is irrelevant to an exact search), seeded: no global random state
-            seqlip = SeqLip(self.graph, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
-                            policy=self.policy).to(self._device())
-            exact = seqlip(factors, operators64, 0)
-        chains, self.certificate = certified_chains(self._chains, operators64, self.policy, exact, factors)
-        bound = autolip_bound(self.graph, factors, chains, dtype=torch.float64, device=self._device())
-        return bound, factors, chains
+            operators64 = self._float64(operators)
+            (bound, factors, _), self.certificate = tightest64(self.graph, self._structure.chains, operators64,
+                                                               self.policy, self._device(), progress)
+            check_certificate(bound, factors, self.model, self.dtype)  # off the hot path: the host may wait
+            return round_up(self.graph, bound, self.dtype)
 
     def pair_constants(self, weight: Tensor) -> Tensor | None:
         """Per-pair LipLT estimates ``(C, C)`` for a linear head ``weight`` after this (body) network, from the last
         call's warm product norms and the exact head rows through the body's last chain
         (:func:`~lipreg.bounds.liplt.pair_bounds`), differentiable; ``None`` unless ``method="liplt"`` and the body
         ends in an activation after a linear node (:func:`~lipreg.bounds.certificates.head_tail`)."""
-        tail = head_tail(self.graph, self._chains) if self.liplt is not None else None
-        if tail is None or self._last_eval is None or weight.shape[0] < 2:
+        if self._last_eval is None:
             return None
-        factors, chains = self._last_eval
-        chain, out_slopes = tail
-        index = next((i for i, c in enumerate(self.liplt.chains) if c is chain), None)
-        norm = self.liplt.last_norms(index) if index is not None else (lambda j, k: factors[chain.ops[0]])
-        operators = linear_operators(self.graph, self.dtype, self._device())
-        pairs = pair_bounds(norm, [operators[node] for node in chain.ops], [*chain.slopes, out_slopes],
-                            weight.to(self.dtype))
-        (entry,) = chain.ops[0].inputs
-        return pairs * node_constants(self.graph, factors, chains, dtype=self.dtype, device=self._device())[entry]
+        return pair_estimates(self._structure, self._last_eval, weight, self.dtype, self._device())
 
     def certified_pairs(self, weight: Tensor) -> dict[str, Tensor]:
         """Per-pair certificates ``(C, C)`` (float64, rounded upwards) for a linear head ``weight`` after this (body)
         network, carried through its last chain (:func:`~lipreg.bounds.certificates.certified_pairs`: pairwise
         LipLT, and ECLipsE-Fast when the policy allows), by name; empty when the body does not end in an
         activation after a linear node."""
-        tail = head_tail(self.graph, self._chains)
-        if tail is None or weight.shape[0] < 2:  # no pair of classes
-            return {}
         with self._evaluation() as operators:
-            operators64 = self._float64(operators)
-            _, factors, chains = self._tightest64(operators64)
-            (entry,) = tail[0].ops[0].inputs
-            constant = node_constants(self.graph, factors, chains, dtype=torch.float64, device=self._device())[entry]
-            constant = self._round_up(constant).to(torch.float64)
-            return certified_pairs(tail, operators64, weight, constant, self.policy, factors)
-
-    def _round_up(self, bound64: Tensor) -> Tensor:
-        """A float64 result of Alg. 1 on certified factors, rounded upwards into ``dtype``: each factor (and each
-        exact SeqLip chain bound) is already >= its exact value, and the margin covers the float64 rounding of
-        the products, sums and square roots of Alg. 1 (at most ``2 k + 2`` of them at a node of ``k`` inputs)."""
-        n_ops = sum(2 * len(node.inputs) + 2 for node in self.graph.nodes)
-        return certified_cast(bound64, self.dtype, arithmetic_margin(n_ops))
-
-    def _certified64(self, operators64: Operators, use_seqlip: bool, progress: bool = False
-                     ) -> tuple[Tensor, dict[LipNode, Tensor], Chains | None]:
-        """The certified bound in float64 (before :meth:`_round_up`), the certified factors and SeqLip chains it
-        uses, from float64 operators: each factor is :meth:`LinearOperator.certified_norm`."""
-        nodes = self._bounded_nodes() if use_seqlip else self.graph.linear_nodes()
-        factors = {node: operators64[node].certified_norm(self.policy)
-                   for node in _progress(nodes, progress, "certify")}
-        chains = self.seqlip(factors, operators64, 0) if use_seqlip else None
-        return autolip_bound(self.graph, factors, chains, dtype=torch.float64, device=self._device()), factors, chains
+            pairs, certificate = certified_pair_bounds(self.graph, self._structure.chains, self._float64(operators),
+                                                       weight, self.policy, self.dtype, self._device())
+        if certificate is not None:
+            self.certificate = certificate
+        return pairs
 
     def linear_operators(self) -> dict[str, LinearOperator]:
         """The :class:`~lipreg.operator.LinearOperator` of every (fused) linear node, by node name, in ``dtype`` on
@@ -385,15 +267,14 @@ class LipschitzEstimator(nn.Module):
         if not certified:
             return {name: float(value) for name, value in self._last_factors.items()}
         with torch.no_grad(), self._evaluation() as operators:
-            norms = {node: operator.certified_norm(self.policy) for node, operator in self._float64(operators).items()}
-            bounds = {node.name: float(certified_cast(norm, self.dtype, margin=0.0)) for node, norm in norms.items()}
-        return {**bounds, **self._constants}
+            bounds = certified_layer_norms(self._float64(operators), self.policy, self.dtype)
+        return {**bounds, **self._structure.constants}
 
     def layer_factors(self) -> dict[str, float]:
         """The factors of the last call that the weights set, in graph order: each (fused) linear operator's and, for
         SeqLip, each pair's; without the constants of activations and pooling (fixed by the graph: a ReLU stays 1)."""
         order = {node.name: i for i, node in enumerate(self.graph.nodes)}
-        factors = {k: v for k, v in self.layer_bounds().items() if k not in self._constants}
+        factors = {k: v for k, v in self.layer_bounds().items() if k not in self._structure.constants}
         return dict(sorted(factors.items(), key=lambda item: order.get(item[0].split("~")[0], len(order))))
 
     @property
@@ -411,7 +292,7 @@ class LipschitzEstimator(nn.Module):
     def certified(self) -> bool:
         """Whether the last bound is a guaranteed upper bound: only when no operator needed a power
         iteration (every norm in closed form) and any SeqLip search was exact on full SVDs."""
-        exact_norms = len(list(self._iterated_nodes())) == 0
+        exact_norms = len(self._power) == 0
         return exact_norms and self.exact_search and \
             (self.liplt is None or not self.liplt.chains)
 
@@ -424,50 +305,13 @@ class LipschitzEstimator(nn.Module):
         numel = sum(buffer.numel() for buffer in self.buffers())
         size = sum(buffer.numel() * buffer.element_size() for buffer in self.buffers())
         return (f"method={self.method!r}, model={type(self.model).__name__}, operators={operators} "
-                f"(power iteration: {len(self._buffer_names)}, closed form: {len(self._closed_form)}){chains}, "
+                f"(power iteration: {len(self._power)}, closed form: {len(self._structure.closed_form)}){chains}, "
                 f"warm_state={numel} values ({size / 1024:.1f} KiB), dtype={self.dtype}")
 
     # --------------------------------------------------------------- helpers
-    def _bounded_nodes(self) -> list[LipNode]:
-        """The linear nodes whose norm enters the bound (all but those inside SeqLip chains)."""
-        return [n for n in self.graph.linear_nodes() if n not in self._chained]
-
     def _float64(self, operators: Operators) -> Operators:
         """``operators`` if they are float64, else the float64 operators: certificates start from float64 weights."""
-        if self.dtype == torch.float64:
-            return operators
-        return linear_operators(self.graph, torch.float64, self._device())
-
-    def _iterated_nodes(self) -> list[LipNode]:
-        return [n for n in self._bounded_nodes() if n in self._buffer_names]
-
-    def _linear_factors(self, operators: Operators, n_iter: int) -> dict[LipNode, Tensor]:
-        """Every bounded operator's norm: closed forms as they are; the others after ``n_iter`` warm power
-        steps, the last one sharing its forward pass with the returned ``||A v||``."""
-        factors = {node: operators[node].closed_form_norm() for node in self._closed_form}
-        nodes = self._iterated_nodes()
-        applies = [operators[node].matvec for node in nodes]
-        adjoints = [operators[node].rmatvec if operators[node].explicit_adjoint else None for node in nodes]
-        buffers = [self.get_buffer(self._buffer_names[node]) for node in nodes]
-        if n_iter > 1:
-            with torch.no_grad():
-                for node, buffer in zip(nodes, buffers):
-                    buffer.copy_(power_steps(operators[node].gram, buffer, n_iter - 1))
-        sigmas, vs = rayleigh_norms_and_step(applies, buffers, step=n_iter > 0, adjoints=adjoints)
-        with torch.no_grad():
-            for buffer, v in zip(buffers, vs):
-                buffer.copy_(v)
-        factors.update(zip(nodes, sigmas))
-        return factors
-
-    def _remember(self, factors: dict[LipNode, Tensor]) -> None:
-        last: dict[str, Tensor | float] = {node.name: f.detach() for node, f in factors.items()}
-        last.update(self._constants)
-        if self.seqlip is not None:
-            last.update(self.seqlip.pair_factors())
-        if self.liplt is not None:
-            last.update(self.liplt.pair_factors())
-        self._last_factors = last
+        return float64_operators(self.graph, operators, self.dtype, self._device())
 
     @contextmanager
     def _evaluation(self) -> Iterator[Operators]:
@@ -482,41 +326,4 @@ class LipschitzEstimator(nn.Module):
             yield linear_operators(self.graph, self.dtype, device)
 
     def _device(self) -> torch.device:
-        return _model_device(self.model) or torch.device("cpu")
-
-
-def _warn_non_finite(bound: float, bad: list[str], dtype: torch.dtype, bad_weights: list[str]) -> None:
-    """The warning of :meth:`LipschitzEstimator.check_finite`, naming the cause: NaN or inf weights (``bad_weights``,
-    the model's non-finite parameters now), a norm that overflows ``dtype`` from finite weights, or finite factors
-    whose bound exceeds ``dtype``'s largest value."""
-    largest = f"{dtype}'s largest value, {torch.finfo(dtype).max:.3g}"
-    if bad and bad_weights:
-        cause = (f"non-finite factors at {bad}: the weights hold NaN or inf (parameters {bad_weights}). Those "
-                 "operators kept their previous warm vectors")
-    elif bad:
-        cause = (f"non-finite factors at {bad} although every weight is finite now: their norms exceed {largest} "
-                 "(or the weights were NaN or inf at that call); rescale them or use dtype=torch.float64. Those "
-                 "operators kept their previous warm vectors")
-    else:
-        cause = f"every factor is finite, and the bound they give exceeds {largest}: use dtype=torch.float64"
-    warnings.warn(f"non-finite Lipschitz bound ({bound}) since the last check: {cause}. Its gradient was 0, so the "
-                  "penalty is skipped for those steps (a LipschitzPenalty added 0, a LipschitzMarginLoss was the "
-                  "plain cross-entropy)", RuntimeWarning, stacklevel=_user_stacklevel())
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` of a warning issued by the caller that points at the user's line: the frames of lipreg,
-    torch (``nn.Module.__call__``) and contextlib in between are skipped."""
-    frame, level = sys._getframe(1), 1  # the caller, at stacklevel 1
-    while frame.f_back is not None and (frame.f_code.co_filename.startswith(LIBRARY_DIRS)
-                                        or frame.f_code.co_filename == contextlib.__file__):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _model_device(model: nn.Module) -> torch.device | None:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return None
+        return model_device(self.model) or torch.device("cpu")
