@@ -278,12 +278,21 @@ def _stochastic_depth(info: NodeInfo) -> Rule:
 
 
 class Shuffle(UnitNorm):
-    """A permutation of the entries computed by the op itself (``channel_shuffle``, ``pixel_shuffle``,
-    ``pixel_unshuffle``): norm exactly 1; its adjoint is the inverse permutation, ``inverse(u, *arguments)``."""
+    """A permutation of the entries (``channel_shuffle``, ``pixel_shuffle``, ``pixel_unshuffle``): norm exactly 1;
+    its adjoint is the inverse permutation, ``inverse(u, *arguments)``. It is computed by the op itself, or by
+    ``forward(v, *forward_arguments)`` when given (``native_channel_shuffle`` has no autograd derivative, which
+    the power method and Lanczos need where a node has no explicit adjoint)."""
 
-    def __init__(self, inverse: Any, arguments: tuple[Any, ...]) -> None:
+    def __init__(self, inverse: Any, arguments: tuple[Any, ...], forward: Any = None,
+                 forward_arguments: tuple[Any, ...] = ()) -> None:
         super().__init__()
         self.inverse, self.arguments = inverse, arguments
+        self.forward, self.forward_arguments = forward, forward_arguments
+
+    def apply(self, info: NodeInfo, call: Call, v: Tensor) -> Tensor:
+        if self.forward is None:
+            return super().apply(info, call, v)
+        return self.forward(v, *self.forward_arguments)
 
     def has_adjoint(self, info: NodeInfo) -> bool:
         return True
@@ -296,7 +305,7 @@ def _channel_shuffle(info: NodeInfo, groups: int) -> Shuffle:
     """Channel shuffle with ``g`` groups reads the channels as a ``g x C/g`` matrix and transposes it: the inverse
     is the shuffle with ``C/g`` groups (torch takes the channels on axis 1 whatever the rank)."""
     channels = info.in_shapes[0][1]
-    return Shuffle(F.channel_shuffle, (channels // groups,))
+    return Shuffle(F.channel_shuffle, (channels // groups,), forward=F.channel_shuffle, forward_arguments=(groups,))
 
 
 class Copies(LinearOp):
