@@ -44,12 +44,14 @@ import lipreg
 from lipreg.metrics import CertifiedRobustAccuracy
 from lipreg.ops.registry import _RULES
 
+from . import margins
 from .arch import Case, describe, draw_case
 from .reference import chain_fn, forward_values, jacobian_norm, lower_bound
 
 RTOL = 1e-9
 RTOL_FLOAT32_REFERENCE = 1e-5  # fake-quantized models are evaluated in float32 (no float64 kernel)
-SMOOTH = ("act:tanh", "act:sigmoid", "act:gelu", "act:silu", "act:elu", "act:softplus")
+SMOOTH = ("act:tanh", "act:sigmoid", "act:gelu", "act:silu", "act:elu", "act:softplus", "act:mish", "act:selu",
+          "act:logsigmoid", "act:tanhshrink", "route act")
 ISSUE16 = "16."  # the kinds of the adversarial patterns of issue 16 (:mod:`tests.fuzz.adversarial`)
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}
 
@@ -265,7 +267,7 @@ class CaseRun:
             if not v0.is_floating_point() or isinstance(out, torch.Tensor) and not out.is_floating_point():
                 continue  # a bit cast's integer side: no Jacobian; checked as part of the whole model
             if node.is_linear:
-                lower = jacobian_norm(f, v0)
+                lower = jacobian_norm(f, v0, affine=True)
             else:
                 lower = lower_bound(_vmapped(f), v0.shape, self.ref_dtype, smooth=False)
             self.compare(f"layer {node.name!r} [{node.rule.describe()}] layer_bounds(certified=True)",
@@ -286,6 +288,8 @@ class CaseRun:
                 self.guard(f"{method} checks", self.check_estimator, method, est)
         if estimators["autolip"] is not None and self.case.mutate is None:
             self.guard("layer checks", self.check_layers, estimators["autolip"])
+        if self.case.margin is not None and self.case.mutate is None and not self.case.per_sample:
+            self.guard("margin checks", margins.check, self, self.case.margin)
 
     def guard(self, where: str, fn: Any, *args: Any) -> None:
         """Run a check; an exception raised by the reference itself is reported as a crash of the fuzz."""

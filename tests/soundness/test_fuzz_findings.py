@@ -1,0 +1,28 @@
+"""Regressions found by the soundness fuzz (``python -m tests.fuzz.soundness``), each minimised to a small model."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lipreg
+
+
+class _FlipClampNativeShuffle(nn.Module):
+    """``x.flip(2) -> clamp(max=1) -> torch.native_channel_shuffle(., 3)``: permutations around a clamp, constant 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.native_channel_shuffle(x.flip(2).clamp(max=1.0), 3)
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "lipreg/ops/structural.py registers torch.native_channel_shuffle with Shuffle, which applies the op itself, and "
+    "aten::native_channel_shuffle has no autograd derivative; LipLT's warm start (lipreg/bounds/liplt.py converge -> "
+    "lipreg/linalg/krylov.py lanczos_top_singular) takes the adjoint of the linear node by autograd, so building the "
+    "estimator raises 'derivative for aten::native_channel_shuffle is not implemented' instead of certifying (the "
+    "Shuffle's own adjoint exists) or refusing cleanly (fuzz seed 7, found 2026-12-07)"))
+@pytest.mark.parametrize("fuse", [True, False])
+def test_liplt_certifies_a_native_channel_shuffle_after_an_activation(fuse: bool) -> None:
+    model = _FlipClampNativeShuffle().eval()
+    est = lipreg.LipschitzEstimator(model, torch.randn(2, 3, 4), method="liplt", fuse=fuse)
+    assert float(est.certified_bound()) >= 1.0  # a spike below the clamp on one entry moves one output by as much
