@@ -20,8 +20,10 @@ DENSE_LIMIT = 40_000
 
 
 def no_derivative(err: RuntimeError) -> bool:
-    """Whether autograd has no derivative (or no second derivative) for an op (``native_channel_shuffle``...)."""
-    return "is not implemented" in str(err)
+    """Whether autograd has no derivative (or no second derivative) for an op (``native_channel_shuffle``...), or
+    refuses an in-place write to a tensor it saved or to a view of a multi-output op (``split(x)[i].relu_()``)."""
+    return any(message in str(err) for message in ("is not implemented", "modified by an inplace operation",
+                                                   "is being modified inplace"))
 
 
 def jacobian_norm(f: Fn, x: Tensor, n_iter: int = 12, affine: bool = False) -> float:
@@ -115,8 +117,8 @@ def lower_bound(fb: Fn, shape: torch.Size, dtype: torch.dtype, smooth: bool) -> 
             best = max(best, jacobian_norm(f1, x))
         if smooth:
             best = max(best, ascend(f1, points[1]))
-    except RuntimeError as err:  # autograd refuses an in-place write to a saved tensor, or has no derivative for
-        if "modified by an inplace operation" not in str(err) and not no_derivative(err):  # an op: finite pairs
+    except RuntimeError as err:  # autograd cannot differentiate the model (:func:`no_derivative`): finite pairs
+        if not no_derivative(err):
             raise
     for x in points[:2]:
         best = max(best, line_scans(fb_fresh, x))

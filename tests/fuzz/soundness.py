@@ -10,6 +10,9 @@ against the independent lower bounds of :mod:`tests.fuzz.reference`:
 * ``layer_bounds(certified=True)`` per node: linear nodes against the exact norm of their dense float64
   Jacobian, activation and pooling constants against the node's own lower bound;
 * ``est()`` whenever ``est.certified`` is True;
+* ``MarginCertificate(...).certified()`` per pair of classes, for a quarter of the cases returning logits and every
+  case aimed at a certificate route (:mod:`tests.fuzz.routes`), against float64 Jacobian pair norms
+  (:mod:`tests.fuzz.margins`);
 * that building an estimator leaves the model's attributes alone, and that ``CertifiedRobustAccuracy`` does not
   take an estimate for a certificate unless told.
 
@@ -42,7 +45,7 @@ from torch import nn
 
 import lipreg
 from lipreg.metrics import CertifiedRobustAccuracy
-from lipreg.ops.registry import _RULES
+from lipreg.ops.registry import _RULES, qualified_name
 
 from . import margins
 from .arch import Case, describe, draw_case
@@ -100,7 +103,7 @@ class Report:
                 seen.update(c for c in target.__mro__ if c in _RULES)
             else:
                 seen.add(target)
-        return sorted(getattr(t, "__qualname__", str(t)) for t in _RULES if t not in seen)
+        return sorted(qualified_name(t) or str(t) for t in _RULES if t not in seen)
 
     def summary(self) -> str:
         cases_with = lambda kind: len({f.case for f in self.findings if f.kind == kind})
