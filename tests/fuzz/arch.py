@@ -78,8 +78,8 @@ GENERATORS: list[tuple[Generator, float]] = [
     (g_cancel, 0.3), (g_residual, 1.2), (g_concat, 0.8),
     (g_instance_override, 0.4), (g_bitcast, 0.25), (g_container, 0.4), (g_item, 0.3), (g_padding_after_init, 0.4),
     (g_python_attribute, 0.25),
-    (g_split_part, 0.8), (g_resample, 1.0), (g_pad_fill, 0.8), (g_shuffle, 0.6), (g_flip_roll, 0.5), (g_copies, 0.5),
-    (g_addcmul, 0.5), (g_extremum, 0.8), (g_stochastic_depth, 0.3),
+    (g_split_part, 0.8), (g_resample, 1.0), (g_pad_fill, 0.8), (g_shuffle, 1.0), (g_flip_roll, 0.5), (g_copies, 0.5),
+    (g_addcmul, 0.5), (g_extremum, 1.2), (g_stochastic_depth, 0.3),
 ]
 MAX_NUMEL = 200
 

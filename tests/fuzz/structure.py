@@ -154,7 +154,7 @@ def g_pad_fill(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] 
         return None
     value = b.pick([1.5, -2.0, 0.0])
     tag = f"{mode},{pads}" + (f",value={value}" if mode == "constant" else "")
-    form = b.pick(["module", "F.pad", "constant_pad_nd"] if mode == "constant" else ["module", "F.pad"])
+    form = b.pick(["module", "F.pad", "torch._C._nn.pad"] + (["constant_pad_nd"] if mode == "constant" else []))
     if form == "module" and not (mode == "constant" and min(pads) < 0):
         cls = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)[d - 1] if mode == "constant" else \
             _PAD_MODULES[mode][d - 1]
@@ -164,6 +164,10 @@ def g_pad_fill(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] 
     if form == "constant_pad_nd":
         b.note(f"pad:{mode}", torch.constant_pad_nd)
         return (lambda net, h: torch.constant_pad_nd(h, pads, value)), tuple(out), f"torch.constant_pad_nd({tag})"
+    if form == "torch._C._nn.pad":  # what F.pad calls
+        b.note(f"pad:{mode}", torch._C._nn.pad)
+        return (lambda net, h: torch._C._nn.pad(h, pads, mode, value if mode == "constant" else None)), tuple(out), \
+            f"torch._C._nn.pad({tag})"
     b.note(f"pad:{mode}", F.pad)
     if mode == "constant":
         return (lambda net, h: F.pad(h, pads, value=value)), tuple(out), f"F.pad({tag})"
@@ -190,8 +194,14 @@ def g_shuffle(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] |
         return (lambda net, h: target(h, g)), s, f"{target.__name__}({g})"
     if preserve:
         return None
+    if kind == "pixel" and not any(c % (r * r) == 0 for r in (2, 3)):  # unshuffle, then shuffle back
+        r = b.pick([r for r in (2, 3) if s[1] % r == 0 and s[2] % r == 0] or [1])
+        module = b.add(nn.PixelShuffle(r))
+        b.note("shuffle:pixel", nn.PixelShuffle, F.pixel_unshuffle)
+        return (lambda net, h: getattr(net, module)(F.pixel_unshuffle(h, r))), s, \
+            f"PixelShuffle({r})(pixel_unshuffle({r}))"
     if kind == "pixel":
-        r = b.pick([r for r in (2, 3) if c % (r * r) == 0] or [1])
+        r = b.pick([r for r in (2, 3) if c % (r * r) == 0])
         out = (c // (r * r), s[1] * r, s[2] * r)
         module, function = nn.PixelShuffle, b.pick([F.pixel_shuffle, torch.pixel_shuffle])
     else:
