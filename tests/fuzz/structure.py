@@ -187,7 +187,9 @@ def g_shuffle(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] |
         if not groups:
             return None
         g = b.pick(groups)
-        target = b.pick([nn.ChannelShuffle, F.channel_shuffle, torch.channel_shuffle, torch.native_channel_shuffle])
+        # torch.native_channel_shuffle is not drawn while lipreg crashes on it (no autograd derivative; the strict
+        # xfails of tests/soundness/test_fuzz_findings.py): draw it again once they pass
+        target = b.pick([nn.ChannelShuffle, F.channel_shuffle, torch.channel_shuffle])
         b.note("shuffle:channel", target)
         if target is nn.ChannelShuffle:
             return call(b.add(nn.ChannelShuffle(g))), s, f"ChannelShuffle({g})"
