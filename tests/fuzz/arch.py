@@ -22,6 +22,9 @@ from .layers import (g_avg_pool, g_batch_norm, g_big_operator, g_cancel, g_conv,
                           g_linear, g_max_pool, g_mean_sum, g_pad, g_qat, g_tenfold_conv)
 from .net import Builder, Case, Shape, Step
 from .ops import (g_activation, g_arith, g_clamp_tensor, g_dropout, g_getitem, g_inplace, g_refused, g_reshape)
+from .routes import route_plan
+from .structure import (g_addcmul, g_copies, g_extremum, g_flip_roll, g_pad_fill, g_resample, g_shuffle, g_split_part,
+                        g_stochastic_depth)
 
 
 # --------------------------------------------------------------------------------------------- composition
@@ -75,6 +78,8 @@ GENERATORS: list[tuple[Generator, float]] = [
     (g_cancel, 0.3), (g_residual, 1.2), (g_concat, 0.8),
     (g_instance_override, 0.4), (g_bitcast, 0.25), (g_container, 0.4), (g_item, 0.3), (g_padding_after_init, 0.4),
     (g_python_attribute, 0.25),
+    (g_split_part, 0.8), (g_resample, 1.0), (g_pad_fill, 0.8), (g_shuffle, 1.0), (g_flip_roll, 0.5), (g_copies, 0.5),
+    (g_addcmul, 0.5), (g_extremum, 1.2), (g_stochastic_depth, 0.3),
 ]
 MAX_NUMEL = 200
 
@@ -162,7 +167,10 @@ def draw_case(seed: int, index: int) -> Case:
     big = rng.random() < 0.04  # operators too large for the dense route: the rules' own certified norms
     s = (3, 32, 32) if big else rng.choices([f for f, _ in FAMILIES], [w for _, w in FAMILIES])[0](rng)
     per_sample = not big and len(s) in (2, 3) and rng.random() < 0.08  # 16.3: a conv on one unbatched sample
-    if big:
+    routed = not big and not per_sample and rng.random() < 0.2  # aimed at a certificate route (:mod:`.routes`)
+    if routed:
+        s, b.net.steps, descriptions = route_plan(b)
+    elif big:
         step, _, desc = rng.choice([g_tenfold_conv, g_hooked, g_big_operator, g_big_operator])(b, s, True)
         b.net.steps, descriptions = [step], [desc]
     elif per_sample:
@@ -178,8 +186,10 @@ def draw_case(seed: int, index: int) -> Case:
     drawn = _mutation(b)
     kind, mutate = drawn if drawn is not None and drawn[1] is not None else (None, None)
     kinds = b.kinds | ({kind} if kind else set()) | ({"big input"} if big else set())
+    margin = rng.choice(["autolip", "seqlip", "liplt"]) if routed or rng.random() < 0.25 else None
     return Case(index, model, x, dtype, rng.random() < 0.8, kinds, b.targets, describe(s, descriptions),
-                float32_reference=b.float32_reference, mutate=mutate, steps=descriptions, per_sample=per_sample)
+                float32_reference=b.float32_reference, mutate=mutate, steps=descriptions, per_sample=per_sample,
+                margin=margin)
 
 
 def _unbatched_plan(b: Builder, s: Shape) -> tuple[list[Step], list[str]]:

@@ -60,6 +60,7 @@ class Case:
     mutate: Optional[Callable[[nn.Module], str]] = None  # applied after the estimators are built (staleness)
     per_sample: bool = False  # one sample whose batch axis the model drops: the reference runs sample by sample
     steps: list[str] = field(default_factory=list)  # the description of each step of ``model.steps``
+    margin: Optional[str] = None  # the method of a per-pair MarginCertificate check (:mod:`.margins`), if any
 
 
 @dataclass

@@ -17,7 +17,10 @@ from .net import Builder, Shape, Step, call
 def _activation(b: Builder) -> tuple[str, list[tuple[Any, Callable[[Tensor], Tensor]]], Callable[[], nn.Module] | None]:
     """An activation with drawn parameters: its kind, functional/method forms ``(target, fn)`` and module factory."""
     name = b.pick(["relu", "relu6", "tanh", "hardtanh", "softplus", "sigmoid", "leaky_relu", "elu", "gelu", "silu",
-                   "abs", "clamp"])
+                   "abs", "clamp", "hardswish", "hardsigmoid", "mish", "selu", "logsigmoid", "tanhshrink",
+                   "softshrink", "threshold", "hardshrink"])
+    if name in _MORE or name in ("softshrink", "threshold", "hardshrink"):
+        return _more_activation(b, name)
     if name == "relu":
         return name, [(F.relu, F.relu), (torch.relu, torch.relu), ("relu", lambda h: h.relu())], nn.ReLU
     if name == "relu6":
@@ -52,6 +55,37 @@ def _activation(b: Builder) -> tuple[str, list[tuple[Any, Callable[[Tensor], Ten
     lo, hi = b.pick([(-0.5, 0.5), (0.0, None), (None, 1.0)])
     return f"clamp({lo},{hi})", [(torch.clamp, lambda h: torch.clamp(h, lo, hi)), ("clamp", lambda h: h.clamp(lo, hi)),
                                  ("clip", lambda h: h.clip(lo, hi)), (torch.clip, lambda h: torch.clip(h, lo, hi))], None
+
+
+_MORE = {  # name: (module, functional forms)
+    "hardswish": (nn.Hardswish, [(F.hardswish, F.hardswish)]),
+    "hardsigmoid": (nn.Hardsigmoid, [(F.hardsigmoid, F.hardsigmoid)]),
+    "mish": (nn.Mish, [(F.mish, F.mish)]),
+    "selu": (nn.SELU, [(F.selu, F.selu), (torch.selu, torch.selu)]),
+    "logsigmoid": (nn.LogSigmoid, [(F.logsigmoid, F.logsigmoid)]),
+    "tanhshrink": (nn.Tanhshrink, [(F.tanhshrink, F.tanhshrink)]),
+}
+
+
+def _more_activation(b: Builder, name: str) -> tuple[str, list[tuple[Any, Callable[[Tensor], Tensor]]],
+                                                     Callable[[], nn.Module] | None]:
+    """The activations of :data:`_MORE`, softshrink, and the continuous (accepted) and discontinuous (refused)
+    forms of threshold and hardshrink."""
+    if name in _MORE:
+        module, forms = _MORE[name]
+        return name, forms, module
+    if name == "softshrink":
+        lambd = b.pick([0.5, 0.0, 2.0])
+        return f"softshrink({lambd})", [(F.softshrink, lambda h: F.softshrink(h, lambd))], lambda: nn.Softshrink(lambd)
+    if name == "threshold":
+        t, v = b.pick([(0.5, 0.5), (-1.0, -1.0), (0.5, 0.0)])
+        return f"threshold({t},{v})", [(F.threshold, lambda h: F.threshold(h, t, v)),
+                                        (torch.threshold, lambda h: torch.threshold(h, t, v))], \
+            lambda: nn.Threshold(t, v)
+    lambd = b.pick([0.0, 0.5])
+    return f"hardshrink({lambd})", [(F.hardshrink, lambda h: F.hardshrink(h, lambd)),
+                                    (torch.hardshrink, lambda h: torch.hardshrink(h, lambd)),
+                                    ("hardshrink", lambda h: h.hardshrink(lambd))], lambda: nn.Hardshrink(lambd)
 
 
 def g_activation(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] | None:

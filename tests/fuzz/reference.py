@@ -19,11 +19,26 @@ DENSE_LIMIT = 40_000
 """Jacobians with at most this many entries are formed (full SVD); larger ones are power-iterated."""
 
 
-def jacobian_norm(f: Fn, x: Tensor, n_iter: int = 12) -> float:
-    """``||J_f(x)||_2`` for one sample ``x`` (exact up to rounding when formed, a lower estimate otherwise)."""
+def no_derivative(err: RuntimeError) -> bool:
+    """Whether autograd has no derivative (or no second derivative) for an op (``native_channel_shuffle``...), or
+    refuses an in-place write to a tensor it saved or to a view of a multi-output op (``split(x)[i].relu_()``)."""
+    return any(message in str(err) for message in ("is not implemented", "modified by an inplace operation",
+                                                   "is being modified inplace"))
+
+
+def jacobian_norm(f: Fn, x: Tensor, n_iter: int = 12, affine: bool = False) -> float:
+    """``||J_f(x)||_2`` for one sample ``x`` (exact up to rounding when formed, a lower estimate otherwise). An
+    ``affine`` ``f`` that autograd cannot differentiate has its matrix formed from ``f(e_i) - f(0)`` instead."""
     out_numel = f(x).numel()
     if out_numel * x.numel() <= DENSE_LIMIT:
-        jac = torch.func.jacrev(f)(x).reshape(out_numel, x.numel())
+        try:
+            jac = torch.func.jacrev(f)(x).reshape(out_numel, x.numel())
+        except RuntimeError as err:
+            if not (affine and no_derivative(err)):
+                raise
+            basis = torch.eye(x.numel(), dtype=x.dtype).reshape(-1, *x.shape)
+            zero = f(torch.zeros_like(x)).reshape(-1)
+            jac = torch.stack([f(e).reshape(-1) - zero for e in basis], dim=1)
         return float(torch.linalg.matrix_norm(jac, 2))
     v = torch.randn_like(x)
     v = v / v.norm()
@@ -102,8 +117,8 @@ def lower_bound(fb: Fn, shape: torch.Size, dtype: torch.dtype, smooth: bool) -> 
             best = max(best, jacobian_norm(f1, x))
         if smooth:
             best = max(best, ascend(f1, points[1]))
-    except RuntimeError as err:  # autograd refuses an in-place write to a saved tensor: finite pairs only
-        if "modified by an inplace operation" not in str(err):
+    except RuntimeError as err:  # autograd cannot differentiate the model (:func:`no_derivative`): finite pairs
+        if not no_derivative(err):
             raise
     for x in points[:2]:
         best = max(best, line_scans(fb_fresh, x))

@@ -10,6 +10,9 @@ against the independent lower bounds of :mod:`tests.fuzz.reference`:
 * ``layer_bounds(certified=True)`` per node: linear nodes against the exact norm of their dense float64
   Jacobian, activation and pooling constants against the node's own lower bound;
 * ``est()`` whenever ``est.certified`` is True;
+* ``MarginCertificate(...).certified()`` per pair of classes, for a quarter of the cases returning logits and every
+  case aimed at a certificate route (:mod:`tests.fuzz.routes`), against float64 Jacobian pair norms
+  (:mod:`tests.fuzz.margins`);
 * that building an estimator leaves the model's attributes alone, and that ``CertifiedRobustAccuracy`` does not
   take an estimate for a certificate unless told.
 
@@ -42,14 +45,16 @@ from torch import nn
 
 import lipreg
 from lipreg.metrics import CertifiedRobustAccuracy
-from lipreg.ops.registry import _RULES
+from lipreg.ops.registry import _RULES, qualified_name
 
+from . import margins
 from .arch import Case, describe, draw_case
 from .reference import chain_fn, forward_values, jacobian_norm, lower_bound
 
 RTOL = 1e-9
 RTOL_FLOAT32_REFERENCE = 1e-5  # fake-quantized models are evaluated in float32 (no float64 kernel)
-SMOOTH = ("act:tanh", "act:sigmoid", "act:gelu", "act:silu", "act:elu", "act:softplus")
+SMOOTH = ("act:tanh", "act:sigmoid", "act:gelu", "act:silu", "act:elu", "act:softplus", "act:mish", "act:selu",
+          "act:logsigmoid", "act:tanhshrink", "route act")
 ISSUE16 = "16."  # the kinds of the adversarial patterns of issue 16 (:mod:`tests.fuzz.adversarial`)
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16"}
 
@@ -98,7 +103,7 @@ class Report:
                 seen.update(c for c in target.__mro__ if c in _RULES)
             else:
                 seen.add(target)
-        return sorted(getattr(t, "__qualname__", str(t)) for t in _RULES if t not in seen)
+        return sorted(qualified_name(t) or str(t) for t in _RULES if t not in seen)
 
     def summary(self) -> str:
         cases_with = lambda kind: len({f.case for f in self.findings if f.kind == kind})
@@ -265,7 +270,7 @@ class CaseRun:
             if not v0.is_floating_point() or isinstance(out, torch.Tensor) and not out.is_floating_point():
                 continue  # a bit cast's integer side: no Jacobian; checked as part of the whole model
             if node.is_linear:
-                lower = jacobian_norm(f, v0)
+                lower = jacobian_norm(f, v0, affine=True)
             else:
                 lower = lower_bound(_vmapped(f), v0.shape, self.ref_dtype, smooth=False)
             self.compare(f"layer {node.name!r} [{node.rule.describe()}] layer_bounds(certified=True)",
@@ -286,6 +291,8 @@ class CaseRun:
                 self.guard(f"{method} checks", self.check_estimator, method, est)
         if estimators["autolip"] is not None and self.case.mutate is None:
             self.guard("layer checks", self.check_layers, estimators["autolip"])
+        if self.case.margin is not None and self.case.mutate is None and not self.case.per_sample:
+            self.guard("margin checks", margins.check, self, self.case.margin)
 
     def guard(self, where: str, fn: Any, *args: Any) -> None:
         """Run a check; an exception raised by the reference itself is reported as a crash of the fuzz."""

@@ -20,3 +20,15 @@ def test_liplt_certifies_a_native_channel_shuffle_after_an_activation(fuse: bool
     model = _FlipClampNativeShuffle().eval()
     est = lipreg.LipschitzEstimator(model, torch.randn(2, 3, 4), method="liplt", fuse=fuse)
     assert float(est.certified_bound()) >= 1.0  # a spike below the clamp on one entry moves one output by as much
+
+
+class _NativeShuffleThenSum(nn.Module):
+    """``elu -> torch.native_channel_shuffle(., 3) -> sum(1)``: one linear node of a shuffle and a sum (norm sqrt 3)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.native_channel_shuffle(torch.nn.functional.elu(x), 3).sum(1)
+
+
+def test_autolip_certifies_a_native_channel_shuffle_fused_with_a_sum() -> None:
+    est = lipreg.LipschitzEstimator(_NativeShuffleThenSum().eval(), torch.randn(2, 3, 4), method="autolip")
+    assert float(est.certified_bound()) >= 3 ** 0.5  # sum over 3 channels: a constant direction gains sqrt(3)
