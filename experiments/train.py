@@ -269,7 +269,7 @@ def format_summary(metrics: dict[str, float], report: dict, cfg: DictConfig, run
     row("test accuracy", keys.accuracy("test"))
     row("val accuracy", keys.accuracy("val"))
     row("AutoLip estimate", keys.bound("autolip"), "converged power method (from below)")
-    row("AutoLip certified", keys.certified("autolip"), "guaranteed upper bound")
+    row("certified bound", keys.certified("autolip"), "guaranteed upper bound, tightest certificate")
     for search in options.SEARCHES:
         row(f"SeqLip ({search})", keys.bound(f"seqlip_{search}"))
         row(f"SeqLip ({search}) certified", keys.certified(f"seqlip_{search}"), "guaranteed upper bound")
@@ -280,7 +280,7 @@ def format_summary(metrics: dict[str, float], report: dict, cfg: DictConfig, run
             row(f"{split} certified acc @ eps={eps:g}", keys.certified_acc(eps, split),
                 f"L2 radius, {report.get('certified_by') or '?'} certificate" if split == "test" else "")
             row(f"{split} pairwise cert. @ eps={eps:g}", keys.certified_acc(eps, split, pairwise=True),
-                "per-pair (GloRo) margins" if split == "test" else "")
+                "per-pair margins, tightest per pair" if split == "test" else "")
     lines.append("-" * 78)
     lines.append(f"  run dir      {_rel(run_dir)}")
     lines.append(f"  metrics      {_rel(Path(run_dir) / 'metrics.json')}")

@@ -364,7 +364,7 @@ def test_estimate_on_a_run_dir(basic_sweep, tmp_path):
     proc = _run("estimate.py", str(basic_sweep / "0"), "--n-iter", "50", "--lower-samples", "16",
                 "--json", str(out))
     text = proc.stdout
-    for line in ("Per-layer factors", "AutoLip estimate", "AutoLip certified", "SeqLip (greedy)", "SeqLip (exact)",
+    for line in ("Per-layer factors", "AutoLip estimate", "certified bound", "SeqLip (greedy)", "SeqLip (exact)",
                  "lower bound", "certified acc @ eps=0.1"):
         assert line in text, line
     report = json.loads(out.read_text())
