@@ -180,7 +180,7 @@ def evaluate_bounds(
     certified = _try(keys.certified("autolip"), lambda: float(est.certified_bound()), errors)
     if certified is not None:
         metrics[keys.certified("autolip")] = certified
-    certificates = {"AutoLip": certified} if certified is not None else {}
+    certificates = {est.certificate or "AutoLip": certified} if certified is not None else {}  # the tightest one
 
     # SeqLip
     for search in seqlip:
