@@ -73,8 +73,16 @@ class BoundPolicy:
     converge faster and more accurately than with exactly ``E``."""
 
     greedy_max_rounds: int | None = None
-    """Cap on the greedy search's rounds per pair and call; ``None``: ``4 n + 10`` for a pair of width ``n``, which
-    a local search almost never reaches (each round strictly raises the norm)."""
+    """Cap on the rounds of a whole greedy search per pair (at the warm start and in ``est.converge()``); ``None``:
+    ``4 n + 10`` for a pair of width ``n``, which a local search almost never reaches (each round strictly raises the
+    norm)."""
+
+    greedy_rounds_per_call: int = 1
+    """Rounds of the greedy SeqLip search per pair in each warm call (``est()``), from the pattern the last call left
+    (a round: at most this many alternating steps, then one batch of improving flips; never more than
+    :attr:`greedy_max_rounds`). The patterns carry over between calls as the power-iteration vectors do, and the
+    warm start and ``est.converge()`` run each search to a local max: one round per call costs ``O(n E^2)`` per pair
+    of width ``n`` and rank ``E``, about one pair matrix, so a SeqLip training step costs a few plain ones."""
 
     def __post_init__(self) -> None:
         for spec in fields(self):

@@ -213,3 +213,15 @@ def test_policy_greedy_max_rounds():
     assert float(searched(n_iter=0).detach()) > spectral(W2 @ W1) * (1 + 1e-6)
 
 
+def test_policy_greedy_rounds_per_call():
+    """Without a warm start the patterns start all ones: no round per call keeps them there until ``converge()``
+    searches; one round per call climbs at the first call."""
+    model = mlp(5, 12, 4, seed=2)
+    W1, W2 = (m.weight.detach() for m in model if isinstance(m, nn.Linear))
+    frozen = seqlip(model, 5, BoundPolicy(greedy_rounds_per_call=0), search="greedy", warm_start=False)
+    assert float(frozen(n_iter=0).detach()) == pytest.approx(spectral(W2 @ W1), rel=1e-10)
+    climbed = seqlip(model, 5, BoundPolicy(greedy_rounds_per_call=1), search="greedy", warm_start=False)
+    assert float(climbed(n_iter=0).detach()) > spectral(W2 @ W1) * (1 + 1e-6)
+    assert float(frozen.converge().detach()) == pytest.approx(float(climbed.converge().detach()), rel=1e-10)
+
+

@@ -1,10 +1,10 @@
 r"""Thin SVD factors ``A ~ U diag(S) V^T`` of the chain operators, float64 and detached.
 
 * Dense: the full SVD of the operator's ``n_out x n_in`` matrix (``torch.linalg.svd`` returns ``Vh = V^T``).
-* Low rank: ``A Q_E Q_E^T``, with ``Q_E`` the first ``E`` columns of a subspace kept warm between calls (a buffer,
-  ``(width, *in_shape[1:])``, rows orthonormal), refined by block power iteration ``Q <- qr(A^T A Q)`` through
-  autograd and a Rayleigh-Ritz rotation, never forming the matrix. This drops the tail of the spectrum: an
-  **estimate**, not a bound.
+* Low rank: ``A Q_E Q_E^T``, with ``Q_E`` the top ``E`` Ritz vectors of a subspace kept warm between calls (a
+  buffer, ``(width, *in_shape[1:])``, rows orthonormal), refined by block power iteration ``Q <- qr(A^T A Q)``
+  through autograd, never forming the matrix: ``width`` products by ``A`` and ``A^T`` per iteration and ``width``
+  more for the Ritz step. This drops the tail of the spectrum: an **estimate**, not a bound.
 """
 from __future__ import annotations
 
@@ -48,17 +48,40 @@ def dense_factor(operator: LinearOperator) -> Factor:
     return Factor(U, S, Vh.T)
 
 
-def lowrank_factor(operator: LinearOperator, subspace: Tensor, rank: int) -> Factor:
-    """The SVD of ``A Q_E`` with ``Q_E`` the first ``E = rank`` (fixed) rows of ``subspace``: the bound is a function
-    of ``A Q_E Q_E^T``, whose gradient the surrogate (:mod:`.gradient`) gives exactly."""
-    QE = subspace[:rank]
-    Q = QE.reshape(rank, -1).T.to(_F64)
-    AQ = apply_block(operator, QE).T.to(_F64)  # n_out x E
+def lowrank_factor(operator: LinearOperator, subspace: Tensor, rank: int, n_iter: int) -> Factor:
+    """The factor of ``A Q_E`` for a subspace ``Q_E`` of ``E = rank`` vectors held fixed: the bound is a function of
+    ``A Q_E Q_E^T``, whose gradient the surrogate (:mod:`.gradient`) gives exactly.
+
+    With ``n_iter > 0``: ``n_iter - 1`` block power iterations (:func:`subspace_step`), then a last one that shares its
+    products with the factor (as :meth:`~lipreg.warm.PowerVectors.norms` does): from ``A Q = U S W^T``, the top
+    ``E`` Ritz vectors ``Q_E = Q W_E`` give ``A Q_E = U_E S_E``, and the subspace advances to ``qr(A^T A Q W)``, its
+    columns in the Ritz order (the top ones first). With ``n_iter = 0``: ``Q_E``, the stored first ``E`` vectors, as
+    they are."""
+    if n_iter == 0:
+        QE = subspace[:rank].reshape(rank, -1).T.to(_F64)
+        _, triples = ritz(operator, subspace[:rank])
+        if triples is None:
+            return _not_finite(operator, QE)
+        U, S, Wh = triples
+        return Factor(U, S, QE @ Wh.T, Q=QE)
+    subspace_step(operator, subspace, n_iter - 1)
+    width = subspace.shape[0]
+    Q = subspace.reshape(width, -1).T.to(_F64)
+    aq, gram_q = _gram_block(operator, subspace)
+    AQ = aq.T.to(_F64)
     if not bool(torch.isfinite(AQ).all()):
-        nan = torch.full((rank,), float("nan"), dtype=_F64, device=AQ.device)
-        return Factor(AQ.new_zeros(AQ.shape[0], rank), nan, Q, Q=Q, finite=False)
+        return _not_finite(operator, Q[:, :rank])
     U, S, Wh = torch.linalg.svd(AQ, full_matrices=False)
-    return Factor(U, S, Q @ Wh.T, Q=Q)
+    QE = (Q @ Wh.T)[:, :rank]
+    _advance(subspace, gram_q.reshape(width, -1).T.to(_F64) @ Wh.T)
+    return Factor(U[:, :rank], S[:rank], QE, Q=QE)
+
+
+def _not_finite(operator: LinearOperator, QE: Tensor) -> Factor:
+    """The factor of a non-finite ``A Q_E``: NaN singular values, ``finite=False``."""
+    rank = QE.shape[1]
+    nan = torch.full((rank,), float("nan"), dtype=_F64, device=QE.device)
+    return Factor(QE.new_zeros(operator.out_shape.numel(), rank), nan, QE, Q=QE, finite=False)
 
 
 def random_subspace(in_shape: torch.Size, width: int, generator: torch.Generator | None,
@@ -69,32 +92,38 @@ def random_subspace(in_shape: torch.Size, width: int, generator: torch.Generator
 
 
 def subspace_step(operator: LinearOperator, subspace: Tensor, n_iter: int) -> None:
-    """``n_iter`` block power iterations ``Q <- qr(A^T A Q)`` on ``subspace`` in place (no grad to the weights),
-    then (if ``n_iter > 0``) a Rayleigh-Ritz rotation ``Q <- Q W`` that puts the top right singular vectors of
-    ``A Q`` first: the bound uses the first ``E`` rows. A step that is not finite leaves the subspace as it was."""
+    """``n_iter`` block power iterations ``Q <- qr(A^T A Q)`` on ``subspace`` in place (no grad to the weights). A
+    step that is not finite leaves the subspace as it was."""
     width = subspace.shape[0]
     for _ in range(n_iter):
-        with torch.enable_grad():
-            q = subspace.detach().requires_grad_(True)
-            aq = apply_block(operator, q)
-            (w,) = torch.autograd.grad(aq, q, grad_outputs=aq.detach())
-        w = w.reshape(width, -1).to(_F64)
-        if not bool(torch.isfinite(w).all()) or not bool(w.abs().sum() > 0):
-            return  # keep the warm state unpoisoned
-        subspace.copy_(torch.linalg.qr(w.T).Q.T.to(subspace.dtype).reshape(subspace.shape))
-    if n_iter > 0:
-        Q, _, Wh = ritz(operator, subspace)
-        if Wh is not None:
-            subspace.copy_((Q @ Wh.T).T.to(subspace.dtype).reshape(subspace.shape))
+        _advance(subspace, _gram_block(operator, subspace)[1].reshape(width, -1).T.to(_F64))
 
 
-def ritz(operator: LinearOperator, subspace: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Rayleigh-Ritz on the whole subspace: ``(Q, singular values, W^T)`` from the SVD ``A Q = U S W^T``
-    (``W^T`` is ``None``, the values NaN, when ``A Q`` is not finite)."""
+def _gram_block(operator: LinearOperator, subspace: Tensor) -> tuple[Tensor, Tensor]:
+    """``(A Q, A^T A Q)`` for the block ``subspace`` (rows), through autograd, detached: ``(width, n_out)`` and
+    ``(width, *in_shape[1:])``."""
+    with torch.enable_grad():
+        q = subspace.detach().requires_grad_(True)
+        aq = apply_block(operator, q)
+        (w,) = torch.autograd.grad(aq, q, grad_outputs=aq.detach())
+    return aq.detach(), w
+
+
+def _advance(subspace: Tensor, columns: Tensor) -> None:
+    """``subspace <- qr(columns)`` (``n_in x width``, float64) in place, in the columns' order; a block that is not
+    finite or is zero leaves the subspace as it was (the warm state stays unpoisoned)."""
+    if not bool(torch.isfinite(columns).all()) or not bool(columns.abs().sum() > 0):
+        return
+    subspace.copy_(torch.linalg.qr(columns).Q.T.to(subspace.dtype).reshape(subspace.shape))
+
+
+def ritz(operator: LinearOperator, subspace: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+    """Rayleigh-Ritz on the whole subspace: ``Q`` (``n_in x width``, float64) and the SVD ``A Q = U S W^T`` as
+    ``(U, S, W^T)`` (``None`` when ``A Q`` is not finite)."""
     width = subspace.shape[0]
     Q = subspace.reshape(width, -1).T.to(_F64)  # n_in x width, orthonormal columns
     AQ = apply_block(operator, subspace).T.to(_F64)  # n_out x width
     if not bool(torch.isfinite(AQ).all()):
-        return Q, torch.full((width,), float("nan"), dtype=_F64, device=AQ.device), None
-    _, S, Wh = torch.linalg.svd(AQ, full_matrices=False)
-    return Q, S, Wh
+        return Q, None
+    U, S, Wh = torch.linalg.svd(AQ, full_matrices=False)
+    return Q, (U, S, Wh)

@@ -179,7 +179,7 @@ def _local_max(B: Tensor, C: Tensor, lo: float, hi: float, p: Tensor, max_rounds
     state = _GramState.at(B, C, p, lo, hi)
     exclude = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)  # flips the rounding fooled
     for _ in range(max_rounds):
-        p, state, moved = _alternate(B, C, lo, hi, p, state)
+        p, state, moved = _alternate(B, C, lo, hi, p, state, max_steps=min(100, max_rounds))
         if moved:
             exclude.zero_()
         idx, values = _improving_flips(B, C, p, lo, hi, state, exclude)
@@ -190,7 +190,7 @@ def _local_max(B: Tensor, C: Tensor, lo: float, hi: float, p: Tensor, max_rounds
 
 
 def _alternate(B: Tensor, C: Tensor, lo: float, hi: float, p: Tensor, state: _GramState,
-               max_steps: int = 100) -> tuple[Tensor, _GramState, bool]:
+               max_steps: int) -> tuple[Tensor, _GramState, bool]:
     """Alternating maximisation of ``x^T P(sigma) y``: ``(pattern, state, whether it moved)``, each step a strict
     increase of the norm."""
     moved = False
@@ -229,8 +229,9 @@ def _apply_flips(B: Tensor, C: Tensor, lo: float, hi: float, p: Tensor, state: _
 
 
 def _improving_flips(B: Tensor, C: Tensor, p: Tensor, lo: float, hi: float, state: _GramState,
-                     exclude: Tensor, steps: int = 48) -> tuple[Tensor, Tensor]:
-    """The single flips that raise ``||P||`` (tested exactly, all ``n`` at once) and their new norms (bisection).
+                     exclude: Tensor, steps: int = 8) -> tuple[Tensor, Tensor]:
+    """The single flips that raise ``||P||`` (tested exactly, all ``n`` at once) and lower bounds of their new norms
+    (``steps`` bisections: they order the flips; every move is accepted on its exact norm).
 
     A flip of unit ``k`` is the rank-one update ``P + d_k b_k c_k^T``; in the eigenbasis of ``P^T P`` its Gram matrix
     is ``Lambda + a c^T + c a^T + t c c^T`` (see :func:`_flip_test`)."""

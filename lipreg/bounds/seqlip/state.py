@@ -18,7 +18,7 @@ from ...linalg.power import converged, ritz_residuals
 from ...options import SEARCHES, Search, check_choice
 from ...policy import BoundPolicy
 from .chains import find_chains
-from .factors import Factor, dense_factor, lowrank_factor, random_subspace, ritz, subspace_step
+from .factors import Factor, dense_factor, lowrank_factor, random_subspace, ritz
 from .gradient import Pair, gradient_surrogate
 from .plan import ChainPlan, OpPlan, PairPlan, plan_certified, plan_chain
 from .search import exact_search, greedy_local_max, pair_matrix, rounding_slack, top_singular, vertex_sigma
@@ -30,7 +30,8 @@ class SeqLip(nn.Module):
 
     ``forward(factors, operators, n_iter)`` returns ``{last node of chain: (first node, chain bound)}`` for
     :func:`lipreg.bounds.autolip.autolip_bound`. ``n_iter`` is the number of warm subspace iterations of the low-rank
-    operators; the pattern search runs to its end on every call (warm from the stored patterns).
+    operators; each greedy search runs ``policy.greedy_rounds_per_call`` rounds from the stored pattern (exact
+    searches run to their end), and :meth:`converge` runs them to a local max.
 
     Args:
         graph: the traced graph.
@@ -86,15 +87,19 @@ class SeqLip(nn.Module):
     @torch.no_grad()
     def converge(self, operators: Operators, tol: float = 1e-6, max_iter: int = 2000) -> None:
         """Run the subspace iteration of every low-rank operator until each of its top-``E`` Ritz triples passes
-        :func:`~lipreg.linalg.power.converged` (``||A^T u_i - s_i v_i|| <= tol s_i``), or ``max_iter`` steps.
-        (Full SVDs and searches need no iterations.)"""
+        :func:`~lipreg.linalg.power.converged` (``||A^T u_i - s_i v_i|| <= tol s_i``), or ``max_iter`` steps, then
+        every greedy search to a local max (``policy.greedy_max_rounds``); a warm call runs
+        ``policy.greedy_rounds_per_call`` rounds. (Full SVDs and exact searches need no iterations.)"""
         for op in self._lowrank_ops():
             operator, subspace = operators[op.node], self.get_buffer(op.buffer)
             for _ in range(max_iter):
-                subspace_step(operator, subspace, 1)
+                lowrank_factor(operator, subspace, op.rank, 1)  # a power step, then the Ritz rotation
                 values, residuals = ritz_residuals(operator.matmat, subspace[: op.rank])
                 if not bool(torch.isfinite(residuals).all()) or converged(residuals, values, tol):
                     break
+        for plan in self.plans:  # then every greedy search to a local max, from the converged factors
+            if not all(pair.exact for pair in plan.pairs):
+                self._searched(plan, operators, 0, self.policy.greedy_max_rounds)
 
     def subspace_singular_values(self, node: LipNode) -> Tensor:
         """The top-``E`` singular values of a low-rank operator from its current subspace (Rayleigh-Ritz, float64):
@@ -105,7 +110,8 @@ class SeqLip(nn.Module):
         with torch.no_grad():
             device = next((b.device for b in self.buffers()), torch.device("cpu"))
             operator = linear_operators(self.graph, self.dtype, device)[node]
-            return ritz(operator, self.get_buffer(op.buffer))[1][: op.rank]
+            triples = ritz(operator, self.get_buffer(op.buffer))[1]
+            return triples[1][: op.rank] if triples is not None else torch.full((op.rank,), float("nan"))
 
     # ------------------------------------------------------------------ one chain
     def _lowrank_ops(self) -> list[OpPlan]:
@@ -115,29 +121,42 @@ class SeqLip(nn.Module):
         operator = operators[op.node]
         if not op.lowrank:
             return dense_factor(operator)
-        subspace = self.get_buffer(op.buffer)
-        subspace_step(operator, subspace, n_iter)
-        return lowrank_factor(operator, subspace, op.rank)
+        return lowrank_factor(operator, self.get_buffer(op.buffer), op.rank, n_iter)
 
     def _chain_bound(self, plan: ChainPlan, operators: Operators, n_iter: int) -> Tensor:
-        """``prod_i s_i`` over the pairs (paper eq. 8), its value from the searches and its gradient from the
-        surrogate (:mod:`.gradient`)."""
+        """``prod_i s_i`` over the pairs (paper eq. 8), its value from the searches (warm: at most
+        ``policy.greedy_rounds_per_call`` greedy rounds) and its gradient from the surrogate (:mod:`.gradient`)."""
         first = operators[plan.chain.ops[0]]
         device, dtype = first.device, first.dtype
         with torch.no_grad():
-            facs = [self._factor(op, operators, n_iter) for op in plan.ops]
-            if not all(f.finite for f in facs):
+            facs, pairs = self._searched(plan, operators, n_iter, self._rounds_per_call())
+            if pairs is None:
                 for pair in plan.pairs:
                     self._last_pairs[pair.name] = torch.tensor(float("nan"), dtype=dtype, device=device)
                 return torch.tensor(float("nan"), dtype=dtype, device=device)
-            pairs = [self._search_pair(pp, facs[i], facs[i + 1], i, len(facs), dtype)
-                     for i, pp in enumerate(plan.pairs)]
             values = torch.stack([pair.s for pair in pairs])
             value = values.prod()
         surrogate = gradient_surrogate([op.node for op in plan.ops], facs, pairs, values, operators)
         return value.to(dtype) + (surrogate - surrogate.detach())
 
-    def _search_pair(self, pp: PairPlan, left: Factor, right: Factor, i: int, K: int, dtype: torch.dtype) -> Pair:
+    def _rounds_per_call(self) -> int:
+        cap = self.policy.greedy_max_rounds
+        per_call = self.policy.greedy_rounds_per_call
+        return per_call if cap is None else min(per_call, cap)
+
+    def _searched(self, plan: ChainPlan, operators: Operators, n_iter: int,
+                  rounds: int | None) -> tuple[list[Factor], list[Pair] | None]:
+        """The chain's factors and its pairs, searched (greedy ones for at most ``rounds`` rounds, ``None``: to a
+        local max); ``None`` pairs when a factor is not finite."""
+        facs = [self._factor(op, operators, n_iter) for op in plan.ops]
+        if not all(f.finite for f in facs):
+            return facs, None
+        dtype = operators[plan.chain.ops[0]].dtype
+        return facs, [self._search_pair(pp, facs[i], facs[i + 1], i, len(facs), dtype, rounds)
+                      for i, pp in enumerate(plan.pairs)]
+
+    def _search_pair(self, pp: PairPlan, left: Factor, right: Factor, i: int, K: int, dtype: torch.dtype,
+                     rounds: int | None) -> Pair:
         """Pair ``i`` of a chain of ``K`` operators: ``max_sigma ||R_{i+1} diag(sigma) L_i||`` with
         ``L_i = U_i Sigma~_i``, ``R_{i+1} = Sigma~_{i+1} V_{i+1}^T`` (``Sigma~ = Sigma`` at the ends of the chain,
         ``Sigma^{1/2}`` inside), searched warm from the stored pattern, which is updated (and the pair vector, in
@@ -150,7 +169,7 @@ class SeqLip(nn.Module):
             s, x, y = top_singular(pair_matrix(B, C, vertex_sigma(p, pp.lo, pp.hi)))
             s = s + rounding_slack(B, C, pp.lo, pp.hi)
         else:
-            p, s, x, y = greedy_local_max(B, C, pp.lo, pp.hi, pattern.to(B.device), self.policy.greedy_max_rounds)
+            p, s, x, y = greedy_local_max(B, C, pp.lo, pp.hi, pattern.to(B.device), rounds)
         pair = Pair(B, C, vertex_sigma(p, pp.lo, pp.hi), s, x, y)
         pattern.copy_(p)
         self.get_buffer(pp.pairvec).copy_((right.V @ x).to(dtype))
