@@ -18,9 +18,11 @@ loaded from the newest ``*.ckpt`` under the run directory (or ``--ckpt``), and i
   ``sqrt(2) * L * eps`` with ``L`` the smallest *certified* bound available; and, when the network ends in a
   linear layer, per pair (GloRo): ``z_y - z_j > ||w_y - w_j|| L(body) eps`` for every ``j``, with the certified
   AutoLip bound of the body (``lipreg.margins.MarginCertificate``);
-* ``--curve PNG``: the certified accuracy against the radius (pairwise and global) on the split.
+* ``--curve PNG``: the certified accuracy against the radius (pairwise and global) on the split, drawn from the
+  radii of the reported accuracies by the callback's figure.
 
-:func:`evaluate_bounds` is also what ``experiments/train.py`` runs on the final weights of every run.
+:func:`evaluate_bounds` is also what ``experiments/train.py`` runs on the final weights of every run, and its run
+summary prints the same rows (:mod:`experiments.report`).
 
 Checkpoints are loaded with ``torch.load(weights_only=True)``: a checkpoint is a pickle, and this loads only
 tensors and plain containers, never code. A checkpoint that needs more is refused (Lightning's own
@@ -38,7 +40,7 @@ import pickle
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:  # `python experiments/estimate.py` puts experiments/ on the path, not the root
@@ -47,14 +49,11 @@ if str(_ROOT) not in sys.path:  # `python experiments/estimate.py` puts experime
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from experiments.report import REPORTED_SEARCHES, format_report  # noqa: E402
 from lipreg import options  # noqa: E402
 
 __all__ = ["evaluate_bounds", "find_checkpoint", "load_checkpoint", "load_weights", "load_run", "format_report",
            "main", "save_radius_curve"]
-
-REPORTED_SEARCHES: tuple[options.Search, ...] = ("greedy", "exact")
-"""The SeqLip searches the command reports (of :data:`lipreg.options.Search`)."""
-
 
 # ------------------------------------------------------------------------------------------ helpers
 def _split_tensors(datamodule: Any, split: str) -> tuple[Tensor, Tensor]:
@@ -102,15 +101,6 @@ def _widest_activation(net: nn.Module, example: Tensor) -> int:
     return widest
 
 
-def _certified_accuracy(logits: Tensor, y: Tensor, bound: float | Tensor, radii: Sequence[float]) -> dict[str, float]:
-    """``certified_acc@<eps>`` per radius, from :func:`lipreg.metrics.certified_accuracy` (the callback's kernel)."""
-    from lipreg import keys
-    from lipreg.metrics import certified_accuracy
-
-    accuracy = certified_accuracy(logits, y, bound, [float(r) for r in radii])
-    return {keys.accuracy_at(eps): float(acc) for eps, acc in zip(radii, accuracy)}
-
-
 def _try(what: str, fn, errors: dict[str, str]):
     """Run one optional piece of the report; a failure inside lipreg is reported, not fatal."""
     try:
@@ -143,14 +133,20 @@ def evaluate_bounds(
     ``lipschitz/autolip_certified``, ``lipschitz/seqlip_<search>`` [and ``..._certified`` when exact],
     ``lipschitz/lower``, ``lipschitz/upper_over_lower``, ``<split>/acc``, ``<split>/certified_acc@<eps>``),
     ``layers`` (``est.layer_bounds()`` of the converged AutoLip estimator), ``certified_by`` (which bound the
-    certified accuracy used) and ``errors`` (what could not be computed, and why). ``progress`` shows a bar
-    (on stderr) that names the step running.
+    certified accuracy used), ``lower_split`` (the split the lower bound ran on), ``errors`` (what could not be
+    computed, and why) and ``certified_radii`` (``split -> {"global": radii, "pairwise": radii}``, each sample's
+    certified radius as a tensor, for :func:`save_radius_curve`; not JSON). ``progress`` shows a bar (on stderr)
+    that names the step running.
+
+    The lower bound and the certified accuracies are the callback's validation passes (``LowerBoundPass``,
+    ``CertifiedAccuracyPass`` of :mod:`lipreg.lightning`) over whole splits: one code path for the numbers of a
+    run's end and of its validation epochs (their tensors become floats here, for ``metrics.json``).
     """
     from tqdm.auto import tqdm
 
     import lipreg
     from lipreg import keys
-    from lipreg.metrics import lower_bound, upper_over_lower
+    from lipreg.lightning.certified_accuracy import CertifiedAccuracyPass
 
     net.eval()
     splits, seqlip = list(splits), list(seqlip)
@@ -208,103 +204,62 @@ def evaluate_bounds(
                 metrics[keys.certified(f"seqlip_{search}")] = result[1]
                 certificates[f"SeqLip ({search})"] = result[1]
 
-    # empirical lower bound on the first split's inputs
-    step("lower bound")
-    x_lb = data[splits[0]][0][:lower_bound_samples]
-    lower = _try(keys.LOWER, lambda: float(lower_bound(net, x_lb, ascent_steps=lower_bound_ascent_steps)), errors)
-    if lower is not None:
-        metrics[keys.LOWER] = lower
-        upper = min(certificates.values(), default=metrics[keys.bound("autolip")])
-        ratio = (_try(keys.UPPER_OVER_LOWER, lambda: float(upper_over_lower(upper, lower)), errors) if lower > 0
-                 else None)
-        if ratio is not None:
-            metrics[keys.UPPER_OVER_LOWER] = ratio
+    # the end-of-run evaluation: the callback's two passes (lipreg.lightning), over whole splits
+    step("lower bound")  # on the first split's inputs, against the tightest certificate
+    upper = min(certificates.values(), default=metrics[keys.bound("autolip")])
+    bracket = _try(keys.LOWER, lambda: _lower_bound(net, data[splits[0]][0][:lower_bound_samples],
+                                                    lower_bound_ascent_steps, upper), errors)
+    metrics.update({name: float(value) for name, value in (bracket or {}).items()})
 
-    # accuracy and certified accuracy, from the tightest certificate
-    step("certified accuracy")
+    step("certified accuracy")  # from the tightest certificate, and per pair with a linear head
     certified_by, bound = (min(certificates.items(), key=lambda kv: kv[1]) if certificates else (None, math.nan))
-    pairwise = _try("pairwise", lambda: _pairwise_constants(net, example), errors)
+    pairwise = _try("pairwise", lambda: _pair_constants(net, example), errors) if certified_by else None
+    radii_by_split: dict[str, dict[str, Tensor]] = {}
     for split, (x, y) in data.items():
         logits = _logits(net, x)
         metrics[keys.accuracy(split)] = float((logits.argmax(dim=1) == y).float().mean())
         if certified_by is not None:
-            for name, value in _certified_accuracy(logits, y, bound, radii).items():
-                metrics[keys.in_group(name, split)] = value
-        if pairwise is not None:
-            for name, value in _certified_accuracy(logits, y, pairwise, radii).items():
-                metrics[keys.in_group(name, split, pairwise=True)] = value
+            robust = CertifiedAccuracyPass(bound, pairwise, radii)
+            robust.update(logits, y)
+            metrics.update({name: float(value) for name, value in robust.compute(split).items()})
+            radii_by_split[split] = robust.radii()
     bar.update()
     bar.close()
-    return {"metrics": metrics, "layers": layers, "certified_by": certified_by, "errors": errors}
+    return {"metrics": metrics, "layers": layers, "certified_by": certified_by, "lower_split": splits[0],
+            "errors": errors, "certified_radii": radii_by_split}
 
 
-def _pairwise_constants(net: nn.Module, example: Tensor) -> Tensor:
+def _lower_bound(net: nn.Module, x: Tensor, ascent_steps: int, upper: float) -> dict[str, Tensor]:
+    """``lipschitz/lower`` and ``lipschitz/upper_over_lower`` on the inputs ``x`` (the callback's pass, one batch)."""
+    from lipreg.lightning.lower_bound import LowerBoundPass
+
+    lower = LowerBoundPass(net, batches=1, ascent_steps=ascent_steps)
+    lower.update(x, 0)
+    return lower.compute(upper)
+
+
+def _pair_constants(net: nn.Module, example: Tensor) -> Tensor:
     """Certified GloRo constants ``||w_y - w_j|| L(body)`` (``(C, C)``), when ``net`` ends in a linear layer."""
-    from lipreg.margins import MarginCertificate
+    from lipreg.lightning.certified_accuracy import pair_certificate
 
-    certificate = MarginCertificate(net, example, pairwise=True)
-    if not certificate.pairwise:
+    certificate = pair_certificate(net, example)
+    if certificate is None:
         raise ValueError("the network does not end in a linear layer: no per-pair certificate")
     return certificate.certified()
 
 
-def save_radius_curve(net: nn.Module, x: Tensor, y: Tensor, path: str | Path, max_radius: float = 1.5) -> None:
-    """PNG of the certified accuracy against the L2 radius (the callback's figure,
-    :func:`lipreg.lightning.figures.radius_curve`): global (``sqrt(2) L``, certified AutoLip) and, when the
-    network ends in a linear layer, pairwise (GloRo)."""
-    import lipreg
+def save_radius_curve(radii: Mapping[str, Tensor], path: str | Path, max_radius: float = 1.5) -> None:
+    """PNG of the certified accuracy against the L2 radius, one line per certificate (``report["certified_radii"]
+    [split]`` of :func:`evaluate_bounds`: global and, with a linear head, pairwise): the callback's figure,
+    :func:`lipreg.lightning.figures.radius_curve`, on the radii of the reported accuracies."""
     from lipreg.lightning.figures import radius_curve
-    from lipreg.metrics import certified_radius
 
-    logits = _logits(net, x)
-    bounds = {"global": lipreg.LipschitzEstimator(net, x[:1]).certified_bound()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        try:
-            bounds["pairwise"] = _pairwise_constants(net, x[:1])
-        except ValueError:
-            pass
-    fig = radius_curve({kind: certified_radius(logits, y, bound) for kind, bound in bounds.items()}, max_radius,
-                       points=61)
+    if not radii:
+        raise ValueError("--curve: no certified bound, so no certified radius to draw")
+    fig = radius_curve(radii, max_radius, points=61)
     if fig is None:
         raise ValueError("--curve needs matplotlib (pip install 'lipreg[experiments]')")
     fig.savefig(path, dpi=120)
-
-
-def format_report(report: dict[str, Any], splits: Sequence[str], radii: Sequence[float]) -> str:
-    """The per-layer table and the bounds as text."""
-    from lipreg import keys
-
-    m = report["metrics"]
-    lines = ["Per-layer factors (AutoLip, converged; the bound combines them along the graph):",
-             f"  {'node':<40} {'factor':>12}"]
-    lines += [f"  {name:<40} {value:>12.5g}" for name, value in report["layers"].items()]
-    lines.append("")
-
-    def row(label: str, key: str, note: str = "") -> None:
-        if key in m:
-            lines.append(f"  {label:<28} {m[key]:>12.5g}  {note}".rstrip())
-        elif key in report["errors"]:
-            lines.append(f"  {label:<28} {'n/a':>12}  ({report['errors'][key]})")
-
-    lines.append("Lipschitz constant (L2 -> L2, logits):")
-    row("AutoLip estimate", keys.bound("autolip"), "power method, converged (approaches the bound from below)")
-    row("certified bound", keys.certified("autolip"), "guaranteed upper bound, tightest certificate")
-    for search in REPORTED_SEARCHES:
-        row(f"SeqLip ({search})", keys.bound(f"seqlip_{search}"))
-        row(f"SeqLip ({search}) certified", keys.certified(f"seqlip_{search}"), "guaranteed upper bound")
-    row("lower bound", keys.LOWER, "max local Jacobian norm (true constant >= this)")
-    row("upper / lower", keys.UPPER_OVER_LOWER, "tightest certificate / lower bound")
-    lines.append("")
-    for split in splits:
-        lines.append(f"{split} split:")
-        row("accuracy", keys.accuracy(split))
-        for eps in radii:
-            row(f"certified acc @ eps={eps:g}", keys.certified_acc(eps, split),
-                f"from the {report['certified_by']} certificate" if report["certified_by"] else "")
-            row(f"pairwise cert. @ eps={eps:g}", keys.certified_acc(eps, split, pairwise=True),
-                "per-pair margins, tightest per pair")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ run dirs
@@ -439,10 +394,11 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
     )
     print(format_report(report, [args.split], radii))
     if args.curve:
-        save_radius_curve(net, *_split_tensors(datamodule, args.split), args.curve)
+        save_radius_curve(report["certified_radii"].get(args.split, {}), args.curve)
         print(f"curve      {args.curve}")
     if args.json:
-        Path(args.json).write_text(json.dumps({**report, "checkpoint": str(ckpt_path)}, indent=2) + "\n")
+        record = {k: v for k, v in report.items() if k != "certified_radii"}  # tensors: the curve's, not JSON's
+        Path(args.json).write_text(json.dumps({**record, "checkpoint": str(ckpt_path)}, indent=2) + "\n")
     return report
 
 

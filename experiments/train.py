@@ -250,40 +250,16 @@ def _rel(path: str | Path) -> str:
         return str(path)
 
 
-def format_summary(metrics: dict[str, float], report: dict, cfg: DictConfig, run_dir: str,
+def format_summary(metrics: dict[str, float], report: dict, cfg: DictConfig, choices: dict[str, str], run_dir: str,
                    tensorboard_dir: str | None, sweep_dir: str | None) -> str:
-    from lipreg import keys, options
+    """The run summary: the job's choices, the rows of the final evaluation (``experiments.report.report_rows``,
+    the formatter of ``experiments/estimate.py``'s report, on the test and val splits) and where the run went."""
+    from experiments.report import report_rows
 
-    m = metrics
-    lines = ["", "=" * 78, f"lipreg run summary   model={HydraConfig.get().runtime.choices.get('model', '?')}"
-             f" data={HydraConfig.get().runtime.choices.get('data', '?')} lipreg="
-             f"{HydraConfig.get().runtime.choices.get('lipreg', '?')} penalty_weight={cfg.lipreg.penalty_weight:g}",
-             "-" * 78]
-
-    def row(label: str, key: str, note: str = "") -> None:
-        if key in m:
-            lines.append(f"  {label:<30} {m[key]:>10.4g}  {note}".rstrip())
-        elif key in report.get("errors", {}):
-            lines.append(f"  {label:<30} {'n/a':>10}  ({report['errors'][key]})")
-
-    row("test accuracy", keys.accuracy("test"))
-    row("val accuracy", keys.accuracy("val"))
-    row("AutoLip estimate", keys.bound("autolip"), "converged power method (from below)")
-    row("certified bound", keys.certified("autolip"), "guaranteed upper bound, tightest certificate")
-    for search in options.SEARCHES:
-        row(f"SeqLip ({search})", keys.bound(f"seqlip_{search}"))
-        row(f"SeqLip ({search}) certified", keys.certified(f"seqlip_{search}"), "guaranteed upper bound")
-    row("lower bound", keys.LOWER, "max local Jacobian norm on val inputs")
-    row("certified / lower", keys.UPPER_OVER_LOWER, "tightest certificate / lower bound")
-    for eps in cfg.eval.radii:
-        for split in ("test", "val"):
-            row(f"{split} certified acc @ eps={eps:g}", keys.certified_acc(eps, split),
-                f"L2 radius, {report.get('certified_by') or '?'} certificate" if split == "test" else "")
-            row(f"{split} pairwise cert. @ eps={eps:g}", keys.certified_acc(eps, split, pairwise=True),
-                "per-pair margins, tightest per pair" if split == "test" else "")
-    lines.append("-" * 78)
-    lines.append(f"  run dir      {_rel(run_dir)}")
-    lines.append(f"  metrics      {_rel(Path(run_dir) / 'metrics.json')}")
+    lines = ["", "=" * 78, f"lipreg run summary   model={choices.get('model', '?')} data={choices.get('data', '?')} "
+             f"lipreg={choices.get('lipreg', '?')} penalty_weight={cfg.lipreg.penalty_weight:g}", "-" * 78,
+             *report_rows(report, ("test", "val"), cfg.eval.radii, metrics), "-" * 78,
+             f"  run dir      {_rel(run_dir)}", f"  metrics      {_rel(Path(run_dir) / 'metrics.json')}"]
     if tensorboard_dir:
         lines.append(f"  TensorBoard  tensorboard --logdir {_rel(run_dir)}")
         if sweep_dir:
@@ -383,7 +359,7 @@ def run(cfg: DictConfig) -> float | None:
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(record, f, indent=2)
         f.write("\n")
-    log.info(format_summary(metrics, report, cfg, run_dir, tensorboard_dir, sweep_dir))
+    log.info(format_summary(metrics, report, cfg, hydra_cfg.runtime.choices, run_dir, tensorboard_dir, sweep_dir))
     return float(metrics[cfg.objective])
 
 

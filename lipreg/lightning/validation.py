@@ -2,15 +2,14 @@
 
 At the epoch start the estimate is converged (``eval_n_iter`` iterations at most) and certified; during the epoch
 the optional jobs accumulate, each its own small piece: the certified robust accuracy
-(:class:`~lipreg.lightning.certified_accuracy.CertifiedAccuracyEpoch`, off with ``robust_eps=None``) and the empirical
-lower bound (:class:`~lipreg.lightning.lower_bound.LowerBoundEpoch`); at the end the estimate, the certificate and
+(:class:`~lipreg.lightning.certified_accuracy.CertifiedAccuracyPass`, off with ``robust_eps=None``) and the empirical
+lower bound (:class:`~lipreg.lightning.lower_bound.LowerBoundPass`); at the end the estimate, the certificate and
 the jobs' metrics are logged through ``pl_module.log`` (torchmetrics states are synced across ranks), with the
 figures on rank 0 (:mod:`lipreg.lightning.figures`): the linear layers' factors and the certified accuracy against
-the radius.
+the radius. The end-of-run evaluation of ``experiments/estimate.py`` runs the same two passes over a whole split.
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -20,9 +19,9 @@ from torch import Tensor
 
 from .. import keys
 from ..margins import MarginCertificate
-from .certified_accuracy import CertifiedAccuracyEpoch
+from .certified_accuracy import CertifiedAccuracyPass, pair_certificate
 from .figures import layer_chart, log_figure, radius_curve
-from .lower_bound import LowerBoundEpoch
+from .lower_bound import LowerBoundPass
 from .source import EstimatorSource
 
 if TYPE_CHECKING:
@@ -41,9 +40,10 @@ class ValidationEvaluation:
     batch_to_input: Callable[[Any], Tensor]
     batch_to_target: Callable[[Any], Tensor]
     bound: Tensor | None = None  # the certified bound of this epoch, None when nothing is measured
-    robust: CertifiedAccuracyEpoch | None = None
-    lower: LowerBoundEpoch | None = None
+    robust: CertifiedAccuracyPass | None = None
+    lower: LowerBoundPass | None = None
     _pair_certificate: MarginCertificate | None = field(default=None, repr=False)  # built at the first epoch
+    _pair_built: bool = field(default=False, repr=False)  # None above may be the answer (no linear head)
 
     def start(self, pl_module: LightningModule) -> None:
         estimator = self.source.estimator
@@ -54,9 +54,13 @@ class ValidationEvaluation:
         if self.bound is None:
             return
         device = pl_module.device
-        self.robust = (CertifiedAccuracyEpoch(self.bound, self._pairwise(), self.robust_eps, device)
-                       if self.robust_eps else None)
-        self.lower = LowerBoundEpoch(estimator.model, self.lower_bound_batches, self.lower_bound_ascent_steps, device)
+        if self.robust_eps:
+            certificate = self._pairwise()
+            self.robust = CertifiedAccuracyPass(self.bound, None if certificate is None else certificate.certified(),
+                                                self.robust_eps, device)
+        else:
+            self.robust = None
+        self.lower = LowerBoundPass(estimator.model, self.lower_bound_batches, self.lower_bound_ascent_steps, device)
 
     def update(self, batch: Any, batch_idx: int) -> None:
         x = self.batch_to_input(batch)
@@ -89,14 +93,9 @@ class ValidationEvaluation:
                        trainer.global_step)
 
     def _pairwise(self) -> MarginCertificate | None:
-        """The per-pair certificate of the bounded model (built once per fit), or ``None`` without a linear head or
-        without class logits (the global accuracy then says what is wrong)."""
-        if self._pair_certificate is None:
+        """The per-pair certificate of the bounded model (:func:`pair_certificate`, built once per fit)."""
+        if not self._pair_built:
             estimator = self.source.estimator
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # no linear head: the global metric says it all
-                try:
-                    self._pair_certificate = MarginCertificate(estimator.model, estimator.example_input)
-                except ValueError:  # not a classifier's logits: CertifiedAccuracyEpoch.update says what to do
-                    return None
-        return self._pair_certificate if self._pair_certificate.pairwise else None
+            self._pair_certificate = pair_certificate(estimator.model, estimator.example_input)
+            self._pair_built = True
+        return self._pair_certificate
