@@ -60,8 +60,7 @@ ROWS: dict[str, dict[str, Any]] = {
     "lse_eps0.5_cosine": {"pairwise": True, "cosine": True, "kind": "lse", "eps_scale": 5 / 3},
     "lse_eps0.6_cosine": {"pairwise": True, "cosine": True, "kind": "lse", "eps_scale": 2.0},
     "liplt_lse_eps0.6_cosine": {"pairwise": True, "cosine": True, "kind": "lse", "eps_scale": 2.0, "method": "liplt"},
-    "seqlip_lse_eps0.6_cosine": {"pairwise": True, "cosine": True, "kind": "lse", "eps_scale": 2.0,
-                                 "method": "seqlip", "search": "lowrank"},
+    "seqlip_lse_eps0.6_cosine": {"pairwise": True, "cosine": True, "kind": "lse", "eps_scale": 2.0, "method": "seqlip"},
     "ce1_cosine": {"pairwise": True, "cosine": True, "ce_weight": 1.0},
     "ce1.5_cosine": {"pairwise": True, "cosine": True, "ce_weight": 1.5},
 }
@@ -91,7 +90,6 @@ def objective(row: dict[str, Any], model: nn.Module, x0: Tensor, eps: float, ste
         return PenalisedCE()
     return LipschitzMarginLoss(model, x0, eps=eps * row.get("eps_scale", 1.0), pairwise=row["pairwise"],
                                method=row.get("method", "autolip"), warmup=int(0.3 * steps),
-                               **({"search": row["search"]} if "search" in row else {}),
                                kind=row.get("kind", "ce"), temperature=row.get("temperature"),
                                ce_weight=row.get("ce_weight", 0.0))
 

@@ -46,10 +46,10 @@ class BoundPolicy:
     ``syevjBatched``: up to 32 x 32) and solve larger ones one by one, while the Gram iteration is a few batched
     matrix products."""
 
-    seqlip_dense_entries: int = 4_000_000
-    """A SeqLip chain operator with at most this many matrix entries gets a full SVD of its dense matrix (needed
-    for a certified chain); a larger one a low-rank subspace (an estimate). Larger than :attr:`dense_entries`
-    because the SVD is taken once per call and reused by every pair of the chain."""
+    seqlip_dense_entries: int = 2**16
+    """A SeqLip chain operator with at most this many matrix entries gets a full SVD of its dense matrix in every
+    warm call (and in a certified chain); a larger one a warm low-rank subspace (an estimate). 2^16 (a 256-square
+    matrix) keeps the dense matrix and its SVD a small part of a training step."""
 
     seqlip_dense_rank: int = 512
     """... and only when ``min(n_in, n_out)`` is at most this: the greedy search costs ``O(n r^2)`` per flip in the
@@ -64,9 +64,11 @@ class BoundPolicy:
     """No exhaustive search over more than ``2^exact_search_limit`` patterns per pair, even with
     ``search="exact"`` (refused with an error beforehand): 2^22 patterns take minutes."""
 
-    lowrank_rank: int = 200
+    lowrank_rank: int = 32
     """``E``, the number of top singular triplets a low-rank SeqLip operator keeps (at most its true rank): the
-    pair matrices are ``E x E``, so the greedy's cost grows as ``E^2`` per flip."""
+    pair matrices are ``E x E``, so the greedy's cost grows as ``E^2`` per flip, and each warm call applies the
+    operator and its adjoint to ``E + lowrank_oversample`` vectors. The estimate drops the spectrum's tail, so it
+    grows with ``E``: raise it for a closer SeqLip estimate at a proportional cost."""
 
     lowrank_oversample: int = 10
     """Extra vectors in the low-rank subspace iteration (the block has ``E + oversample`` columns): the top ``E``

@@ -18,11 +18,10 @@ vertex ``sigma_k in {a, b}`` (:mod:`.search`).
 **Searches** (``search=``), per pair of the chain:
 
 * ``"exact"``: every vertex (``2^n``), by branch and bound (:func:`exact_search`);
-* ``"greedy"``: local search from the previous pattern, all ones on the first call (:func:`greedy_local_max`);
+* ``"greedy"``: local search from the previous pattern (:func:`greedy_local_max`);
 * ``"lowrank"``: operators replaced by their top-``E`` singular triplets (``BoundPolicy.lowrank_rank``), found by
-  warm-started subspace iteration, never forming the matrix: ``n_iter`` iterations per call (``est.converge()``
-  iterates to convergence); the greedy search then runs on ``E x E`` pair matrices. An **estimate**, not a bound.
-  With ``n_iter = 0`` the stored subspace is used as it is;
+  warm-started subspace iteration, never forming the matrix; the greedy search then runs on ``E x E`` pair
+  matrices. An **estimate**, not a bound;
 * ``"auto"`` (default): exact when the pair's width is at most ``BoundPolicy.exact_search_units``, greedy otherwise;
   per operator a full SVD when it is small enough (``BoundPolicy.seqlip_dense_entries`` and
   ``seqlip_dense_rank``), low-rank otherwise (:mod:`.plan`).
@@ -34,9 +33,12 @@ All search and small linear algebra is done in float64, whatever the estimator's
 **Gradients** (:mod:`.gradient`). With the patterns fixed, the bound is a differentiable function of the weights;
 its gradient is given, finite for repeated or zero singular values, by a surrogate whose value is discarded.
 
-**Warm state** (:mod:`.state`): patterns, subspaces and pair vectors are buffers of :class:`SeqLip`. Each call
-(``est()``) re-runs the searches, warm: the dense matrix and float64 SVD of every chain operator, the searches,
-and ``r + 2`` applications of each operator with grad.
+**Warm state** (:mod:`.state`): patterns, subspaces and pair vectors are buffers of :class:`SeqLip`, and a warm
+call (``est()``) does a bounded amount of work, like one power iteration: ``n_iter`` subspace iterations per
+low-rank operator (the last one sharing its products with the factor), ``BoundPolicy.greedy_rounds_per_call`` rounds
+of each greedy search from the stored pattern, and a full SVD only of the operators below
+``BoundPolicy.seqlip_dense_entries``. The warm start at construction and ``est.converge()`` iterate the subspaces to
+convergence and the searches to a local max; the patterns then follow the weights from call to call.
 """
 from .chains import Chain, find_chains
 from .search import (exact_search, greedy_local_max, greedy_search, pair_matrix, rounding_slack, top_singular,
