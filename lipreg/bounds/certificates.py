@@ -6,7 +6,7 @@ certificates gave it. The candidates:
 
 * ``"autolip"``: the product of the certified norms (Alg. 1), what a graph without chains gets;
 * ``"seqlip"``: exact SeqLip on full SVDs (eq. 8), when the estimator's SeqLip plan is certified;
-* ``"liplt"``: :mod:`lipreg.bounds.liplt`, always (the dense products within ``BoundPolicy.dense_entries``);
+* ``"liplt"``: :mod:`lipreg.bounds.liplt`, always (the dense products within ``BoundPolicy.dense_node``);
 * ``"eclipse"``: :mod:`lipreg.bounds.eclipse`, when the chain's dense matrices fit the policy
   (:func:`~lipreg.bounds.eclipse.eligible`).
 

@@ -30,8 +30,8 @@ pair ``c = e_y - e_j`` is ``c^T H rho(z_{K-1})``: the same recursion one step fu
 
 **Training value** (:class:`LipLT`): each product's norm by warm power iteration, one step per call like AutoLip,
 differentiable (an estimate from below, not a certificate). **Certificate** (:func:`certified_products`): the norm
-of each product certified from float64 weights: the exact norm of its dense float64 matrix when
-``n_in n_out <= BoundPolicy.dense_entries`` plus an explicit bound on the rounding of that matrix
+of each product certified from float64 weights: the exact norm of its dense float64 matrix when the policy allows
+that size (:meth:`BoundPolicy.dense_node <lipreg.BoundPolicy.dense_node>`) plus an explicit bound on the rounding of that matrix
 (:func:`product_rounding`), else (and always as a candidate) the best split ``min_m ||P(j, m)|| ||P(m + 1, k)||``.
 """
 from __future__ import annotations
@@ -144,8 +144,9 @@ def _gamma(n: int) -> float:
 def certified_products(operators64: Sequence[LinearOperator], policy: BoundPolicy,
                        norms: Sequence[Tensor] | None = None) -> dict[Span, Tensor]:
     """A certified upper bound (float64) on ``||P(j, k)||`` for every product of the chain: the operator's own
-    certificate for ``j = k`` (``norms``, when the caller has them already); for longer products the min of the best split ``||P(j, m)|| ||P(m + 1, k)||`` and,
-    when ``n_in n_out <= policy.dense_entries``, the exact norm of the dense float64 product plus
+    certificate for ``j = k`` (``norms``, when the caller has them already); for longer products the min of the
+    best split ``||P(j, m)|| ||P(m + 1, k)||`` and, when the policy certifies a map of that size from its dense
+    matrix (:meth:`~lipreg.BoundPolicy.dense_node`), the exact norm of the dense float64 product plus
     :func:`product_rounding` (a product of convolutions is a convolution: its matrix is formed whole)."""
     n = len(operators64)
     own = [op.certified_norm(policy) for op in operators64] if norms is None else list(norms)
@@ -156,8 +157,7 @@ def certified_products(operators64: Sequence[LinearOperator], policy: BoundPolic
             k = j + length - 1
             value = torch.stack([certs[(j, m)] * certs[(m + 1, k)] for m in range(j, k)]).min()
             value = certified_cast(value, torch.float64, arithmetic_margin(1))
-            entries = operators64[j].in_shape.numel() * operators64[k].out_shape.numel()
-            if entries <= policy.dense_entries:
+            if policy.dense_node(operators64[j].in_shape.numel(), operators64[k].out_shape.numel()):
                 matrix = dense_matrix(chain_operator(operators64, j, k, block=True), operators64[j].in_shape[1:],
                                       operators64[j].device, torch.float64)
                 slack = product_rounding(operators64[j:k + 1], [certs[(i, i)] for i in range(j, k + 1)])

@@ -74,6 +74,21 @@ def test_products_without_dense_matrices_fall_back_to_sound_splits():
         assert float(value) == pytest.approx(exact, rel=1e-5)
 
 
+def test_thin_products_are_dense_as_the_policy_allows_thin_operators():
+    """A product ``40 -> 3`` has 120 entries; with ``dense_entries=64`` it is still formed dense, as a thin operator
+    is (``BoundPolicy.dense_node``: smaller side 3, 9 <= 64, 120 <= 16 * 64), so its certificate is its exact norm,
+    not the product of its factors' norms."""
+    model = mlp([40, 30, 3], seed=5)
+    x = torch.randn(2, 40, dtype=DT)
+    ops = [op.in_float64() for op in lipreg.LipschitzEstimator(model, x, dtype=DT).linear_operators().values()]
+    certs = certified_products(ops, BoundPolicy(dense_entries=64))
+    W1, W2 = weights(model)
+    exact = float(torch.linalg.matrix_norm(W2 @ W1, 2))
+    split = float(certs[(0, 0)] * certs[(1, 1)])
+    assert exact <= float(certs[(0, 1)]) == pytest.approx(exact, rel=1e-5)  # 1e-6 per dense norm
+    assert exact < 0.9 * split
+
+
 def test_conv_chain_certificate_against_jacobians():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2), nn.ReLU(),
