@@ -1,7 +1,11 @@
 r"""ECLipsE-Fast (Xu & Sivaranjani, NeurIPS 2024, "ECLipsE: Efficient compositional Lipschitz constant estimation
 for deep neural networks"): LipSDP-Neuron with one scalar multiplier per layer, solved in closed
-form layer by layer, and checked in floating point. The derivation below is self-contained (labels (E1)-(E3) are
-this module's).
+form layer by layer, and checked in floating point. The derivation below is self-contained. The labels (E1)-(E3)
+are this module's own: the paper's equation, theorem and algorithm numbers could not be read from its text
+(arXiv:2404.04375) when this was written, so none is quoted; (E3) is not from the paper at all. The closed form
+(E2) is what the authors' ``Matlab_implementation/ECLipsE/ECLipsE_Fast.m`` (https://github.com/YuezhuXu/ECLipsE)
+computes for slopes in ``[0, 1]`` (``m = 1/2``): ``li = 1/(2*m^2*max(eig(Wi*Inv_Xi_prev*Wi')))``,
+``Xi = li*eye(di)-li^2*m^2*Wi*Inv_Xi_prev*Wi'`` and the estimate ``sqrt(max(eig((Wl'*Wl)/(Xi_prev))))``.
 
 **The matrix inequality.** Take hidden layers ``v_i = W_i x_{i-1}``, ``x_i = rho_i(v_i)`` (``i = 1..l``), output
 ``y = V x_l``, each ``rho_i`` elementwise with slopes in ``[a_i, b_i]``, ``a_i >= 0``. For ``x, x'``, per neuron

@@ -1,7 +1,10 @@
 r"""LipLT (Fazlyab, Entesari, Roy & Chellappa, NeurIPS 2023, "Certified robustness via dynamic margin maximization
 and improved Lipschitz regularization", arXiv:2310.00116): chains bounded by norms of products of consecutive
-operators. The labels (L1)-(L3) are this module's; the paper derives the same loop transformation and unrolled
-recursion (its equation numbers differ between versions and are not quoted here).
+operators. The labels (L1)-(L3) are this module's own: the paper's equation, theorem and algorithm numbers could
+not be read from its text when this was written, so none is quoted (the paper derives the same loop transformation
+and unrolled recursion). (L3) is what the authors' code computes for ReLU (``alpha_i = beta_i = 1/2``):
+``SequentialLipltLipschitz.calculateSubNetsImprovedLipschitz`` in ``Networks/NetworkModels.py`` of
+https://github.com/o4lc/CRM-LipLT.
 
 **The bound.** On a chain ``A_0 -> rho_0 -> A_1 -> ... -> A_{K-1}`` (:mod:`lipreg.bounds.seqlip.chains`), each
 activation has slopes in ``[a_i, b_i]``; write it (the loop transformation)
