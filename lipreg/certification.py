@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .bounds.autolip import autolip_bound, node_constants
-from .bounds.certificates import ChainBounds, certified_chains, certified_pairs, head_tail
+from .bounds.certificates import ChainBounds, certified_chains, certified_pairs, head_tail, pairwise_constants
 from .bounds.seqlip import SeqLip
 from .bounds.seqlip.chains import Chain
 from .bounds.seqlip.plan import plan_certified, plan_chain
@@ -81,18 +81,23 @@ def tightest64(graph: LipGraph, chains: Sequence[Chain], operators64: Operators,
 
 def certified_pair_bounds(graph: LipGraph, chains: Sequence[Chain], operators64: Operators, weight: Tensor,
                           policy: BoundPolicy, dtype: torch.dtype, device: torch.device
-                          ) -> tuple[dict[str, Tensor], str | None]:
-    """Per-pair certificates ``(C, C)`` for a linear head ``weight`` after the graph's (body) network, by name
-    (:func:`~lipreg.bounds.certificates.certified_pairs`), with the certificates of the body's tightest bound;
-    ``({}, None)`` when the body does not end in an activation after a linear node, or ``weight`` has one row."""
+                          ) -> tuple[dict[str, Tensor], str, Certified]:
+    """Per-pair certificates ``(C, C)`` for a linear head ``weight`` after the graph's (body) network, by name: the
+    GloRo product ``||w_y - w_j|| L(body)`` on the body's tightest bound (named after its certificates) and, when
+    the body ends in an activation after a linear node (:func:`~lipreg.bounds.certificates.head_tail`), those
+    carried through that chain (:func:`~lipreg.bounds.certificates.certified_pairs`); with the body's certificates
+    and its tightest float64 bound (before :func:`round_up`)."""
+    body, certificate = tightest64(graph, chains, operators64, policy, device)
+    bound, factors, bounds = body
+    rounded = round_up(graph, bound, dtype).to(torch.float64)
+    pairs = {certificate: certified_cast(pairwise_constants(weight, rounded), torch.float64)}
     tail = head_tail(graph, chains)
-    if tail is None or weight.shape[0] < 2:  # no pair of classes
-        return {}, None
-    (_, factors, bounds), certificate = tightest64(graph, chains, operators64, policy, device)
-    (entry,) = tail[0].ops[0].inputs
-    constant = node_constants(graph, factors, bounds, dtype=torch.float64, device=device)[entry]
-    constant = round_up(graph, constant, dtype).to(torch.float64)
-    return certified_pairs(tail, operators64, weight, constant, policy, factors), certificate
+    if tail is not None and weight.shape[0] >= 2:
+        (entry,) = tail[0].ops[0].inputs
+        constant = node_constants(graph, factors, bounds, dtype=torch.float64, device=device)[entry]
+        constant = round_up(graph, constant, dtype).to(torch.float64)
+        pairs.update(certified_pairs(tail, operators64, weight, constant, policy, factors))
+    return pairs, certificate, body
 
 
 def certified_layer_norms(operators64: Operators, policy: BoundPolicy, dtype: torch.dtype) -> dict[str, float]:

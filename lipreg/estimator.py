@@ -240,14 +240,16 @@ class LipschitzEstimator(nn.Module):
 
     def certified_pairs(self, weight: Tensor) -> dict[str, Tensor]:
         """Per-pair certificates ``(C, C)`` (float64, rounded upwards) for a linear head ``weight`` after this (body)
-        network, carried through its last chain (:func:`~lipreg.bounds.certificates.certified_pairs`: pairwise
-        LipLT, and ECLipsE-Fast when the policy allows), by name; empty when the body does not end in an
-        activation after a linear node."""
-        with self._evaluation() as operators:
-            pairs, certificate = certified_pair_bounds(self.graph, self._structure.chains, self._float64(operators),
-                                                       weight, self.policy, self.dtype, self._device())
-        if certificate is not None:
-            self.certificate = certificate
+        network, by name (:func:`~lipreg.certification.certified_pair_bounds`): GloRo's ``||w_y - w_j|| L`` on
+        :meth:`certified_bound`'s tightest ``L`` (named by its certificates, which :attr:`certificate` takes), and,
+        when the body ends in an activation after a linear node, the certificates carried through its last chain
+        (pairwise LipLT, and ECLipsE-Fast when the policy allows). The body is certified once for all of them."""
+        self.check_finite()
+        with torch.no_grad(), self._evaluation() as operators:
+            pairs, self.certificate, (bound, factors, _) = certified_pair_bounds(
+                self.graph, self._structure.chains, self._float64(operators), weight, self.policy, self.dtype,
+                self._device())
+            check_certificate(bound, factors, self.model, self.dtype)
         return pairs
 
     def linear_operators(self) -> dict[str, LinearOperator]:

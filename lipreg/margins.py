@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from .bounds.certificates import tightest
+from .bounds.certificates import pairwise_constants, tightest
 from .capture.graph import LipGraph
 from .capture.trace import eval_mode
 from .estimator import LipschitzEstimator
@@ -92,17 +92,6 @@ def global_constants(bound: Tensor, n_classes: int) -> Tensor:
     """Eq. (2): ``K_yj = sqrt(2) L`` off the diagonal, 0 on it, ``(C, C)``."""
     off_diagonal = 1.0 - torch.eye(n_classes, dtype=bound.dtype, device=bound.device)
     return math.sqrt(2.0) * bound * off_diagonal
-
-
-def pairwise_constants(weight: Tensor, body_bound: Tensor) -> Tensor:
-    """Eq. (3): ``K_yj = ||w_y - w_j||_2 L(body)``, ``(C, C)``, in float64 (differentiable; the gradient of the zero
-    diagonal is 0)."""
-    w = weight.to(torch.float64)
-    diff = w[:, None, :] - w[None, :, :]
-    squared = (diff * diff).sum(-1)
-    off = ~torch.eye(w.shape[0], dtype=torch.bool, device=w.device)
-    norms = torch.where(off, squared.clamp_min(torch.finfo(torch.float64).tiny), 1.0).sqrt() * off
-    return norms * body_bound.to(torch.float64)
 
 
 class MarginCertificate(nn.Module):
@@ -176,17 +165,18 @@ class MarginCertificate(nn.Module):
         return (K if through is None else torch.minimum(K, through.to(K.dtype))), bound
 
     def certified(self) -> Tensor:
-        """Certified ``K`` (float64, detached), rounded upwards: the tightest per pair of eq. (3) on
-        ``certified_bound()``, the certificates carried through the body's last chain
-        (``LipschitzEstimator.certified_pairs``) and, with a head, eq. (2) on the whole model's ``certified_bound()``
-        (whose chains run through the head); :attr:`certificate` names those used."""
+        """Certified ``K`` (float64, detached), rounded upwards: without a head, eq. (2) on ``certified_bound()``;
+        with one, the tightest per pair of eq. (3) on the body's tightest bound, the certificates carried through the
+        body's last chain (both from ``LipschitzEstimator.certified_pairs``, which certifies the body once) and
+        eq. (2) on the whole model's ``certified_bound()`` (whose chains run through the head); :attr:`certificate`
+        names those used."""
         self._refresh()
         with torch.no_grad():
-            bound = self.estimator.certified_bound().to(torch.float64)
-            K = certified_cast(self.constants(bound), torch.float64)
-            candidates = {self.estimator.certificate: K}
-            if self.head is not None:
-                candidates.update(self.estimator.certified_pairs(self.head.weight))
+            if self.head is None:
+                bound = self.estimator.certified_bound().to(torch.float64)
+                candidates = {self.estimator.certificate: certified_cast(self.constants(bound), torch.float64)}
+            else:
+                candidates = dict(self.estimator.certified_pairs(self.head.weight))
                 if self._whole is None:  # not a submodule: certificates keep no state worth a checkpoint
                     object.__setattr__(self, "_whole", LipschitzEstimator(
                         self.model, self._graph.sample.to(self._device()), **self._options))

@@ -111,3 +111,31 @@ def test_pairs_through_activations_of_any_slopes_are_sound(act):
     K = upper_triangle(margins.certified())
     lower = local_max(model, 3, n=300, rows=pair_rows(3))
     assert bool((lower <= K).all()), (lower, K)
+
+
+def test_certified_certifies_the_body_once_and_keeps_the_gloro_candidate(monkeypatch):
+    """``certified()`` runs the tightest body certificate once (inside ``certified_pairs``, which also gives the GloRo
+    candidate on it) and the whole model's once; the GloRo candidate is ``||w_y - w_j||`` times the body's
+    ``certified_bound()``, rounded upwards."""
+    import lipreg.certification as certification
+    import lipreg.estimator as estimator
+
+    model = mlp([3, 5, 4, 4], seed=4)
+    margins = MarginCertificate(model, torch.randn(2, 3, dtype=DT), dtype=DT)
+    calls = {"body": 0, "whole": 0}
+
+    def counted(key, fn):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(certification, "tightest64", counted("body", certification.tightest64))
+    monkeypatch.setattr(estimator, "tightest64", counted("whole", estimator.tightest64))
+    margins.certified()
+    assert calls == {"body": 1, "whole": 1}
+    pairs = margins.estimator.certified_pairs(margins.head.weight)
+    body = margins.estimator.certified_bound().detach()
+    gloro, reference = upper_triangle(pairs[margins.estimator.certificate]), upper_triangle(margins.constants(body))
+    assert bool((gloro >= reference.detach()).all())
+    assert gloro.tolist() == pytest.approx(reference.tolist(), rel=2e-6)  # certified_cast rounds upwards

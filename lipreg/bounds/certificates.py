@@ -53,6 +53,18 @@ def tightest(candidates: Mapping[str, Tensor]) -> tuple[str, Tensor]:
     return "+".join(name for name in names if name in won) or names[0], best
 
 
+def pairwise_constants(weight: Tensor, body_bound: Tensor) -> Tensor:
+    """GloRo's per-pair constants ``K_yj = ||w_y - w_j||_2 L(body)`` for a linear head ``weight`` after a body of
+    bound ``L(body)`` (:mod:`lipreg.margins`, eq. 3), ``(C, C)``, in float64 (differentiable; the gradient of the zero
+    diagonal is 0)."""
+    w = weight.to(torch.float64)
+    diff = w[:, None, :] - w[None, :, :]
+    squared = (diff * diff).sum(-1)
+    off = ~torch.eye(w.shape[0], dtype=torch.bool, device=w.device)
+    norms = torch.where(off, squared.clamp_min(torch.finfo(torch.float64).tiny), 1.0).sqrt() * off
+    return norms * body_bound.to(torch.float64)
+
+
 def certified_chains(chains: Sequence[Chain], operators64: Operators, policy: BoundPolicy,
                      seqlip: ChainBounds | None = None, factors: Mapping[LipNode, Tensor] | None = None
                      ) -> tuple[ChainBounds, str]:
