@@ -71,7 +71,7 @@ def lowrank_factor(operator: LinearOperator, subspace: Tensor, rank: int, n_iter
     AQ = aq.T.to(_F64)
     if not bool(torch.isfinite(AQ).all()):
         return _not_finite(operator, Q[:, :rank])
-    U, S, Wh = torch.linalg.svd(AQ, full_matrices=False)
+    U, S, Wh = thin_svd(AQ)
     QE = (Q @ Wh.T)[:, :rank]
     _advance(subspace, gram_q.reshape(width, -1).T.to(_F64) @ Wh.T)
     return Factor(U[:, :rank], S[:rank], QE, Q=QE)
@@ -125,5 +125,18 @@ def ritz(operator: LinearOperator, subspace: Tensor) -> tuple[Tensor, tuple[Tens
     AQ = apply_block(operator, subspace).T.to(_F64)  # n_out x width
     if not bool(torch.isfinite(AQ).all()):
         return Q, None
-    U, S, Wh = torch.linalg.svd(AQ, full_matrices=False)
-    return Q, (U, S, Wh)
+    return Q, thin_svd(AQ)
+
+
+def thin_svd(AQ: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(U, S, W^T)`` with ``AQ = U diag(S) W^T`` for a tall ``n_out x width`` block (float64), from the
+    eigendecomposition of its ``width x width`` Gram matrix: ``O(n_out width^2)``, a few times cheaper than a
+    Householder SVD. A singular value below ``sqrt(eps) S_max`` has a relative error of up to ``eps S_max^2 / S^2``,
+    and its left vector is set to 0 below ``1e-150 S_max``: an estimate's precision, for the top triples that
+    matter."""
+    lam, W = torch.linalg.eigh(AQ.T @ AQ)
+    lam, W = lam.flip(0).clamp_min(0), W.flip(1)
+    S = lam.sqrt()
+    floor = 1e-150 * S[:1].clamp_min(1e-300)
+    U = (AQ @ W) / torch.where(S > floor, S, 1.0) * (S > floor)
+    return U, S, W.T
