@@ -168,27 +168,47 @@ def train_row(name: str, data_name: str, epochs: int, limit_batches: int | None 
             **evaluate(model, x_test, y_test)}
 
 
-def table(path: str) -> str:
-    rows = [json.loads(line) for line in open(path)]
-    lines = ["| data | objective | clean | " + " | ".join(f"cert. @{r:g} (pairwise / global)" for r in RADII)
-             + " | s / epoch |", "|---" * (4 + len(RADII)) + "|"]
+CERTIFICATES = ("autolip", "liplt", "eclipse", "tightest", "deel", "global")
+"""The certified-accuracy columns a result row may hold (:func:`pair_certificates`; ``deel``: deel-torchlip's own
+guarantee, in ``benchmarks.deel_torchlip``'s rows)."""
+
+
+def table(paths: list[str]) -> str:
+    """The Markdown table of result files: per objective and certificate, the clean and certified accuracy at
+    :data:`RADII` as the mean over the seeds run (their number in the last column)."""
+    rows = [json.loads(line) for path in paths for line in open(path)]
+    groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        cells = " | ".join(f"{100 * r['pairwise'][str(e)]:.1f} / {100 * r['global'][str(e)]:.1f}" for e in RADII)
-        lines.append(f"| {r['data']} | {r['row']} | {100 * r['clean']:.1f} | {cells} | {r['s_per_epoch']:.0f} |")
+        groups.setdefault(r["row"], []).append(r)
+    lines = ["| trained against | certified by | clean | " + " | ".join(f"@{e:g}" for e in RADII) + " | seeds |",
+             "|---" * (4 + len(RADII)) + "|"]
+    for name, runs in groups.items():
+        clean = 100 * sum(r["clean"] for r in runs) / len(runs)
+        for cert in (c for c in CERTIFICATES if c in runs[0]):
+            cells = " | ".join(f"{100 * sum(r[cert][str(e)] for r in runs) / len(runs):.1f}" for e in RADII)
+            lines.append(f"| {name} | {cert} | {clean:.1f} | {cells} | {len(runs)} |")
     return "\n".join(lines)
 
 
-def curve(path: str, png: str) -> None:
+def curve(paths: list[str], png: str) -> None:
+    """The certified-accuracy-vs-radius curve of the default tightest certificate (``curve``) of each objective's
+    first seed, and deel-torchlip's own guarantee (``curve_deel``) where a row has it."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.0, 3.2))
+    fig = Figure(figsize=(5.6, 3.4))
     ax = fig.add_subplot()
-    for r in (json.loads(line) for line in open(path)):
-        ax.plot(*r["curve"], label=f"{r['data']}: {r['row']}")
+    seen: set[str] = set()
+    for r in (json.loads(line) for path in paths for line in open(path)):
+        if r["row"] in seen:
+            continue
+        seen.add(r["row"])
+        ax.plot(*r["curve"], label=f"{r['row']} (lipreg tightest)")
+        if "curve_deel" in r:
+            ax.plot(*r["curve_deel"], linestyle="--", label=f"{r['row']} (deel guarantee)")
     ax.set_xlabel("L2 radius eps")
-    ax.set_ylabel("certified accuracy (pairwise)")
+    ax.set_ylabel("certified accuracy (per pair)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
 
@@ -218,7 +238,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--limit-batches", type=int, default=None)
     parser.add_argument("--out", default=None, help="append each row as a JSON line to this file")
-    parser.add_argument("--table", default=None, help="print the table of a results file and exit")
+    parser.add_argument("--table", nargs="+", default=None, help="print the table of results files and exit")
     parser.add_argument("--curve", default=None, help="with --table: draw the curves into this PNG")
     parser.add_argument("--overhead", action="store_true", help="time one step of each objective and exit")
     args = parser.parse_args()
