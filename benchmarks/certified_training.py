@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.common import median_times, optimizer_step
+from benchmarks.common import median_times, optimizer_step, train_epochs
 from experiments.data import DigitsDataModule, FashionMNISTDataModule
 from experiments.models import LipCNN
 from lipreg import LipschitzEstimator, LipschitzPenalty
@@ -150,19 +150,7 @@ def train_row(name: str, data_name: str, epochs: int, limit_batches: int | None 
     loss_fn = objective(ROWS[name], model, x0, EPS[data_name], steps)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if ROWS[name].get("cosine") else None
-    epoch_times = []
-    for epoch in range(epochs):
-        model.train()
-        start = time.perf_counter()
-        for i, (x, y) in enumerate(loader):
-            if limit_batches is not None and i >= limit_batches:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            optimizer.step()
-            if schedule is not None:
-                schedule.step()
-        epoch_times.append(time.perf_counter() - start)
+    epoch_times = train_epochs(model, loss_fn, loader, optimizer, schedule, epochs, limit_batches)
     x_test, y_test = data.test_set.tensors
     return {"row": name, "data": data_name, "seed": seed, "epochs": epochs, "s_per_epoch": sum(epoch_times) / epochs,
             **evaluate(model, x_test, y_test)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterable
 from typing import Callable
 
 import torch
@@ -74,3 +75,24 @@ def optimizer_step(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]
         loss_fn(model(x), y).backward()
         optimizer.step()
     return step
+
+
+def train_epochs(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], loader: Iterable,
+                 optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler | None,
+                 epochs: int, limit_batches: int | None = None) -> list[float]:
+    """Train ``model`` on ``loss_fn(model(x), y)`` for ``epochs`` epochs (at most ``limit_batches`` batches each),
+    stepping ``schedule`` (if any) after every optimizer step; the seconds of each epoch."""
+    epoch_times = []
+    for _ in range(epochs):
+        model.train()
+        start = time.perf_counter()
+        for i, (x, y) in enumerate(loader):
+            if limit_batches is not None and i >= limit_batches:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+        epoch_times.append(time.perf_counter() - start)
+    return epoch_times

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.common import median_times, optimizer_step
+from benchmarks.common import median_times, optimizer_step, train_epochs
 from experiments.data import FashionMNISTDataModule
 from experiments.models import LipCNN
 from lipreg import LipschitzEstimator
@@ -162,18 +162,7 @@ def train_row(loss_name: str, epochs: int, limit_batches: int | None = None, see
     loss_fn = one_hot_loss(LOSSES[loss_name][1]())
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    epoch_times = []
-    for epoch in range(epochs):
-        model.train()
-        start = time.perf_counter()
-        for i, (x, y) in enumerate(loader):
-            if limit_batches is not None and i >= limit_batches:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            optimizer.step()
-            schedule.step()
-        epoch_times.append(time.perf_counter() - start)
+    epoch_times = train_epochs(model, loss_fn, loader, optimizer, schedule, epochs, limit_batches)
     x_test, y_test = data.test_set.tensors
     return {"row": f"deel_{loss_name}", "data": "fashion_mnist", "seed": seed, "epochs": epochs,
             "s_per_epoch": sum(epoch_times) / epochs, "model": MODEL, "loss": LOSSES[loss_name][0],
