@@ -381,3 +381,30 @@ def test_a_warm_call_runs_a_bounded_search_that_climbs(monkeypatch):
     assert all(b >= a * (1 - 1e-12) for a, b in zip(values, values[1:]))
     assert values[0] < (1 - 1e-3) * top and values[-1] == pytest.approx(top, rel=1e-9)
     assert float(cold.converge().detach()) == pytest.approx(top, rel=1e-9)
+
+
+def test_a_warm_call_forms_no_dense_matrix_of_a_large_operator(monkeypatch):
+    """At training speed: operators above ``BoundPolicy.seqlip_dense_entries`` are low-rank subspaces kept warm, so a
+    call never forms their dense matrix nor takes a full SVD; the search runs on ``E x E`` pair matrices."""
+    from lipreg.operator import LinearOperator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 4, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 4, stride=2, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(16 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    est = lipreg.LipschitzEstimator(model, torch.randn(1, 1, 28, 28), method="seqlip")
+    lowrank = [op for plan in est.seqlip.plans for op in plan.ops if op.lowrank]
+    assert len(lowrank) == 3  # the two convolutions and the 784 x 128 linear layer (> 2^16 entries)
+
+    dense, svd = LinearOperator.dense, torch.linalg.svd
+
+    def refused(self):
+        assert self.in_shape.numel() * self.out_shape.numel() <= BoundPolicy().seqlip_dense_entries, \
+            f"dense matrix of {self.name} formed in a warm call"
+        return dense(self)
+
+    monkeypatch.setattr(LinearOperator, "dense", refused)
+    monkeypatch.setattr(torch.linalg, "svd", lambda A, *a, **k: (_ for _ in ()).throw(AssertionError(
+        f"SVD of {tuple(A.shape)}")) if min(A.shape[-2:]) > 64 else svd(A, *a, **k))
+    bound = est()
+    bound.backward()
+    assert torch.isfinite(bound) and all(p.grad is not None for p in model.parameters() if p.dim() > 1)
