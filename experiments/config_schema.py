@@ -190,15 +190,16 @@ class PenaltyConf:
 @dataclass
 class MarginConf:
     """``lipreg.LipschitzMarginLoss`` as a partial: ``experiments/train.py`` hands it to the Classifier, which
-    builds it on the network (``lipreg=certified``). ``warmup`` is in training steps."""
+    builds it on the network (``lipreg=certified``). ``warmup`` is in training steps; unset, ``eps`` ramps over
+    ``warmup_fraction`` of the run, which the callback reads from the trainer."""
     _target_: str = "lipreg.LipschitzMarginLoss"
     _partial_: bool = True
     eps: float = MISSING  # the L2 radius trained for: no library default
     pairwise: bool = library_default(LipschitzMarginLoss, "pairwise")
     method: Method = II("..method")
     n_iter: int = II("..n_iter")
-    warmup: int = library_default(LipschitzMarginLoss, "warmup")
-    warmup_fraction: Optional[float] = library_default(LipschitzMarginLoss, "warmup_fraction")  # instead of warmup
+    warmup: Optional[int] = library_default(LipschitzMarginLoss, "warmup")  # None: warmup_fraction of the run
+    warmup_fraction: Optional[float] = library_default(LipschitzMarginLoss, "warmup_fraction")
     kind: MarginKind = MarginKind(library_default(LipschitzMarginLoss, "kind"))  # lipreg.losses, eq. 2 / 3 / 4
     temperature: Optional[float] = library_default(LipschitzMarginLoss, "temperature")  # None: the kind's default
     ce_weight: float = library_default(LipschitzMarginLoss, "ce_weight")

@@ -102,8 +102,12 @@ class LipschitzMarginLoss(nn.Module):
         pairwise: per-pair constants when the head is linear.
         method, n_iter: of the estimator (``"autolip"``, ``"seqlip"`` or ``"liplt"``; with ``"liplt"`` and a linear
             head the per-pair constants are also carried through the body's last chain).
-        warmup: number of training calls over which ``eps`` ramps up from 0.
-        warmup_fraction: instead of ``warmup``, the fraction of the run (in ``[0, 1]``) over which it ramps up.
+        warmup: number of training calls over which ``eps`` ramps up from 0 (``None``: ``warmup_fraction``).
+        warmup_fraction: the fraction of the run (in ``[0, 1]``) over which it ramps up, when ``warmup`` is not
+            given: 0.3 by default, the measured recipe's. The run's length comes from :meth:`plan_warmup`, which
+            a :class:`~lipreg.lightning.LipschitzCallback` calls at fit start from
+            ``trainer.estimated_stepping_batches``; a loop of your own calls it once before training, or gives
+            ``warmup`` instead (a call before either is an error that says so).
         kind: ``"ce"`` (eq. 2), ``"hinge"`` (eq. 3) or ``"lse"`` (eq. 4).
         temperature: ``T`` of eq. (2) (logit units) or (4) (radius units); ``None``: 1 for ``"ce"``, 0.1 for
             ``"lse"``; the hinge has none.
@@ -116,8 +120,8 @@ class LipschitzMarginLoss(nn.Module):
 
     @checked_keywords(forwards_to=lambda: LipschitzEstimator)
     def __init__(self, model: nn.Module, example_input: Tensor, *, eps: float, pairwise: bool = True,
-                 method: Method = METHOD, n_iter: int = N_ITER, warmup: int = 1000,
-                 warmup_fraction: float | None = None, kind: MarginKind = "ce", temperature: float | None = None,
+                 method: Method = METHOD, n_iter: int = N_ITER, warmup: int | None = None,
+                 warmup_fraction: float | None = 0.3, kind: MarginKind = "ce", temperature: float | None = None,
                  ce_weight: float = 0.0, **estimator_options: Any) -> None:
         super().__init__()
         check_choice("margin loss kind", kind, MarginKind)
@@ -126,15 +130,18 @@ class LipschitzMarginLoss(nn.Module):
         elif kind == "hinge":
             raise ValueError("kind='hinge' has no temperature (eq. 3): drop temperature=..., or use kind='lse', "
                              "its smooth version")
-        if not eps >= 0 or not temperature > 0 or warmup < 0 or not ce_weight >= 0:
+        if not eps >= 0 or not temperature > 0 or (warmup is not None and warmup < 0) or not ce_weight >= 0:
             raise ValueError(f"need eps >= 0, temperature > 0, warmup >= 0, ce_weight >= 0; got {eps}, "
                              f"{temperature}, {warmup}, {ce_weight}")
+        if warmup is None and warmup_fraction is None:
+            raise ValueError("LipschitzMarginLoss needs a warm-up: warmup=<training calls> or warmup_fraction=<of "
+                             "the run> (0 for none)")
         if warmup_fraction is not None and not 0.0 <= warmup_fraction <= 1.0:
             raise ValueError(f"warmup_fraction must lie in [0, 1] (a fraction of the run), got {warmup_fraction}")
         warn_batch_statistics(model, "LipschitzMarginLoss")
         self.eps = float(eps)
-        self.warmup: int | None = int(warmup) if warmup_fraction is None else None  # None: until plan_warmup
-        self.warmup_fraction = warmup_fraction
+        self.warmup: int | None = int(warmup) if warmup is not None else None  # None: until plan_warmup
+        self.warmup_fraction = warmup_fraction if warmup is None else None  # calls given: they win
         self.kind = kind
         self.temperature = float(temperature)
         self.ce_weight = float(ce_weight)
@@ -166,9 +173,10 @@ class LipschitzMarginLoss(nn.Module):
     def ramped_eps(self) -> Tensor | float:
         """``eps * min(1, calls / warmup)``, on the device of the call count (no host synchronisation)."""
         if self.warmup is None:
-            raise RuntimeError("LipschitzMarginLoss(warmup_fraction=...) does not know the run's length yet: call "
-                               "loss.plan_warmup(total_training_calls) before training, or let a LipschitzCallback "
-                               "do it (it reads the trainer's estimated_stepping_batches at fit start)")
+            raise RuntimeError(f"LipschitzMarginLoss ramps eps over warmup_fraction={self.warmup_fraction} of the "
+                               "run, whose length it does not know yet: call loss.plan_warmup(total_training_calls) "
+                               "before training, give warmup=<training calls> instead, or let a LipschitzCallback "
+                               "plan it (it reads the trainer's estimated_stepping_batches at fit start)")
         if self.warmup == 0:
             return self.eps
         return self.eps * torch.clamp(self.calls / self.warmup, max=1.0)

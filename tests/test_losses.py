@@ -359,3 +359,21 @@ def test_a_warmup_fraction_ramps_over_that_fraction_of_the_planned_run() -> None
     assert loss_fn.current_eps() == pytest.approx(0.2)
     with pytest.raises(ValueError, match=r"warmup_fraction must lie in \[0, 1\]"):
         LipschitzMarginLoss(net, x, eps=0.4, warmup_fraction=1.5)
+
+
+def test_the_default_warmup_is_the_measured_fraction_of_the_run_and_calls_given_win() -> None:
+    """By default eps ramps over 30 % of the run (the measured recipe's), planned from the run's length; a loss that
+    is never told the length says how to fix it; ``warmup=`` calls take precedence; no warm-up at all is refused."""
+    net, x, y = mlp(), torch.randn(4, 4), torch.arange(4) % 3
+    default = LipschitzMarginLoss(net, x, eps=0.4)
+    assert (default.warmup, default.warmup_fraction) == (None, 0.3)
+    with pytest.raises(RuntimeError, match=r"warmup=<training calls>"):
+        default(net(x), y)
+    default.plan_warmup(100)
+    assert default.warmup == 30
+    calls = LipschitzMarginLoss(net, x, eps=0.4, warmup=7)
+    assert (calls.warmup, calls.warmup_fraction) == (7, None)
+    calls.plan_warmup(100)
+    assert calls.warmup == 7
+    with pytest.raises(ValueError, match="needs a warm-up"):
+        LipschitzMarginLoss(net, x, eps=0.4, warmup_fraction=None)

@@ -105,8 +105,8 @@ def test_every_search_penalty_kind_and_margin_kind_of_the_literals_is_accepted()
     for kind in get_args(PenaltyKind):
         lipreg.LipschitzPenalty(small_net(), torch.zeros(1, 4), kind=kind, threshold=1.0)()
     for kind in get_args(MarginKind):
-        lipreg.LipschitzMarginLoss(small_net(), torch.zeros(1, 4), eps=0.1, kind=kind)(torch.randn(2, 3),
-                                                                                       torch.tensor([0, 1]))
+        lipreg.LipschitzMarginLoss(small_net(), torch.zeros(1, 4), eps=0.1, kind=kind, warmup=0)(
+            torch.randn(2, 3), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="search must be one of"):
         lipreg.LipschitzEstimator(small_net(), torch.zeros(1, 4), method="seqlip", search="greedyy")
     with pytest.raises(ValueError, match="search='exact' is a SeqLip option"):

@@ -46,8 +46,8 @@ def test_the_composed_config_builds_the_loss_terms_with_the_library_defaults() -
     for name in ("coefficient", "kind", "threshold"):
         assert getattr(penalty, name) == getattr(library, name), name
     margin = train.build_margin_loss(cfg)(net, x)
-    library = lipreg.LipschitzMarginLoss(net, x, eps=0.3, warmup=750)  # what certified.yaml chooses
-    for name in ("eps", "warmup", "pairwise", "kind", "temperature", "ce_weight"):
+    library = lipreg.LipschitzMarginLoss(net, x, eps=0.3)  # certified.yaml chooses eps, the rest is the library's
+    for name in ("eps", "warmup", "warmup_fraction", "pairwise", "kind", "temperature", "ce_weight"):
         assert getattr(margin, name) == getattr(library, name), name
     for built in (penalty.estimator, margin.certificate.estimator):
         assert (built.method, built.n_iter) == (library.certificate.estimator.method, options.N_ITER)
