@@ -1,5 +1,6 @@
 """Max pooling: ``L = sqrt(max_j #{windows containing input j})``; maxima and minima over dimensions
-(``amax``, ``torch.max(x, dim)``), and of two tensors (``torch.maximum``), as its special cases.
+(``amax``, ``torch.max(x, dim)``), and of two tensors (``torch.maximum``), as its special cases; sorting
+(``torch.sort``, ``msort``, ``topk``: GroupSort / MaxMin activations), ``L = 1``.
 
 Each output is the max of its window, so ``|y_w(x) - y_w(x')| <= max_{j in w} |x_j - x'_j|`` and
 ``||y(x) - y(x')||^2 <= sum_w ||x - x'||_{inf, w}^2 <= (max_j n_j) ||x - x'||^2``; a single spike on the most
@@ -96,6 +97,15 @@ def _extremum(info: NodeInfo) -> Rule:
     return Activation(0.0, 1.0)
 
 
+def _order_statistics(info: NodeInfo) -> Rule:
+    """``torch.sort(x, dim)`` / ``msort`` / ``topk(x, k, dim)``: their values (the indices are integers, refused by
+    capture) sort each slice along ``dim``, and sorting is non-expansive in L2: with ``x^`` the sorted ``x``,
+    ``<x^, y^> >= <x, y>`` (rearrangement inequality) and ``||x^|| = ||x||``, so
+    ``||x^ - y^||^2 = ||x||^2 + ||y||^2 - 2 <x^, y^> <= ||x - y||^2``; slices are disjoint, and ``topk`` keeps some
+    entries of the sorted slice (a coordinate projection): ``L = 1`` (GroupSort, MaxMin and FullSort activations)."""
+    return Constant(1.0)
+
+
 # return_indices=True dispatches F.max_pool*d to F.max_pool*d_with_indices (same arguments); the values are the
 # first element of the returned pair.
 _MAX_POOLS = {1: (nn.MaxPool1d, F.max_pool1d, F.max_pool1d_with_indices),
@@ -113,3 +123,5 @@ for _n, _targets in _ADAPTIVE_MAX_POOLS.items():
 for _target in (torch.max, torch.min, torch.amax, torch.amin, torch.maximum, torch.minimum, torch.fmax, torch.fmin,
                 "max", "min", "amax", "amin", "maximum", "minimum", "fmax", "fmin"):
     register_rule(_target, _extremum)
+for _target in (torch.sort, torch.msort, torch.topk, "sort", "msort", "topk"):
+    register_rule(_target, _order_statistics)

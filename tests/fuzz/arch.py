@@ -23,8 +23,8 @@ from .layers import (g_avg_pool, g_batch_norm, g_big_operator, g_cancel, g_conv,
 from .net import Builder, Case, Shape, Step
 from .ops import (g_activation, g_arith, g_clamp_tensor, g_dropout, g_getitem, g_inplace, g_refused, g_reshape)
 from .routes import route_plan
-from .structure import (g_addcmul, g_copies, g_extremum, g_flip_roll, g_pad_fill, g_resample, g_shuffle, g_split_part,
-                        g_stochastic_depth)
+from .structure import (g_addcmul, g_copies, g_extremum, g_flip_roll, g_pad_fill, g_resample, g_shuffle, g_sort,
+                        g_split_part, g_stochastic_depth)
 
 
 # --------------------------------------------------------------------------------------------- composition
@@ -79,7 +79,7 @@ GENERATORS: list[tuple[Generator, float]] = [
     (g_instance_override, 0.4), (g_bitcast, 0.25), (g_container, 0.4), (g_item, 0.3), (g_padding_after_init, 0.4),
     (g_python_attribute, 0.25),
     (g_split_part, 0.8), (g_resample, 1.0), (g_pad_fill, 0.8), (g_shuffle, 1.0), (g_flip_roll, 0.5), (g_copies, 0.5),
-    (g_addcmul, 0.5), (g_extremum, 1.2), (g_stochastic_depth, 0.3),
+    (g_addcmul, 0.5), (g_extremum, 1.2), (g_sort, 0.6), (g_stochastic_depth, 0.3),
 ]
 MAX_NUMEL = 200
 

@@ -356,3 +356,30 @@ def g_stochastic_depth(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shap
         return (lambda net, h: stochastic_depth(h, 0.0, mode)), s, f"stochastic_depth(0,{mode})"
     return (lambda net, h: stochastic_depth(h, p, mode, net.training)), s, \
         f"stochastic_depth({p},{mode},training=self.training)"
+
+
+def g_sort(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] | None:
+    """Sorts along a per-sample axis: GroupSort (groups of 2 or more along an axis, ascending or descending: the
+    MaxMin / GroupSort activations), ``msort`` of the transposed features and ``topk`` values."""
+    if not s:
+        return None
+    dim = b.rng.randint(1, len(s))
+    size = s[dim - 1]
+    groups = [g for g in (2, 3, 4) if size % g == 0 and g < size]
+    kind = b.pick(["group", "group", "full", "msort", "topk"])
+    descending = b.chance(0.3)
+    if kind == "group" and groups:
+        g = b.pick(groups)
+        b.note("sort:group", "sort")
+        return (lambda net, h: h.unflatten(dim, (size // g, g)).sort(dim=dim + 1, descending=descending)
+                .values.flatten(dim, dim + 1)), s, f"groupsort(dim={dim}, g={g}, desc={descending})"
+    if kind == "msort" and len(s) == 1:
+        b.note("sort:msort", torch.msort)
+        return (lambda net, h: torch.msort(h.T).T), s, "msort(h.T).T"
+    if kind == "topk" and not preserve and size > 1:
+        k = b.rng.randint(1, size - 1)
+        out = s[:dim - 1] + (k,) + s[dim:]
+        b.note("sort:topk", torch.topk)
+        return (lambda net, h: torch.topk(h, k, dim=dim).values), out, f"topk(k={k}, dim={dim})"
+    b.note("sort:full", torch.sort)
+    return (lambda net, h: torch.sort(h, dim=dim, descending=descending)[0]), s, f"sort(dim={dim}, desc={descending})"

@@ -209,12 +209,16 @@ EXTREMA = [("amax", lambda x: x.amax((2, 3)), 1.0), ("max over a dim", lambda x:
            ("max values", lambda x: x.max(dim=2, keepdim=True).values, 1.0), ("min of all", lambda x: x.min(), 1.0),
            ("maximum with a constant", lambda x: torch.maximum(x, torch.zeros(1, 4, 1, 1, dtype=DT)), 1.0),
            ("maximum broadcast 4 times", lambda x: torch.maximum(x[:, :1], torch.zeros(1, 4, 1, 1, dtype=DT)), 2.0),
-           ("maximum of two", lambda x: torch.minimum(x, -x.flip(3)), math.sqrt(2.0))]
+           ("maximum of two", lambda x: torch.minimum(x, -x.flip(3)), math.sqrt(2.0)),
+           ("group sort (GroupSort2 / MaxMin)", lambda x: x.unflatten(1, (2, 2)).sort(dim=2).values.flatten(1, 2), 1.0),
+           ("full sort, descending", lambda x: torch.sort(x.flatten(1), dim=1, descending=True)[0], 1.0),
+           ("msort", lambda x: torch.msort(x.flatten(1).T).T, 1.0),
+           ("top 5 values", lambda x: x.flatten(1).topk(5, dim=1).values, 1.0)]
 
 
 @pytest.mark.parametrize("name, fn, constant", EXTREMA, ids=[e[0] for e in EXTREMA])
 def test_extrema(name, fn, constant):
-    """Maxima and minima: the certified constant is the exact one (attained by the Jacobian at some sample),
+    """Maxima, minima and sorts: the certified constant is the exact one (attained by the Jacobian at some sample),
     and above every sampled Jacobian."""
     torch.manual_seed(0)
     model = Lambda(fn)
