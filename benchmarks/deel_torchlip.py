@@ -25,9 +25,10 @@ Certified accuracy at each radius is reported twice:
   2-Lipschitz), counted only where the top-1 class is the label;
 * ``tightest``: lipreg's certificate of the exported plain model (``vanilla_export()``: ``nn.Conv2d`` / ``nn.Linear``
   with the constrained weights), ``MarginCertificate(model, x, pairwise=True).certified()`` with
-  :func:`lipreg.metrics.certified_radius`; ``global``: eq. 2 on that model's ``certified_bound()``. GroupSort2 (a
-  deel module that torch.fx cannot trace) is taught to lipreg for the evaluation as an op of Lipschitz constant 1
-  (sorting each pair of channels is non-expansive in L2), with :func:`lipreg.ops.registered`.
+  :func:`lipreg.metrics.certified_radius`; ``global``: eq. 2 on that model's ``certified_bound()``. GroupSort2 is taught
+  to lipreg for the evaluation as an op of Lipschitz constant 1 (sorting each pair of channels is a permutation of
+  each pair, non-expansive in L2), with :func:`lipreg.ops.registered`: traced through, its min and max of each pair,
+  concatenated, would be bounded by ``sqrt(2)``.
 
 ``export_max_abs_diff`` checks that the exported model reproduces the deel model's test logits; ``step_ratio`` is the
 time of one training step (forward, loss, backward, Adam) of the deel net relative to a plain cross-entropy step of

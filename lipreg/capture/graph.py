@@ -196,7 +196,8 @@ class LipGraph:
             raise TypeError(f"example_input must be a tensor with a batch dimension, got {type(example_input)!r}")
         self.model = model
         with eval_mode(model):  # the function bounded is the eval-mode one: `if self.training` branches too
-            self.root, self.graph_module, self.tracer_constants, reads = trace(model, concrete_args)
+            self.root, self.graph_module, self.tracer_constants, reads = trace(model, concrete_args,
+                                                                               example_input[:1].detach())
         inline_split_parts(self.graph_module)  # x.chunk(2)[i] -> one node per part: a tensor, not a tuple
         self.fingerprint = ModelFingerprint(self.root, self.graph_module, reads)
         self.modules = dict(self.graph_module.named_modules())

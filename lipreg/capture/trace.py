@@ -140,6 +140,68 @@ class _Tracer(fx.Tracer):
         return is_registered_module(m) or super().is_leaf_module(m, module_qualified_name)
 
 
+_SHAPE_QUERIES = frozenset({"size", "dim", "ndimension", "numel", "nelement", "shape", "ndim"})
+
+
+def _shape_only(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
+    """Whether ``node``'s value is computed from shape metadata alone (``x.shape``, ``x.size(1)``, ``x.dim()`` and
+    Python arithmetic on them), never from the values of a tensor, the input's or a parameter's."""
+    if node not in memo:
+        if node.op == "call_method" and node.target in _SHAPE_QUERIES:
+            memo[node] = True
+        elif node.op == "call_function" and (node.target is torch.numel or (node.target is getattr and
+                                                                              node.args[1] in _SHAPE_QUERIES)):
+            memo[node] = True
+        elif node.op != "call_function" or not node.all_input_nodes:
+            memo[node] = False  # the input, a parameter, a module's output, or a constant created by forward
+        else:
+            memo[node] = all(_shape_only(parent, memo) for parent in node.all_input_nodes)
+    return memo[node]
+
+
+class _ShapeTracer(_Tracer):
+    """:class:`_Tracer` that also follows Python branches on shapes (``if group_size > x.shape[1]:``), as deel-lip's
+    GroupSort has: such a condition is evaluated on the one-sample example the graph is traced for (the shape
+    every bound of lipreg is computed at), by running the graph traced so far. Only a condition computed from shape
+    metadata alone is decided; one that reads a tensor's values (the input's or a parameter's) still fails, as a
+    function of the values would be frozen at the example's."""
+
+    def __init__(self, sample: Tensor) -> None:
+        super().__init__()
+        self._sample = sample
+        self._memo: dict[fx.Node, bool] = {}
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        if not _shape_only(obj.node, self._memo):
+            return super().to_bool(obj)
+        try:
+            value = self._evaluate(obj.node)
+        except Exception:  # the prefix does not run alone (other inputs, concrete_args): fx's own error
+            return super().to_bool(obj)
+        return bool(value)
+
+    def _evaluate(self, node: fx.Node) -> Any:
+        """``node``'s value on the example: the graph traced so far, cut at ``node``, run with the module methods fx
+        and :class:`_Tracer` patch for the trace restored (no proxy, no recorded read)."""
+        graph = fx.Graph()
+        values: dict[fx.Node, fx.Node] = {}
+        for n in self.graph.nodes:
+            values[n] = graph.node_copy(n, lambda parent: values[parent])
+            if n is node:
+                break
+        graph.output(values[node])
+        patched = nn.Module.__call__, nn.Module.__getattr__
+        recording, self._recording = self._recording, False
+        nn.Module.__call__ = fx._symbolic_trace._orig_module_call  # type: ignore[method-assign]
+        nn.Module.__getattr__ = fx._symbolic_trace._orig_module_getattr  # type: ignore[method-assign]
+        try:
+            with torch.no_grad():
+                return fx.Interpreter(fx.GraphModule(self.root, graph)).run(self._sample)
+        finally:
+            nn.Module.__call__, nn.Module.__getattr__ = patched  # type: ignore[method-assign]
+            self._recording = recording
+
+
 class _Whole(nn.Module):
     """A holder for a model whose own class has a rule (a bare ``nn.Conv2d``...), or whose instance shadows a
     method: fx always traces through its root, with the forward of the root's class, so the model is traced as the
@@ -153,14 +215,15 @@ class _Whole(nn.Module):
         return self.model(x)
 
 
-def trace(model: nn.Module, concrete_args: dict[str, Any] | None
+def trace(model: nn.Module, concrete_args: dict[str, Any] | None, sample: Tensor | None = None
           ) -> tuple[nn.Module, fx.GraphModule, set[str], Reads]:
     """The module traced (the model, or a :class:`_Whole` holding it), its ``GraphModule``, the names of the
     constants the tracer stowed on the root (``_tensor_constant0`` for a tensor created in ``forward``): those are
     kept by the ``GraphModule`` only, and the user's model is left as it was; and the attributes each module's
-    traced ``forward`` read (:attr:`_Tracer.reads`)."""
+    traced ``forward`` read (:attr:`_Tracer.reads`). With the one-sample ``sample`` the graph is for, branches on
+    shapes are followed (:class:`_ShapeTracer`)."""
     _refuse_wrappers(model)
-    tracer = _Tracer()
+    tracer = _Tracer() if sample is None else _ShapeTracer(sample)
     overridden = "forward" in shadowed_methods(model)  # fx traces a root with its class's forward
     if overridden and concrete_args:
         raise UnsupportedOpError(
@@ -200,7 +263,8 @@ def _trace_failure(model: nn.Module, err: Exception) -> UnsupportedOpError:
     return UnsupportedOpError(
         f"torch.fx could not trace {type(model).__name__} at {where}: {cause}\n"
         "fx traces symbolically, so Python control flow that depends on tensor values (if x.sum() > 0, "
-        "loops over x.shape read as tensors...) cannot be traced. Make the branch static, pass "
+        "if self.weight.norm() > 1...) cannot be traced (branches on shapes, if x.shape[1] > 4, are followed at the "
+        "example's shape). Make the branch static, pass "
         "concrete_args={'flag': True} for plain bool/int arguments, or wrap the offending submodule in a "
         "class with a registered rule (lipreg.register_rule(MyBlock, ...)) so it is kept whole."
     )

@@ -366,13 +366,20 @@ def g_sort(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] | No
     dim = b.rng.randint(1, len(s))
     size = s[dim - 1]
     groups = [g for g in (2, 3, 4) if size % g == 0 and g < size]
-    kind = b.pick(["group", "group", "full", "msort", "topk"])
+    kind = b.pick(["group", "group", "branch", "full", "msort", "topk"])
     descending = b.chance(0.3)
-    if kind == "group" and groups:
+    if kind in ("group", "branch") and groups:
         g = b.pick(groups)
+
+        def group_sort(h: Tensor) -> Tensor:
+            return h.unflatten(dim, (size // g, g)).sort(dim=dim + 1, descending=descending).values.flatten(dim, dim + 1)
+
+        if kind == "branch":  # deel-lip's form: a Python branch on the size, followed at the example's shape
+            b.note("sort:shape branch", "sort")
+            return (lambda net, h: group_sort(h) if h.shape[dim] % g == 0 and h.dim() > dim else 2 * h), s, \
+                f"groupsort if shape[{dim}] % {g} == 0"
         b.note("sort:group", "sort")
-        return (lambda net, h: h.unflatten(dim, (size // g, g)).sort(dim=dim + 1, descending=descending)
-                .values.flatten(dim, dim + 1)), s, f"groupsort(dim={dim}, g={g}, desc={descending})"
+        return (lambda net, h: group_sort(h)), s, f"groupsort(dim={dim}, g={g}, desc={descending})"
     if kind == "msort" and len(s) == 1:
         b.note("sort:msort", torch.msort)
         return (lambda net, h: torch.msort(h.T).T), s, "msort(h.T).T"
