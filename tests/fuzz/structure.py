@@ -360,13 +360,14 @@ def g_stochastic_depth(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shap
 
 def g_sort(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] | None:
     """Sorts along a per-sample axis: GroupSort (groups of 2 or more along an axis, ascending or descending: the
-    MaxMin / GroupSort activations), ``msort`` of the transposed features and ``topk`` values."""
+    MaxMin / GroupSort activations; also behind a Python branch on the size, as deel-lip writes it) and ``topk``
+    values. ``msort`` sorts along axis 0, the batch axis, so it is not drawn."""
     if not s:
         return None
     dim = b.rng.randint(1, len(s))
     size = s[dim - 1]
     groups = [g for g in (2, 3, 4) if size % g == 0 and g < size]
-    kind = b.pick(["group", "group", "branch", "full", "msort", "topk"])
+    kind = b.pick(["group", "group", "branch", "full", "topk"])
     descending = b.chance(0.3)
     if kind in ("group", "branch") and groups:
         g = b.pick(groups)
@@ -380,9 +381,6 @@ def g_sort(b: Builder, s: Shape, preserve: bool) -> tuple[Step, Shape, str] | No
                 f"groupsort if shape[{dim}] % {g} == 0"
         b.note("sort:group", "sort")
         return (lambda net, h: group_sort(h)), s, f"groupsort(dim={dim}, g={g}, desc={descending})"
-    if kind == "msort" and len(s) == 1:
-        b.note("sort:msort", torch.msort)
-        return (lambda net, h: torch.msort(h.T).T), s, "msort(h.T).T"
     if kind == "topk" and not preserve and size > 1:
         k = b.rng.randint(1, size - 1)
         out = s[:dim - 1] + (k,) + s[dim:]
