@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+from collections.abc import Callable
 from typing import Any, Sequence
 
 import torch
@@ -221,7 +222,35 @@ def _getitem(info: NodeInfo) -> Rule:
     return LinearOp(homogeneous=True)
 
 
-_ATTRIBUTES: dict[str, Rule] = {"T": UnitNorm(), "mT": UnitNorm(), "data": Identity()}
+_DISTINCT_SIZES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+
+
+def _permutation(info: NodeInfo) -> Rule:
+    """A transpose, ``permute``, ``movedim`` or ``t`` (and ``x.T`` / ``x.mT``): a permutation of the entries, norm 1,
+    as long as the batch axis stays first. One that moves it (``x.T`` of a ``(B, F)`` tensor) mixes the samples of a
+    batch: lipreg bounds the map of one sample, so it is refused with the fix. Where axis 0 goes is read by applying
+    the op to an empty meta tensor whose axes have distinct sizes."""
+    ndim = len(info.in_shapes[0])
+    probe = torch.empty(_DISTINCT_SIZES[:ndim], device="meta")
+    target = info.node.target
+    args = fx.node.map_arg(info.node.args[1:], lambda n: info.static_values.get(n, n))
+    kwargs = fx.node.map_arg(info.node.kwargs, lambda n: info.static_values.get(n, n))
+    if info.node.op == "call_function" and target is getattr:
+        moved = getattr(probe, args[0])
+    elif isinstance(target, str):
+        moved = getattr(probe, target)(*args, **kwargs)
+    else:
+        moved = target(probe, *args, **kwargs)
+    if ndim > len(_DISTINCT_SIZES) or moved.shape[:1] == probe.shape[:1]:
+        return UnitNorm()
+    return Refuse(f"{info.name} moves the batch axis (axis 0 of its input) to another position: lipreg bounds the "
+                  "map of one sample, whose batch axis stays first, and a model that moves it mixes the samples of a "
+                  "batch. Permute only the per-sample axes (x.transpose(1, 2), x.permute(0, 2, 1), "
+                  "x.flatten(1).unsqueeze(-1) for a column per sample)")
+
+
+_ATTRIBUTES: dict[str, Rule | Callable[[NodeInfo], Rule]] = {"T": _permutation, "mT": _permutation,
+                                                              "data": Identity()}
 """Attributes of a tensor that are linear maps of it: transposes (permutations) and ``data`` (its values)."""
 
 
@@ -234,7 +263,8 @@ def _attribute(info: NodeInfo) -> Rule:
     if name in ("values", "indices") and isinstance(elements, tuple) and not isinstance(elements, TensorMetadata):
         return _tuple_element(info, 0 if name == "values" else 1, elements)
     if name in _ATTRIBUTES:
-        return _ATTRIBUTES[name]
+        rule = _ATTRIBUTES[name]
+        return rule if isinstance(rule, Rule) else rule(info)
     return Refuse(f"{info.name} reads the attribute {name!r} of an input-dependent tensor, which lipreg has no rule "
                   "for: compute it with a tensor op instead")
 
@@ -344,8 +374,9 @@ register_rule("view", _view)
 for _target in ("reshape", "flatten", "contiguous", "squeeze", "unsqueeze", "unflatten", torch.flatten,
                 torch.reshape, torch.squeeze, torch.unsqueeze, nn.Flatten, nn.Unflatten):
     register_rule(_target, Reshape())
-for _target in ("permute", "transpose", "t", "movedim", torch.permute, torch.transpose, torch.movedim, "flip",
-                torch.flip, "roll", torch.roll):
+for _target in ("permute", "transpose", "t", "movedim", torch.permute, torch.transpose, torch.movedim):
+    register_rule(_target, _permutation)
+for _target in ("flip", torch.flip, "roll", torch.roll):
     register_rule(_target, UnitNorm())
 for _target in ("expand", "broadcast_to", torch.broadcast_to, "repeat"):
     register_rule(_target, Copies())

@@ -84,3 +84,27 @@ def test_active_stochastic_depth_is_refused_as_random():
                       torch.randn(2, 5))
     assert message.startswith("torchvision.ops.stochastic_depth.stochastic_depth cannot be bounded")
     assert "random" in message.splitlines()[0]
+
+
+@pytest.mark.parametrize("moves", [lambda h: h.T, lambda h: h.mT, lambda h: h.t(), lambda h: h.transpose(0, 1),
+                                   lambda h: torch.transpose(h, 1, 0), lambda h: h.permute(1, 0),
+                                   lambda h: h.movedim(0, -1)],
+                         ids=["T", "mT", "t", "transpose", "torch.transpose", "permute", "movedim"])
+def test_a_permutation_that_moves_the_batch_axis_is_refused_with_the_fix(moves):
+    """Moving axis 0 of a (B, F) tensor mixes the samples of a batch; lipreg bounds one sample's map: a clear
+    refusal (it used to fail with a shape error inside the operators)."""
+    model = nn.Sequential(nn.Linear(5, 5), Lambda(lambda h: torch.sigmoid(moves(h)).T), nn.Linear(5, 5))
+    with pytest.raises(lipreg.UnsupportedOpError, match="moves the batch axis"):
+        lipreg.LipschitzEstimator(model, torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("keeps", [lambda h: h.unsqueeze(1).mT, lambda h: h.unsqueeze(-1).permute(0, 2, 1),
+                                   lambda h: h.view(-1, 5, 1).transpose(1, 2), lambda h: h.unsqueeze(1).movedim(1, 2)],
+                         ids=["mT 3-d", "permute", "transpose", "movedim"])
+def test_a_permutation_of_per_sample_axes_is_bounded(keeps):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5), Lambda(lambda h: keeps(h).flatten(1)), nn.Linear(5, 5)).double()
+    certified = float(lipreg.LipschitzEstimator(model, torch.randn(3, 5, dtype=torch.float64),
+                                                dtype=torch.float64).certified_bound())
+    W = model[2].weight.detach() @ model[0].weight.detach()
+    assert certified == pytest.approx(float(torch.linalg.matrix_norm(W, 2)), rel=1e-5)
