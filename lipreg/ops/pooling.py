@@ -98,11 +98,19 @@ def _extremum(info: NodeInfo) -> Rule:
 
 
 def _order_statistics(info: NodeInfo) -> Rule:
-    """``torch.sort(x, dim)`` / ``msort`` / ``topk(x, k, dim)``: their values (the indices are integers, refused by
-    capture) sort each slice along ``dim``, and sorting is non-expansive in L2: with ``x^`` the sorted ``x``,
-    ``<x^, y^> >= <x, y>`` (rearrangement inequality) and ``||x^|| = ||x||``, so
-    ``||x^ - y^||^2 = ||x||^2 + ||y||^2 - 2 <x^, y^> <= ||x - y||^2``; slices are disjoint, and ``topk`` keeps some
-    entries of the sorted slice (a coordinate projection): ``L = 1`` (GroupSort, MaxMin and FullSort activations)."""
+    """``torch.sort(x, dim)`` / ``topk(x, k, dim)``: their values (the indices are integers, refused by capture) sort
+    each slice along ``dim``, and sorting is non-expansive in L2: with ``x^`` the sorted ``x``, ``<x^, y^> >= <x, y>``
+    (rearrangement inequality) and ``||x^|| = ||x||``, so ``||x^ - y^||^2 = ||x||^2 + ||y||^2 - 2 <x^, y^> <=
+    ||x - y||^2``; slices are disjoint, and ``topk`` keeps some entries of the sorted slice (a coordinate
+    projection): ``L = 1`` (GroupSort, MaxMin and FullSort activations). Sorting along axis 0 (``msort``, ``dim=0``)
+    sorts the samples of a batch against each other: refused."""
+    target = info.node.target
+    name = target if isinstance(target, str) else target.__name__
+    dim = None if name == "msort" else info.arg(2 if name == "topk" else 1, "dim", -1)
+    if dim is None or dim % len(info.in_shapes[0]) == 0:
+        return Refuse(f"{info.name} sorts along axis 0, the batch axis: it would compare the samples of a batch with "
+                      "each other, while lipreg bounds the map of one sample. Sort along a per-sample axis "
+                      "(torch.sort(x, dim=1), x.topk(k, dim=-1))")
     return Constant(1.0)
 
 

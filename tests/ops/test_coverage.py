@@ -212,7 +212,6 @@ EXTREMA = [("amax", lambda x: x.amax((2, 3)), 1.0), ("max over a dim", lambda x:
            ("maximum of two", lambda x: torch.minimum(x, -x.flip(3)), math.sqrt(2.0)),
            ("group sort (GroupSort2 / MaxMin)", lambda x: x.unflatten(1, (2, 2)).sort(dim=2).values.flatten(1, 2), 1.0),
            ("full sort, descending", lambda x: torch.sort(x.flatten(1), dim=1, descending=True)[0], 1.0),
-           ("msort", lambda x: torch.msort(x.flatten(1).T).T, 1.0),
            ("top 5 values", lambda x: x.flatten(1).topk(5, dim=1).values, 1.0)]
 
 

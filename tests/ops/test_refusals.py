@@ -108,3 +108,13 @@ def test_a_permutation_of_per_sample_axes_is_bounded(keeps):
                                                 dtype=torch.float64).certified_bound())
     W = model[2].weight.detach() @ model[0].weight.detach()
     assert certified == pytest.approx(float(torch.linalg.matrix_norm(W, 2)), rel=1e-5)
+
+
+@pytest.mark.parametrize("sorts", [lambda h: torch.msort(h), lambda h: torch.sort(h, 0)[0], lambda h: h.sort(dim=-2).values,
+                                   lambda h: torch.topk(h, 1, 0).values],
+                         ids=["msort", "sort(dim=0)", "sort(dim=-2)", "topk(dim=0)"])
+def test_a_sort_along_the_batch_axis_is_refused(sorts):
+    model = nn.Sequential(nn.Linear(5, 5), Lambda(sorts), nn.Linear(5, 5))
+    with pytest.raises(lipreg.UnsupportedOpError, match="sorts along axis 0, the batch axis"):
+        lipreg.LipschitzEstimator(model, torch.randn(3, 5))
+
