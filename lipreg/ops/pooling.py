@@ -1,6 +1,6 @@
 """Max pooling: ``L = sqrt(max_j #{windows containing input j})``; maxima and minima over dimensions
 (``amax``, ``torch.max(x, dim)``), and of two tensors (``torch.maximum``), as its special cases; sorting
-(``torch.sort``, ``msort``, ``topk``: GroupSort / MaxMin activations), ``L = 1``.
+(``torch.sort``, ``topk`` along a per-sample axis: GroupSort / MaxMin activations), ``L = 1``.
 
 Each output is the max of its window, so ``|y_w(x) - y_w(x')| <= max_{j in w} |x_j - x'_j|`` and
 ``||y(x) - y(x')||^2 <= sum_w ||x - x'||_{inf, w}^2 <= (max_j n_j) ||x - x'||^2``; a single spike on the most
