@@ -7,8 +7,9 @@ Rows (one run each, same seed, same data order):
 * ``penalty``: cross-entropy + ``1e-2 * log L`` (the ``lipreg=penalty`` preset's loss);
 * ``global margin``: ``LipschitzMarginLoss(pairwise=False)`` (Tsuzuku et al. 2018);
 * ``pairwise margin``: ``LipschitzMarginLoss(pairwise=True)`` (GloRo constants ``||w_y - w_j|| L(body)``);
-* ``seqlip margin``: pairwise, with the body bound from SeqLip (``method="seqlip"``; digits only, too slow on
-  Fashion-MNIST's LipCNN);
+* ``seqlip margin``: pairwise, with the body bound from SeqLip (``method="seqlip"``);
+* ``lse_eps0.6_cosine`` and its ``liplt_`` / ``seqlip_`` variants: the README's recipe against the AutoLip, LipLT and
+  SeqLip estimates (issue 18's table, with ``--seeds 0 1``);
 * ``pairwise_T...``, ``pairwise_eps...``, ``pairwise_cosine``: variants (temperature, training radius, learning
   rate decayed to 0 on a cosine over the run instead of constant);
 * ``*_cosine`` rows with the cosine schedule: ``wide`` (LipCNN channels (64, 128), hidden 512), ``hinge`` / ``lse``
@@ -220,8 +221,7 @@ def overhead(data_name: str, rows: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="fashion_mnist", choices=sorted(EPS))
-    parser.add_argument("--rows", nargs="+", default=["penalty", "global", "pairwise", "lse_eps0.6_cosine"], choices=ROWS,
-                        help="seqlip costs seconds per step on fashion_mnist's LipCNN (see README): digits only")
+    parser.add_argument("--rows", nargs="+", default=["penalty", "global", "pairwise", "lse_eps0.6_cosine"], choices=ROWS)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--limit-batches", type=int, default=None)

@@ -27,7 +27,7 @@ from ..ops.split import inline_split_parts
 from .effects import check_hooks, check_traced_function, resolve_in_place, storages
 from .fingerprint import ModelFingerprint
 from .source import node_location, source_line
-from .trace import eval_mode, trace
+from .trace import eval_mode, reads_metadata, trace
 
 
 @dataclass(eq=False)
@@ -97,20 +97,6 @@ class _ValueProp(fx.Interpreter):
         else:
             self.static_values[n] = result
         return result
-
-
-_SHAPE_QUERIES = {"size", "dim", "ndimension", "numel", "nelement", "shape", "ndim", "dtype", "device", "is_cuda",
-                  "is_floating_point", "is_complex", "is_contiguous", "requires_grad", "stride", "element_size",
-                  "layout", "get_device", "is_sparse"}
-
-
-def _reads_shape(node: fx.Node) -> bool:
-    """Whether a non-tensor node reads only the metadata of its tensor argument (``x.size(0)``, ``x.shape``)."""
-    if node.op == "call_method":
-        return node.target in _SHAPE_QUERIES
-    if node.op == "call_function" and node.target is getattr:
-        return node.args[1] in _SHAPE_QUERIES
-    return node.op == "call_function" and node.target is torch.numel
 
 
 def _refusal(node: fx.Node, module: nn.Module | None, static_values: Mapping[fx.Node, Any]) -> str | None:
@@ -280,7 +266,7 @@ class LipGraph:
         state: dict[fx.Node, list[str]] = {}  # node -> the parameters and buffers its value is computed from
         on_input = {self.input_node}  # an input-dependent read is refused by _resolve, with its own reason
         for node in self.graph_module.graph.nodes:
-            if node in self.static_values and _reads_shape(node):
+            if node in self.static_values and reads_metadata(node):
                 continue  # metadata, not values
             if any(n in on_input for n in node.all_input_nodes):
                 on_input.add(node)
@@ -308,7 +294,7 @@ class LipGraph:
             if node.op in ("placeholder", "output"):
                 continue
             if node in self.static_values:
-                if _x_args(node, depends) and not _reads_shape(node):
+                if _x_args(node, depends) and not reads_metadata(node):
                     raise UnsupportedOpError(
                         f"node {display_name(node)!r} ({node.op} {node.target}) at {source_line(node)} reads the "
                         "values of an input-dependent tensor into Python: the bound would take them for constants. "

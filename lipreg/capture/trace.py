@@ -140,17 +140,29 @@ class _Tracer(fx.Tracer):
         return is_registered_module(m) or super().is_leaf_module(m, module_qualified_name)
 
 
-_SHAPE_QUERIES = frozenset({"size", "dim", "ndimension", "numel", "nelement", "shape", "ndim"})
+SIZE_QUERIES = frozenset({"size", "dim", "ndimension", "numel", "nelement", "shape", "ndim"})
+"""Tensor methods and attributes that read a tensor's sizes."""
+
+METADATA_QUERIES = SIZE_QUERIES | {"dtype", "device", "is_cuda", "is_floating_point", "is_complex", "is_contiguous",
+                                   "requires_grad", "stride", "element_size", "layout", "get_device", "is_sparse"}
+"""... and the rest of its metadata: none of them reads the tensor's values."""
+
+
+def reads_metadata(node: fx.Node, queries: frozenset[str] = METADATA_QUERIES) -> bool:
+    """Whether a node reads only the metadata (``queries``) of its tensor argument (``x.size(0)``, ``x.shape``,
+    ``torch.numel(x)``)."""
+    if node.op == "call_method":
+        return node.target in queries
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in queries
+    return node.op == "call_function" and node.target is torch.numel
 
 
 def _shape_only(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
-    """Whether ``node``'s value is computed from shape metadata alone (``x.shape``, ``x.size(1)``, ``x.dim()`` and
-    Python arithmetic on them), never from the values of a tensor, the input's or a parameter's."""
+    """Whether ``node``'s value is computed from sizes alone (``x.shape``, ``x.size(1)``, ``x.dim()`` and Python
+    arithmetic on them), never from the values of a tensor, the input's or a parameter's."""
     if node not in memo:
-        if node.op == "call_method" and node.target in _SHAPE_QUERIES:
-            memo[node] = True
-        elif node.op == "call_function" and (node.target is torch.numel or (node.target is getattr and
-                                                                              node.args[1] in _SHAPE_QUERIES)):
+        if reads_metadata(node, SIZE_QUERIES):
             memo[node] = True
         elif node.op != "call_function" or not node.all_input_nodes:
             memo[node] = False  # the input, a parameter, a module's output, or a constant created by forward

@@ -231,6 +231,8 @@ def _permutation(info: NodeInfo) -> Rule:
     batch: lipreg bounds the map of one sample, so it is refused with the fix. Where axis 0 goes is read by applying
     the op to an empty meta tensor whose axes have distinct sizes."""
     ndim = len(info.in_shapes[0])
+    if ndim > len(_DISTINCT_SIZES):
+        return UnitNorm()
     probe = torch.empty(_DISTINCT_SIZES[:ndim], device="meta")
     target = info.node.target
     args = fx.node.map_arg(info.node.args[1:], lambda n: info.static_values.get(n, n))
@@ -241,7 +243,7 @@ def _permutation(info: NodeInfo) -> Rule:
         moved = getattr(probe, target)(*args, **kwargs)
     else:
         moved = target(probe, *args, **kwargs)
-    if ndim > len(_DISTINCT_SIZES) or moved.shape[:1] == probe.shape[:1]:
+    if moved.shape[:1] == probe.shape[:1]:
         return UnitNorm()
     return Refuse(f"{info.name} moves the batch axis (axis 0 of its input) to another position: lipreg bounds the "
                   "map of one sample, whose batch axis stays first, and a model that moves it mixes the samples of a "

@@ -110,8 +110,8 @@ class SeqLip(nn.Module):
         with torch.no_grad():
             device = next((b.device for b in self.buffers()), torch.device("cpu"))
             operator = linear_operators(self.graph, self.dtype, device)[node]
-            triples = ritz(operator, self.get_buffer(op.buffer))[1]
-            return triples[1][: op.rank] if triples is not None else torch.full((op.rank,), float("nan"))
+            Q, triples = ritz(operator, self.get_buffer(op.buffer))
+            return triples[1][: op.rank] if triples is not None else Q.new_full((op.rank,), float("nan"))
 
     # ------------------------------------------------------------------ one chain
     def _lowrank_ops(self) -> list[OpPlan]:
